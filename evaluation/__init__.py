@@ -1,0 +1,1 @@
+"""Image generation from LoRA checkpoints and their metrics (CLIP, face identity). Knows nothing of training."""

@@ -1,0 +1,68 @@
+"""The root config schema. Hydra composes YAML from conf/; `to_typed` checks it against these dataclasses once,
+at the edge, and everything past it works with typed objects."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
+
+
+@dataclass
+class PathsConfig:
+    root: str = "."
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/sdxl-lora-sweep"
+
+
+@dataclass
+class SweepConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # shorthands, as users type them: `lr=1e-4`, `steps=500`, `rank=8` (train.lr etc. follow them)
+    lr: float = 1e-4
+    steps: int = 500
+    rank: int = 4
+    progress: bool = True
+
+
+def to_typed(cfg: DictConfig) -> SweepConfig:
+    """Hydra's DictConfig -> SweepConfig. Wrong types and unknown keys become a ConfigError naming the key."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), data)
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError([f"{key}: {msg}{_close_matches(key)} (check the spelling and type of this override)"]) from None
+    problems = validate(typed.model, typed.data, typed.lora, typed.train)
+    if problems:
+        raise ConfigError(problems)
+    return typed
+
+
+def _close_matches(key: str) -> str:
+    """', did you mean train.lr?' for a misspelt key, from the schema's field names."""
+    *parents, leaf = key.split(".")
+    node = OmegaConf.structured(SweepConfig)
+    for p in parents:
+        node = node.get(p) if isinstance(node, DictConfig) and p in node else None
+    if not isinstance(node, DictConfig) or leaf in node:
+        return ""
+    close = difflib.get_close_matches(leaf, list(node.keys()), n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join('.'.join([*parents, c]) for c in close)}?" if close else ""
+
+
+def resolve_path(paths: PathsConfig, p: str) -> Path:
+    """`p` as an absolute path: relative paths are relative to `paths.root` (itself relative to the cwd)."""
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (Path(paths.root).expanduser() / q).resolve()

@@ -1,0 +1,69 @@
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import sweep  # noqa: F401  (registers the ${project_dir:} resolver)
+from sweep import CONF_DIR, PROJECT_DIR
+from sweep.config import SweepConfig, to_typed
+from trainer import cache
+from trainer.models import release_models
+
+DEMO_DIR = PROJECT_DIR / "assets" / "demo_subject"
+
+
+def compose_cfg(*overrides: str, root: Path | str = "/tmp/sweep-tests"):
+    """The composed DictConfig, as `python -m sweep <overrides>` would see it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"paths.root={root}", *overrides])
+
+
+def typed(*overrides: str, root: Path | str = "/tmp/sweep-tests") -> SweepConfig:
+    return to_typed(compose_cfg(*overrides, root=root))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache per test session: the tiny model is built once and reused, like in a real sweep."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state():
+    """Tests see a fresh in-memory cache; the on-disk cache is shared through `cache_dir`."""
+    cache.clear_memory_cache()
+    yield
+    cache.clear_memory_cache()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release():
+    yield
+    release_models()
+
+
+@pytest.fixture
+def demo(tmp_path) -> SweepConfig:
+    """The demo preset on a small budget, writing into this test's tmp folder."""
+    return typed("steps=6", "train.checkpoint_every=3", "data.resolution=64", root=tmp_path)
+
+
+@pytest.fixture
+def photo_dir(tmp_path) -> Path:
+    d = tmp_path / "photos"
+    shutil.copytree(DEMO_DIR, d)
+    return d
+
+
+def save_image(path: Path, size=(128, 128), mode="RGB", color=(120, 90, 60)) -> Path:
+    Image.new(mode, size, color if mode == "RGB" else None).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libs():
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

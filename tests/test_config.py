@@ -1,0 +1,92 @@
+"""Every preset composes into a valid typed config; bad values are reported together, naming the fix."""
+import pytest
+from omegaconf import OmegaConf
+
+from sweep import CONF_DIR
+from trainer import ConfigError
+
+from .conftest import compose_cfg, typed
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+def test_every_model_and_experiment_composes(experiment, model):
+    cfg = compose_cfg(f"experiment={experiment}", f"model={model}", "data.instance_dir=/photos")
+    conf = typed(f"experiment={experiment}", f"model={model}", "data.instance_dir=/photos")
+    assert conf.model.name == cfg.model.name == model
+    assert (conf.model.pretrained is None) != (conf.model.architecture is None)
+
+
+def test_shorthands_drive_the_train_and_lora_settings():
+    conf = typed("lr=5e-4", "steps=40", "rank=16", "train.checkpoint_every=10")
+    assert conf.train.lr == 5e-4 and conf.train.max_steps == 40 and conf.lora.rank == 16
+    assert typed("train.lr=3e-5").train.lr == 3e-5  # the full key still works
+
+
+def test_demo_preset_points_at_the_bundled_subject():
+    conf = typed()
+    assert conf.model.name == "tiny" and conf.data.instance_dir.endswith("assets/demo_subject")
+    assert "sks" in conf.data.instance_prompt.split()
+
+
+def test_sdxl_preset_is_the_original_study():
+    conf = typed("experiment=sdxl", "data.instance_dir=/photos")
+    assert conf.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (conf.train.max_steps, conf.train.checkpoint_every, conf.data.resolution) == (500, 100, 1024)
+
+
+def test_sdxl_arch_preset_holds_the_published_architecture():
+    import json
+
+    from sweep import PROJECT_DIR
+
+    ref = PROJECT_DIR.parent / "shared" / "reference" / "sdxl_base_arch.json"
+    conf = typed("model=sdxl_base_random")
+    arch = conf.model.architecture
+    assert arch["unet"]["transformer_layers_per_block"] == [1, 2, 10]
+    assert arch["unet"]["cross_attention_dim"] == 2048 and arch["text_encoder_2"]["hidden_size"] == 1280
+    if ref.is_file():  # beside a developer checkout: the preset must match the reference values exactly
+        published = json.loads(ref.read_text())
+        for part in ("unet", "vae"):
+            assert arch[part] == published[part]
+
+
+def test_sdxl_preset_without_photos_says_which_key_is_missing():
+    with pytest.raises(ConfigError, match="instance_dir"):
+        typed("experiment=sdxl")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lr=-1e-4", "train.lr (lr)=-0.0001 must be > 0"),
+    ("lr=0", "must be > 0"),
+    ("rank=0", "lora.rank=0 must be a positive integer"),
+    ("steps=0", "train.max_steps (steps)=0 must be > 0"),
+    ("train.checkpoint_every=50", "larger than train.max_steps=30"),
+    ("data.instance_prompt='a photo of a woman'", "does not contain the subject token 'sks'"),
+    ("data.resolution=100", "multiple of 8"),
+    ("train.optimizer=sgd", "train.optimizer='sgd' is not one of"),
+    ("train.device=tpu", "train.device='tpu' is not one of"),
+    ("lr=fast", "lr"),
+    ("+train.max_step=10", "Key 'max_step' not in 'TrainConfig'; did you mean train.max_steps"),
+])
+def test_bad_values_are_named(override, needle):
+    with pytest.raises(ConfigError) as err:
+        typed(override)
+    assert needle in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        typed("lr=-1", "rank=0", "steps=0")
+    assert len(err.value.problems) >= 3
+
+
+def test_prior_preservation_class_prompt_must_not_name_the_subject():
+    with pytest.raises(ConfigError, match="class_prompt"):
+        typed("data.with_prior_preservation=true", "data.class_prompt='a photo of sks woman'")
+
+
+def test_composed_yaml_has_no_unknown_keys_for_the_schema():
+    cfg = compose_cfg()
+    assert set(OmegaConf.to_container(cfg)) == {"model", "data", "lora", "train", "paths", "lr", "steps", "rank",
+                                                "progress"}

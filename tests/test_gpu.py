@@ -1,0 +1,32 @@
+"""CUDA path of the trainer (bf16 base, fp32 LoRA, fused AdamW). Skipped on machines without a GPU."""
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from trainer import TrialSpec, checkpoint, train
+from trainer.models import resolve_source
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_bf16_training_on_cuda_writes_fp32_lora_that_loads(demo, tmp_path, cache_dir):
+    spec = TrialSpec("gpu", demo.lora, replace(demo.train, device="cuda", mixed_precision="auto"), tmp_path / "t")
+    [r] = train([spec], demo.model, demo.data, cache_dir, progress=False)
+    assert r.status == "finished" and r.peak_memory_gib > 0 and r.ms_per_step > 0
+    weights = load_file(r.checkpoints[-1] / checkpoint.LORA_FILE)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_source(demo.model, cache_dir)).to("cuda")
+    pipe.load_lora_weights(r.checkpoints[-1])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a photo of sks woman", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)
+
+
+def test_gpu_resume_continues_from_the_checkpoint(demo, tmp_path, cache_dir):
+    t = replace(demo.train, device="cuda")
+    train([TrialSpec("a", demo.lora, replace(t, max_steps=3), tmp_path / "t")], demo.model, demo.data, cache_dir,
+          progress=False)
+    [r] = train([TrialSpec("a", demo.lora, t, tmp_path / "t")], demo.model, demo.data, cache_dir, progress=False)
+    assert r.resumed_from == 3 and [c.name for c in r.checkpoints] == ["step-000003", "step-000006"]

@@ -1,0 +1,144 @@
+"""VAE latents and prompt embeddings, computed once and cached on disk and in memory.
+
+Keys hold everything the tensors depend on (model, photos' bytes, resolution, crop, flip, prompt), so
+every trial of a sweep, and every later sweep on the same photos, reuses them."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import stable_hash
+from .data import Photo, prepare
+from .models import BaseModel
+
+log = logging.getLogger(__name__)
+
+STATS: Counter = Counter()  # how often latents/embeddings were really computed (tests and logs read it)
+_MEMORY: dict[str, dict[str, torch.Tensor]] = {}
+
+
+@dataclass
+class LatentSet:
+    """Latent distributions of N images in V variants (V=2 with flip: original and mirrored)."""
+
+    mean: torch.Tensor  # N x V x 4 x h x w
+    std: torch.Tensor
+    time_ids: torch.Tensor  # N x V x 6: original size, crop top-left, target size
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+@dataclass
+class PromptEmbeds:
+    prompt_embeds: torch.Tensor  # 1 x 77 x (768 + 1280)
+    pooled: torch.Tensor  # 1 x 1280
+    input_ids: tuple[torch.Tensor, torch.Tensor]  # for text-encoder training, which re-encodes every step
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _cached(kind: str, key: str, cache_dir: Path, compute) -> dict[str, torch.Tensor]:
+    mem_key = f"{kind}/{key}"
+    if mem_key in _MEMORY:
+        return _MEMORY[mem_key]
+    path = Path(cache_dir) / kind / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(path)
+        except Exception as exc:  # a damaged cache file is recomputed, never trusted
+            log.warning("recomputing %s: cache file %s unreadable (%s)", kind, path, exc)
+            tensors = None
+    else:
+        tensors = None
+    if tensors is None:
+        STATS[kind] += 1
+        tensors = compute()
+        _atomic_save(tensors, path)
+    _MEMORY[mem_key] = tensors
+    return tensors
+
+
+def tokenize(base: BaseModel, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = []
+    for tok in (base.tokenizer, base.tokenizer_2):
+        n = len(tok(prompt).input_ids)
+        if n > tok.model_max_length:
+            log.warning("prompt %r is %d tokens; SDXL reads only the first %d", prompt, n, tok.model_max_length)
+        ids.append(tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids)
+    return ids[0], ids[1]
+
+
+def encode_tokens(base: BaseModel, ids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning: penultimate hidden states of both encoders side by side, pooled from the second."""
+    hidden = []
+    pooled = None
+    for enc, tid in zip((base.text_encoder, base.text_encoder_2), ids):
+        out = enc(tid.to(base.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = getattr(out, "text_embeds", None)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def prompt_embeddings(base: BaseModel, prompt: str, cache_dir: Path) -> PromptEmbeds:
+    ids = tokenize(base, prompt)
+
+    @torch.no_grad()
+    def compute():
+        base.encoders_to(base.device, vae=False)
+        pe, pooled = encode_tokens(base, ids)
+        return {"prompt_embeds": pe.float(), "pooled": pooled.float()}
+
+    t = _cached("embeddings", stable_hash({"model": base.fingerprint, "prompt": prompt}), cache_dir, compute)
+    dt = base.weight_dtype
+    return PromptEmbeds(t["prompt_embeds"].to(base.device, dt), t["pooled"].to(base.device, dt), ids)
+
+
+def latents(base: BaseModel, photos: list[Photo], resolution: int, center_crop: bool, crop_seed: int,
+            flip: bool, cache_dir: Path, batch: int = 4) -> LatentSet:
+    key = stable_hash({"model": base.fingerprint, "photos": [p.sha256 for p in photos], "res": resolution,
+                       "center": center_crop, "crop_seed": crop_seed, "flip": flip})
+
+    @torch.no_grad()
+    def compute():
+        variants = (False, True) if flip else (False,)
+        items = []
+        for i, ph in enumerate(photos):
+            for v in variants:  # same crop for both variants: one rng per photo
+                items.append(prepare(ph, resolution, center_crop, random.Random(crop_seed * 100_003 + i), flip=v))
+        means, stds = [], []
+        base.encoders_to(base.device, text=False)
+        vae = base.vae
+        for s in range(0, len(items), batch):
+            px = torch.stack([it.pixels for it in items[s:s + batch]]).to(base.device, vae.dtype)
+            dist = vae.encode(px).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+        n, v = len(photos), len(variants)
+        mean = torch.cat(means).reshape(n, v, *means[0].shape[1:])
+        std = torch.cat(stds).reshape(n, v, *stds[0].shape[1:])
+        tids = torch.tensor([[*it.original_size, *it.crop_top_left, resolution, resolution] for it in items],
+                            dtype=torch.float32).reshape(n, v, 6)
+        return {"mean": mean, "std": std, "time_ids": tids}
+
+    t = _cached("latents", key, cache_dir, compute)
+    return LatentSet(t["mean"].to(base.device), t["std"].to(base.device), t["time_ids"].to(base.device))
+
+
+def clear_memory_cache() -> None:
+    _MEMORY.clear()

@@ -1,0 +1,322 @@
+"""The training core: setup / train / save / cleanup for a list of trials that share one base model and data.
+
+Trials of a list run one after another on the same loaded base and cached tensors; packing several
+trials into one pass of the base is the next step (DESIGN.md, "Performance direction")."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr, free_memory
+from tqdm.auto import tqdm
+
+from . import cache, checkpoint, lora
+from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash
+from .data import Photo, scan_photos
+from .errors import ConfigError, NonFiniteLossError
+from .models import BaseModel, load_base_model, resolve_device, resolve_precision, weight_dtype_for
+from .prior import class_photos
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialSpec:
+    """One fine-tune: its own LoRA shape, optimisation settings and output folder."""
+
+    name: str
+    lora: LoraSettings
+    train: TrainConfig
+    output_dir: Path
+
+
+@dataclass
+class TrialResult:
+    name: str
+    output_dir: Path
+    status: str  # "finished" | "diverged"
+    steps: int
+    final_loss: float | None
+    checkpoints: list[Path] = field(default_factory=list)
+    resumed_from: int | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    ms_per_step: float | None = None  # median wall time of an optimizer step, first steps excluded
+    peak_memory_gib: float | None = None  # CUDA allocator peak during the trial
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["output_dir"] = str(self.output_dir)
+        d["checkpoints"] = [str(c) for c in self.checkpoints]
+        return d
+
+
+@dataclass
+class Samples:
+    instance: cache.LatentSet
+    instance_prompt: cache.PromptEmbeds
+    klass: cache.LatentSet | None = None
+    class_prompt: cache.PromptEmbeds | None = None
+
+
+def instance_photos(data: DataConfig) -> list[Photo]:
+    return scan_photos(data.instance_dir, key="data.instance_dir", resolution=data.resolution,
+                       min_images=data.min_images, allow_upscale=data.allow_upscale)
+
+
+def prepare_samples(base: BaseModel, data: DataConfig, photos: list[Photo], cache_dir: Path) -> Samples:
+    """Everything that does not change between trials, computed once (or read from the cache)."""
+    lat = lambda ph: cache.latents(base, ph, data.resolution, data.center_crop, data.crop_seed, data.random_flip, cache_dir)
+    s = Samples(lat(photos), cache.prompt_embeddings(base, data.instance_prompt, cache_dir))
+    if data.with_prior_preservation:
+        s.klass = lat(class_photos(base, data, cache_dir))
+        s.class_prompt = cache.prompt_embeddings(base, data.class_prompt, cache_dir)
+    return s
+
+
+def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_dir: Path,
+          progress: bool = True) -> list[TrialResult]:
+    """Train every trial on one shared base. A diverging trial is reported in its result, not raised."""
+    if not trials:
+        return []
+    devices = {(t.train.device, t.train.mixed_precision) for t in trials}
+    if len(devices) > 1:
+        raise ConfigError([f"trials of one list must share train.device and train.mixed_precision, got {sorted(devices)}"])
+    device = resolve_device(trials[0].train.device)
+    precision = resolve_precision(trials[0].train.mixed_precision, device)
+    photos = instance_photos(data)
+    base = load_base_model(model, device, weight_dtype_for(precision), Path(cache_dir))
+    samples = prepare_samples(base, data, photos, Path(cache_dir))
+    # caches are full: only the UNet (and the text encoders, if a trial trains them) must stay on the GPU
+    train_te = any(t.lora.train_text_encoder for t in trials)
+    base.encoders_to("cpu", text=not train_te)
+    base.encoders_to(base.device, text=train_te, vae=False)
+    results = []
+    for spec in trials:
+        try:
+            results.append(_train_one(base, samples, spec, model, data, precision, progress))
+        except NonFiniteLossError as exc:
+            log.error("trial %s: %s", spec.name, exc)
+            results.append(TrialResult(spec.name, spec.output_dir, "diverged", exc.step, exc.loss,
+                                       checkpoint.list_checkpoints(spec.output_dir), error=str(exc)))
+    return results
+
+
+class Sampler:
+    """Which cached image (and flip variant) the k-th sample of a trial is: a pure function of (seed, k).
+
+    Every epoch is a fresh permutation, so resuming needs no sampler state: the step number is enough."""
+
+    def __init__(self, n: int, variants: int, seed: int, salt: int):
+        self.n, self.variants, self.seed, self.salt = n, variants, seed, salt
+        self._epoch, self._perm, self._flip = -1, None, None
+
+    def __call__(self, k: int) -> tuple[int, int]:
+        epoch, pos = divmod(k, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.salt) * 100_019 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._flip = torch.randint(self.variants, (self.n,), generator=g).tolist()
+            self._epoch = epoch
+        return self._perm[pos], self._flip[pos]
+
+
+def _batch(lat: cache.LatentSet, sampler: Sampler, first: int, size: int):
+    picks = [sampler(first + j) for j in range(size)]
+    idx = torch.tensor([p[0] for p in picks], device=lat.mean.device)
+    var = torch.tensor([p[1] for p in picks], device=lat.mean.device)
+    return lat.mean[idx, var], lat.std[idx, var], lat.time_ids[idx, var]
+
+
+def _loss(base: BaseModel, samples: Samples, t: TrainConfig, data: DataConfig, train_te: bool,
+          samplers: tuple[Sampler, Sampler | None], k: int, gen: torch.Generator, accelerator: Accelerator):
+    """Epsilon-prediction loss of one micro-batch (instance samples, plus class samples with prior preservation)."""
+    b = t.batch_size
+    mean, std, tids = _batch(samples.instance, samplers[0], k * b, b)
+    prompts = [samples.instance_prompt] * b
+    if samples.klass is not None:
+        cm, cs, ct = _batch(samples.klass, samplers[1], k * b, b)
+        mean, std, tids = torch.cat([mean, cm]), torch.cat([std, cs]), torch.cat([tids, ct])
+        prompts += [samples.class_prompt] * b
+    n = mean.shape[0]
+    dev = mean.device
+    lat = (mean + std * torch.randn(mean.shape, generator=gen, device=dev)) * base.vae.config.scaling_factor
+    noise = torch.randn(lat.shape, generator=gen, device=dev)
+    if t.noise_offset:
+        noise = noise + t.noise_offset * torch.randn((n, lat.shape[1], 1, 1), generator=gen, device=dev)
+    sched = base.noise_scheduler
+    steps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen, device=dev)
+    noisy = sched.add_noise(lat, noise, steps)
+    with accelerator.autocast():
+        if train_te:  # text encoders change every step: encode again, with gradients
+            ids = [torch.cat([p.input_ids[i] for p in prompts]) for i in (0, 1)]
+            emb, pooled = cache.encode_tokens(base, (ids[0], ids[1]))
+        else:
+            emb = torch.cat([p.prompt_embeds for p in prompts])
+            pooled = torch.cat([p.pooled for p in prompts])
+        pred = base.unet(noisy.to(base.weight_dtype), steps, emb,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": tids.to(base.weight_dtype)}).sample
+    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if t.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023) for epsilon prediction
+        snr = compute_snr(sched, steps)
+        per_sample = per_sample * torch.clamp(snr, max=t.snr_gamma) / snr
+    if samples.klass is None:
+        return per_sample.mean()
+    return per_sample[:b].mean() + data.prior_loss_weight * per_sample[b:].mean()
+
+
+def _make_optimizer(t: TrainConfig, params: dict[str, list[torch.nn.Parameter]]):
+    groups = [{"params": ps, "lr": t.lr if name == "unet" else t.te_lr} for name, ps in params.items()]
+    kw = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(["train.optimizer=adamw8bit needs bitsandbytes: pip install 'sdxl-lora-sweep[cuda]'"]) from None
+        return bnb.optim.AdamW8bit(groups, **kw)
+    fused = all(p.is_cuda for ps in params.values() for p in ps)
+    return torch.optim.AdamW(groups, fused=fused or None, **kw)
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    st = {"rng.noise": gen.get_state(), "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["rng.cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(gen: torch.Generator, st: dict[str, torch.Tensor]) -> None:
+    gen.set_state(st["rng.noise"])
+    torch.set_rng_state(st["rng.torch"])
+    if "rng.cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["rng.cuda"])
+
+
+def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelConfig, data: DataConfig,
+               precision: str, progress: bool) -> TrialResult:
+    t, out = spec.train, Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_hash = training_config_hash(model, data, spec.lora, t)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation,
+                              cpu=base.device.type == "cpu")
+    if base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(t.seed)  # LoRA init and dropout draw from the global generator
+        params = lora.add_lora(base, spec.lora)
+        if t.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        optimizer = _make_optimizer(t, params)
+        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                  num_training_steps=t.max_steps)
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        gen = torch.Generator(device=base.device).manual_seed(t.seed)  # noise and timesteps
+        start, resumed = 0, None
+        found = checkpoint.latest_valid(out) if t.resume else None
+        if found:
+            folder, rec = found
+            if rec.config_hash != cfg_hash:
+                raise ConfigError([f"{out} holds checkpoints of another configuration (hash {rec.config_hash}, "
+                                   f"now {cfg_hash}): use a new output folder, or train.resume=false to start over"])
+            start = resumed = _restore(base, folder, spec, optimizer, scheduler, gen)
+            log.info("trial %s: resumed from %s", spec.name, folder)
+        elif not t.resume and checkpoint.list_checkpoints(out):
+            raise ConfigError([f"{out} already holds checkpoints and train.resume=false: choose a new output folder "
+                               "(hydra.run.dir=...) so that finished work is not overwritten"])
+        losses = _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelerator, start, cfg_hash, progress)
+    finally:
+        lora.remove_lora(base)
+        if t.gradient_checkpointing:
+            base.unet.disable_gradient_checkpointing()
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is process-wide
+        GradientState._reset_state()
+        free_memory()
+    times = losses.pop("_step_seconds")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if base.device.type == "cuda" else None
+    return TrialResult(spec.name, out, "finished", t.max_steps if losses else start, losses.get(t.max_steps),
+                       checkpoint.list_checkpoints(out), resumed, None, time.perf_counter() - started,
+                       1000 * statistics.median(times[2:] or times) if times else None, peak)
+
+
+def _restore(base, folder, spec, optimizer, scheduler, gen) -> int:
+    lora.load_lora_into(base, folder, spec.lora.train_text_encoder)
+    tensors, meta = checkpoint.read_state(folder)
+    optimizer.load_state_dict(checkpoint.optimizer_state_from_flat(tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    _set_rng_state(gen, tensors)
+    return int(meta["step"])
+
+
+def _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelerator, start, cfg_hash, progress):
+    t, out = spec.train, Path(spec.output_dir)
+    flat_params = [p for ps in params.values() for p in ps]
+    variants = samples.instance.mean.shape[1]
+    samplers = (Sampler(len(samples.instance), variants, t.seed, 1),
+                Sampler(len(samples.klass), samples.klass.mean.shape[1], t.seed, 2) if samples.klass else None)
+    log_path = out / "train_log.jsonl"
+    _truncate_log(log_path, start)
+    last_ckpt = str(checkpoint.list_checkpoints(out)[-1]) if start else None
+    losses: dict = {"_step_seconds": []}
+    window: list[float] = []
+    bar = tqdm(total=t.max_steps, initial=start, desc=f"train {spec.name}", unit="step", disable=not progress)
+    for step in range(start + 1, t.max_steps + 1):
+        tic = time.perf_counter()
+        total = 0.0
+        for micro in range(t.gradient_accumulation):
+            with accelerator.accumulate(base.unet):
+                loss = _loss(base, samples, t, data, spec.lora.train_text_encoder, samplers,
+                             (step - 1) * t.gradient_accumulation + micro, gen, accelerator)
+                accelerator.backward(loss)  # accelerate divides by the accumulation steps
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(flat_params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        value = float(total) / t.gradient_accumulation  # one host sync per step: also the NaN check
+        losses["_step_seconds"].append(time.perf_counter() - tic)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(step, value, last_ckpt)
+        losses[step] = value
+        window.append(value)
+        lr = scheduler.get_last_lr()[0]
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": value, "lr": lr}) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            last_ckpt = str(_save(base, spec, step, sum(window) / len(window), cfg_hash, lr, optimizer, scheduler, gen))
+            window = []
+    bar.close()
+    return losses
+
+
+def _save(base, spec, step, loss, cfg_hash, lr, optimizer, scheduler, gen) -> Path:
+    tensors, optim_meta = checkpoint.optimizer_state_to_flat(optimizer.state_dict())
+    tensors.update(_rng_state(gen))
+    return checkpoint.write_checkpoint(
+        spec.output_dir, step,
+        save_lora=lambda folder: lora.save_lora(base, folder, spec.lora.train_text_encoder),
+        record={"loss": loss, "config_hash": cfg_hash, "trial": spec.name, "lr": lr},
+        state_tensors=tensors,
+        state_json={"step": step, "optimizer": optim_meta, "scheduler": scheduler.state_dict()},
+    )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the loss log consistent with the checkpoint we resume from (drop steps after it)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
