@@ -112,6 +112,7 @@ def main() -> None:
         "workload": "SDXL-base architecture, random weights (fp16 on disk), 5 photos 1024x1024, batch 1, LoRA rank 4 "
                     "on to_q/to_k/to_v/to_out.0, bf16, constant LR, no prior preservation; ms/step = median, "
                     "first 2 steps excluded; memory = CUDA allocator peak",
+        "reference_script": str(args.reference) if args.reference else None,
         "model_build_s": build_s, "results": rows, "ratios": ratios,
         "anchors_h200": {"reference_ms_per_step": 592, "reference_peak_gib_nvidia_smi": 15.2,
                          "lean_eager_ms_per_step": 554, "lean_eager_peak_gib": 12.3},

@@ -70,7 +70,10 @@ def write_checkpoint(output_dir: Path, step: int, *, save_lora, record: dict[str
         save_file({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, tmp / STATE_DIR / "state.safetensors")
         (tmp / STATE_DIR / "state.json").write_text(json.dumps(state_json))
         (tmp / RECORD_FILE).write_text(json.dumps(asdict(rec), indent=2))
-        for f in tmp.rglob("*"):
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; a checkpoint is shared like any output file
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
