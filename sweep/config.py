@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
 
 
@@ -20,11 +22,24 @@ class PathsConfig:
 
 
 @dataclass
+class EvalSection(EvalConfig):
+    """Evaluation as configured: evaluation's own settings plus how the sweep provides them."""
+
+    enabled: bool = True
+    clip_architecture: Optional[Dict[str, Any]] = None  # build a random-weight CLIP instead of loading clip_model
+
+    def settings(self, clip_model: str) -> EvalConfig:
+        names = EvalConfig.__dataclass_fields__
+        return EvalConfig(**{**{k: getattr(self, k) for k in names}, "clip_model": clip_model})
+
+
+@dataclass
 class SweepConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # shorthands, as users type them: `lr=1e-4`, `steps=500`, `rank=8` (train.lr etc. follow them)
     lr: float = 1e-4
@@ -45,6 +60,10 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
         msg = str(exc).splitlines()[0]
         raise ConfigError([f"{key}: {msg}{_close_matches(key)} (check the spelling and type of this override)"]) from None
     problems = validate(typed.model, typed.data, typed.lora, typed.train)
+    if typed.eval.enabled:
+        problems += validate_eval(typed.eval)
+        if not (typed.eval.clip_model or typed.eval.clip_architecture):
+            problems.append("eval.clip_model is empty: a hub id or folder, e.g. openai/clip-vit-large-patch14")
     if problems:
         raise ConfigError(problems)
     return typed

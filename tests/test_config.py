@@ -30,9 +30,13 @@ def test_demo_preset_points_at_the_bundled_subject():
 
 
 def test_sdxl_preset_is_the_original_study():
+    from evaluation import STUDY_PROMPTS
+
     conf = typed("experiment=sdxl", "data.instance_dir=/photos")
     assert conf.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert (conf.train.max_steps, conf.train.checkpoint_every, conf.data.resolution) == (500, 100, 1024)
+    assert conf.eval.prompts == STUDY_PROMPTS and conf.eval.clip_model == "openai/clip-vit-large-patch14"
+    assert conf.eval.settings("clip").resolution == 1024 and conf.eval.face_backend == "dlib"
 
 
 def test_sdxl_arch_preset_holds_the_published_architecture():
@@ -66,6 +70,9 @@ def test_sdxl_preset_without_photos_says_which_key_is_missing():
     ("data.resolution=100", "multiple of 8"),
     ("train.optimizer=sgd", "train.optimizer='sgd' is not one of"),
     ("train.device=tpu", "train.device='tpu' is not one of"),
+    ("eval.face_backend=opencv", "eval.face_backend='opencv' is not one of"),
+    ("eval.seeds=[]", "eval.seeds is empty"),
+    ("eval.prompts=['a picture of a woman']", "eval.prompts without the subject token"),
     ("lr=fast", "lr"),
     ("+train.max_step=10", "Key 'max_step' not in 'TrainConfig'; did you mean train.max_steps"),
 ])
@@ -88,5 +95,5 @@ def test_prior_preservation_class_prompt_must_not_name_the_subject():
 
 def test_composed_yaml_has_no_unknown_keys_for_the_schema():
     cfg = compose_cfg()
-    assert set(OmegaConf.to_container(cfg)) == {"model", "data", "lora", "train", "paths", "lr", "steps", "rank",
-                                                "progress"}
+    assert set(OmegaConf.to_container(cfg)) == {"model", "data", "lora", "train", "eval", "paths", "lr", "steps",
+                                                "rank", "progress"}

@@ -18,6 +18,7 @@ from .errors import DeviceError, ModelSourceError
 log = logging.getLogger(__name__)
 
 _LOADED: dict[str, "BaseModel"] = {}
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # in folders built from config; evaluation notes that their scores mean nothing
 
 
 @dataclass
@@ -132,7 +133,7 @@ def build_from_architecture(cfg: ModelConfig, cache_dir: Path) -> Path:
     sched = EulerDiscreteScheduler(**{k: v for k, v in arch["scheduler"].items() if k != "class"})
     tok_dir = Path(tempfile.mkdtemp())
     try:
-        tok, tok2 = _byte_level_tokenizers(tok_dir)
+        tok, tok2 = byte_level_tokenizers(tok_dir)
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                                          tokenizer_2=tok2, unet=unet, scheduler=sched)
         if dtype != torch.float32:
@@ -144,6 +145,7 @@ def build_from_architecture(cfg: ModelConfig, cache_dir: Path) -> Path:
             dlogging.set_verbosity(level)
         tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else _mk(out.parent)))
         pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / RANDOM_WEIGHTS_MARKER).write_text("built from config with random weights: its images are noise\n")
         os.replace(tmp, out)  # atomic: a half-written model folder is never picked up
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
@@ -164,7 +166,7 @@ def _clip_kwargs(spec: dict) -> dict:
     return kw
 
 
-def _byte_level_tokenizers(folder: Path):
+def byte_level_tokenizers(folder: Path):
     """CLIP tokenizers over a byte-level vocabulary (no merges): offline stand-ins for the real BPE files.
 
     Each character is a token, so every prompt tokenizes; only the vocabulary differs from SDXL's."""
@@ -216,6 +218,13 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
     base = BaseModel(source, fingerprint, tok, tok2, te, te2, vae, unet, sched, device, weight_dtype)
     _LOADED[key] = base
     return base
+
+
+def shared_pipeline(cfg: ModelConfig, device_name: str, precision: str, cache_dir: Path):
+    """A pipeline over the base the trainer holds (loaded once per process), for generating with checkpoints."""
+    device = resolve_device(device_name)
+    base = load_base_model(cfg, device, weight_dtype_for(resolve_precision(precision, device)), cache_dir)
+    return base.pipeline()
 
 
 def release_models() -> None:

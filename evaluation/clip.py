@@ -1,0 +1,66 @@
+"""CLIP for torchmetrics' CLIPScore, loaded once from a hub id or a local folder.
+
+transformers 5 returns output objects from CLIPModel.get_*_features while torchmetrics expects tensors;
+`TensorCLIP` hands torchmetrics the projected embeddings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchmetrics.multimodal import CLIPScore
+
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # a folder holding this file was built from config: its scores mean nothing
+
+
+class TensorCLIP(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype)))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+class ClipScorer:
+    """One CLIP model behind three scores: image-text (CLIP-T), image-image (CLIP-I), pairwise within a set."""
+
+    def __init__(self, name_or_path: str, device: torch.device):
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(name_or_path).eval().to(device)
+        processor = CLIPProcessor.from_pretrained(name_or_path)
+        self.device = device
+        self.random_weights = (Path(name_or_path) / RANDOM_WEIGHTS_MARKER).is_file()
+        adapted = TensorCLIP(model)
+        self.metric = CLIPScore(model_name_or_path=lambda: (adapted, processor)).to(device)
+
+    @torch.no_grad()
+    def score(self, source, target) -> float:
+        """Mean CLIPScore over aligned pairs (images as N x 3 x H x W uint8 tensors, or strings)."""
+        self.metric.reset()
+        self.metric.update(self._dev(source), self._dev(target))
+        return float(self.metric.compute())
+
+    def text(self, images: torch.Tensor, prompts: list[str]) -> float:
+        return self.score(images, prompts)
+
+    def image_to_refs(self, images: torch.Tensor, refs: torch.Tensor) -> float:
+        """Every generated image against every reference photo."""
+        n, m = len(images), len(refs)
+        return self.score(images.repeat_interleave(m, dim=0), refs.repeat(n, 1, 1, 1))
+
+    def pairwise(self, images: torch.Tensor) -> float:
+        """Mean CLIP-I over all pairs of a set: high means the images look alike (low diversity)."""
+        i, j = torch.triu_indices(len(images), len(images), offset=1)
+        return self.score(images[i], images[j]) if len(i) else float("nan")
+
+    def _dev(self, x):
+        return x.to(self.device) if isinstance(x, torch.Tensor) else x

@@ -1,0 +1,192 @@
+"""evaluate(checkpoints, config) -> metrics per checkpoint, plus the no-LoRA baseline and image grids."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from . import generate as gen
+from . import grid
+from .clip import ClipScorer
+from .config import EvalConfig, EvalInputError, validate_eval
+from .face import FaceBackend, FaceSimilarity, Identity, make_backend
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+_SCORERS: dict[tuple, ClipScorer] = {}
+_BACKENDS: dict[str, FaceBackend] = {}
+
+
+def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
+             pretrained: str | None = None, pipeline=None, baseline: bool = True,
+             baseline_cache: Path | None = None) -> dict[str, dict[str, float]]:
+    """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
+
+    The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
+    it. Returns {checkpoint folder name (or "baseline"): {metric: value}} and writes metrics.json and grids
+    to `out_dir`. With `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls."""
+    if pipeline is None and not pretrained:
+        raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local SDXL folder)")
+    ckpts = [Path(c) for c in checkpoints]
+    refs, face = preflight(cfg, instance_dir, ckpts)
+    out_dir = Path(out_dir)
+    device = gen.resolve_device(cfg.device)
+    clip = _scorer(cfg.clip_model, device)
+    if pipeline is None:
+        pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)
+    else:
+        pipe, refiner = pipeline, None
+        pipe.set_progress_bar_config(disable=True)
+        if cfg.refiner:
+            raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
+    notes = _notes(clip, pretrained)
+    ref_tensor = _to_tensor([im.resize((224, 224)) for im in refs])
+    results: dict[str, dict[str, float]] = {}
+    cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
+    entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
+    first_prompt: dict[str, list[Image.Image]] = {}
+    for name, ckpt in entries:
+        with gen.LoraSwap(pipe, ckpt, cfg.lora_scale):
+            images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
+            prior = gen.generate(pipe, None, [cfg.prior_prompt], cfg, desc=f"prior {name}")["base"] \
+                if (cfg.prior_prompt and face is not None) else None
+        results[name] = _score(images, prior, cfg, clip, face, ref_tensor)
+        first_prompt[name] = images["base"][: len(cfg.seeds)]
+        for arm, ims in images.items():
+            labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
+            grid.save(grid.grid(ims, len(cfg.prompts), len(cfg.seeds), labels), out_dir / "grids" / f"{name}_{arm}.png")
+        log.info("eval %s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
+    if cached:
+        results = {BASELINE: cached, **results}
+    elif baseline and baseline_cache:
+        _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
+    if len(first_prompt) > 1:
+        names = list(first_prompt)
+        grid.save(grid.grid([im for n in names for im in first_prompt[n]], len(names), len(cfg.seeds), names),
+                  out_dir / "grids" / "checkpoints_prompt0.png")
+    _write_json(out_dir / "metrics.json", {"metrics": results, "notes": notes, "config": asdict(cfg)})
+    return results
+
+
+def preflight(cfg: EvalConfig, instance_dir: Path | str, checkpoints: Sequence[Path] = ()):
+    """Every check that needs no image generation: settings, LoRA files, reference photos and their faces,
+    the face backend. Run it before training too, so bad input never costs GPU time."""
+    problems = validate_eval(cfg)
+    if problems:
+        raise EvalInputError("; ".join(problems))
+    for c in checkpoints:
+        try:
+            gen.check_lora_file(c)
+        except gen.LoraFileError as exc:
+            raise EvalInputError(str(exc)) from None
+    refs, names = load_references(Path(instance_dir))
+    return refs, _face_metric(cfg, refs, names)
+
+
+def load_references(folder: Path) -> tuple[list[Image.Image], list[str]]:
+    if not folder.is_dir():
+        raise EvalInputError(f"instance photos folder {folder} does not exist")
+    refs, names = [], []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            with Image.open(p) as im:
+                refs.append(ImageOps.exif_transpose(im).convert("RGB"))
+            names.append(p.name)
+        except OSError as exc:
+            log.warning("reference photo %s skipped: %s", p, exc)
+    if not refs:
+        raise EvalInputError(f"no readable photos in {folder}: CLIP-I and face identity need the instance photos")
+    return refs, names
+
+
+def _face_metric(cfg: EvalConfig, refs, names) -> FaceSimilarity | None:
+    if cfg.face_backend == "none":
+        return None
+    if cfg.face_backend not in _BACKENDS:
+        try:
+            _BACKENDS[cfg.face_backend] = make_backend(cfg.face_backend)
+        except ImportError as exc:
+            raise EvalInputError(str(exc)) from None
+    backend = _BACKENDS[cfg.face_backend]
+    try:
+        identity = Identity(backend, refs, names)
+    except ValueError as exc:
+        raise EvalInputError(str(exc)) from None
+    return FaceSimilarity(backend, identity)
+
+
+def _scorer(name: str, device: torch.device) -> ClipScorer:
+    key = (name, str(device))
+    if key not in _SCORERS:
+        _SCORERS.clear()
+        _SCORERS[key] = ClipScorer(name, device)
+    return _SCORERS[key]
+
+
+def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+
+
+def _score(images, prior, cfg: EvalConfig, clip: ClipScorer, face: FaceSimilarity | None, refs) -> dict[str, float]:
+    scoring = [cfg.scoring_prompt(p) for p in cfg.prompts for _ in cfg.seeds]
+    m: dict[str, float] = {}
+    for arm, ims in images.items():
+        suffix = "" if arm == "base" else f"_{arm}"
+        t = _to_tensor(ims)
+        m["clip_t" + suffix] = clip.text(t, scoring)
+        m["clip_i" + suffix] = clip.image_to_refs(t, refs)
+        m["pairwise_clip_i" + suffix] = clip.pairwise(t)
+        if face is not None:
+            face.reset()
+            face.update(ims)
+            f = face.compute()
+            m["face_similarity" + suffix] = float(f["similarity"])
+            m["face_detection_rate" + suffix] = float(f["detection_rate"])
+            if face.reason:
+                log.warning("face similarity is NaN: %s", face.reason)
+    if prior is not None:
+        face.reset()
+        face.update(prior)
+        m["prior_face_similarity"] = float(face.compute()["similarity"])
+    return m
+
+
+def _notes(clip: ClipScorer, pretrained: str | None) -> list[str]:
+    notes = []
+    if clip.random_weights:
+        notes.append("CLIP has random weights (a tiny test model): CLIP-T and CLIP-I carry no meaning here")
+    if pretrained and (Path(pretrained) / "RANDOM_WEIGHTS").is_file():
+        notes.append("the base model has random weights: its images are noise")
+    for n in notes:
+        log.warning(n)
+    return notes
+
+
+def _baseline_key(cfg: EvalConfig, pretrained: str | None) -> str:
+    return hashlib.sha256(json.dumps([asdict(cfg), pretrained], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_baseline(path: Path | None, cfg: EvalConfig, pretrained: str | None) -> dict[str, float] | None:
+    if path is None or not Path(path).is_file():
+        return None
+    rec = json.loads(Path(path).read_text())
+    return rec["metrics"] if rec.get("key") == _baseline_key(cfg, pretrained) else None
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,117 @@
+"""Image generation for evaluation: one pipeline per process, LoRA checkpoints swapped in and out of it."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import EvalConfig, EvalInputError
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER = "checkpoint"  # not "eval": peft sets the adapter name as a module attribute
+STATS: Counter = Counter()  # pipeline loads (tests assert one per process)
+_PIPES: dict[tuple, object] = {}
+
+
+class LoraFileError(EvalInputError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_pipeline(pretrained: str, device: torch.device, refiner: str | None = None):
+    """The base SDXL pipeline (and the refiner sharing its VAE and second text encoder), loaded once per process."""
+    key = (pretrained, str(device), refiner)
+    if key not in _PIPES:
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        _PIPES.clear()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        STATS["pipeline_loads"] += 1
+        log.info("loading evaluation pipeline from %s", pretrained)
+        base = StableDiffusionXLPipeline.from_pretrained(pretrained, torch_dtype=dtype).to(device)
+        ref = None
+        if refiner:
+            ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                refiner, text_encoder_2=base.text_encoder_2, vae=base.vae, torch_dtype=dtype).to(device)
+            ref.set_progress_bar_config(disable=True)
+        base.set_progress_bar_config(disable=True)
+        _PIPES[key] = (base, ref)
+    return _PIPES[key]
+
+
+def check_lora_file(folder: Path) -> Path:
+    """The checkpoint's LoRA file, opened as safetensors (never pickle); errors name the file."""
+    from safetensors import safe_open
+
+    path = Path(folder) / LORA_FILE if Path(folder).is_dir() else Path(folder)
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no LoRA file here (expected {LORA_FILE} in the checkpoint folder)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise LoraFileError(f"{path}: not a readable safetensors LoRA file ({exc}); re-save the checkpoint") from None
+    if not any("lora" in k for k in keys):
+        raise LoraFileError(f"{path}: holds no LoRA weights (keys such as {keys[:3]})")
+    return path
+
+
+class LoraSwap:
+    """Context: the checkpoint's LoRA on the pipeline inside, the plain base outside."""
+
+    def __init__(self, pipe, checkpoint: Path | None, scale: float = 1.0):
+        self.pipe, self.checkpoint, self.scale = pipe, checkpoint, scale
+
+    def __enter__(self):
+        if self.checkpoint is not None:
+            path = check_lora_file(self.checkpoint)
+            try:
+                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+            except Exception as exc:
+                self.pipe.unload_lora_weights()
+                raise LoraFileError(f"{path}: does not fit this base model ({type(exc).__name__}: {exc})") from None
+            self.pipe.set_adapters([ADAPTER], adapter_weights=[self.scale])
+        return self.pipe
+
+    def __exit__(self, *exc):
+        if self.checkpoint is not None:
+            self.pipe.unload_lora_weights()
+
+
+@torch.no_grad()
+def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> dict[str, list[Image.Image]]:
+    """Every prompt x seed, in batches. Returns {"base": [...]} and, with a refiner, {"refined": [...]} too,
+    ordered prompt-major (prompt 0 seed 0, prompt 0 seed 1, ...)."""
+    jobs = [(p, s) for p in prompts for s in cfg.seeds]
+    out: dict[str, list[Image.Image]] = {"base": []}
+    if refiner is not None:
+        out["refined"] = []
+    device = pipe.device
+    for i in tqdm(range(0, len(jobs), cfg.batch_size), desc=desc, unit="batch", leave=False):
+        chunk = jobs[i:i + cfg.batch_size]
+        gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]  # paired across checkpoints
+        kw = dict(prompt=[p for p, _ in chunk], num_inference_steps=cfg.num_inference_steps,
+                  guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=gens)
+        out["base"] += pipe(**kw).images
+        if refiner is None:
+            continue
+        # ensemble of experts: the base denoises the first part, the refiner finishes from its latents
+        kw["generator"] = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]
+        latents = pipe(**kw, denoising_end=cfg.refiner_split, output_type="latent").images
+        gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]
+        out["refined"] += refiner(prompt=kw["prompt"], image=latents, num_inference_steps=cfg.num_inference_steps,
+                                  denoising_start=cfg.refiner_split, guidance_scale=cfg.guidance_scale,
+                                  generator=gens).images
+    return out
+

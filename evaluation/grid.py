@@ -1,0 +1,40 @@
+"""Image grids people look at: prompts x seeds for one checkpoint, checkpoints x seeds for one prompt."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+LABEL_W = 180
+
+
+def grid(images: list[Image.Image], rows: int, cols: int, labels: list[str] | None = None, cell: int = 256) -> Image.Image:
+    """Row-major grid with an optional text label left of each row."""
+    lw = LABEL_W if labels else 0
+    out = Image.new("RGB", (lw + cols * cell, rows * cell), "white")
+    draw = ImageDraw.Draw(out)
+    for k, im in enumerate(images[: rows * cols]):
+        r, c = divmod(k, cols)
+        out.paste(im.convert("RGB").resize((cell, cell)), (lw + c * cell, r * cell))
+    for r, text in enumerate(labels or []):
+        draw.multiline_text((6, r * cell + 6), _wrap(text, 26), fill="black")
+    return out
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > width and line:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])
+
+
+def save(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,151 @@
+"""Evaluation of tiny-model checkpoints: CLIP with a tiny random CLIP, dlib faces, grids, one pipeline load."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from evaluation import BASELINE, EvalConfig, EvalInputError, evaluate
+from evaluation import generate as gen
+from evaluation.clip import ClipScorer
+from sweep.offline_models import build_clip
+from trainer import TrialSpec, train
+from trainer.models import resolve_source
+
+from .conftest import DEMO_DIR, typed
+
+PROMPTS = ["a picture of sks woman on the moon", "a picture of sks woman in a press conference"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, cache_dir):
+    """A 4-step tiny trial with checkpoints at steps 2 and 4, a tiny CLIP and the tiny pipeline folder."""
+    conf = typed("steps=4", "train.checkpoint_every=2", "data.resolution=64", root=tmp_path_factory.mktemp("r"))
+    out = tmp_path_factory.mktemp("trial")
+    [r] = train([TrialSpec("t", conf.lora, conf.train, out)], conf.model, conf.data, cache_dir, progress=False)
+    clip = build_clip(conf.eval.clip_architecture, cache_dir)
+    cfg = EvalConfig(prompts=PROMPTS, class_noun="woman", prior_prompt="a picture of a woman", seeds=[0, 1],
+                     num_inference_steps=2, resolution=64, batch_size=3, clip_model=clip)
+    return {"checkpoints": r.checkpoints, "cfg": cfg, "pretrained": resolve_source(conf.model, cache_dir), "clip": clip}
+
+
+def test_clip_scores_self_above_unrelated_and_repeats_exactly(tiny):
+    scorer = ClipScorer(tiny["clip"], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 3, 64, 64), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (3, 3, 64, 64), generator=g, dtype=torch.uint8).flip(-1) // 4
+    assert scorer.score(a, a) == pytest.approx(100.0, abs=1e-3)
+    assert scorer.score(a, a) > scorer.score(a, b)
+    assert scorer.text(a, PROMPTS[:1] * 3) == scorer.text(a, PROMPTS[:1] * 3)
+    assert scorer.random_weights  # the output must say that these numbers carry no meaning
+
+
+def test_two_checkpoints_scored_with_one_pipeline_load(tiny, tmp_path):
+    gen._PIPES.clear()
+    loads = gen.STATS["pipeline_loads"]
+    out = tmp_path / "eval"
+    m = evaluate(tiny["checkpoints"], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=out, pretrained=tiny["pretrained"],
+                 baseline_cache=tmp_path / "baseline.json")
+    assert list(m) == [BASELINE, "step-000002", "step-000004"]
+    for metrics in m.values():
+        assert set(metrics) == {"clip_t", "clip_i", "pairwise_clip_i", "face_similarity", "face_detection_rate",
+                                "prior_face_similarity"}
+        assert 0.0 <= metrics["face_detection_rate"] <= 1.0 and -100 <= metrics["clip_t"] <= 100
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"].keys() == m.keys() and any("carry no meaning" in n for n in saved["notes"])
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert grids == ["baseline_base.png", "checkpoints_prompt0.png", "step-000002_base.png", "step-000004_base.png"]
+    assert Image.open(out / "grids" / "step-000002_base.png").size[1] == 2 * 256  # prompts x seeds
+    # a second call (the next trial of a sweep): same pipeline, baseline read back, identical paired results
+    again = evaluate(tiny["checkpoints"][:1], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=tmp_path / "eval2",
+                     pretrained=tiny["pretrained"], baseline_cache=tmp_path / "baseline.json")
+    assert gen.STATS["pipeline_loads"] == loads + 1
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-aware
+    assert same(again[BASELINE], m[BASELINE]) and same(again["step-000002"], m["step-000002"])
+    assert not (tmp_path / "eval2" / "grids" / "baseline_base.png").exists()  # not generated again
+
+
+def test_checkpoints_change_the_images(tiny, tmp_path):
+    """The LoRA is really applied (and removed again): checkpoint images differ from the baseline's."""
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    cfg = replace(tiny["cfg"], prompts=PROMPTS[:1], seeds=[0])
+    plain = gen.generate(pipe, None, cfg.prompts, cfg, "t")["base"][0]
+    with gen.LoraSwap(pipe, tiny["checkpoints"][-1], scale=50.0):  # the tiny LoRA barely moves the output at 1.0
+        tuned = gen.generate(pipe, None, cfg.prompts, cfg, "t")["base"][0]
+    after = gen.generate(pipe, None, cfg.prompts, cfg, "t")["base"][0]
+    diff = lambda x, y: (torch.tensor(list(x.getdata())) - torch.tensor(list(y.getdata()))).abs().float().mean()
+    assert diff(plain, tuned) > 0 and diff(plain, after) == 0
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p.write_bytes(b""), "not a readable safetensors LoRA file"),
+    (lambda p: torch.save({"unet.a.lora.down.weight": torch.zeros(1)}, p), "not a readable safetensors LoRA file"),
+    (lambda p: save_file({"foo": torch.zeros(2)}, p), "holds no LoRA weights"),
+    (lambda p: save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight":
+                          torch.zeros(4, 7), "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight":
+                          torch.zeros(5, 4)}, p), "does not fit this base model"),
+])
+def test_bad_lora_files_are_named(tiny, tmp_path, make, needle):
+    bad = tmp_path / "step-000009"
+    bad.mkdir()
+    make(bad / "pytorch_lora_weights.safetensors")
+    with pytest.raises(EvalInputError) as err:
+        evaluate([tiny["checkpoints"][0], bad], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
+                 pretrained=tiny["pretrained"], baseline=False)
+    assert needle in str(err.value) and "step-000009" in str(err.value)
+
+
+def test_bad_settings_are_refused_before_generation(tiny, tmp_path):
+    cfg = replace(tiny["cfg"], prompts=["a picture of a woman"], seeds=[])
+    with pytest.raises(EvalInputError, match="without the subject token 'sks'.*eval.seeds is empty"):
+        evaluate(tiny["checkpoints"], cfg, instance_dir=DEMO_DIR, out_dir=tmp_path, pretrained=tiny["pretrained"])
+    with pytest.raises(EvalInputError, match="no face found in 1 instance photo"):
+        faces = tmp_path / "photos"
+        faces.mkdir()
+        Image.new("RGB", (128, 128), "gray").save(faces / "wall.png")
+        evaluate(tiny["checkpoints"], tiny["cfg"], instance_dir=faces, out_dir=tmp_path, pretrained=tiny["pretrained"])
+
+
+def test_scoring_prompt_replaces_the_subject_token():
+    cfg = EvalConfig()
+    assert cfg.scoring_prompt("a picture of sks man showing the thumbs up gesture on the moon") == \
+        "a picture of man showing the thumbs up gesture on the moon"
+    assert cfg.scoring_prompt("sks in a press conference") == "man in a press conference"
+
+
+def test_refiner_is_scored_with_and_without(tiny, tmp_path):
+    refiner = build_tiny_refiner(tiny["pretrained"], tmp_path / "refiner")
+    cfg = replace(tiny["cfg"], refiner=str(refiner), prompts=PROMPTS[:1], face_backend="none")
+    m = evaluate(tiny["checkpoints"][-1:], cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
+                 pretrained=tiny["pretrained"], baseline=False)
+    assert {"clip_t", "clip_t_refined", "clip_i_refined", "pairwise_clip_i_refined"} <= set(m["step-000004"])
+    assert (tmp_path / "e" / "grids" / "step-000004_refined.png").is_file()
+    gen._PIPES.clear()
+
+
+def build_tiny_refiner(base_dir: str, out: Path) -> Path:
+    """A tiny SDXL-refiner-architecture img2img pipeline (second text encoder only, aesthetic-score
+    conditioning), random weights, sharing the tiny base's VAE and text encoder 2."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), norm_num_groups=32,
+        projection_class_embeddings_input_dim=5 * 8 + 32,  # 5 time ids (aesthetic score instead of target size)
+        cross_attention_dim=32)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=AutoencoderKL.from_pretrained(base_dir, subfolder="vae"), text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base_dir, subfolder="text_encoder_2"),
+        tokenizer=None, tokenizer_2=CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer_2"), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_pretrained(base_dir, subfolder="scheduler"),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(out)
+    return out
