@@ -30,3 +30,18 @@ def test_gpu_resume_continues_from_the_checkpoint(demo, tmp_path, cache_dir):
           progress=False)
     [r] = train([TrialSpec("a", demo.lora, t, tmp_path / "t")], demo.model, demo.data, cache_dir, progress=False)
     assert r.resumed_from == 3 and [c.name for c in r.checkpoints] == ["step-000003", "step-000006"]
+
+
+def test_evaluation_on_cuda_scores_checkpoints(demo, tmp_path, cache_dir):
+    from evaluation import EvalConfig, evaluate
+    from sweep.offline_models import build_clip
+
+    from .conftest import DEMO_DIR
+
+    spec = TrialSpec("gpu", demo.lora, replace(demo.train, device="cuda", max_steps=2, checkpoint_every=2), tmp_path / "t")
+    [r] = train([spec], demo.model, demo.data, cache_dir, progress=False)
+    cfg = EvalConfig(prompts=["a picture of sks woman"], class_noun="woman", seeds=[0, 1], num_inference_steps=2,
+                     resolution=64, clip_model=build_clip(demo.eval.clip_architecture, cache_dir), device="cuda")
+    m = evaluate(r.checkpoints, cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
+                 pretrained=resolve_source(demo.model, cache_dir))
+    assert set(m) == {"baseline", "step-000002"} and m["step-000002"]["face_detection_rate"] == 0.0
