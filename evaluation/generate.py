@@ -76,11 +76,17 @@ class LoraSwap:
     def __enter__(self):
         if self.checkpoint is not None:
             path = check_lora_file(self.checkpoint)
+            from diffusers.utils import logging as dlogging
+
+            level = dlogging.get_verbosity()
+            dlogging.set_verbosity_error()  # "no LoRA keys for the text encoders" is expected for UNet-only LoRAs
             try:
                 self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
             except Exception as exc:
                 self.pipe.unload_lora_weights()
                 raise LoraFileError(f"{path}: does not fit this base model ({type(exc).__name__}: {exc})") from None
+            finally:
+                dlogging.set_verbosity(level)
             self.pipe.set_adapters([ADAPTER], adapter_weights=[self.scale])
         return self.pipe
 

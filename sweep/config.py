@@ -13,6 +13,9 @@ from omegaconf.errors import OmegaConfBaseException
 from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
 
+from .selection import RULES, SelectionConfig
+from .tracking import TrackingConfig
+
 
 @dataclass
 class PathsConfig:
@@ -40,12 +43,15 @@ class SweepConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # shorthands, as users type them: `lr=1e-4`, `steps=500`, `rank=8` (train.lr etc. follow them)
     lr: float = 1e-4
     steps: int = 500
     rank: int = 4
     progress: bool = True
+    resume: bool = False  # multirun: continue the newest sweep launched with the same overrides
 
 
 def to_typed(cfg: DictConfig) -> SweepConfig:
@@ -64,6 +70,8 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
         problems += validate_eval(typed.eval)
         if not (typed.eval.clip_model or typed.eval.clip_architecture):
             problems.append("eval.clip_model is empty: a hub id or folder, e.g. openai/clip-vit-large-patch14")
+    if typed.selection.rule not in RULES:
+        problems.append(f"selection.rule={typed.selection.rule!r} is not one of {RULES}")
     if problems:
         raise ConfigError(problems)
     return typed

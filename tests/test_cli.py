@@ -19,7 +19,7 @@ def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_multirun_over_learning_rates_loads_the_base_once(tmp_path):
     p = sweep("-m", "lr=1e-4,5e-4", "steps=4", "train.checkpoint_every=2", "data.resolution=64", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    jobs = sorted(p for p in (tmp_path / "outputs" / "sweeps").glob("*/*") if p.is_dir())
+    jobs = sorted(p.parent for p in (tmp_path / "outputs" / "sweeps").glob("*/*/result.json"))
     assert len(jobs) == 2 and jobs[0].name.startswith("0_") and "lr=0.0001" in jobs[0].name
     assert "lr=0.0005" in jobs[1].name  # folders named by their overrides
     for job in jobs:

@@ -1,0 +1,49 @@
+"""Hydra callbacks: the MLflow parent run before the first trial, selection/registry/report after the last."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _typed(config: DictConfig):
+    from .config import to_typed
+
+    cfg = OmegaConf.to_container(config, resolve=False)
+    cfg.pop("hydra", None)
+    return to_typed(OmegaConf.create(cfg))
+
+
+class SweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .tracking import git_commit, make_tracker
+        from .config import resolve_path
+
+        conf = _typed(config)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
+        tracker.start_sweep(sweep_dir, sweep_dir.name,
+                            {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .finalize import collect, finalize_folder
+
+        folder = Path(config.hydra.sweep.dir)
+        finalize_folder(folder)
+        failed = sum(s == "failed" or s == "diverged" for s in collect(folder.resolve())[2].values())
+        if failed:  # the sweep finished, but the exit status must not hide failed trials
+            log.error("%d trial(s) failed; see the report and the FAILED runs in MLflow", failed)
+            raise SystemExit(1)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from .finalize import finalize_folder
+
+        finalize_folder(Path(HydraConfig.get().runtime.output_dir))
+

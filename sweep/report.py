@@ -1,0 +1,150 @@
+"""The sweep's report: a table, metric-vs-step plots and an image grid, in the sweep folder and on the parent run.
+
+    python -m sweep.report <sweep folder or parent run id>    rebuilds it"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .selection import Candidate, Selection
+
+COLUMNS = ["trial", "lr", "rank", "best_step", "face_similarity", "clip_t", "clip_i", "face_detection_rate",
+           "objective", "status", "champion"]
+
+
+def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str]) -> list[dict]:
+    """One row per trial: its best eligible checkpoint (or, if none qualifies, its best by the objective)."""
+    rank = {c.key: obj for c, obj in sel.ranked}
+    rows = []
+    for trial in sorted({c.trial for c in candidates} | set(statuses)):
+        mine = [c for c in candidates if c.trial == trial]
+        eligible = [c for c in mine if c.key in rank]
+        best = min(eligible, key=lambda c: [x.key for x, _ in sel.ranked].index(c.key)) if eligible else \
+            max(mine, key=lambda c: _num(c.metrics.get("face_similarity")), default=None)
+        m = best.metrics if best else {}
+        p = best.params if best else {}
+        rows.append({"trial": trial, "lr": p.get("lr", ""), "rank": p.get("rank", ""),
+                     "best_step": best.step if best else "", "face_similarity": m.get("face_similarity"),
+                     "clip_t": m.get("clip_t"), "clip_i": m.get("clip_i"),
+                     "face_detection_rate": m.get("face_detection_rate"),
+                     "objective": rank.get(best.key) if best else None, "status": statuses.get(trial, ""),
+                     "champion": "*" if sel.champion and best and best.key == sel.champion.key else ""})
+    return rows
+
+
+def _num(v) -> float:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses: dict[str, str],
+          ui: str) -> list[Path]:
+    out = Path(sweep_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(candidates, sel, statuses)
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["# Sweep report", "", sel.explain(), "", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["", f"Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items())),
+              "", "Pareto front (face similarity vs CLIP-T): " + ", ".join(c.key for c in sel.pareto),
+              "", f"Compare the runs: `{ui}`", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "selection.json").write_text(json.dumps({
+        "rule": sel.rule, "explanation": sel.explain(),
+        "champion": sel.champion.__dict__ if sel.champion else None,
+        "runner_up": sel.runner_up.__dict__ if sel.runner_up else None, "margin": sel.margin,
+        "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2,
+        default=str))
+    files = [out / "report.md", out / "report.csv", out / "selection.json", _plots(out, candidates, sel)]
+    grid = _grid(Path(sweep_dir), out, candidates, sel)
+    return files + ([grid] if grid else [])
+
+
+def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["face_similarity", "clip_t", "clip_i", "face_detection_rate"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, name in zip(axes.flat, names):
+        for trial in sorted({c.trial for c in candidates}):
+            pts = sorted((c.step, c.metrics.get(name)) for c in candidates if c.trial == trial)
+            ax.plot([s for s, _ in pts], [v if v is not None else math.nan for _, v in pts], marker="o", label=trial)
+        if isinstance(sel.baseline.get(name), float) and math.isfinite(sel.baseline[name]):
+            ax.axhline(sel.baseline[name], color="gray", linestyle="--", label="baseline (no LoRA)")
+        if sel.champion:
+            ax.plot([sel.champion.step], [sel.champion.metrics.get(name, math.nan)], marker="*", markersize=16,
+                    color="gold", markeredgecolor="black", linestyle="none", label="champion")
+        ax.set_title(name)
+        ax.set_xlabel("training step")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "metrics_vs_step.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _grid(sweep_dir: Path, out: Path, candidates: list[Candidate], sel: Selection) -> Path | None:
+    """Champion, baseline and each trial's best, stacked: each row is that checkpoint's prompts x seeds grid."""
+    entries = []
+    if sel.champion:
+        entries.append((f"CHAMPION {sel.champion.key}", Path(sel.champion.checkpoint).parent.parent / "eval" / "grids"
+                        / f"step-{sel.champion.step:06d}_base.png"))
+    base = next(iter(sorted(sweep_dir.glob("**/eval/grids/baseline_base.png"))), None)
+    if base:
+        entries.append(("baseline (no LoRA)", base))
+    for row in table(candidates, sel, {}):
+        c = next((c for c in candidates if c.trial == row["trial"] and c.step == row["best_step"]), None)
+        if c and not (sel.champion and c.key == sel.champion.key):
+            entries.append((f"best of {c.key}", Path(c.checkpoint).parent.parent / "eval" / "grids" / f"step-{c.step:06d}_base.png"))
+    images = [(label, Image.open(p)) for label, p in entries if p.is_file()]
+    if not images:
+        return None
+    w = max(im.width for _, im in images)
+    sheet = Image.new("RGB", (w, sum(im.height + 24 for _, im in images)), "white")
+    y = 0
+    draw = ImageDraw.Draw(sheet)
+    for label, im in images:
+        draw.text((6, y + 5), label, fill="black")
+        sheet.paste(im, (0, y + 24))
+        y += im.height + 24
+    path = out / "champion_vs_baseline.png"
+    sheet.save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .finalize import finalize_folder, folder_of_run
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m sweep.report <sweep folder or parent run id>", file=sys.stderr)
+        return 2
+    target = Path(args[0])
+    folder = target if target.is_dir() else folder_of_run(args[0])
+    if folder is None:
+        print(f"{args[0]!r} is neither a sweep folder nor a parent run id in the default MLflow store", file=sys.stderr)
+        return 2
+    finalize_folder(folder, register=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

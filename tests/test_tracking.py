@@ -1,0 +1,119 @@
+"""The sweep end to end on CPU, read back through MLflow: runs, metrics, artifacts, registry, report, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+SMALL = ["steps=4", "train.checkpoint_every=2", "data.resolution=64", "progress=false"]
+
+
+def sweep(*args: str, cwd: Path, wait: bool = True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sweep", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def client(cwd: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+
+
+def runs(c: MlflowClient):
+    exp = c.get_experiment_by_name("sdxl-lora-sweep")
+    every = c.search_runs([exp.experiment_id])
+    parents = [r for r in every if r.data.tags.get("kind") == "sweep"]
+    return parents, [r for r in every if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_demo_sweep_is_recorded_selected_registered_and_reported(tmp_path):
+    p = sweep("-m", "lr=1e-4,1e-5,5e-4", *SMALL, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    c = client(tmp_path)
+    [parent], children = runs(c)
+    assert sorted(r.info.run_name for r in children) == ["lr=0.0001", "lr=0.0005", "lr=1e-05"]
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
+        for name in ("clip_t", "clip_i", "face_detection_rate"):
+            assert [m.step for m in c.get_metric_history(r.info.run_id, name)] == [2, 4]
+        assert len(c.get_metric_history(r.info.run_id, "train_loss")) == 4
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"grids", "best_checkpoint", "result.json"} <= arts
+        assert c.list_artifacts(r.info.run_id, "best_checkpoint")[0].path.endswith("pytorch_lora_weights.safetensors")
+        assert {"lr", "train.lr", "lora.rank", "eval.num_inference_steps"} <= set(r.data.params)
+        assert r.data.tags["device"] == "cpu" and r.data.tags["git_commit"]
+    champ = c.get_model_version_by_alias("sdxl-lora-champion", "champion")
+    sweep_dir = Path(parent.data.tags["sweep_dir"])
+    selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
+    assert champ.tags["checkpoint"] == selection["champion"]["checkpoint"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["champion.trial"] == selection["champion"]["trial"]
+    assert parent.data.tags["registry.champion_version"] == str(champ.version)
+    for f in ("report.md", "report.csv", "metrics_vs_step.png", "champion_vs_baseline.png", "selection.json"):
+        assert (sweep_dir / "report" / f).is_file()
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md",
+                                                                                 "report/metrics_vs_step.png"}
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlruns/mlflow.db" in p.stdout
+    # a second sweep on the same protocol moves the alias only if it beats the champion; both numbers recorded
+    p2 = sweep("-m", "lr=1e-5", *SMALL, cwd=tmp_path)
+    assert p2.returncode == 0, p2.stdout[-3000:]
+    parents, _ = runs(c)
+    newest = max(parents, key=lambda r: r.info.start_time)
+    assert newest.data.tags["challenger_objective"] and newest.data.tags["champion_objective"] == champ.tags["objective"]
+    replaced = newest.data.tags["champion_replaced"] == "True"
+    assert replaced == (float(newest.data.tags["challenger_objective"]) > float(champ.tags["objective"]))
+    # the report rebuilds from the folder alone
+    for f in (sweep_dir / "report").iterdir():
+        f.unlink()
+    assert subprocess.run([sys.executable, "-m", "sweep.report", str(sweep_dir)], cwd=tmp_path).returncode == 0
+    assert (sweep_dir / "report" / "report.md").is_file()
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    p = sweep("-m", "lr=1e-4,1e8", *SMALL, "train.checkpoint_every=1", cwd=tmp_path)
+    assert p.returncode == 1  # the exit status says that a trial failed
+    assert "1 trial(s) failed" in p.stdout + p.stderr
+    _, children = runs(client(tmp_path))
+    status = {r.info.run_name: (r.info.status, r.data.tags.get("failure_reason", "")) for r in children}
+    assert status["lr=0.0001"][0] == "FINISHED"
+    assert status["lr=100000000.0"][0] == "FAILED" and "loss became nan" in status["lr=100000000.0"][1]
+
+
+def test_killed_sweep_resumes_without_retraining_and_picks_the_same_champion(tmp_path):
+    args = ["-m", "lr=1e-4,5e-4", "steps=6", "train.checkpoint_every=2", "data.resolution=64", "progress=false"]
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    assert sweep(*args, cwd=ref_dir).returncode == 0
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    proc = sweep(*args, cwd=run_dir, wait=False)
+    deadline = time.time() + 600
+    second = None
+    while time.time() < deadline and proc.poll() is None:
+        second = next(iter(run_dir.glob("outputs/sweeps/*/1_*/checkpoints/step-000002")), None)
+        if second:
+            break
+        time.sleep(0.2)
+    assert second is not None, "the second trial never reached its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [first] = run_dir.glob("outputs/sweeps/*/0_*")
+    stamp = (first / "result.json").stat().st_mtime_ns, (first / "train_log.jsonl").read_text()
+    p = sweep(*args, "resume=true", cwd=run_dir)
+    assert p.returncode == 0, p.stdout[-3000:]
+    assert "already finished" in p.stdout + p.stderr
+    assert ((first / "result.json").stat().st_mtime_ns, (first / "train_log.jsonl").read_text()) == stamp
+    assert len(list(run_dir.glob("outputs/sweeps/*"))) == 1  # the same sweep folder was continued
+    second_result = json.loads(next(run_dir.glob("outputs/sweeps/*/1_*/result.json")).read_text())
+    assert second_result["resumed_from"] in (2, 4)
+    parents, children = runs(client(run_dir))
+    assert len(parents) == 1 and len(children) == 2  # the same parent run, no duplicate child runs
+    sel = lambda d: json.loads(next(d.glob("outputs/sweeps/*/report/selection.json")).read_text())["champion"]
+    a, b = sel(ref_dir), sel(run_dir)
+    assert (a["trial"], a["step"], a["metrics"]) == (b["trial"], b["step"], b["metrics"])
