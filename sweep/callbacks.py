@@ -21,10 +21,16 @@ def _typed(config: DictConfig):
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from .tracking import git_commit, make_tracker
-        from .config import resolve_path
+        from trainer import UserError
 
-        conf = _typed(config)
+        from .config import resolve_path
+        from .tracking import git_commit, make_tracker
+
+        try:
+            conf = _typed(config)
+        except UserError as exc:  # refuse the whole sweep before any trial starts
+            log.error("%s", exc)
+            raise SystemExit(2) from None
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
         tracker.start_sweep(sweep_dir, sweep_dir.name,

@@ -6,7 +6,6 @@ import logging
 import math
 import sys
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig

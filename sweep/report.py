@@ -59,7 +59,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     lines = ["# Sweep report", "", sel.explain(), "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    lines += ["", f"Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items())),
+    lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items())),
               "", "Pareto front (face similarity vs CLIP-T): " + ", ".join(c.key for c in sel.pareto),
               "", f"Compare the runs: `{ui}`", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -59,3 +59,10 @@ def test_bad_input_exits_2_with_the_fix_and_no_traceback(tmp_path, args, needle)
     out = p.stdout + p.stderr
     assert needle in out and "Traceback" not in out
     assert "loading base model" not in out  # refused before any model loads
+
+
+def test_multirun_with_bad_input_is_refused_before_any_trial(tmp_path):
+    p = sweep("-m", "lr=1e-4,2e-4", "rank=0", cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "lora.rank=0 must be a positive integer" in out and "Traceback" not in out
+    assert not list(tmp_path.glob("outputs/sweeps/*/*/result.json")) and not (tmp_path / "mlruns").exists()

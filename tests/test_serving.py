@@ -1,7 +1,6 @@
 """Real servers on loopback: a sweep logged to `mlflow server` over HTTP, `mlflow ui` on the default store,
 the champion served by `mlflow models serve`, and `python -m sweep.generate`."""
 import base64
-import json
 import os
 import socket
 import subprocess

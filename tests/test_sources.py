@@ -40,3 +40,18 @@ def test_cuda_requested_but_absent():
     with pytest.raises(DeviceError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", torch.device("cpu"))
     assert resolve_precision("auto", torch.device("cpu")) == "no"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_8bit_adamw_on_cpu_is_refused_before_loading(tmp_path):
+    from dataclasses import replace
+
+    from trainer import TrialSpec, train
+
+    from .conftest import typed
+
+    conf = typed("steps=2", "train.checkpoint_every=2", root=tmp_path)
+    spec = TrialSpec("t", conf.lora, replace(conf.train, optimizer="adamw8bit"), tmp_path / "t")
+    with pytest.raises(DeviceError, match="adamw8bit runs on CUDA only"):
+        train([spec], conf.model, conf.data, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # nothing was built or loaded

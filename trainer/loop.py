@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import cache, checkpoint, lora
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash
 from .data import Photo, scan_photos
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError, DeviceError, NonFiniteLossError
 from .models import BaseModel, load_base_model, resolve_device, resolve_precision, weight_dtype_for
 from .prior import class_photos
 
@@ -94,6 +94,9 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
         raise ConfigError([f"trials of one list must share train.device and train.mixed_precision, got {sorted(devices)}"])
     device = resolve_device(trials[0].train.device)
     precision = resolve_precision(trials[0].train.mixed_precision, device)
+    if device.type != "cuda" and any(t.train.optimizer == "adamw8bit" for t in trials):
+        raise DeviceError("train.optimizer=adamw8bit runs on CUDA only (bitsandbytes); use train.optimizer=adamw "
+                          f"on {device.type}")
     photos = instance_photos(data)
     base = load_base_model(model, device, weight_dtype_for(precision), Path(cache_dir))
     samples = prepare_samples(base, data, photos, Path(cache_dir))
