@@ -56,6 +56,8 @@ def run_job(cfg: DictConfig) -> float:
     except (UserError, EvalInputError) as exc:
         tracker.set_tags(run_id, {"failure_reason": str(exc)[:4000]})
         tracker.finish(run_id, "FAILED")
+        if not multirun:  # a single run is its own sweep: no callback will close the parent
+            tracker.end_sweep(sweep["parent_run_id"], "FAILED")
         return _fail(out, name, exc, multirun)
     except Exception as exc:  # a bug or out of memory: this trial fails, the sweep goes on
         if not multirun:
