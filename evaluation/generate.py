@@ -109,7 +109,7 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
         gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]  # paired across checkpoints
         kw = dict(prompt=[p for p, _ in chunk], num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=gens)
-        out["base"] += pipe(**kw).images
+        out["base"] += decode(pipe, pipe(**kw, output_type="latent").images)
         if refiner is None:
             continue
         # ensemble of experts: the base denoises the first part, the refiner finishes from its latents
@@ -121,3 +121,20 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
                                   generator=gens).images
     return out
 
+
+
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> images with the VAE in its own dtype. The pipeline's decode leaves bf16 latents against an fp32
+    VAE mismatched on CUDA (as in a sweep, where the trainer keeps SDXL's VAE in fp32 for exact latents)."""
+    vae = pipe.vae
+    cfg = vae.config
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / cfg.scaling_factor + mean
+    else:
+        latents = latents / cfg.scaling_factor
+    images = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pil")

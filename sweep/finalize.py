@@ -105,7 +105,8 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed) -> None:
     console = Console(width=200)
     console.print(t)
     print(sel.explain())
-    print(f"report: {sweep_dir / 'report'}\ncompare the runs: {ui}", flush=True)
+    compare = "MLflow tracking is off (tracking.enabled=false)" if ui.endswith("disabled") else f"compare the runs: {ui}"
+    print(f"report: {sweep_dir / 'report'}\n{compare}", flush=True)
 
 
 def folder_of_run(run_id: str) -> Path | None:

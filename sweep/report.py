@@ -91,6 +91,8 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
         if sel.champion:
             ax.plot([sel.champion.step], [sel.champion.metrics.get(name, math.nan)], marker="*", markersize=16,
                     color="gold", markeredgecolor="black", linestyle="none", label="champion")
+        if all(not (isinstance(c.metrics.get(name), float) and math.isfinite(c.metrics[name])) for c in candidates):
+            ax.text(0.5, 0.5, "no value (no face detected?)", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("training step")
     axes.flat[0].legend(fontsize=7)

@@ -45,3 +45,21 @@ def test_evaluation_on_cuda_scores_checkpoints(demo, tmp_path, cache_dir):
     m = evaluate(r.checkpoints, cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
                  pretrained=resolve_source(demo.model, cache_dir))
     assert set(m) == {"baseline", "step-000002"} and m["step-000002"]["face_detection_rate"] == 0.0
+
+
+def test_sweep_scores_with_the_trainers_own_pipeline_on_cuda(demo, tmp_path, cache_dir):
+    """In a sweep the trainer's loaded base (bf16 UNet, fp32 VAE) generates: mixed dtypes must decode."""
+    from evaluation import EvalConfig, evaluate
+    from sweep.offline_models import build_clip
+    from trainer.models import shared_pipeline
+
+    from .conftest import DEMO_DIR
+
+    t = replace(demo.train, device="cuda", max_steps=2, checkpoint_every=2)
+    [r] = train([TrialSpec("gpu", demo.lora, t, tmp_path / "t")], demo.model, demo.data, cache_dir, progress=False)
+    cfg = EvalConfig(prompts=["a picture of sks woman"], class_noun="woman", seeds=[0], num_inference_steps=2,
+                     resolution=64, clip_model=build_clip(demo.eval.clip_architecture, cache_dir), device="cuda")
+    pipe = shared_pipeline(demo.model, "cuda", t.mixed_precision, cache_dir)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+    m = evaluate(r.checkpoints, cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "e", pipeline=pipe)
+    assert set(m) == {"baseline", "step-000002"}
