@@ -60,13 +60,12 @@ def run_job(cfg: DictConfig) -> float:
             tracker.end_sweep(sweep["parent_run_id"], "FAILED")
         return _fail(out, name, exc, multirun)
     except Exception as exc:  # a bug or out of memory: this trial fails, the sweep goes on
-        if not multirun:
-            tracker.set_tags(run_id, {"failure_reason": f"{type(exc).__name__}: {exc}"[:4000]})
-            tracker.finish(run_id, "FAILED")
-            raise
-        log.error("trial %s failed:\n%s", name, traceback.format_exc())
         tracker.set_tags(run_id, {"failure_reason": f"{type(exc).__name__}: {exc}"[:4000]})
         tracker.finish(run_id, "FAILED")
+        if not multirun:
+            tracker.end_sweep(sweep["parent_run_id"], "FAILED")
+            raise
+        log.error("trial %s failed:\n%s", name, traceback.format_exc())
         return _fail(out, name, exc, multirun)
     params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
     payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": cfg_hash}
