@@ -111,6 +111,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(demo, tmp_path, 
     assert losses(tmp_path / "full") == losses(tmp_path / "split")  # the log is continuous too
 
 
+def test_lora_dropout_is_active_while_training(demo, tmp_path, cache_dir):
+    plain = run(demo, tmp_path / "plain", cache_dir)
+    demo.lora.dropout = 0.5
+    dropped = run(demo, tmp_path / "dropout", cache_dir)
+    a = load_file(plain.checkpoints[-1] / checkpoint.LORA_FILE)
+    b = load_file(dropped.checkpoints[-1] / checkpoint.LORA_FILE)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # dropout changed the gradients
+
+
 def test_resume_refuses_a_folder_of_another_configuration(demo, tmp_path, cache_dir):
     from trainer import ConfigError
 

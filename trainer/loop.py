@@ -218,6 +218,8 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
     try:
         torch.manual_seed(t.seed)  # LoRA init and dropout draw from the global generator
         params = lora.add_lora(base, spec.lora)
+        for name in params:  # training mode, so that LoRA dropout is active
+            getattr(base, name).train()
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         optimizer = _make_optimizer(t, params)
@@ -240,6 +242,8 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
         losses = _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelerator, start, cfg_hash, progress)
     finally:
         lora.remove_lora(base)
+        for m in (base.unet, base.text_encoder, base.text_encoder_2):
+            m.eval()
         if t.gradient_checkpointing:
             base.unet.disable_gradient_checkpointing()
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is process-wide
