@@ -24,6 +24,7 @@ BASELINE = "baseline"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _SCORERS: dict[tuple, ClipScorer] = {}
 _BACKENDS: dict[str, FaceBackend] = {}
+_IDENTITIES: dict[tuple, Identity] = {}
 
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
@@ -89,7 +90,7 @@ def preflight(cfg: EvalConfig, instance_dir: Path | str, checkpoints: Sequence[P
         except gen.LoraFileError as exc:
             raise EvalInputError(str(exc)) from None
     refs, names = load_references(Path(instance_dir))
-    return refs, _face_metric(cfg, refs, names)
+    return refs, _face_metric(cfg, Path(instance_dir), refs, names)
 
 
 def load_references(folder: Path) -> tuple[list[Image.Image], list[str]]:
@@ -110,7 +111,7 @@ def load_references(folder: Path) -> tuple[list[Image.Image], list[str]]:
     return refs, names
 
 
-def _face_metric(cfg: EvalConfig, refs, names) -> FaceSimilarity | None:
+def _face_metric(cfg: EvalConfig, folder: Path, refs, names) -> FaceSimilarity | None:
     if cfg.face_backend == "none":
         return None
     if cfg.face_backend not in _BACKENDS:
@@ -119,11 +120,15 @@ def _face_metric(cfg: EvalConfig, refs, names) -> FaceSimilarity | None:
         except ImportError as exc:
             raise EvalInputError(str(exc)) from None
     backend = _BACKENDS[cfg.face_backend]
-    try:
-        identity = Identity(backend, refs, names)
-    except ValueError as exc:
-        raise EvalInputError(str(exc)) from None
-    return FaceSimilarity(backend, identity)
+    # the identity is embedded once per set of photos (preflight before training, then every evaluate call)
+    key = (cfg.face_backend, str(folder.resolve()),
+           tuple((n, (folder / n).stat().st_mtime_ns, (folder / n).stat().st_size) for n in names))
+    if key not in _IDENTITIES:
+        try:
+            _IDENTITIES[key] = Identity(backend, refs, names)
+        except ValueError as exc:
+            raise EvalInputError(str(exc)) from None
+    return FaceSimilarity(backend, _IDENTITIES[key])
 
 
 def _scorer(name: str, device: torch.device) -> ClipScorer:

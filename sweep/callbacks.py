@@ -37,11 +37,9 @@ class SweepCallback(Callback):
                             {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .finalize import collect, finalize_folder
+        from .finalize import finalize_folder
 
-        folder = Path(config.hydra.sweep.dir)
-        finalize_folder(folder)
-        failed = sum(s == "failed" or s == "diverged" for s in collect(folder.resolve())[2].values())
+        _, failed = finalize_folder(Path(config.hydra.sweep.dir))
         if failed:  # the sweep finished, but the exit status must not hide failed trials
             log.error("%d trial(s) failed; see the report and the FAILED runs in MLflow", failed)
             raise SystemExit(1)

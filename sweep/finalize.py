@@ -56,11 +56,12 @@ def load_config(sweep_dir: Path) -> SweepConfig:
     return to_typed(OmegaConf.load(first / ".hydra" / "config.yaml"))
 
 
-def finalize_folder(sweep_dir: Path, register: bool = True) -> Selection | None:
+def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:
+    """Select, register, report. Returns the selection and how many trials failed (diverged ones included)."""
     sweep_dir = Path(sweep_dir).resolve()
     if not trial_dirs(sweep_dir):
         log.error("no finished trial in %s: nothing to select", sweep_dir)
-        return None
+        return None, 0
     conf = load_config(sweep_dir)
     candidates, baseline, statuses = collect(sweep_dir)
     sel = select(candidates, baseline, conf.selection)
@@ -90,7 +91,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> Selection | None:
         tracker.set_tags(pid, tags)
         tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed)
-    return sel
+    return sel, failed
 
 
 def _print(sweep_dir, sel, candidates, statuses, ui, failed) -> None:
