@@ -25,19 +25,24 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _SCORERS: dict[tuple, ClipScorer] = {}
 _BACKENDS: dict[str, FaceBackend] = {}
 _IDENTITIES: dict[tuple, Identity] = {}
+_NOTED: set[str] = set()
 
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
              pretrained: str | None = None, pipeline=None, baseline: bool = True,
-             baseline_cache: Path | None = None) -> dict[str, dict[str, float]]:
+             baseline_cache: Path | None = None, applied: bool = False) -> dict[str, dict[str, float]]:
     """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
 
     The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
-    it. Returns {checkpoint folder name (or "baseline"): {metric: value}} and writes metrics.json and grids
-    to `out_dir`. With `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls."""
+    it. With `applied=True` the one checkpoint given is already on `pipeline`'s UNet (a trainer scoring its
+    adapter live) and is not loaded again. Returns {checkpoint folder name (or "baseline"): {metric: value}};
+    metrics.json in `out_dir` gathers the results of every call, images and grids are saved beside it. With
+    `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls."""
     if pipeline is None and not pretrained:
         raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local SDXL folder)")
     ckpts = [Path(c) for c in checkpoints]
+    if applied and (pipeline is None or len(ckpts) != 1 or baseline):
+        raise EvalInputError("evaluate(applied=True) scores the one checkpoint already on `pipeline`, without baseline")
     refs, face = preflight(cfg, instance_dir, ckpts)
     out_dir = Path(out_dir)
     device = gen.resolve_device(cfg.device)
@@ -54,28 +59,50 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     results: dict[str, dict[str, float]] = {}
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
-    first_prompt: dict[str, list[Image.Image]] = {}
     for name, ckpt in entries:
-        with gen.LoraSwap(pipe, ckpt, cfg.lora_scale):
+        with gen.LoraSwap(pipe, None if applied else ckpt, cfg.lora_scale):
             images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
             prior = gen.generate(pipe, None, [cfg.prior_prompt], cfg, desc=f"prior {name}")["base"] \
                 if (cfg.prior_prompt and face is not None) else None
         results[name] = _score(images, prior, cfg, clip, face, ref_tensor)
-        first_prompt[name] = images["base"][: len(cfg.seeds)]
         for arm, ims in images.items():
             labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
             grid.save(grid.grid(ims, len(cfg.prompts), len(cfg.seeds), labels), out_dir / "grids" / f"{name}_{arm}.png")
+            for k, im in enumerate(ims):  # every image, for people who want to look closer
+                p, s = divmod(k, len(cfg.seeds))
+                grid.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{cfg.seeds[s]}.png")
         log.info("eval %s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
     if cached:
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache:
         _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
-    if len(first_prompt) > 1:
-        names = list(first_prompt)
-        grid.save(grid.grid([im for n in names for im in first_prompt[n]], len(names), len(cfg.seeds), names),
-                  out_dir / "grids" / "checkpoints_prompt0.png")
-    _write_json(out_dir / "metrics.json", {"metrics": results, "notes": notes, "config": asdict(cfg)})
+    gathered = _gather(out_dir / "metrics.json", cfg, results)
+    _write_json(out_dir / "metrics.json", {"metrics": gathered, "notes": notes, "config": asdict(cfg)})
+    _checkpoint_grid(out_dir, cfg, list(gathered))
     return results
+
+
+def _gather(path: Path, cfg: EvalConfig, new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Earlier results in `path` (same settings only) updated with this call's, baseline first, then by step."""
+    old = {}
+    if path.is_file():
+        rec = json.loads(path.read_text())
+        old = rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(asdict(cfg), default=str)) else {}
+    merged = {**old, **new}
+    return dict(sorted(merged.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
+
+
+def _checkpoint_grid(out_dir: Path, cfg: EvalConfig, names: list[str]) -> None:
+    """First prompt x seeds for every checkpoint scored so far (rows), from the saved images."""
+    rows = [n for n in names if (out_dir / "images" / n / f"base_p0_s{cfg.seeds[0]}.png").is_file()]
+    if len(rows) < 2:
+        return
+    ims = []
+    for n in rows:
+        for s in cfg.seeds:
+            with Image.open(out_dir / "images" / n / f"base_p0_s{s}.png") as im:
+                ims.append(im.convert("RGB"))
+    grid.save(grid.grid(ims, len(rows), len(cfg.seeds), rows), out_dir / "grids" / "checkpoints_prompt0.png")
 
 
 def preflight(cfg: EvalConfig, instance_dir: Path | str, checkpoints: Sequence[Path] = ()):
@@ -174,7 +201,9 @@ def _notes(clip: ClipScorer, pretrained: str | None) -> list[str]:
     if pretrained and (Path(pretrained) / "RANDOM_WEIGHTS").is_file():
         notes.append("the base model has random weights: its images are noise")
     for n in notes:
-        log.warning(n)
+        if n not in _NOTED:  # once per process, not once per checkpoint
+            log.warning(n)
+            _NOTED.add(n)
     return notes
 
 

@@ -28,7 +28,12 @@ class SweepCallback(Callback):
 
         try:
             conf = _typed(config)
-        except UserError as exc:  # refuse the whole sweep before any trial starts
+            if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):
+                from .optuna_sweep import prepare
+                from .search import SearchSettings
+
+                prepare(SearchSettings.from_config(config.hydra.sweeper), config, list(config.hydra.overrides.task))
+        except UserError as exc:  # refuse the whole sweep before any trial starts (and before its MLflow run)
             log.error("%s", exc)
             raise SystemExit(2) from None
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
@@ -39,7 +44,10 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .finalize import finalize_folder
 
-        _, failed = finalize_folder(Path(config.hydra.sweep.dir))
+        sel, failed = finalize_folder(Path(config.hydra.sweep.dir))
+        if sel is None:  # not one trial got as far as writing its result
+            log.error("no trial finished: see the errors above")
+            raise SystemExit(1)
         if failed:  # the sweep finished, but the exit status must not hide failed trials
             log.error("%d trial(s) failed; see the report and the FAILED runs in MLflow", failed)
             raise SystemExit(1)

@@ -52,6 +52,7 @@ class SweepConfig:
     rank: int = 4
     progress: bool = True
     resume: bool = False  # multirun: continue the newest sweep launched with the same overrides
+    optuna_trial: Optional[int] = None  # set by the Optuna sweeper: the trial this job reports to
 
 
 def to_typed(cfg: DictConfig) -> SweepConfig:

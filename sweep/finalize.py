@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from . import report
 from .config import SweepConfig, resolve_path
-from .selection import Candidate, Selection, SelectionConfig, select
+from .selection import Candidate, Selection, SelectionConfig, checkpoint_score, select
 from .tracking import make_tracker, read_sweep, ui_command
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def trial_best(candidates: list[Candidate], baseline: dict[str, float],
     """A trial's best eligible checkpoint under the sweep's rule and its objective (NaN, None if none qualifies):
     the value a trial reports to a sweeper."""
     sel = select(candidates, baseline, cfg)
-    return (sel.ranked[0][1], sel.champion) if sel.ranked else (math.nan, None)
+    return (checkpoint_score(sel.champion, baseline, cfg), sel.champion) if sel.champion else (math.nan, None)
 
 
 def load_config(sweep_dir: Path) -> SweepConfig:

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation import EvalInputError, evaluate, preflight
+from evaluation.evaluate import BASELINE as BASELINE_KEY
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, train, training_config_hash
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
@@ -29,7 +30,8 @@ def run_job(cfg: DictConfig) -> float:
     """Train and score the trial this job describes; record it. Returns its objective (NaN when it failed).
 
     In a multirun a failing trial (bad input, exception, NaN loss, out of memory) is recorded as FAILED and
-    the sweep goes on; a single run ends with exit status 2 on bad input."""
+    the sweep goes on; a single run ends with exit status 2 on bad input. A job of an Optuna search reports
+    every checkpoint's score to its study trial as it is scored and stops when the pruner says so."""
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -40,44 +42,106 @@ def run_job(cfg: DictConfig) -> float:
     except UserError as exc:
         return _fail(out, name, exc, multirun)
     root = resolve_path(conf.paths, ".")
+    try:
+        link = _optuna_link(conf, hc, sweep_dir, root) if multirun and conf.optuna_trial is not None else None
+    except UserError as exc:  # the study's storage went away: this trial cannot report, so it does not train
+        return _fail(out, name, exc, multirun)
+    if link is not None:
+        name = out.name  # "3_lora.rank=8,lr=0.00012": the trial folder, which a re-run of a dead trial reuses
     tracker = make_tracker(conf.tracking, root)
     sweep = read_sweep(sweep_dir) or tracker.start_sweep(sweep_dir, sweep_dir.name, {"git_commit": git_commit()})
     cfg_hash = training_config_hash(conf.model, conf.data, conf.lora, conf.train)
     done = _finished(out, cfg_hash, conf.train.max_steps)
     if done is not None:
         log.info("trial %s already finished in %s: skipped", name, out)
+        if link is not None:  # e.g. killed after the trial ended but before the study heard of it
+            res = json.loads((out / RESULT).read_text())
+            link.finish(res["status"], _candidates(res["metrics"], out, name, res["status"], res["params"]),
+                        res["metrics"].get("baseline", {}))
         return done
-    run_id = tracker.child_run(sweep, name, {"sweep": sweep_dir.name, "trial_key": name, "git_commit": git_commit(),
-                                             "device": device_name(), "config_hash": cfg_hash})
+    tags = {"sweep": sweep_dir.name, "trial_key": name, "git_commit": git_commit(), "device": device_name(),
+            "config_hash": cfg_hash}
+    if link is not None:
+        tags.update({"optuna.study": link.study.study_name, "optuna.trial": conf.optuna_trial})
+    run_id = tracker.child_run(sweep, name, tags)
     tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
+    params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
+    if link is not None:
+        link.set_attrs({"mlflow_run_id": run_id, "trial_folder": str(out)})
+    live = LiveScores(tracker, run_id, name, out, params, conf.selection, link, conf.train.max_steps)
     try:
         with tracker.active(run_id):
-            result, metrics = run_trial(conf, name, out, sweep_dir / BASELINE)
+            result, metrics = run_trial(conf, name, out, sweep_dir / BASELINE, live)
     except (UserError, EvalInputError) as exc:
-        tracker.set_tags(run_id, {"failure_reason": str(exc)[:4000]})
-        tracker.finish(run_id, "FAILED")
-        if not multirun:  # a single run is its own sweep: no callback will close the parent
-            tracker.end_sweep(sweep["parent_run_id"], "FAILED")
+        _record_failure(tracker, run_id, sweep, exc, multirun, link)
         return _fail(out, name, exc, multirun)
     except Exception as exc:  # a bug or out of memory: this trial fails, the sweep goes on
-        tracker.set_tags(run_id, {"failure_reason": f"{type(exc).__name__}: {exc}"[:4000]})
-        tracker.finish(run_id, "FAILED")
+        _record_failure(tracker, run_id, sweep, exc, multirun, link, f"{type(exc).__name__}: {exc}")
         if not multirun:
-            tracker.end_sweep(sweep["parent_run_id"], "FAILED")
             raise
         log.error("trial %s failed:\n%s", name, traceback.format_exc())
         return _fail(out, name, exc, multirun)
-    params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
     payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": cfg_hash}
-    cands = [Candidate(name, int(k[5:]), v, str(out / "checkpoints" / k), result.status, params)
-             for k, v in metrics.items() if k.startswith("step-")]
+    cands = _candidates(metrics, out, name, result.status, params)
     baseline = metrics.get("baseline", {})
     objective, best = trial_best(cands, baseline, conf.selection)
     payload["objective"] = objective
     _write_result(out, payload)
-    _record(tracker, run_id, out, result, metrics, best, objective)
+    if link is not None:
+        if result.status == "pruned":
+            link.set_attrs({"pruned_step": result.steps})
+            tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned_at_step": result.steps})
+        values = link.finish(result.status, cands, baseline)
+        if values is not None:
+            tracker.set_tags(run_id, {"optuna.state": "COMPLETE", "optuna.values": values})
+    _record(tracker, run_id, out, result, metrics, best, objective, live.logged)
     _summary(result, objective)
     return objective
+
+
+def _candidates(metrics: dict, out: Path, name: str, status: str, params: dict) -> list[Candidate]:
+    return [Candidate(name, int(k[5:]), v, str(out / "checkpoints" / k), status, params)
+            for k, v in metrics.items() if k.startswith("step-")]
+
+
+def _optuna_link(conf: SweepConfig, hc, sweep_dir: Path, root: Path):
+    from .search import SearchSettings, TrialLink, coordinates
+
+    s = SearchSettings.from_config(hc.sweeper)
+    url, study = coordinates(s, sweep_dir, root)
+    return TrialLink(s, url, study, conf.optuna_trial, conf.selection)
+
+
+def _record_failure(tracker, run_id, sweep, exc, multirun, link, reason: str | None = None) -> None:
+    reason = reason or str(exc)
+    tracker.set_tags(run_id, {"failure_reason": reason[:4000]})
+    tracker.finish(run_id, "FAILED")
+    if link is not None:
+        link.fail(reason)
+    if not multirun:  # a single run is its own sweep: no callback will close the parent
+        tracker.end_sweep(sweep["parent_run_id"], "FAILED")
+
+
+class LiveScores:
+    """What happens when a checkpoint has been scored during training: its metrics go to MLflow at its step
+    (the UI shows them while the trial runs) and, in an Optuna search, to the study trial, whose pruner may
+    stop the trial there."""
+
+    def __init__(self, tracker, run_id, name, out, params, selection, link, max_steps: int):
+        self.tracker, self.run_id, self.name, self.out = tracker, run_id, name, out
+        self.params, self.selection, self.link, self.max_steps = params, selection, link, max_steps
+        self.logged: set[str] = set()
+
+    def __call__(self, ckpt: str, metrics: dict[str, float], baseline: dict[str, float]) -> bool:
+        step = int(ckpt[5:])
+        if ckpt not in self.logged:
+            self.tracker.log_metrics(self.run_id, [(k, v, step) for k, v in metrics.items()])
+            self.logged.add(ckpt)
+        if self.link is None:
+            return False
+        c = Candidate(self.name, step, metrics, str(self.out / "checkpoints" / ckpt), "running", self.params)
+        prune = self.link.report(c, baseline)
+        return prune and step < self.max_steps  # the last checkpoint ends the trial anyway: it completes
 
 
 def trial_name(hc, sweep_dir: Path) -> str:
@@ -93,8 +157,14 @@ def trial_name(hc, sweep_dir: Path) -> str:
     return ",".join(mine) or hc.job.override_dirname or f"job{hc.job.num}"
 
 
-def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path) -> tuple[TrialResult, dict]:
-    """Train, then score every checkpoint. Returns the training result and {checkpoint: metrics}."""
+def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
+              on_scored=None) -> tuple[TrialResult, dict]:
+    """Train, scoring every checkpoint as it is written (the trainer's loaded base generates; nothing is loaded
+    twice). Returns the training result and {checkpoint: metrics} (with "baseline").
+
+    `on_scored(checkpoint name, metrics, baseline metrics) -> stop?` hears each score as it comes; True stops
+    the trial there (an Optuna pruner). With a refiner, checkpoints are scored after training instead (the
+    refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     # cheap checks first: photos, device, model source, evaluation inputs; all before any model is loaded
     instance_photos(conf.data)
@@ -106,19 +176,58 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path) -> tuple[
         settings = conf.eval.settings(clip)
         preflight(settings, conf.data.instance_dir)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
-    [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
-    if settings is None or not result.checkpoints:
+    if settings is None:
+        [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
         return result, {}
-    # the trainer's loaded base serves generation too (no second copy); the refiner needs the model folder
-    pipe = None if settings.refiner else shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision,
-                                                         cache_dir)
-    metrics = evaluate(result.checkpoints, settings, instance_dir=conf.data.instance_dir, out_dir=out / "eval",
-                       pretrained=pretrained, pipeline=pipe, baseline_cache=baseline)
-    return result, metrics
+    kw = dict(instance_dir=conf.data.instance_dir, out_dir=out / "eval", pretrained=pretrained)
+    metrics: dict[str, dict[str, float]] = {}
+    pipe = None
+    if not settings.refiner:
+        pipe = shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir)
+        # the no-LoRA baseline first (once per sweep, cached): live scores are judged against it
+        metrics.update(evaluate([], settings, pipeline=pipe, baseline_cache=baseline, **kw))
+        metrics.update(_earlier_scores(out / "eval" / "metrics.json", settings))
+        for ckpt in sorted(k for k in metrics if k.startswith("step-")):  # a resumed trial: its study hears them again
+            if on_scored is not None:
+                on_scored(ckpt, metrics[ckpt], metrics[BASELINE_KEY])
+
+        def score(step: int, folder: Path) -> bool:
+            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw)[folder.name]
+            metrics[folder.name] = m
+            return bool(on_scored and on_scored(folder.name, m, metrics.get(BASELINE_KEY, {})))
+
+        spec.on_checkpoint = score
+    [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
+    # checkpoints not scored live: written before an interruption, or all of them with a refiner
+    missing = [c for c in result.checkpoints if c.name not in metrics]
+    if missing:
+        if pipe is not None:  # again: the trainer keeps the VAE and text encoders off the GPU between uses
+            pipe = shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir)
+        metrics.update(evaluate(missing, settings, pipeline=pipe, baseline=pipe is None or BASELINE_KEY not in metrics,
+                                baseline_cache=baseline, **kw))
+        for c in missing:
+            if on_scored is not None and c.name in metrics:
+                on_scored(c.name, metrics[c.name], metrics.get(BASELINE_KEY, {}))
+    scored = {c.name for c in result.checkpoints}
+    return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in scored}
 
 
-def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objective: float) -> None:
-    rows = [(k, v, int(ck[5:])) for ck, m in metrics.items() if ck.startswith("step-") for k, v in m.items()]
+def _earlier_scores(path: Path, settings) -> dict[str, dict[str, float]]:
+    """Scores a resumed trial already has (same settings): its checkpoints are not generated again."""
+    from dataclasses import asdict
+
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())
+    if rec.get("config") != json.loads(json.dumps(asdict(settings), default=str)):
+        return {}
+    return {k: v for k, v in rec.get("metrics", {}).items() if k.startswith("step-")}
+
+
+def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objective: float,
+            logged: set[str] = frozenset()) -> None:
+    rows = [(k, v, int(ck[5:])) for ck, m in metrics.items() if ck.startswith("step-") and ck not in logged
+            for k, v in m.items()]
     rows += [(f"baseline_{k}", v, 0) for k, v in metrics.get("baseline", {}).items()]
     log_path = out / "train_log.jsonl"
     if log_path.is_file():
@@ -139,7 +248,7 @@ def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objec
     tracker.set_tags(run_id, {"status": result.status})
     if result.error:
         tracker.set_tags(run_id, {"failure_reason": result.error[:4000]})
-    tracker.finish(run_id, "FAILED" if result.status != "finished" else "FINISHED")
+    tracker.finish(run_id, "FINISHED" if result.status in ("finished", "pruned") else "FAILED")
 
 
 def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:
@@ -148,8 +257,9 @@ def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:
     if not p.is_file():
         return None
     res = json.loads(p.read_text())
-    if res.get("status") == "finished" and res.get("config_hash") == cfg_hash and res.get("steps") == steps \
-            and "objective" in res:
+    if res.get("config_hash") != cfg_hash or "objective" not in res:
+        return None
+    if (res.get("status") == "finished" and res.get("steps") == steps) or res.get("status") == "pruned":
         return res["objective"]
     return None
 

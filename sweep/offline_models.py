@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trainer.config import stable_hash
-from trainer.models import RANDOM_WEIGHTS_MARKER, byte_level_tokenizers
+from trainer.models import RANDOM_WEIGHTS_MARKER, byte_level_tokenizers, publish
 
 
 def build_clip(architecture: dict[str, Any], cache_dir: Path) -> str:
@@ -38,7 +38,7 @@ def build_clip(architecture: dict[str, Any], cache_dir: Path) -> str:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / RANDOM_WEIGHTS_MARKER).write_text("built from config with random weights: CLIP scores mean nothing\n")
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)

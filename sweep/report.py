@@ -70,8 +70,46 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2,
         default=str))
     files = [out / "report.md", out / "report.csv", out / "selection.json", _plots(out, candidates, sel)]
+    if (out / "optuna_study.json").is_file():  # written by the Optuna sweeper just before
+        files += _optuna_section(out)
     grid = _grid(Path(sweep_dir), out, candidates, sel)
     return files + ([grid] if grid else [])
+
+
+def _optuna_section(out: Path) -> list[Path]:
+    """The study in the report: trial states, the best trial (or the Pareto front), and a plot of every trial's
+    checkpoint scores, pruned trials ending where they were stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = json.loads((out / "optuna_study.json").read_text())
+    front = study.get("pareto_front") or study.get("best") or []
+    title = "Pareto front" if "pareto_front" in study else "Best trial"
+    lines = ["", f"## Optuna study `{study['study']}`", "",
+             "Trials: " + ", ".join(f"{k} {v}" for k, v in study["counts"].items()),
+             f"Objectives: {', '.join(f'{o} ({d})' for o, d in zip(study['objectives'], study['directions']))}",
+             "", f"{title}:", ""]
+    lines += [f"- trial {r['trial']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k != "trial")
+              for r in front]
+    with open(out / "report.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in study["trials"]:
+        pts = sorted((int(k), v) for k, v in t["intermediate"].items())
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if t["state"] == "PRUNED" else "-", marker="o",
+                    label=f"{t['number']} {t['state'].lower()}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(study["objectives"][0])
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title("checkpoint scores reported to Optuna (dashed: pruned)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "optuna_intermediate.png", dpi=110)
+    plt.close(fig)
+    return [out / "optuna_study.json", out / "optuna_intermediate.png"]
 
 
 def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:

@@ -12,24 +12,40 @@ log = logging.getLogger(__name__)
 _CHOSEN: dict[str, str] = {}
 
 
-def sweep_folder(resume: bool, sweeps_root: str, overrides: list[str]) -> str:
+# hydra overrides that change how a sweep runs, not what it computes: a re-run with other values continues it
+_RUN_ONLY = ("hydra.sweeper.n_jobs", "hydra/launcher", "hydra.launcher.", "hydra.verbose", "hydra.job_logging",
+             "hydra/job_logging", "hydra.hydra_logging", "hydra/hydra_logging")
+
+
+def sweep_folder(resume: bool, sweeps_root: str, overrides: list[str], hydra_overrides: list[str] = ()) -> str:
     """Decided once per process, at the first resolution (the sweep's, with the sweep's own overrides); the
     per-job configs Hydra composes later (with per-job overrides) get the same answer."""
     if "name" not in _CHOSEN:
-        prev = previous_sweep(Path(sweeps_root), overrides) if resume else None
+        prev = previous_sweep(Path(sweeps_root), overrides, hydra_overrides) if resume else None
         if prev:
             log.info("resume=true: continuing the sweep in %s", prev)
         _CHOSEN["name"] = prev.name if prev else dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return _CHOSEN["name"]
 
 
-def previous_sweep(sweeps_root: Path, overrides: list[str]) -> Path | None:
-    """The newest earlier sweep folder launched with the same overrides (resume flags aside)."""
-    want = sorted(o for o in overrides if not o.startswith("resume="))
+def use_folder(name: str) -> None:
+    """In a job's own process: the sweep folder its launcher chose."""
+    _CHOSEN["name"] = name
+
+
+def previous_sweep(sweeps_root: Path, overrides: list[str], hydra_overrides: list[str] = ()) -> Path | None:
+    """The newest earlier sweep folder launched with the same overrides (resume flags and how-to-run settings
+    such as the number of parallel jobs aside)."""
+    want = _signature(overrides, hydra_overrides)
     if not sweeps_root.is_dir():
         return None
     for folder in sorted((p for p in sweeps_root.iterdir() if (p / "multirun.yaml").is_file()), reverse=True):
-        task = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
-        if sorted(o for o in task if not o.startswith("resume=")) == want:
+        o = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+        if _signature(o.task, o.hydra) == want:
             return folder
     return None
+
+
+def _signature(task, hydra) -> tuple:
+    return (sorted(str(o) for o in task if not str(o).startswith("resume=")),
+            sorted(str(o) for o in hydra if not str(o).startswith(_RUN_ONLY)))

@@ -86,6 +86,18 @@ def select(candidates: List[Candidate], baseline: Dict[str, float], cfg: Selecti
                      ranked, rejected, pareto_front(candidates, cfg.objective), dict(baseline))
 
 
+def checkpoint_score(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> float:
+    """One checkpoint's score on its own, for a sweeper that must judge checkpoints as they come (pruning,
+    Bayesian search): the rule's objective if the checkpoint is eligible, else NaN. The weighted rule sums the
+    raw weighted metrics here, since there is no pool to normalise over."""
+    if _reject(c, baseline, cfg):
+        return math.nan
+    if cfg.rule == "identity_within_prompt_budget":
+        return float(c.metrics[cfg.objective])
+    vals = [w * c.metrics.get(k, math.nan) for k, w in cfg.weights.items() if w]
+    return float(sum(vals)) if vals and all(_finite(v) for v in vals) else math.nan
+
+
 def _reject(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> str | None:
     if c.trial_status == "failed":
         return "trial failed"

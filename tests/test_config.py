@@ -96,4 +96,4 @@ def test_prior_preservation_class_prompt_must_not_name_the_subject():
 def test_composed_yaml_has_no_unknown_keys_for_the_schema():
     cfg = compose_cfg()
     assert set(OmegaConf.to_container(cfg)) == {"model", "data", "lora", "train", "eval", "tracking", "selection",
-                                                "paths", "lr", "steps", "rank", "progress", "resume"}
+                                                "paths", "lr", "steps", "rank", "progress", "resume", "optuna_trial"}

@@ -63,3 +63,38 @@ def test_sweep_scores_with_the_trainers_own_pipeline_on_cuda(demo, tmp_path, cac
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
     m = evaluate(r.checkpoints, cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "e", pipeline=pipe)
     assert set(m) == {"baseline", "step-000002"}
+
+
+def test_live_scoring_and_pruning_during_cuda_training(demo, tmp_path, cache_dir):
+    """Checkpoints scored mid-training by the trainer's own pipeline (bf16 base, fp32 LoRA in place), then a
+    hook that answers True stops the trial: the path an Optuna pruner takes on a GPU."""
+    import math
+
+    from evaluation import EvalConfig, evaluate
+    from sweep.offline_models import build_clip
+    from trainer.models import shared_pipeline
+
+    from .conftest import DEMO_DIR
+
+    t = replace(demo.train, device="cuda", max_steps=6, checkpoint_every=2)
+    cfg = EvalConfig(prompts=["a picture of sks woman"], class_noun="woman", seeds=[0, 1], num_inference_steps=2,
+                     resolution=64, clip_model=build_clip(demo.eval.clip_architecture, cache_dir), device="cuda")
+    pipe = shared_pipeline(demo.model, "cuda", t.mixed_precision, cache_dir)
+    kw = dict(instance_dir=DEMO_DIR, out_dir=tmp_path / "e", pipeline=pipe)
+    assert set(evaluate([], cfg, **kw)) == {"baseline"}
+    scores = []
+
+    def hook(step, folder):
+        scores.append(evaluate([folder], cfg, baseline=False, applied=True, **kw)[folder.name])
+        return step == 4
+
+    [r] = train([TrialSpec("gpu", demo.lora, t, tmp_path / "t", on_checkpoint=hook)], demo.model, demo.data,
+                cache_dir, progress=False)
+    assert r.status == "pruned" and r.steps == 4 and len(scores) == 2
+    assert all(math.isfinite(s["clip_t"]) for s in scores)
+
+
+def test_sweep_trial_scores_live_and_catches_up_on_cuda(demo, tmp_path, cache_dir):
+    from .test_search import check_trial_scores_live_and_catches_up
+
+    check_trial_scores_live_and_catches_up(demo, cache_dir, tmp_path, "cuda")

@@ -11,6 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +39,16 @@ class TrialSpec:
     lora: LoraSettings
     train: TrainConfig
     output_dir: Path
+    # called after each checkpoint is written, with (step, folder) and the trial's LoRA still on the base (eval
+    # mode, training RNG set aside): score it live; True stops the trial there (status "pruned")
+    on_checkpoint: Optional[Callable[[int, Path], bool]] = None
 
 
 @dataclass
 class TrialResult:
     name: str
     output_dir: Path
-    status: str  # "finished" | "diverged"
+    status: str  # "finished" | "diverged" | "pruned" (stopped by on_checkpoint)
     steps: int
     final_loss: float | None
     checkpoints: list[Path] = field(default_factory=list)
@@ -250,8 +254,10 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
         GradientState._reset_state()
         free_memory()
     times = losses.pop("_step_seconds")
+    stopped = losses.pop("_stopped_at", None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if base.device.type == "cuda" else None
-    return TrialResult(spec.name, out, "finished", t.max_steps if losses else start, losses.get(t.max_steps),
+    last = stopped or (t.max_steps if losses else start)
+    return TrialResult(spec.name, out, "pruned" if stopped else "finished", last, losses.get(last),
                        checkpoint.list_checkpoints(out), resumed, None, time.perf_counter() - started,
                        1000 * statistics.median(times[2:] or times) if times else None, peak)
 
@@ -303,10 +309,31 @@ def _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelera
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            last_ckpt = str(_save(base, spec, step, sum(window) / len(window), cfg_hash, lr, optimizer, scheduler, gen))
-            window = []
+            saved = _save(base, spec, step, sum(window) / len(window), cfg_hash, lr, optimizer, scheduler, gen)
+            last_ckpt, window = str(saved), []
+            if spec.on_checkpoint is not None and _call_paused(spec.on_checkpoint, step, saved, params, base):
+                losses["_stopped_at"] = step
+                log.info("trial %s: stopped at step %d (pruned)", spec.name, step)
+                break
     bar.close()
     return losses
+
+
+def _call_paused(hook, step: int, folder: Path, params, base: BaseModel) -> bool:
+    """The hook with training paused: modules in eval mode (no LoRA dropout) and the RNG streams that drive
+    training set aside, so that scoring a checkpoint never changes what the trial trains next."""
+    modules = [getattr(base, name) for name in params]
+    devices = [base.device] if base.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for m in modules:
+            m.eval()
+        base.encoders_to(base.device)  # generation needs the text encoders and the VAE the trainer set aside
+        try:
+            return bool(hook(step, folder))
+        finally:
+            base.encoders_to("cpu", text="text_encoder" not in params)  # where train() keeps them
+            for m in modules:
+                m.train()
 
 
 def _save(base, spec, step, loss, cfg_hash, lr, optimizer, scheduler, gen) -> Path:

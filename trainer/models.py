@@ -146,10 +146,21 @@ def build_from_architecture(cfg: ModelConfig, cache_dir: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else _mk(out.parent)))
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / RANDOM_WEIGHTS_MARKER).write_text("built from config with random weights: its images are noise\n")
-        os.replace(tmp, out)  # atomic: a half-written model folder is never picked up
+        publish(tmp, out)
     finally:
         shutil.rmtree(tok_dir, ignore_errors=True)
     return out
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename a finished folder into place: a half-written one is never picked up. If another process (a
+    parallel trial) published the same folder first, ours is dropped: both hold the same content."""
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _mk(p: Path) -> Path:

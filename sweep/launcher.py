@@ -1,0 +1,117 @@
+"""A Hydra launcher that runs every job in a fresh process, up to `n_workers` at a time.
+
+A job's process holds its own models and accelerator state and gives all memory back when it ends; a job that
+crashes (or is killed) fails alone. The sweeper hands over one job per call (Optuna workers) or many (the grid);
+either way each job starts as soon as a worker is free. A job process ends itself if the launching process
+dies, so an interrupted sweep leaves nothing training behind."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class ProcessPoolLauncher:
+    def __init__(self, n_workers: int = 2):
+        if n_workers < 1:
+            raise ValueError(f"hydra.launcher.n_workers={n_workers}: needs at least 1")
+        self.n_workers = n_workers
+        self.config: DictConfig | None = None
+        self.hydra_context = None
+        self.task_function = None
+        self._slots = threading.Semaphore(n_workers)
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import configure_log, filter_overrides, setup_globals
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        state = Singleton.get_state()
+        state["omegaconf_resolvers"] = {}  # lambdas do not pickle: the job's process registers its own
+        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        for idx, o in jobs:
+            log.info("\t#%d : %s (own process)", idx, " ".join(filter_overrides(o)))
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            return list(pool.map(lambda job: self._one(job[0], job[1], state, sweep_dir.name), jobs))
+
+    def _one(self, idx: int, overrides: list[str], state, sweep_name: str):
+        with self._slots:  # at most n_workers job processes, whoever calls
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+                fut = ex.submit(execute_job, idx, overrides, self.hydra_context, self.config, state,
+                                self.task_function, sweep_name, os.getpid(), self._threads())
+                try:
+                    status, value = fut.result()
+                except Exception as exc:  # the process died (killed, out of memory): this job failed
+                    log.error("job #%d (%s) ended abnormally: %s", idx, " ".join(overrides), exc)
+                    status, value = "FAILED", exc
+        return _job_return(overrides, status, value)
+
+    def _threads(self) -> int:
+        """CPU threads per job: the cores shared out, so that parallel CPU jobs do not oversubscribe them."""
+        return max(1, (os.cpu_count() or 1) // self.n_workers)
+
+
+def _job_return(overrides: list[str], status: str, value):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn(overrides=overrides, status=JobStatus[status])
+    ret._return_value = value
+    return ret
+
+
+def execute_job(idx, overrides, hydra_context, config, singleton_state, task_function, sweep_name, parent_pid,
+                threads):
+    """In the job's process: the job's config composed as Hydra's own launchers do, then the task. Returns
+    (status name, return value or exception): the JobReturn itself holds config classes that do not pickle."""
+    import torch
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import run_job, setup_globals
+    from omegaconf import open_dict
+
+    from . import register_resolvers, resume
+
+    _watch_parent(parent_pid)
+    torch.set_num_threads(threads)
+    Singleton.set_state(singleton_state)
+    setup_globals()
+    register_resolvers()
+    resume.use_folder(sweep_name)  # the sweep folder the launching process chose, not a new timestamp
+    cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(cfg):
+        cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
+        cfg.hydra.job.num = idx
+    HydraConfig.instance().set_config(cfg)
+    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    value = ret._return_value
+    if isinstance(value, BaseException):
+        value = RuntimeError(f"{type(value).__name__}: {value}")  # picklable whatever the original held
+    return ret.status.name, value
+
+
+def _watch_parent(pid: int, every: float = 1.0) -> None:
+    def watch():
+        while True:
+            if os.getppid() != pid:  # re-parented: the launcher is gone
+                os._exit(3)
+            time.sleep(every)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()

@@ -1,0 +1,263 @@
+"""`python -m sweep -m search=demo` end to end: an Optuna search that prunes, selects and registers a champion,
+survives being killed, shares one study between worker processes on PostgreSQL, and opens in optuna-dashboard.
+Everything is read back through the Optuna and MLflow APIs."""
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sweep", "-m", "search=demo", "progress=false", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(*args: str, cwd: Path, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(*args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _study(url: str) -> optuna.Study | None:
+    names = optuna.study.get_all_study_names(url)
+    return optuna.load_study(study_name=names[0], storage=url) if names else None
+
+
+def _mlflow_children(uri: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    [exp] = [e for e in client.search_experiments() if e.name == "sdxl-lora-sweep"]
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
+    url = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_cmd(), cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    victim, deadline = None, time.time() + 1200
+    try:
+        while time.time() < deadline and proc.poll() is None:  # kill it mid-trial, after a checkpoint was scored
+            time.sleep(1)
+            study = _study(url) if (tmp_path / "mlruns" / "optuna.db").is_file() else None
+            trials = study.get_trials() if study else []
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+            if sum(t.state in FINISHED for t in trials) >= 2 and running:
+                victim = running[0].number
+                break
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # SIGKILL: no cleanup runs, as when a machine goes away
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert victim is not None, (tmp_path / "first.log").read_text()[-3000:]
+    [sweep_dir] = (tmp_path / "outputs" / "sweeps").iterdir()
+    before = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
+    weights_before = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/checkpoints/*/*.safetensors")}
+    assert len(before) >= 2
+
+    p = _run(cwd=tmp_path)  # the same command again
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert [d.name for d in (tmp_path / "outputs" / "sweeps").iterdir()] == [sweep_dir.name]  # same folder
+
+    study = _study(url)
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert states.count(TrialState.PRUNED) >= 1
+    assert trials[victim].state == TrialState.FAIL and "died" in trials[victim].user_attrs["fail_reason"]
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == victim]
+    assert retry.state in FINISHED and retry.params == trials[victim].params
+    assert len(trials) - 1 == 6  # the budget: six trials, the killed one counted once (through its re-run)
+    # finished trials were not repeated: their results and weights are untouched
+    for name, mtime in before.items():
+        assert (sweep_dir / name / "result.json").stat().st_mtime_ns == mtime, name
+    for path, mtime in weights_before.items():
+        assert path.stat().st_mtime_ns == mtime, path
+    folders = sorted(d for d in sweep_dir.iterdir() if (d / "result.json").is_file())
+    assert len(folders) == 6
+    victim_result = json.loads((next(d for d in folders if d.name.startswith(f"{victim}_")) / "result.json").read_text())
+    assert victim_result["resumed_from"] >= 10  # the re-run continued from the killed trial's checkpoint
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    for t in pruned:  # a pruned trial stopped where the pruner said, before the last checkpoint
+        assert t.user_attrs["pruned_step"] < 30 and max(t.intermediate_values) == t.user_attrs["pruned_step"]
+
+    # MLflow: one parent, one child run per trial folder, pruned ones marked with their step; the champion
+    client, parents, children = _mlflow_children(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["trial"] for r in children) == [d.name for d in folders]
+    assert all(r.info.status == "FINISHED" for r in children)
+    by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
+    for t in pruned:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.state"] == "PRUNED"
+        assert int(run.data.tags["pruned_at_step"]) == t.user_attrs["pruned_step"]
+    assert set(by_trial) <= {t.number for t in trials}
+    champion = client.get_model_version_by_alias("sdxl-lora-champion", "champion")
+    selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
+    assert selection["champion"] and champion.run_id == parents[0].info.run_id
+    report = json.loads((sweep_dir / "report" / "optuna_study.json").read_text())
+    assert report["counts"]["pruned"] >= 1 and report["best"][0]["trial"] == study.best_trial.number
+    assert (sweep_dir / "report" / "optuna_intermediate.png").is_file()
+
+    # optuna-dashboard opens the same storage (the command the README documents)
+    port = _free_port()
+    exe = Path(sys.executable).parent / "optuna-dashboard"  # the venv's console script, active or not
+    dash = subprocess.Popen([str(exe) if exe.is_file() else "optuna-dashboard", url, "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = _get_json(f"http://127.0.0.1:{port}/api/studies", 60)
+        [summary] = body["study_summaries"]
+        assert summary["study_name"] == study.study_name
+    finally:
+        dash.terminate()
+        dash.wait(timeout=30)
+
+
+def _find_pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / name).is_file():
+            return str(d / name)
+    return None
+
+
+@pytest.fixture
+def postgres_url():
+    """A real PostgreSQL server on loopback (Debian's package), in a throwaway cluster."""
+    initdb, pg_ctl = _find_pg_bin("initdb"), _find_pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+    as_user = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run(as_user + [initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run(as_user + [pg_ctl, "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
+                              f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   capture_output=True)
+    try:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute("CREATE DATABASE optuna")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(as_user + [pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
+    """Two sweeper processes (one running two trials at a time in their own processes) against one study:
+    every trial is run once, by one worker, and ends finished; none is lost or run twice."""
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "shared"
+    common = [f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.study_name=pg", f"hydra.sweep.dir={sweep_dir}",
+              "hydra.sweeper.n_trials=5", "steps=20"]
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in (0, 1)]
+    first = subprocess.Popen(_cmd(*common, "hydra/launcher=processes", "hydra.sweeper.n_jobs=2"), cwd=tmp_path,
+                             env=_env(), stdout=logs[0], stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (sweep_dir / "sweep.json").is_file() and time.time() < deadline:
+        time.sleep(0.5)  # the parent run exists before the second worker joins (as a launching command would do)
+    second = subprocess.Popen(_cmd(*common), cwd=tmp_path, env=_env(), stdout=logs[1], stderr=subprocess.STDOUT)
+    rcs = [first.wait(timeout=900), second.wait(timeout=900)]
+    out = [(tmp_path / f"worker{i}.log").read_text() for i in (0, 1)]
+    assert rcs == [0, 0], out[0][-3000:] + out[1][-3000:]
+
+    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    trials = study.get_trials()
+    assert all(t.state in FINISHED for t in trials), [(t.number, t.state) for t in trials]
+    # each worker asks only while the budget is open: at most one surplus trial per extra worker thread
+    assert 5 <= len(trials) <= 7
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # both workers took trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # and drew different points
+    starts = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(starts, starts[1:]))  # trials ran side by side
+    folders = sorted(d.name for d in sweep_dir.iterdir() if (d / "result.json").is_file())
+    assert sorted(int(f.split("_")[0]) for f in folders) == sorted(t.number for t in trials)  # one folder each
+    _, parents, children = _mlflow_children(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert len(parents) == 1
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(t.number for t in trials)
+    assert sorted(r.data.tags["trial"] for r in children) == folders  # one run per trial, none twice
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+
+
+def _get_json(url: str, timeout: float):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["lr=interval(5e-4, 1e-5)"], "lr=interval(0.0005, 1e-05) is empty or inverted"),
+    (["lr=tag(log, interval(0, 1e-3))"], "a log scale needs bounds > 0"),
+    (["lora.rnak=choice(4,8)"], "'lora.rnak' is not in the config; did you mean lora.rank"),
+    (["hydra.sweeper.storage=postgresql+psycopg://me:hunter2@127.0.0.1:9/none"],
+     "hydra.sweeper.storage=postgresql+psycopg://me:***@127.0.0.1:9/none cannot be opened"),
+    (["hydra.sweeper.n_jobs=2"], "needs each in its own process: add hydra/launcher=processes"),
+])
+def test_bad_search_input_is_refused_before_any_training(tmp_path, args, needle):
+    p = _run(*args, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert needle in out and "Traceback" not in out and "hunter2" not in out
+    assert "loading base model" not in out and not list(tmp_path.glob("outputs/sweeps/*/*/result.json"))
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no MLflow parent run was started
+
+
+def test_multi_objective_search_reports_the_pareto_front(tmp_path):
+    p = _run("hydra.sweeper.n_trials=3", "hydra.sweeper.objectives=[clip_t,clip_i]",
+             "hydra.sweeper.directions=[maximize,minimize]", "hydra.sweeper.pruner.name=none", "steps=10",
+             "train.checkpoint_every=5", cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    study = _study(f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    [sweep_dir] = (tmp_path / "outputs" / "sweeps").iterdir()
+    for t in trials:  # the values told are the metrics of the trial's best checkpoint
+        folder = next(d for d in sweep_dir.iterdir() if d.name.startswith(f"{t.number}_"))
+        best = json.loads((folder / "result.json").read_text())["metrics"][f"step-{t.user_attrs['best_step']:06d}"]
+        assert t.values == pytest.approx([best["clip_t"], best["clip_i"]])
+    report = json.loads((sweep_dir / "report" / "optuna_study.json").read_text())
+    front = {r["trial"] for r in report["pareto_front"]}
+    assert front == {t.number for t in study.best_trials} and front
+    assert "Pareto front" in (sweep_dir / "report" / "report.md").read_text() and "Pareto front" in out
