@@ -1,11 +1,12 @@
-"""Single-trial LoRA training speed and memory on the SDXL-base architecture (random weights, 1024 px).
+"""LoRA training speed and memory on the SDXL-base architecture (random weights, 1024 px).
 
 Measures, in one run on one GPU: our trainer (one trial, batch 1, rank 4, bf16; with and without gradient
-checkpointing) and, when --reference points at diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py,
+checkpointing), packs of K trials in one pass of the base (--packs; one sample per trial per step, different
+learning rates), and, when --reference points at diffusers' examples/dreambooth/train_dreambooth_lora_sdxl.py,
 that script with the same settings as the reference-equivalent baseline. Writes
 bench/results/single_trial_<gpu>.json and prints a table.
 
-    python bench/single_trial.py --reference /path/to/train_dreambooth_lora_sdxl.py
+    python bench/single_trial.py --reference /path/to/train_dreambooth_lora_sdxl.py --packs 3 8
 """
 from __future__ import annotations
 
@@ -48,15 +49,18 @@ def random_photos(folder: Path, n: int = 5, size: int = 1024) -> Path:
     return folder
 
 
-def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, **train_kw) -> dict:
+def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, pack: int = 1, **train_kw) -> dict:
     data = DataConfig(instance_dir=str(photos), instance_prompt=PROMPT, resolution=1024, min_images=1)
-    t = TrainConfig(lr=1e-4, max_steps=steps, checkpoint_every=steps, mixed_precision="bf16", device="cuda",
-                    resume=False, **train_kw)
-    out = Path(tempfile.mkdtemp(dir=work))
+    specs = [TrialSpec(f"bench{k}", LoraSettings(rank=4),
+                       TrainConfig(lr=1e-4 * (k + 1), max_steps=steps, checkpoint_every=steps, mixed_precision="bf16",
+                                   device="cuda", resume=False, seed=k, **train_kw), Path(tempfile.mkdtemp(dir=work)))
+             for k in range(pack)]
     tic = time.perf_counter()
-    [r] = train([TrialSpec("bench", LoraSettings(rank=4), t, out)], model, data, cache, progress=False)
-    assert r.status == "finished", r.error
-    return {"ms_per_step": r.ms_per_step, "samples_per_s": 1000 / r.ms_per_step, "peak_memory_gib": r.peak_memory_gib,
+    results = train(specs, model, data, cache, progress=False)
+    assert all(r.status == "finished" for r in results), [r.error for r in results]
+    r = results[0]
+    return {"trials": pack, "ms_per_step": r.ms_per_step, "samples_per_s": pack * 1000 / r.ms_per_step,
+            "peak_memory_gib": r.peak_memory_gib, "peak_memory_gib_per_trial": r.peak_memory_gib / pack,
             "steps": steps, "wall_s_incl_setup": time.perf_counter() - tic}
 
 
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, help="diffusers' train_dreambooth_lora_sdxl.py (same version as installed)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--packs", type=int, nargs="*", default=[], help="also train packs of these many trials")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/single_trial.py needs a CUDA GPU: it measures SDXL-size training")
@@ -94,6 +99,8 @@ def main() -> None:
     rows = {"ours": ours(model, photos, args.work, cache, args.steps),
             "ours_gradient_checkpointing": ours(model, photos, args.work, cache, max(10, args.steps // 2),
                                                 gradient_checkpointing=True)}
+    for k in args.packs:
+        rows[f"ours_packed_{k}"] = ours(model, photos, args.work, cache, args.steps, pack=k)
     release_models()
     if args.reference:
         rows["reference_diffusers_script"] = reference(args.reference, model_dir, photos, args.work, args.steps)
@@ -102,6 +109,10 @@ def main() -> None:
         ref = rows["reference_diffusers_script"]
         ratios = {"speedup_vs_reference": ref["ms_per_step"] / rows["ours"]["ms_per_step"],
                   "memory_vs_reference": rows["ours"]["peak_memory_gib"] / ref["peak_memory_gib"]}
+        for k in args.packs:
+            p = rows[f"ours_packed_{k}"]
+            ratios[f"packed_{k}_samples_per_s_vs_reference"] = p["samples_per_s"] / ref["samples_per_s"]
+            ratios[f"packed_{k}_memory_per_trial_vs_reference"] = p["peak_memory_gib_per_trial"] / ref["peak_memory_gib"]
     import diffusers, peft, transformers  # noqa: E401
 
     gpu = torch.cuda.get_device_name()
@@ -120,9 +131,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"single_trial_{gpu.replace(' ', '_')}.json"
     path.write_text(json.dumps(report, indent=2))
-    print(f"\n{'run':32s} {'ms/step':>8s} {'samples/s':>9s} {'peak GiB':>8s}")
+    print(f"\n{'run':32s} {'trials':>6s} {'ms/step':>8s} {'samples/s':>9s} {'peak GiB':>8s}")
     for name, r in rows.items():
-        print(f"{name:32s} {r['ms_per_step']:8.1f} {r['samples_per_s']:9.2f} {r['peak_memory_gib']:8.2f}")
+        print(f"{name:32s} {r.get('trials', 1):6d} {r['ms_per_step']:8.1f} {r['samples_per_s']:9.2f} "
+              f"{r['peak_memory_gib']:8.2f}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     print(f"written {path}")

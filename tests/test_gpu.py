@@ -98,3 +98,19 @@ def test_sweep_trial_scores_live_and_catches_up_on_cuda(demo, tmp_path, cache_di
     from .test_search import check_trial_scores_live_and_catches_up
 
     check_trial_scores_live_and_catches_up(demo, cache_dir, tmp_path, "cuda")
+
+
+def test_a_pack_trains_on_cuda_and_each_checkpoint_loads(demo, tmp_path, cache_dir):
+    """bf16 base, fp32 packed LoRA, one pass for three trials of different ranks; ordinary LoRA files out."""
+    specs = [TrialSpec(n, replace(demo.lora, rank=r), replace(demo.train, device="cuda", lr=lr), tmp_path / n)
+             for n, r, lr in (("a", 2, 1e-4), ("b", 4, 5e-4), ("c", 8, 1e-3))]
+    results = train(specs, demo.model, demo.data, cache_dir, progress=False)
+    assert [r.status for r in results] == ["finished"] * 3 and results[0].peak_memory_gib > 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_source(demo.model, cache_dir)).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    for r, (_, rank, _) in zip(results, (("a", 2, 1e-4), ("b", 4, 5e-4), ("c", 8, 1e-3))):
+        weights = load_file(r.checkpoints[-1] / checkpoint.LORA_FILE)
+        assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in weights.values())
+        assert {min(v.shape) for v in weights.values()} == {rank}
+        pipe.load_lora_weights(r.checkpoints[-1], adapter_name=r.name)
+    assert pipe("a photo of sks woman", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)

@@ -145,9 +145,10 @@ def test_second_trial_reuses_cached_latents_and_embeddings(demo, tmp_path, cache
 
 
 def test_two_trials_in_one_list_match_two_separate_runs(demo, tmp_path, cache_dir):
-    """The base is shared, never modified: the second trial of a list starts from the untouched base."""
+    """The base is shared, never modified: the second trial of a list starts from the untouched base.
+    (One after another, bit for bit; packs are compared in test_packed.py.)"""
     specs = [TrialSpec(n, demo.lora, replace(demo.train, lr=lr), tmp_path / n) for n, lr in (("a", 5e-3), ("b", 1e-3))]
-    train(specs, demo.model, demo.data, cache_dir, progress=False)
+    train(specs, demo.model, demo.data, cache_dir, progress=False, pack=False)
     alone = run(demo, tmp_path / "alone", cache_dir, lr=1e-3)
     a = load_file(tmp_path / "b" / "checkpoints" / "step-000006" / checkpoint.LORA_FILE)
     b = load_file(alone.checkpoints[-1] / checkpoint.LORA_FILE)

@@ -1,7 +1,7 @@
 """The training core: setup / train / save / cleanup for a list of trials that share one base model and data.
 
-Trials of a list run one after another on the same loaded base and cached tensors; packing several
-trials into one pass of the base is the next step (DESIGN.md, "Performance direction")."""
+Trials of a list that can share a pass of the base train as one pack (packed.py); others run one after
+another on the same loaded base and cached tensors."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr, free_memory
 from tqdm.auto import tqdm
 
-from . import cache, checkpoint, lora
+from . import cache, checkpoint, lora, packed
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash
 from .data import Photo, scan_photos
 from .errors import ConfigError, DeviceError, NonFiniteLossError
@@ -89,8 +89,11 @@ def prepare_samples(base: BaseModel, data: DataConfig, photos: list[Photo], cach
 
 
 def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_dir: Path,
-          progress: bool = True) -> list[TrialResult]:
-    """Train every trial on one shared base. A diverging trial is reported in its result, not raised."""
+          progress: bool = True, pack: bool = True) -> list[TrialResult]:
+    """Train every trial on one shared base. A diverging trial is reported in its result, not raised.
+
+    With `pack` (default), trials that can share a pass of the base (same batch shape, schedule length,
+    LoRA targets; see packed.packable) train together as one pack; otherwise one after another."""
     if not trials:
         return []
     devices = {(t.train.device, t.train.mixed_precision) for t in trials}
@@ -108,6 +111,11 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
     train_te = any(t.lora.train_text_encoder for t in trials)
     base.encoders_to("cpu", text=not train_te)
     base.encoders_to(base.device, text=train_te, vae=False)
+    why = packed.packable(trials, checkpoint.list_checkpoints) if pack else "packing is off"
+    if why is None:
+        return _train_packed(base, samples, trials, model, data, precision, progress)
+    if len(trials) > 1:
+        log.info("%d trials train one after another: %s", len(trials), why)
     results = []
     for spec in trials:
         try:
@@ -145,9 +153,11 @@ def _batch(lat: cache.LatentSet, sampler: Sampler, first: int, size: int):
     return lat.mean[idx, var], lat.std[idx, var], lat.time_ids[idx, var]
 
 
-def _loss(base: BaseModel, samples: Samples, t: TrainConfig, data: DataConfig, train_te: bool,
-          samplers: tuple[Sampler, Sampler | None], k: int, gen: torch.Generator, accelerator: Accelerator):
-    """Epsilon-prediction loss of one micro-batch (instance samples, plus class samples with prior preservation)."""
+def _draw(base: BaseModel, samples: Samples, t: TrainConfig, samplers: tuple[Sampler, Sampler | None], k: int,
+          gen: torch.Generator):
+    """A trial's k-th micro-batch: noisy latents, the noise to predict, timesteps, size conditioning, prompts.
+    Every random number comes from the trial's own generator in a fixed order, so a trial draws the same
+    numbers whether it trains alone or in a pack."""
     b = t.batch_size
     mean, std, tids = _batch(samples.instance, samplers[0], k * b, b)
     prompts = [samples.instance_prompt] * b
@@ -163,7 +173,10 @@ def _loss(base: BaseModel, samples: Samples, t: TrainConfig, data: DataConfig, t
         noise = noise + t.noise_offset * torch.randn((n, lat.shape[1], 1, 1), generator=gen, device=dev)
     sched = base.noise_scheduler
     steps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen, device=dev)
-    noisy = sched.add_noise(lat, noise, steps)
+    return sched.add_noise(lat, noise, steps), noise, steps, tids, prompts
+
+
+def _predict(base: BaseModel, noisy, steps, tids, prompts, train_te: bool, accelerator: Accelerator):
     with accelerator.autocast():
         if train_te:  # text encoders change every step: encode again, with gradients
             ids = [torch.cat([p.input_ids[i] for p in prompts]) for i in (0, 1)]
@@ -171,15 +184,29 @@ def _loss(base: BaseModel, samples: Samples, t: TrainConfig, data: DataConfig, t
         else:
             emb = torch.cat([p.prompt_embeds for p in prompts])
             pooled = torch.cat([p.pooled for p in prompts])
-        pred = base.unet(noisy.to(base.weight_dtype), steps, emb,
+        return base.unet(noisy.to(base.weight_dtype), steps, emb,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": tids.to(base.weight_dtype)}).sample
+
+
+def _trial_loss(base: BaseModel, pred, noise, steps, t: TrainConfig, data: DataConfig, prior: bool):
+    """Epsilon-prediction loss of one trial's micro-batch (instance samples, then class samples with prior
+    preservation), min-SNR weighted if asked."""
     per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     if t.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023) for epsilon prediction
-        snr = compute_snr(sched, steps)
+        snr = compute_snr(base.noise_scheduler, steps)
         per_sample = per_sample * torch.clamp(snr, max=t.snr_gamma) / snr
-    if samples.klass is None:
+    if not prior:
         return per_sample.mean()
+    b = t.batch_size
     return per_sample[:b].mean() + data.prior_loss_weight * per_sample[b:].mean()
+
+
+def _loss(base: BaseModel, samples: Samples, t: TrainConfig, data: DataConfig, train_te: bool,
+          samplers: tuple[Sampler, Sampler | None], k: int, gen: torch.Generator, accelerator: Accelerator):
+    """Loss of one micro-batch of one trial."""
+    noisy, noise, steps, tids, prompts = _draw(base, samples, t, samplers, k, gen)
+    pred = _predict(base, noisy, steps, tids, prompts, train_te, accelerator)
+    return _trial_loss(base, pred, noise, steps, t, data, samples.klass is not None)
 
 
 def _make_optimizer(t: TrainConfig, params: dict[str, list[torch.nn.Parameter]]):
@@ -354,3 +381,121 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], model: ModelConfig, data: DataConfig,
+                  precision: str, progress: bool) -> list[TrialResult]:
+    """All trials of `specs` in one pass of the base per step (see packed.py); one result per trial."""
+    from peft.utils import get_peft_model_state_dict
+
+    ts = [s.train for s in specs]
+    t0, n_trials = ts[0], len(specs)
+    outs = [Path(s.output_dir) for s in specs]
+    hashes = [training_config_hash(model, data, s.lora, s.train) for s in specs]
+    accelerator = Accelerator(mixed_precision=precision, cpu=base.device.type == "cpu")
+    if base.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started, pack = time.perf_counter(), None
+    try:
+        inits = []
+        for s in specs:  # each trial starts from the weights it would get alone: peft's init under its seed
+            torch.manual_seed(s.train.seed)
+            lora.add_lora(base, s.lora)
+            inits.append({k: v.detach().clone() for k, v in
+                          get_peft_model_state_dict(base.unet, adapter_name=lora.ADAPTER).items()})
+            lora.remove_lora(base)
+        pack = packed.Pack(base, [s.lora for s in specs])
+        for k, sd in enumerate(inits):
+            pack.load_initial(k, sd)
+        base.unet.train()
+        if t0.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        opt = packed.PackedAdamW(pack.params(), ts, pack.ranks)
+        dummies = [packed.dummy_optimizer(t) for t in ts]
+        scheds = [get_scheduler(t.lr_scheduler, d, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
+                  for t, d in zip(ts, dummies)]
+        gens = [torch.Generator(device=base.device).manual_seed(t.seed) for t in ts]
+        variants = samples.instance.mean.shape[1]
+        samplers = [(Sampler(len(samples.instance), variants, t.seed, 1),
+                     Sampler(len(samples.klass), samples.klass.mean.shape[1], t.seed, 2) if samples.klass else None)
+                    for t in ts]
+        for o in outs:
+            o.mkdir(parents=True, exist_ok=True)
+            _truncate_log(o / "train_log.jsonl", 0)
+        losses: list[dict[int, float]] = [{} for _ in specs]
+        windows: list[list[float]] = [[] for _ in specs]
+        diverged: dict[int, tuple[int, float]] = {}
+        times: list[float] = []
+        ga, prior = t0.gradient_accumulation, samples.klass is not None
+        bar = tqdm(total=t0.max_steps, desc=f"train pack of {n_trials}", unit="step", disable=not progress)
+        for step in range(1, t0.max_steps + 1):
+            tic = time.perf_counter()
+            total = torch.zeros(n_trials, device=base.device)
+            for micro in range(ga):
+                draws = [_draw(base, samples, t, samplers[i], (step - 1) * ga + micro, gens[i]) for i, t in enumerate(ts)]
+                pred = _predict(base, torch.cat([d[0] for d in draws]), torch.cat([d[2] for d in draws]),
+                                torch.cat([d[3] for d in draws]), [p for d in draws for p in d[4]], False, accelerator)
+                per = torch.stack([_trial_loss(base, p, d[1], d[2], t, data, prior)
+                                   for p, d, t in zip(pred.split(draws[0][0].shape[0]), draws, ts)])
+                accelerator.backward(per.sum() / ga)  # trial k's loss reaches only adapter k
+                total += per.detach()
+            opt.clip()
+            lrs = [s.get_last_lr()[0] for s in scheds]
+            opt.step(lrs)
+            for d, s in zip(dummies, scheds):
+                d.step()  # no gradient: nothing moves; keeps the scheduler's call order
+                s.step()
+            values = (total / ga).tolist()  # one host sync per step, for the whole pack
+            times.append(time.perf_counter() - tic)
+            for i, v in enumerate(values):
+                if i in diverged:
+                    continue
+                if not math.isfinite(v):  # its weights are lost; the others never saw them
+                    diverged[i] = (step, v)
+                    log.error("trial %s (in a pack): loss %s at step %d", specs[i].name, v, step)
+                    continue
+                losses[i][step] = v
+                windows[i].append(v)
+                with open(outs[i] / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": v, "lr": lrs[i]}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in values))
+            if step % t0.checkpoint_every == 0 or step == t0.max_steps:
+                for i in range(n_trials):
+                    if i not in diverged:
+                        _save_packed(pack, opt, specs[i], i, step, windows[i], hashes[i], lrs[i], dummies[i],
+                                     scheds[i], gens[i])
+                        windows[i] = []
+        bar.close()
+    finally:
+        if pack is not None:
+            pack.remove()
+        base.unet.eval()
+        if t0.gradient_checkpointing:
+            base.unet.disable_gradient_checkpointing()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        free_memory()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if base.device.type == "cuda" else None
+    ms = 1000 * statistics.median(times[2:] or times) if times else None
+    results = []
+    for i, s in enumerate(specs):
+        ckpts = checkpoint.list_checkpoints(outs[i])
+        if i in diverged:
+            at, v = diverged[i]
+            err = str(NonFiniteLossError(at, v, str(ckpts[-1]) if ckpts else None))
+            results.append(TrialResult(s.name, outs[i], "diverged", at, v, ckpts, error=err))
+        else:
+            results.append(TrialResult(s.name, outs[i], "finished", t0.max_steps, losses[i].get(t0.max_steps), ckpts,
+                                       None, None, time.perf_counter() - started, ms, peak))
+    return results
+
+
+def _save_packed(pack, opt, spec, k, step, window, cfg_hash, lr, dummy, sched, gen) -> Path:
+    """Trial k's checkpoint, the same files a lone trial writes (so it resumes alone if it must)."""
+    tensors, optim_meta = checkpoint.optimizer_state_to_flat(opt.trial_state(k, dummy.state_dict()["param_groups"][0]))
+    tensors.update(_rng_state(gen))
+    return checkpoint.write_checkpoint(
+        spec.output_dir, step, save_lora=lambda folder: pack.save(k, folder),
+        record={"loss": sum(window) / max(len(window), 1), "config_hash": cfg_hash, "trial": spec.name, "lr": lr},
+        state_tensors=tensors, state_json={"step": step, "optimizer": optim_meta, "scheduler": sched.state_dict()})

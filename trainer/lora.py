@@ -19,11 +19,19 @@ from .models import BaseModel
 ADAPTER = "default"  # the name diffusers' helpers expect; one trial's adapter is on the base at a time
 
 
+def _common(cfg: LoraSettings) -> dict:
+    return dict(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
+                init_lora_weights="gaussian")
+
+
+def unet_config(cfg: LoraSettings) -> LoraConfig:
+    return LoraConfig(target_modules=list(cfg.target_modules), **_common(cfg))
+
+
 def add_lora(base: BaseModel, cfg: LoraSettings) -> dict[str, list[torch.nn.Parameter]]:
     """Add fresh LoRA layers (fp32) to the UNet and, if asked, both text encoders. Returns trainable params."""
-    common = dict(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
-                  init_lora_weights="gaussian")
-    base.unet.add_adapter(LoraConfig(target_modules=list(cfg.target_modules), **common), adapter_name=ADAPTER)
+    common = _common(cfg)
+    base.unet.add_adapter(unet_config(cfg), adapter_name=ADAPTER)
     modules = {"unet": base.unet}
     if cfg.train_text_encoder:
         for name in ("text_encoder", "text_encoder_2"):
@@ -46,7 +54,16 @@ def remove_lora(base: BaseModel) -> None:
             del enc.peft_config
 
 
+def save_unet_lora(folder: Path, peft_state: dict[str, torch.Tensor], config: LoraConfig) -> None:
+    """A UNet LoRA given as peft's state dict ("<module>.lora_A.weight", ...) written in the diffusers format."""
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+                                                unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True)
+
+
 def save_lora(base: BaseModel, folder: Path, train_text_encoder: bool) -> None:
+    if not train_text_encoder:
+        return save_unet_lora(folder, get_peft_model_state_dict(base.unet, adapter_name=ADAPTER),
+                              base.unet.peft_config[ADAPTER])
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet, adapter_name=ADAPTER))}
     meta = {"unet_lora_adapter_metadata": base.unet.peft_config[ADAPTER].to_dict()}
     if train_text_encoder:

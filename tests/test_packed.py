@@ -1,0 +1,96 @@
+"""Packed training: a pack of trials ends with the weights each trial gets alone, and no trial's gradient
+reaches another's weights."""
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import TrialSpec, checkpoint, train
+from trainer.packed import PackedLoRALinear
+
+# trials of the original kind of sweep: different learning rates, ranks, alphas and seeds
+TRIALS = [("a", 1e-4, 2, None, 0), ("b", 5e-4, 4, 8.0, 1), ("c", 2e-3, 8, None, 2)]
+# fp32 on the CPU: batched and per-trial matmuls round differently (~1e-7), and AdamW, which divides by the
+# gradient's own running scale, carries that into the weights. Each weight moves by at most lr per step; the
+# packed and lone weights must agree to 1% of that (lr x steps / 100). A pack mate's LR, rank or gradient
+# leaking in moves them by the full scale.
+MOVE_FRACTION = 0.01
+
+
+def _specs(demo, root, **train_kw):
+    """fp32 on the CPU wherever the tests run (bf16 on a GPU rounds too coarsely for this comparison)."""
+    return [TrialSpec(n, replace(demo.lora, rank=r, alpha=a),
+                      replace(demo.train, lr=lr, seed=seed, device="cpu", **train_kw), root / n)
+            for n, lr, r, a, seed in TRIALS]
+
+
+def _weights(result):
+    return load_file(result.checkpoints[-1] / checkpoint.LORA_FILE)
+
+
+def _assert_same(a: dict, b: dict, lr: float, steps: int = 6) -> float:
+    """Returns the largest difference, as a fraction of the largest possible movement."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        worst = max(worst, float((a[k] - b[k]).abs().max()) / (lr * steps))
+    assert worst < MOVE_FRACTION, worst
+    return worst
+
+
+def test_a_pack_of_three_ends_with_the_weights_of_three_lone_trials(demo, tmp_path, cache_dir, caplog):
+    packed = train(_specs(demo, tmp_path / "pack"), demo.model, demo.data, cache_dir, progress=False)
+    alone = [train([s], demo.model, demo.data, cache_dir, progress=False)[0] for s in _specs(demo, tmp_path / "alone")]
+    assert [r.status for r in packed] == ["finished"] * 3
+    for p, a, (_, lr, *_) in zip(packed, alone, TRIALS):
+        assert [c.name for c in p.checkpoints] == [c.name for c in a.checkpoints] == ["step-000003", "step-000006"]
+        _assert_same(_weights(p), _weights(a), lr)
+        assert p.final_loss == pytest.approx(a.final_loss, rel=1e-4)
+        moved = any(v.abs().max() > 0 for k, v in _weights(p).items() if "lora_B" in k or "up" in k)
+        assert moved  # the LoRA was trained, not left at its zero init
+
+
+def test_a_packed_checkpoint_resumes_alone_to_the_same_weights(demo, tmp_path, cache_dir):
+    """Packed checkpoints hold a lone trial's optimizer, schedule and RNG state: a trial can finish alone."""
+    train(_specs(demo, tmp_path / "t", max_steps=3), demo.model, demo.data, cache_dir, progress=False)
+    for resumed, alone in zip(_specs(demo, tmp_path / "t"), _specs(demo, tmp_path / "alone")):
+        [r] = train([resumed], demo.model, demo.data, cache_dir, progress=False)
+        [a] = train([alone], demo.model, demo.data, cache_dir, progress=False)
+        assert r.resumed_from == 3 and r.steps == 6
+        _assert_same(_weights(r), _weights(a), resumed.train.lr)
+
+
+def test_a_diverging_trial_leaves_its_pack_mates_untouched(demo, tmp_path, cache_dir):
+    specs = _specs(demo, tmp_path / "pack")
+    specs[1] = replace(specs[1], train=replace(specs[1].train, lr=1e8, max_grad_norm=1e12))
+    a, b, c = train(specs, demo.model, demo.data, cache_dir, progress=False)
+    assert b.status == "diverged" and a.status == c.status == "finished"
+    for p, s in ((a, specs[0]), (c, specs[2])):
+        [alone] = train([replace(s, output_dir=tmp_path / "alone" / s.name)], demo.model, demo.data, cache_dir,
+                        progress=False)
+        _assert_same(_weights(p), _weights(alone), s.train.lr)
+
+
+def test_no_gradient_crosses_from_one_trial_to_another():
+    torch.manual_seed(0)
+    layer = PackedLoRALinear(torch.nn.Linear(16, 8), ranks=[2, 4, 3], scales=[1.0, 0.5, 2.0])
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        for k, r in enumerate([2, 4, 3]):  # as in a pack: zero beyond each trial's rank
+            layer.lora_A[k, r:] = 0
+            layer.lora_B[k, :, r:] = 0
+    x = torch.randn(3 * 5, 7, 16)  # trial-major: 5 samples per trial
+    out = layer(x)
+    for k in range(3):
+        layer.zero_grad()
+        out[5 * k:5 * (k + 1)].pow(2).sum().backward(retain_graph=True)
+        for other in set(range(3)) - {k}:
+            assert torch.count_nonzero(layer.lora_A.grad[other]) == 0
+            assert torch.count_nonzero(layer.lora_B.grad[other]) == 0
+        assert torch.count_nonzero(layer.lora_B.grad[k]) > 0
+        # the zero padding of a smaller rank gets no gradient either, so AdamW never moves it
+        r = [2, 4, 3][k]
+        assert torch.count_nonzero(layer.lora_B.grad[k][:, r:]) == 0
