@@ -37,8 +37,12 @@ class PackedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        xs = x.reshape(self.k, -1, x.shape[-1]).to(self.lora_A.dtype)
-        delta = torch.bmm(torch.bmm(xs, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2)) * self.scale
+        # under autocast the matmuls run in its dtype (as peft's LoRA layers do): cast the small weights,
+        # never the activations; without autocast everything stays in the LoRA's fp32
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.lora_A.dtype
+        xs = x.reshape(self.k, -1, x.shape[-1]).to(dtype)
+        h = torch.bmm(xs, self.lora_A.to(dtype).transpose(1, 2))
+        delta = torch.bmm(h, (self.lora_B * self.scale).to(dtype).transpose(1, 2))
         return out + delta.reshape(out.shape).to(out.dtype)
 
 
