@@ -76,19 +76,24 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache:
         _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
-    gathered = _gather(out_dir / "metrics.json", cfg, results)
+    gathered = _gather(out_dir, cfg, results)
     _write_json(out_dir / "metrics.json", {"metrics": gathered, "notes": notes, "config": asdict(cfg)})
     _checkpoint_grid(out_dir, cfg, list(gathered))
     return results
 
 
-def _gather(path: Path, cfg: EvalConfig, new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Earlier results in `path` (same settings only) updated with this call's, baseline first, then by step."""
-    old = {}
-    if path.is_file():
-        rec = json.loads(path.read_text())
-        old = rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(asdict(cfg), default=str)) else {}
-    merged = {**old, **new}
+def earlier_results(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str, float]]:
+    """What earlier calls with the same settings wrote to `out_dir`/metrics.json (a resumed trial's scores)."""
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())
+    return rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(asdict(cfg), default=str)) else {}
+
+
+def _gather(out_dir: Path, cfg: EvalConfig, new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Earlier results (same settings only) updated with this call's, baseline first, then by step."""
+    merged = {**earlier_results(out_dir, cfg), **new}
     return dict(sorted(merged.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation import EvalInputError, evaluate, preflight
 from evaluation.evaluate import BASELINE as BASELINE_KEY
+from evaluation.evaluate import earlier_results
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, train, training_config_hash
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
@@ -68,7 +69,7 @@ def run_job(cfg: DictConfig) -> float:
     params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
     if link is not None:
         link.set_attrs({"mlflow_run_id": run_id, "trial_folder": str(out)})
-    live = LiveScores(tracker, run_id, name, out, params, conf.selection, link, conf.train.max_steps)
+    live = LiveScores(tracker, run_id, name, out, params, link, conf.train.max_steps)
     try:
         with tracker.active(run_id):
             result, metrics = run_trial(conf, name, out, sweep_dir / BASELINE, live)
@@ -127,9 +128,9 @@ class LiveScores:
     (the UI shows them while the trial runs) and, in an Optuna search, to the study trial, whose pruner may
     stop the trial there."""
 
-    def __init__(self, tracker, run_id, name, out, params, selection, link, max_steps: int):
+    def __init__(self, tracker, run_id, name, out, params, link, max_steps: int):
         self.tracker, self.run_id, self.name, self.out = tracker, run_id, name, out
-        self.params, self.selection, self.link, self.max_steps = params, selection, link, max_steps
+        self.params, self.link, self.max_steps = params, link, max_steps
         self.logged: set[str] = set()
 
     def __call__(self, ckpt: str, metrics: dict[str, float], baseline: dict[str, float]) -> bool:
@@ -186,7 +187,7 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
         pipe = shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir)
         # the no-LoRA baseline first (once per sweep, cached): live scores are judged against it
         metrics.update(evaluate([], settings, pipeline=pipe, baseline_cache=baseline, **kw))
-        metrics.update(_earlier_scores(out / "eval" / "metrics.json", settings))
+        metrics.update({k: v for k, v in earlier_results(out / "eval", settings).items() if k.startswith("step-")})
         for ckpt in sorted(k for k in metrics if k.startswith("step-")):  # a resumed trial: its study hears them again
             if on_scored is not None:
                 on_scored(ckpt, metrics[ckpt], metrics[BASELINE_KEY])
@@ -210,18 +211,6 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
                 on_scored(c.name, metrics[c.name], metrics.get(BASELINE_KEY, {}))
     scored = {c.name for c in result.checkpoints}
     return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in scored}
-
-
-def _earlier_scores(path: Path, settings) -> dict[str, dict[str, float]]:
-    """Scores a resumed trial already has (same settings): its checkpoints are not generated again."""
-    from dataclasses import asdict
-
-    if not path.is_file():
-        return {}
-    rec = json.loads(path.read_text())
-    if rec.get("config") != json.loads(json.dumps(asdict(settings), default=str)):
-        return {}
-    return {k: v for k, v in rec.get("metrics", {}).items() if k.startswith("step-")}
 
 
 def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objective: float,

@@ -140,9 +140,11 @@ def check_keys(space: dict[str, Any], config) -> None:
     """Every searched parameter must exist in the composed config; misspellings get the close matches."""
     from omegaconf import OmegaConf
 
+    from .tracking import flatten
+
     cfg = OmegaConf.to_container(config, resolve=False)
     cfg.pop("hydra", None)
-    known = set(_flat_keys(cfg))
+    known = set(flatten(cfg))  # a searched parameter is a value, so the leaf keys are the ones to match
     problems = []
     for key in space:
         k = key.lstrip("+~")
@@ -152,15 +154,6 @@ def check_keys(space: dict[str, Any], config) -> None:
             problems.append(f"search parameter {k!r} is not in the config{hint} (prefix it with + to add a new key)")
     if problems:
         raise ConfigError(problems)
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out.append(prefix + str(k))
-        if isinstance(v, dict):
-            out += _flat_keys(v, f"{prefix}{k}.")
-    return out
 
 
 def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:

@@ -277,9 +277,7 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
             m.eval()
         if t.gradient_checkpointing:
             base.unet.disable_gradient_checkpointing()
-        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is process-wide
-        GradientState._reset_state()
-        free_memory()
+        _reset_process_state()
     times = losses.pop("_step_seconds")
     stopped = losses.pop("_stopped_at", None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if base.device.type == "cuda" else None
@@ -287,6 +285,13 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
     return TrialResult(spec.name, out, "pruned" if stopped else "finished", last, losses.get(last),
                        checkpoint.list_checkpoints(out), resumed, None, time.perf_counter() - started,
                        1000 * statistics.median(times[2:] or times) if times else None, peak)
+
+
+def _reset_process_state() -> None:
+    """accelerate's state is process-wide and CUDA memory stays cached: reset both after every trial or pack."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    free_memory()
 
 
 def _restore(base, folder, spec, optimizer, scheduler, gen) -> int:
@@ -336,7 +341,8 @@ def _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelera
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         if step % t.checkpoint_every == 0 or step == t.max_steps:
-            saved = _save(base, spec, step, sum(window) / len(window), cfg_hash, lr, optimizer, scheduler, gen)
+            saved = _save(spec, step, sum(window) / len(window), cfg_hash, lr, optimizer.state_dict(), scheduler, gen,
+                          lambda folder: lora.save_lora(base, folder, spec.lora.train_text_encoder))
             last_ckpt, window = str(saved), []
             if spec.on_checkpoint is not None and _call_paused(spec.on_checkpoint, step, saved, params, base):
                 losses["_stopped_at"] = step
@@ -363,12 +369,14 @@ def _call_paused(hook, step: int, folder: Path, params, base: BaseModel) -> bool
                 m.train()
 
 
-def _save(base, spec, step, loss, cfg_hash, lr, optimizer, scheduler, gen) -> Path:
-    tensors, optim_meta = checkpoint.optimizer_state_to_flat(optimizer.state_dict())
+def _save(spec: TrialSpec, step: int, loss: float, cfg_hash: str, lr: float, optim_state: dict, scheduler, gen,
+          save_lora) -> Path:
+    """A checkpoint: the LoRA (written by `save_lora(folder)`), its record, and optimizer/schedule/RNG state in a
+    lone trial's layout, whether the trial trained alone or in a pack."""
+    tensors, optim_meta = checkpoint.optimizer_state_to_flat(optim_state)
     tensors.update(_rng_state(gen))
     return checkpoint.write_checkpoint(
-        spec.output_dir, step,
-        save_lora=lambda folder: lora.save_lora(base, folder, spec.lora.train_text_encoder),
+        spec.output_dir, step, save_lora=save_lora,
         record={"loss": loss, "config_hash": cfg_hash, "trial": spec.name, "lr": lr},
         state_tensors=tensors,
         state_json={"step": step, "optimizer": optim_meta, "scheduler": scheduler.state_dict()},
@@ -463,8 +471,10 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             if step % t0.checkpoint_every == 0 or step == t0.max_steps:
                 for i in range(n_trials):
                     if i not in diverged:
-                        _save_packed(pack, opt, specs[i], i, step, windows[i], hashes[i], lrs[i], dummies[i],
-                                     scheds[i], gens[i])
+                        # the dummy's param group is the layout a lone trial's AdamW saves
+                        state = opt.trial_state(i, dummies[i].state_dict()["param_groups"][0])
+                        _save(specs[i], step, sum(windows[i]) / max(len(windows[i]), 1), hashes[i], lrs[i], state,
+                              scheds[i], gens[i], lambda folder, k=i: pack.save(k, folder))
                         windows[i] = []
         bar.close()
     finally:
@@ -473,9 +483,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
         base.unet.eval()
         if t0.gradient_checkpointing:
             base.unet.disable_gradient_checkpointing()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        free_memory()
+        _reset_process_state()
     peak = torch.cuda.max_memory_allocated() / 2**30 if base.device.type == "cuda" else None
     ms = 1000 * statistics.median(times[2:] or times) if times else None
     results = []
@@ -489,13 +497,3 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             results.append(TrialResult(s.name, outs[i], "finished", t0.max_steps, losses[i].get(t0.max_steps), ckpts,
                                        None, None, time.perf_counter() - started, ms, peak))
     return results
-
-
-def _save_packed(pack, opt, spec, k, step, window, cfg_hash, lr, dummy, sched, gen) -> Path:
-    """Trial k's checkpoint, the same files a lone trial writes (so it resumes alone if it must)."""
-    tensors, optim_meta = checkpoint.optimizer_state_to_flat(opt.trial_state(k, dummy.state_dict()["param_groups"][0]))
-    tensors.update(_rng_state(gen))
-    return checkpoint.write_checkpoint(
-        spec.output_dir, step, save_lora=lambda folder: pack.save(k, folder),
-        record={"loss": sum(window) / max(len(window), 1), "config_hash": cfg_hash, "trial": spec.name, "lr": lr},
-        state_tensors=tensors, state_json={"step": step, "optimizer": optim_meta, "scheduler": sched.state_dict()})
