@@ -60,7 +60,10 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
     try:
         while time.time() < deadline and proc.poll() is None:  # kill it mid-trial, after a checkpoint was scored
             time.sleep(1)
-            study = _study(url) if (tmp_path / "mlruns" / "optuna.db").is_file() else None
+            # open the storage only once the sweeper has made it (the sweep folder's multirun.yaml comes after
+            # the study): opening it first would race the sweeper's creation of the tables
+            made = list((tmp_path / "outputs" / "sweeps").glob("*/multirun.yaml"))
+            study = _study(url) if made else None
             trials = study.get_trials() if study else []
             running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
             if sum(t.state in FINISHED for t in trials) >= 2 and running:
