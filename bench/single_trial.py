@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,27 +42,68 @@ def model_preset(name: str) -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
 
 
-def random_photos(folder: Path, n: int = 5, size: int = 1024) -> Path:
+def random_photos(folder: Path, n: int = 5, size: int = 1024, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=95)
     return folder
 
 
-def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, pack: int = 1, **train_kw) -> dict:
+def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, pack: int = 1, peft: bool = False,
+         class_dir: Path | None = None, **train_kw) -> dict:
+    """Our trainer on `pack` trials (different LRs and seeds) in one call; `peft`: the lone-trial path instead."""
     data = DataConfig(instance_dir=str(photos), instance_prompt=PROMPT, resolution=1024, min_images=1)
+    if class_dir is not None:  # prior preservation with given class images (generating them is not what we time)
+        data = DataConfig(instance_dir=str(photos), instance_prompt=PROMPT, resolution=1024, min_images=1,
+                          with_prior_preservation=True, class_dir=str(class_dir), class_prompt="a photo of a man",
+                          num_class_images=5)
     specs = [TrialSpec(f"bench{k}", LoraSettings(rank=4),
                        TrainConfig(lr=1e-4 * (k + 1), max_steps=steps, checkpoint_every=steps, mixed_precision="bf16",
                                    device="cuda", resume=False, seed=k, **train_kw), Path(tempfile.mkdtemp(dir=work)))
              for k in range(pack)]
     tic = time.perf_counter()
-    results = train(specs, model, data, cache, progress=False)
+    results = train(specs, model, data, cache, progress=False, pack=not peft)
     assert all(r.status == "finished" for r in results), [r.error for r in results]
     r = results[0]
-    return {"trials": pack, "ms_per_step": r.ms_per_step, "samples_per_s": pack * 1000 / r.ms_per_step,
+    per_sample = 2 if class_dir is not None else 1
+    return {"trials": pack, "ms_per_step": r.ms_per_step, "samples_per_s": pack * per_sample * 1000 / r.ms_per_step,
             "peak_memory_gib": r.peak_memory_gib, "peak_memory_gib_per_trial": r.peak_memory_gib / pack,
-            "steps": steps, "wall_s_incl_setup": time.perf_counter() - tic}
+            "steps": steps, "setup_s": r.setup_seconds, "pack_size": r.pack_size,
+            "wall_s_incl_setup": time.perf_counter() - tic, "settings": {k: str(v) for k, v in train_kw.items()}}
+
+
+def eval_speed(model_dir: str, batch: int, compiled: bool) -> dict:
+    """Seconds per 1024 px image (30 steps, CFG) at `batch` images per pipeline call, the way a sweep scores:
+    the study's prompts, VAE decode included. `compiled`: the UNet's transformer blocks under torch.compile,
+    whose cost (the warm-up's extra time) is reported."""
+    from evaluation import EvalConfig
+    from evaluation import generate as gen
+    from trainer.packed import compile_blocks, uncompile
+
+    pipe, _ = gen.load_pipeline(model_dir, torch.device("cuda"))
+    cfg = EvalConfig(clip_model="unused", resolution=1024, num_inference_steps=30, device="cuda", batch_size=batch,
+                     seeds=list(range(max(batch, 2))))
+    reps = 2 if batch < 8 else 1
+    prompts = EvalConfig.__dataclass_fields__["prompts"].default_factory()[:1]
+    blocks = compile_blocks(pipe.unet) if compiled else []
+    try:
+        tic = time.perf_counter()  # a 2-step warm-up at the timed batch shape (compiles, if compiling)
+        gen.generate(pipe, None, prompts, replace(cfg, num_inference_steps=2, seeds=cfg.seeds[:batch]), "warm-up")
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - tic
+        torch.cuda.reset_peak_memory_stats()
+        tic = time.perf_counter()
+        for _ in range(reps):
+            gen.generate(pipe, None, prompts, replace(cfg, seeds=cfg.seeds[:batch]), f"batch {batch}")
+        torch.cuda.synchronize()
+        s_img = (time.perf_counter() - tic) / (reps * batch)
+    finally:
+        uncompile(blocks)
+        gen._PIPES.clear()  # later rows measure training memory without this pipeline held
+    return {"batch": batch, "s_per_image": s_img, "images_per_s": 1 / s_img, "ms_per_step": 1000 * s_img,
+            "samples_per_s": 1 / s_img, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "setup_s": max(0.0, warm - s_img * batch * 2 / 30), "compiled": compiled}
 
 
 def reference(script: Path, model_dir: str, photos: Path, work: Path, steps: int) -> dict:
@@ -85,6 +127,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--packs", type=int, nargs="*", default=[], help="also train packs of these many trials")
+    ap.add_argument("--eval-batches", type=int, nargs="*", default=[], help="time generation at these batch sizes")
+    ap.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/single_trial.py needs a CUDA GPU: it measures SDXL-size training")
@@ -96,23 +140,56 @@ def main() -> None:
     build_s = time.perf_counter() - tic
     photos = random_photos(args.work / "photos")
 
-    rows = {"ours": ours(model, photos, args.work, cache, args.steps),
-            "ours_gradient_checkpointing": ours(model, photos, args.work, cache, max(10, args.steps // 2),
-                                                gradient_checkpointing=True)}
-    for k in args.packs:
-        rows[f"ours_packed_{k}"] = ours(model, photos, args.work, cache, args.steps, pack=k)
-    release_models()
-    if args.reference:
-        rows["reference_diffusers_script"] = reference(args.reference, model_dir, photos, args.work, args.steps)
+    class_photos = random_photos(args.work / "class_photos", seed=1)
+    train_row = lambda **kw: lambda: ours(model, photos, args.work, cache, args.steps, **kw)  # noqa: E731
+    # most wanted first: each row is written as soon as it is measured, so a run cut short still reports
+    plan: list[tuple[str, object]] = [
+        *([("reference_diffusers_script",
+            lambda: reference(args.reference, model_dir, photos, args.work, args.steps))] if args.reference else []),
+        ("ours", train_row()),  # the default: a lone trial as a pack of one, CUDA graph on
+        *[(f"ours_packed_{k}", train_row(pack=k)) for k in args.packs],
+        # the low-memory preset: prior preservation on (a class image beside every instance image), gradient
+        # checkpointing, VAE and text encoders off the GPU after caching (the trainer always does that)
+        ("low_memory_prior_preservation", train_row(class_dir=class_photos, gradient_checkpointing=True)),
+        *[(f"eval_batch_{b}", lambda b=b: eval_speed(model_dir, b, False)) for b in args.eval_batches],
+        ("ours_eager", train_row(cuda_graphs=False)),
+        ("ours_peft", train_row(peft=True)),
+        *[(f"ours_packed_{k}_eager", train_row(pack=k, cuda_graphs=False)) for k in args.packs[-1:]],
+        *[(f"ours_packed_{k}_compiled", train_row(pack=k, compile=True)) for k in args.packs[-1:]],
+        *[(f"eval_batch_{b}_compiled", lambda b=b: eval_speed(model_dir, b, True)) for b in args.eval_batches[-1:]],
+        ("ours_compiled", train_row(compile=True)),
+    ]
+    rows: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    for name, measure in plan:
+        if args.only is None or name in args.only:
+            print(f"measuring {name}", flush=True)
+            try:
+                rows[name] = measure()
+            except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+                print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+                failures[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            release_models()
+            torch.cuda.empty_cache()
+            path = write_report(args, rows, build_s, failures)
+    path = write_report(args, rows, build_s, failures)
+    print_table(rows, json.loads(path.read_text())["ratios"])
+    for name, why in failures.items():
+        print(f"{name}: FAILED {why[:300]}")
+    print(f"written {path}")
+
+
+def write_report(args, rows: dict, build_s: float, failures: dict) -> Path:
     ratios = {}
     if "reference_diffusers_script" in rows:
         ref = rows["reference_diffusers_script"]
-        ratios = {"speedup_vs_reference": ref["ms_per_step"] / rows["ours"]["ms_per_step"],
-                  "memory_vs_reference": rows["ours"]["peak_memory_gib"] / ref["peak_memory_gib"]}
-        for k in args.packs:
-            p = rows[f"ours_packed_{k}"]
-            ratios[f"packed_{k}_samples_per_s_vs_reference"] = p["samples_per_s"] / ref["samples_per_s"]
-            ratios[f"packed_{k}_memory_per_trial_vs_reference"] = p["peak_memory_gib_per_trial"] / ref["peak_memory_gib"]
+        ratios = {f"{name}_samples_per_s_vs_reference": r["samples_per_s"] / ref["samples_per_s"]
+                  for name, r in rows.items() if name.startswith(("ours", "low_memory"))}
+        ratios.update({f"{name}_peak_memory_per_trial_vs_reference": r["peak_memory_gib_per_trial"] / ref["peak_memory_gib"]
+                       for name, r in rows.items() if name.startswith(("ours", "low_memory"))})
+    if "eval_batch_1" in rows:  # the reference way of generating: one image per pipeline call
+        ratios.update({f"{name}_images_per_s_vs_batch_1": r["images_per_s"] / rows["eval_batch_1"]["images_per_s"]
+                       for name, r in rows.items() if name.startswith("eval_")})
     import diffusers, peft, transformers  # noqa: E401
 
     gpu = torch.cuda.get_device_name()
@@ -120,24 +197,37 @@ def main() -> None:
         "benchmark": "single_trial", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": gpu, "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "workload": "SDXL-base architecture, random weights (fp16 on disk), 5 photos 1024x1024, batch 1, LoRA rank 4 "
-                    "on to_q/to_k/to_v/to_out.0, bf16, constant LR, no prior preservation; ms/step = median, "
-                    "first 2 steps excluded; memory = CUDA allocator peak",
+        "workload": "SDXL-base architecture, random weights (fp16 on disk), 5 photos 1024x1024, batch 1 per trial, "
+                    "LoRA rank 4 on to_q/to_k/to_v/to_out.0, bf16, constant LR (packs: one LR per trial); ms/step = "
+                    "median, first 2 steps excluded; memory = CUDA allocator peak (of the whole pack); setup_s = "
+                    "first step's extra cost (graph capture, compilation); eval rows: s per 1024 px image at 30 "
+                    "steps with CFG and VAE decode, the study's first prompt",
         "reference_script": str(args.reference) if args.reference else None,
-        "model_build_s": build_s, "results": rows, "ratios": ratios,
+        "model_build_s": build_s, "results": rows, "ratios": ratios, "failed": failures,
         "anchors_h200": {"reference_ms_per_step": 592, "reference_peak_gib_nvidia_smi": 15.2,
-                         "lean_eager_ms_per_step": 554, "lean_eager_peak_gib": 12.3},
+                         "lean_eager_ms_per_step": 554, "lean_eager_peak_gib": 12.3,
+                         "eval_batch_1_s_per_image": 2.16, "eval_batch_4_s_per_image": 1.19},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"single_trial_{gpu.replace(' ', '_')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"\n{'run':32s} {'trials':>6s} {'ms/step':>8s} {'samples/s':>9s} {'peak GiB':>8s}")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def print_table(rows: dict, ratios: dict) -> None:
+    print(f"\n{'run':32s} {'trials':>6s} {'ms/step':>8s} {'samples/s':>9s} {'peak GiB':>8s} {'setup s':>7s}")
     for name, r in rows.items():
-        print(f"{name:32s} {r.get('trials', 1):6d} {r['ms_per_step']:8.1f} {r['samples_per_s']:9.2f} "
-              f"{r['peak_memory_gib']:8.2f}")
+        if not name.startswith("eval_"):
+            print(f"{name:32s} {r.get('trials', 1):6d} {r['ms_per_step']:8.1f} {r['samples_per_s']:9.2f} "
+                  f"{r['peak_memory_gib']:8.2f} {r.get('setup_s') or 0:7.1f}")
+    for name, r in rows.items():
+        if name.startswith("eval_"):
+            print(f"{name:32s} batch {r['batch']:3d}: {r['s_per_image']:.3f} s/image, peak {r['peak_memory_gib']:.1f} GiB, "
+                  f"setup {r['setup_s']:.1f} s")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
-    print(f"written {path}")
 
 
 if __name__ == "__main__":

@@ -59,19 +59,21 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     results: dict[str, dict[str, float]] = {}
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
-    for name, ckpt in entries:
-        with gen.LoraSwap(pipe, None if applied else ckpt, cfg.lora_scale):
-            images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
-            prior = gen.generate(pipe, None, [cfg.prior_prompt], cfg, desc=f"prior {name}")["base"] \
-                if (cfg.prior_prompt and face is not None) else None
-        results[name] = _score(images, prior, cfg, clip, face, ref_tensor)
-        for arm, ims in images.items():
-            labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
-            grid.save(grid.grid(ims, len(cfg.prompts), len(cfg.seeds), labels), out_dir / "grids" / f"{name}_{arm}.png")
-            for k, im in enumerate(ims):  # every image, for people who want to look closer
-                p, s = divmod(k, len(cfg.seeds))
-                grid.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{cfg.seeds[s]}.png")
-        log.info("eval %s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
+    with grid.Writer() as writer:
+        for name, ckpt in entries:
+            with gen.LoraSwap(pipe, None if applied else ckpt, cfg.lora_scale):
+                images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
+                prior = gen.generate(pipe, None, [cfg.prior_prompt], cfg, desc=f"prior {name}")["base"] \
+                    if (cfg.prior_prompt and face is not None) else None
+            for arm, ims in images.items():  # written while the next images are scored and generated
+                labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
+                writer.save(grid.grid(ims, len(cfg.prompts), len(cfg.seeds), labels),
+                            out_dir / "grids" / f"{name}_{arm}.png")
+                for k, im in enumerate(ims):  # every image, for people who want to look closer (fast PNG level)
+                    p, s = divmod(k, len(cfg.seeds))
+                    writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{cfg.seeds[s]}.png", compress_level=1)
+            results[name] = _score(images, prior, cfg, clip, face, ref_tensor)
+            log.info("eval %s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
     if cached:
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache:

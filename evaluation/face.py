@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
+import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -54,12 +56,22 @@ class DlibBackend:
 
         # the package's __init__ needs pkg_resources; its files are all we use
         models = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
-        self._detect = dlib.get_frontal_face_detector()
+        self._local = threading.local()
+        self._pool = None
         self._shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
         self._net = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
         self.upsample, self.max_side = upsample, max_side
 
-    def embed(self, image: np.ndarray) -> np.ndarray | None:
+    def _detector(self):
+        """A detector per thread: one instance is not safe to share between threads."""
+        det = getattr(self._local, "detect", None)
+        if det is None:
+            import dlib
+
+            det = self._local.detect = dlib.get_frontal_face_detector()
+        return det
+
+    def _detect_largest(self, image: np.ndarray):
         # HOG detection time grows with pixels; a 1024 px render is scored at 640 px (the descriptor sees a
         # 150 px aligned chip either way)
         if max(image.shape[:2]) > self.max_side:
@@ -67,11 +79,26 @@ class DlibBackend:
             im.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
             image = np.asarray(im)
         image = np.ascontiguousarray(image)
-        boxes = self._detect(image, self.upsample)
-        if len(boxes) == 0:
+        boxes = self._detector()(image, self.upsample)
+        return image, (max(boxes, key=lambda r: r.width() * r.height()) if len(boxes) else None)
+
+    def _describe(self, image: np.ndarray, box) -> np.ndarray | None:
+        if box is None:
             return None
-        box = max(boxes, key=lambda r: r.width() * r.height())
         return np.asarray(self._net.compute_face_descriptor(image, self._shape(image, box)), dtype=np.float32)
+
+    def embed(self, image: np.ndarray) -> np.ndarray | None:
+        return self._describe(*self._detect_largest(image))
+
+    def embed_many(self, images: list[np.ndarray]) -> list[np.ndarray | None]:
+        """`embed` for many images: resizing and HOG detection (most of the time, and free of shared state) on
+        several CPU threads, the ResNet descriptor (which keeps its buffers in the network) on this one."""
+        if self._pool is None:  # kept: each thread builds its detector once (a quarter second each)
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="face")
+        found = list(self._pool.map(self._detect_largest, images))
+        return [self._describe(im, box) for im, box in found]
 
     def same_person(self, a: np.ndarray, b: np.ndarray) -> bool:
         return float(np.linalg.norm(a - b)) < self.threshold
@@ -181,8 +208,9 @@ class FaceSimilarity(Metric):
         self.reason: str | None = None
 
     def update(self, images: Images) -> None:
-        for arr in to_arrays(images):
-            emb = self.backend.embed(arr)
+        arrays = to_arrays(images)
+        many = getattr(self.backend, "embed_many", None)
+        for emb in (many(arrays) if many else map(self.backend.embed, arrays)):
             self.total += 1
             if emb is not None:
                 self.detected += 1

@@ -123,11 +123,13 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
 
 
 
-def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents -> images with the VAE in its own dtype. The pipeline's decode leaves bf16 latents against an fp32
-    VAE mismatched on CUDA (as in a sweep, where the trainer keeps SDXL's VAE in fp32 for exact latents)."""
+def decode(pipe, latents: torch.Tensor, chunk: int = 4) -> list[Image.Image]:
+    """Latents -> images, a few at a time (a 1024 px decode needs GBs per image). On CUDA the VAE runs under
+    bf16 autocast (fp32's range, so no fp16 overflow, at tensor-core speed), whatever dtype its weights are in:
+    a sweep keeps SDXL's VAE in fp32 for exact training latents."""
     vae = pipe.vae
     cfg = vae.config
+    on_cuda = latents.device.type == "cuda"
     latents = latents.to(vae.dtype)
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     if mean is not None and std is not None:
@@ -136,5 +138,9 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents * std / cfg.scaling_factor + mean
     else:
         latents = latents / cfg.scaling_factor
-    images = vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images, output_type="pil")
+    images = []
+    for part in latents.split(chunk):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            out = vae.decode(part, return_dict=False)[0]
+        images += pipe.image_processor.postprocess(out.float(), output_type="pil")
+    return images

@@ -32,9 +32,38 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(lines + [line])
 
 
-def save(image: Image.Image, path: Path) -> Path:
+def save(image: Image.Image, path: Path, compress_level: int = 6) -> Path:
+    """PNG written atomically (a temporary name, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
+    image.save(tmp, compress_level=compress_level)
     tmp.replace(path)
     return path
+
+
+class Writer:
+    """Saves images on background threads (Pillow encodes without the GIL) while the GPU generates the next
+    ones; `wait()` returns once all are on disk and raises the first error."""
+
+    def __init__(self, threads: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="png")
+        self.pending: list = []
+
+    def save(self, image: Image.Image, path: Path, compress_level: int = 6) -> None:
+        self.pending.append(self.pool.submit(save, image, path, compress_level))
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()

@@ -19,11 +19,23 @@ def _sweep_folder(resume, sweeps_root, overrides, hydra_overrides=(), sweeper=""
     return sweep_folder(resume, str(sweeps_root), [str(o) for o in overrides], [str(o) for o in hydra_overrides])
 
 
+def _trial_dir(num, dirname="") -> str:
+    """A trial folder's name, "<job number>_<overrides>", kept within file-system limits: past 120 characters the
+    overrides are cut and a hash of the whole keeps names unique (.hydra/overrides.yaml has them all)."""
+    import hashlib
+
+    name = f"{num}_{dirname}"
+    if len(name) <= 120:
+        return name
+    return f"{name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def register_resolvers() -> None:
     """${project_dir:} in YAML: where the bundled assets live, whatever the working directory.
     ${sweep_folder:...} in hydra.sweep.dir: a new timestamp, or with resume=true (always, for Optuna) the folder of
-    the newest sweep launched with the same overrides."""
-    for name, fn in (("project_dir", _project_dir), ("sweep_folder", _sweep_folder)):
+    the newest sweep launched with the same overrides. ${trial_dir:...} in hydra.sweep.subdir: a trial folder's
+    name, cut to a safe length."""
+    for name, fn in (("project_dir", _project_dir), ("sweep_folder", _sweep_folder), ("trial_dir", _trial_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

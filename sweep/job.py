@@ -15,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation import EvalInputError, evaluate, preflight
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
-from trainer import TrialResult, TrialSpec, UserError, instance_photos, train, training_config_hash
+from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
 from .config import SweepConfig, resolve_path, to_typed
 from .finalize import BASELINE, RESULT, trial_best
 from .offline_models import build_clip
+from .packing import train
 from .selection import Candidate
 from .tracking import device_name, flatten, git_commit, make_tracker, read_sweep
 
@@ -147,13 +148,13 @@ class LiveScores:
 
 def trial_name(hc, sweep_dir: Path) -> str:
     """The trial's key: only the values the sweep varies ("lr=0.0001"), not every fixed override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     mr = sweep_dir / "multirun.yaml"
     swept = set()
     if mr.is_file():
-        for o in OmegaConf.load(mr).hydra.overrides.task:
-            key, _, value = o.partition("=")
-            if "," in value or "(" in value:
-                swept.add(key.lstrip("+~"))
+        parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(mr).hydra.overrides.task))
+        swept = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
     mine = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
     return ",".join(mine) or hc.job.override_dirname or f"job{hc.job.num}"
 

@@ -123,7 +123,7 @@ def prepare(s: search.SearchSettings, config: DictConfig, arguments: list[str]):
     space, fixed = search.parse_space(s.params, [str(a) for a in arguments])
     search.check_keys(space, config)
     search.check_settings(s, space)
-    if s.n_jobs > 1 and str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+    if s.n_jobs > 1 and str(config.hydra.launcher.get("_target_", "")).endswith(("BasicLauncher", "PackingLauncher")):
         raise ConfigError([f"hydra.sweeper.n_jobs={s.n_jobs} runs trials side by side, which needs each in its own "
                            "process: add hydra/launcher=processes (or use n_jobs=1)"])
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()

@@ -97,3 +97,32 @@ def test_composed_yaml_has_no_unknown_keys_for_the_schema():
     cfg = compose_cfg()
     assert set(OmegaConf.to_container(cfg)) == {"model", "data", "lora", "train", "eval", "tracking", "selection",
                                                 "paths", "lr", "steps", "rank", "progress", "resume", "optuna_trial"}
+
+
+def test_low_memory_preset_sets_what_a_16_gb_card_needs():
+    conf = typed("preset=low_memory", "experiment=sdxl", "data.instance_dir=/photos", "data.with_prior_preservation=true")
+    assert conf.train.gradient_checkpointing and conf.train.max_pack == 1 and conf.eval.batch_size == 2
+    assert conf.data.with_prior_preservation and conf.data.resolution == 1024
+
+
+def test_trial_folder_names_stay_short_and_unique():
+    from sweep import _trial_dir
+
+    assert _trial_dir(3, "lr=0.0001") == "3_lr=0.0001"
+    long_a = "eval.clip_architecture={" + "x" * 300 + "},lr=0.0001"
+    long_b = long_a.replace("0.0001", "0.0005")
+    a, b = _trial_dir(0, long_a), _trial_dir(0, long_b)
+    assert len(a) <= 120 and len(b) <= 120 and a != b and a.startswith("0_eval.clip_architecture=")
+    assert _trial_dir(0, long_a) == a  # the same trial finds its folder again (resume)
+
+
+def test_a_trial_is_named_by_the_values_its_sweep_varies(tmp_path):
+    """Only swept keys name a trial: a fixed dict or list value (which holds commas) is not a sweep."""
+    from sweep.job import trial_name
+
+    task = ["lr=1e-4,5e-4", "lora.rank=choice(4,8)", "eval.seeds=[0,1,2,3]", "eval.clip_architecture={a:1,b:2}"]
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": task}}}), tmp_path / "multirun.yaml")
+    hc = OmegaConf.create({"overrides": {"task": ["lr=5e-4", "lora.rank=8", "eval.seeds=[0,1,2,3]",
+                                                  "eval.clip_architecture={a:1,b:2}"]},
+                           "job": {"override_dirname": "whatever", "num": 1}})
+    assert trial_name(hc, tmp_path) == "lr=5e-4,lora.rank=8"

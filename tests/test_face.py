@@ -97,3 +97,14 @@ def test_missing_backend_names_the_extra():
         pass
     with pytest.raises(FaceBackendMissing, match=r"pip install 'sdxl-lora-sweep\[insightface\]'"):
         make_backend("insightface")
+
+
+def test_many_images_on_threads_embed_exactly_as_one_by_one(backend, astronaut):
+    """Detection runs on several threads (each with its own detector); the result must not depend on it."""
+    faces = [np.asarray(astronaut.rotate(r).resize((1024, 1024))) for r in (0, 8, 16)]
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    images = faces + [noise] + faces
+    one_by_one = [backend.embed(a) for a in images]
+    together = backend.embed_many(images)
+    assert [e is None for e in together] == [False, False, False, True, False, False, False]
+    assert all(b is None or np.array_equal(a, b) for a, b in zip(one_by_one, together))

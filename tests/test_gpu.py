@@ -114,3 +114,45 @@ def test_a_pack_trains_on_cuda_and_each_checkpoint_loads(demo, tmp_path, cache_d
         assert {min(v.shape) for v in weights.values()} == {rank}
         pipe.load_lora_weights(r.checkpoints[-1], adapter_name=r.name)
     assert pipe("a photo of sks woman", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)
+
+
+def test_a_cuda_graph_step_trains_the_same_weights_as_eager_steps(demo, tmp_path, cache_dir):
+    """The captured step (forward, backward, clipping, AdamW replayed as one graph) against the same pack stepped
+    eagerly: the same kernels on the same numbers, so the weights agree to bf16 rounding (1% of lr x steps)."""
+    from .test_packed import _assert_same, _weights
+
+    def run(root, graphs):
+        specs = [TrialSpec(n, replace(demo.lora, rank=r), replace(demo.train, device="cuda", lr=lr, cuda_graphs=graphs,
+                                                                   lr_scheduler="linear", lr_warmup_steps=2),
+                           root / n) for n, r, lr in (("a", 2, 1e-4), ("b", 4, 5e-4))]
+        return train(specs, demo.model, demo.data, cache_dir, progress=False)
+
+    graphed, eager = run(tmp_path / "g", True), run(tmp_path / "e", False)
+    assert [r.pack_size for r in graphed] == [2, 2] and graphed[0].setup_seconds > 0
+    for g, e, lr in zip(graphed, eager, (1e-4, 5e-4)):
+        assert g.final_loss == pytest.approx(e.final_loss, rel=0.02)
+        _assert_same(_weights(g), _weights(e), lr, demo.train.max_steps)
+
+
+def test_a_lone_trial_trains_as_a_pack_of_one_and_its_hook_sees_its_adapter(demo, tmp_path, cache_dir):
+    """A single trial takes the packed path; during its checkpoint hook the UNet carries exactly that trial's
+    adapter (a generation then differs from the plain base's)."""
+    from trainer.models import shared_pipeline
+
+    seen = []
+
+    def hook(step, folder):
+        pipe = shared_pipeline(demo.model, "cuda", "auto", cache_dir)
+        g = torch.Generator("cuda").manual_seed(0)
+        seen.append(pipe("a photo of sks woman", num_inference_steps=2, height=64, width=64, generator=g,
+                         output_type="latent").images.float().cpu())
+        return False
+
+    t = replace(demo.train, device="cuda", max_steps=4, checkpoint_every=2)
+    [r] = train([TrialSpec("one", demo.lora, t, tmp_path / "t", on_checkpoint=hook)], demo.model, demo.data,
+                cache_dir, progress=False)
+    assert r.status == "finished" and r.pack_size == 1 and len(seen) == 2
+    pipe = shared_pipeline(demo.model, "cuda", "auto", cache_dir)
+    plain = pipe("a photo of sks woman", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator("cuda").manual_seed(0), output_type="latent").images.float().cpu()
+    assert not torch.equal(seen[-1], plain) and not torch.equal(seen[0], seen[1])

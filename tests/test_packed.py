@@ -94,3 +94,49 @@ def test_no_gradient_crosses_from_one_trial_to_another():
         # the zero padding of a smaller rank gets no gradient either, so AdamW never moves it
         r = [2, 4, 3][k]
         assert torch.count_nonzero(layer.lora_B.grad[k][:, r:]) == 0
+
+
+def test_a_pack_scores_each_trial_with_its_own_adapter_and_prunes_one_alone(demo, tmp_path, cache_dir):
+    """Checkpoint hooks in a pack: each sees the UNet with its own trial's adapter on every sample (its output
+    equals that of the trial's saved LoRA), and a trial its hook stops ends there while the others train on
+    to the weights they get alone."""
+    from trainer.models import load_base_model, resolve_device
+
+    from trainer import lora
+
+    seen = {}
+    base = lambda: load_base_model(demo.model, resolve_device("cpu"), torch.float32, cache_dir)  # noqa: E731 - the loaded one
+
+    def unet_output():
+        unet = base().unet
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+        cond = {"text_embeds": torch.zeros(2, 32), "time_ids": torch.zeros(2, 6)}
+        with torch.no_grad():
+            return unet(x, 10, emb, added_cond_kwargs=cond).sample
+
+    def hook(name, stop_at=None):
+        def on_checkpoint(step, folder):
+            seen[(name, step)] = unet_output()
+            return step == stop_at
+        return on_checkpoint
+
+    specs = _specs(demo, tmp_path / "pack")
+    specs = [replace(specs[0], on_checkpoint=hook("a", stop_at=3)), replace(specs[1], on_checkpoint=hook("b")), specs[2]]
+    a, b, c = train(specs, demo.model, demo.data, cache_dir, progress=False)
+    assert (a.status, a.steps, [p.name for p in a.checkpoints]) == ("pruned", 3, ["step-000003"])
+    assert b.status == c.status == "finished" and b.steps == 6 and a.pack_size == 3
+    assert sorted(seen) == [("a", 3), ("b", 3), ("b", 6)]
+    assert not torch.allclose(seen[("a", 3)], seen[("b", 3)])  # two adapters, two outputs
+    for (name, step), out in seen.items():  # the same output from the checkpoint loaded the ordinary way
+        spec = specs["abc".index(name)]
+        lora.add_lora(base(), spec.lora)
+        try:
+            lora.load_lora_into(base(), spec.output_dir / "checkpoints" / f"step-{step:06d}", False)
+            torch.testing.assert_close(unet_output(), out, rtol=1e-4, atol=1e-5)
+        finally:
+            lora.remove_lora(base())
+    for r, s in ((b, specs[1]), (c, specs[2])):
+        [alone] = train([replace(s, output_dir=tmp_path / "alone" / s.name, on_checkpoint=None)], demo.model,
+                        demo.data, cache_dir, progress=False)
+        _assert_same(_weights(r), _weights(alone), s.train.lr)

@@ -85,8 +85,12 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert status["lr=100000000.0"][0] == "FAILED" and "loss became nan" in status["lr=100000000.0"][1]
 
 
-def test_killed_sweep_resumes_without_retraining_and_picks_the_same_champion(tmp_path):
-    args = ["-m", "lr=1e-4,5e-4", "steps=6", "train.checkpoint_every=2", "data.resolution=64", "progress=false"]
+@pytest.mark.parametrize("launcher", ["basic", "packed"])
+def test_killed_sweep_resumes_without_retraining_and_picks_the_same_champion(tmp_path, launcher):
+    """basic: trials one by one, killed during the second; the finished first is not touched again.
+    packed (the default): both trials train as one pack, killed after their first checkpoints; both resume."""
+    args = ["-m", "lr=1e-4,5e-4", "steps=6", "train.checkpoint_every=2", "data.resolution=64", "progress=false",
+            f"hydra/launcher={launcher}"]
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
     assert sweep(*args, cwd=ref_dir).returncode == 0
@@ -94,24 +98,30 @@ def test_killed_sweep_resumes_without_retraining_and_picks_the_same_champion(tmp
     run_dir.mkdir()
     proc = sweep(*args, cwd=run_dir, wait=False)
     deadline = time.time() + 600
-    second = None
+    wanted = ["1"] if launcher == "basic" else ["0", "1"]
+    found = []
     while time.time() < deadline and proc.poll() is None:
-        second = next(iter(run_dir.glob("outputs/sweeps/*/1_*/checkpoints/step-000002")), None)
-        if second:
+        found = [p for n in wanted for p in run_dir.glob(f"outputs/sweeps/*/{n}_*/checkpoints/step-000002")]
+        if len(found) == len(wanted):
             break
         time.sleep(0.2)
-    assert second is not None, "the second trial never reached its first checkpoint"
+    assert len(found) == len(wanted), "the trials never reached their first checkpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     [first] = run_dir.glob("outputs/sweeps/*/0_*")
-    stamp = (first / "result.json").stat().st_mtime_ns, (first / "train_log.jsonl").read_text()
+    if launcher == "basic":
+        stamp = (first / "result.json").stat().st_mtime_ns, (first / "train_log.jsonl").read_text()
     p = sweep(*args, "resume=true", cwd=run_dir)
     assert p.returncode == 0, p.stdout[-3000:]
-    assert "already finished" in p.stdout + p.stderr
-    assert ((first / "result.json").stat().st_mtime_ns, (first / "train_log.jsonl").read_text()) == stamp
+    if launcher == "basic":
+        assert "already finished" in p.stdout + p.stderr
+        assert ((first / "result.json").stat().st_mtime_ns, (first / "train_log.jsonl").read_text()) == stamp
+    else:
+        assert "training 2 trial(s) of this batch together" in p.stdout + p.stderr
     assert len(list(run_dir.glob("outputs/sweeps/*"))) == 1  # the same sweep folder was continued
-    second_result = json.loads(next(run_dir.glob("outputs/sweeps/*/1_*/result.json")).read_text())
-    assert second_result["resumed_from"] in (2, 4)
+    for n in wanted:
+        result = json.loads(next(run_dir.glob(f"outputs/sweeps/*/{n}_*/result.json")).read_text())
+        assert result["resumed_from"] in (2, 4)
     parents, children = runs(client(run_dir))
     assert len(parents) == 1 and len(children) == 2  # the same parent run, no duplicate child runs
     sel = lambda d: json.loads(next(d.glob("outputs/sweeps/*/report/selection.json")).read_text())["champion"]

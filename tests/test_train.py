@@ -14,9 +14,9 @@ from trainer.models import load_base_model, resolve_source
 from .conftest import typed
 
 
-def run(conf, out: Path, cache_dir: Path, name="t", **train_changes):
+def run(conf, out: Path, cache_dir: Path, name="t", pack=True, **train_changes):
     spec = TrialSpec(name, conf.lora, replace(conf.train, **train_changes), out)
-    [result] = train([spec], conf.model, conf.data, cache_dir, progress=False)
+    [result] = train([spec], conf.model, conf.data, cache_dir, progress=False, pack=pack)
     return result
 
 
@@ -149,7 +149,7 @@ def test_two_trials_in_one_list_match_two_separate_runs(demo, tmp_path, cache_di
     (One after another, bit for bit; packs are compared in test_packed.py.)"""
     specs = [TrialSpec(n, demo.lora, replace(demo.train, lr=lr), tmp_path / n) for n, lr in (("a", 5e-3), ("b", 1e-3))]
     train(specs, demo.model, demo.data, cache_dir, progress=False, pack=False)
-    alone = run(demo, tmp_path / "alone", cache_dir, lr=1e-3)
+    alone = run(demo, tmp_path / "alone", cache_dir, lr=1e-3, pack=False)
     a = load_file(tmp_path / "b" / "checkpoints" / "step-000006" / checkpoint.LORA_FILE)
     b = load_file(alone.checkpoints[-1] / checkpoint.LORA_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -90,10 +90,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = True  # continue from the latest checkpoint in the trial folder
+    # speed only (not part of the config hash): results agree with these on or off
+    max_pack: int = 8  # trials that train in one pass of the base at most (memory grows ~5 GiB per trial at 1024 px)
+    cuda_graphs: bool = True  # capture a packed step as a CUDA graph (CUDA only)
+    compile: bool = False  # torch.compile the UNet's transformer blocks (cost reported as setup_seconds)
+    channels_last: bool = False  # UNet convolutions in NHWC memory format
 
     @property
     def te_lr(self) -> float:
         return self.lr if self.text_encoder_lr is None else self.text_encoder_lr
+
+
+SPEED_ONLY = ("max_pack", "cuda_graphs", "compile", "channels_last")
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -108,7 +116,7 @@ def training_config_hash(model: ModelConfig, data: DataConfig, lora: LoraSetting
     """What makes two checkpoints comparable. Step counts and resume flags are left out, so a run can be
     extended (max_steps 500 -> 1000) and resumed."""
     t = asdict(train)
-    for k in ("max_steps", "checkpoint_every", "resume", "device"):
+    for k in ("max_steps", "checkpoint_every", "resume", "device", *SPEED_ONLY):
         t.pop(k)
     return stable_hash({"model": asdict(model), "data": asdict(data), "lora": asdict(lora), "train": t})
 
@@ -166,5 +174,6 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
     need(train.device in DEVICES, f"train.device={train.device!r} is not one of {DEVICES}")
     need(train.snr_gamma is None or train.snr_gamma > 0, f"train.snr_gamma={train.snr_gamma} must be > 0 or null")
     need(train.noise_offset >= 0, f"train.noise_offset={train.noise_offset} must be >= 0")
+    need(train.max_pack >= 1, f"train.max_pack={train.max_pack} must be >= 1 (1 trains every trial on its own)")
     need(train.max_grad_norm > 0, f"train.max_grad_norm={train.max_grad_norm} must be > 0")
     return errors

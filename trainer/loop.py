@@ -56,7 +56,9 @@ class TrialResult:
     error: str | None = None
     seconds: float = 0.0
     ms_per_step: float | None = None  # median wall time of an optimizer step, first steps excluded
-    peak_memory_gib: float | None = None  # CUDA allocator peak during the trial
+    peak_memory_gib: float | None = None  # CUDA allocator peak during the trial (of the whole pack when packed)
+    pack_size: int = 1  # trials that trained in one pass of the base with this one (0: alone through peft)
+    setup_seconds: float = 0.0  # first step's extra cost: CUDA graph capture and, with train.compile, compiling
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -93,7 +95,9 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
     """Train every trial on one shared base. A diverging trial is reported in its result, not raised.
 
     With `pack` (default), trials that can share a pass of the base (same batch shape, schedule length,
-    LoRA targets; see packed.packable) train together as one pack; otherwise one after another."""
+    LoRA targets and resume step; see packed.plan) train together in packs of at most train.max_pack, a lone
+    trial as a pack of one; trials packed adapters cannot express (DoRA, text-encoder LoRA, dropout, fp16,
+    8-bit AdamW) train one after another through peft."""
     if not trials:
         return []
     devices = {(t.train.device, t.train.mixed_precision) for t in trials}
@@ -111,20 +115,29 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
     train_te = any(t.lora.train_text_encoder for t in trials)
     base.encoders_to("cpu", text=not train_te)
     base.encoders_to(base.device, text=train_te, vae=False)
-    why = packed.packable(trials, checkpoint.list_checkpoints) if pack else "packing is off"
-    if why is None:
-        return _train_packed(base, samples, trials, model, data, precision, progress)
-    if len(trials) > 1:
-        log.info("%d trials train one after another: %s", len(trials), why)
-    results = []
-    for spec in trials:
+    t0 = trials[0].train
+    if pack:
+        packs, alone = packed.plan(trials, _resume_step, t0.max_pack)
+    else:
+        packs, alone = [], [(spec, "packing is off") for spec in trials]
+    results: dict[int, TrialResult] = {}
+    for group in packs:
+        for spec, r in zip(group, _train_packed(base, samples, group, model, data, precision, progress)):
+            results[id(spec)] = r
+    for spec, why in alone:
+        log.info("trial %s trains alone through peft: %s", spec.name, why)
         try:
-            results.append(_train_one(base, samples, spec, model, data, precision, progress))
+            results[id(spec)] = _train_one(base, samples, spec, model, data, precision, progress)
         except NonFiniteLossError as exc:
             log.error("trial %s: %s", spec.name, exc)
-            results.append(TrialResult(spec.name, spec.output_dir, "diverged", exc.step, exc.loss,
-                                       checkpoint.list_checkpoints(spec.output_dir), error=str(exc)))
-    return results
+            results[id(spec)] = TrialResult(spec.name, spec.output_dir, "diverged", exc.step, exc.loss,
+                                            checkpoint.list_checkpoints(spec.output_dir), error=str(exc), pack_size=0)
+    return [results[id(spec)] for spec in trials]
+
+
+def _resume_step(spec: TrialSpec) -> int:
+    found = checkpoint.latest_valid(spec.output_dir) if spec.train.resume else None
+    return found[1].step if found else 0
 
 
 class Sampler:
@@ -145,11 +158,20 @@ class Sampler:
             self._epoch = epoch
         return self._perm[pos], self._flip[pos]
 
+    def on_device(self, first: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Picks first..first+size-1 as index tensors on `device`, from a table copied there a thousand picks at
+        a time: a step indexes the cached latents without a host-to-device copy (each would wait for the GPU)."""
+        table = getattr(self, "_table", None)
+        if table is None or table[0] > first or table[0] + table[1].shape[1] < first + size:
+            lo = first - first % 1000
+            picks = torch.tensor([self(k) for k in range(lo, lo + max(1000, size + first % 1000))]).T
+            self._table = table = (lo, picks.to(device))
+        sl = table[1][:, first - table[0]:first - table[0] + size]
+        return sl[0], sl[1]
+
 
 def _batch(lat: cache.LatentSet, sampler: Sampler, first: int, size: int):
-    picks = [sampler(first + j) for j in range(size)]
-    idx = torch.tensor([p[0] for p in picks], device=lat.mean.device)
-    var = torch.tensor([p[1] for p in picks], device=lat.mean.device)
+    idx, var = sampler.on_device(first, size, lat.mean.device)
     return lat.mean[idx, var], lat.std[idx, var], lat.time_ids[idx, var]
 
 
@@ -176,8 +198,8 @@ def _draw(base: BaseModel, samples: Samples, t: TrainConfig, samplers: tuple[Sam
     return sched.add_noise(lat, noise, steps), noise, steps, tids, prompts
 
 
-def _predict(base: BaseModel, noisy, steps, tids, prompts, train_te: bool, accelerator: Accelerator):
-    with accelerator.autocast():
+def _predict(base: BaseModel, noisy, steps, tids, prompts, train_te: bool, autocast):
+    with autocast():
         if train_te:  # text encoders change every step: encode again, with gradients
             ids = [torch.cat([p.input_ids[i] for p in prompts]) for i in (0, 1)]
             emb, pooled = cache.encode_tokens(base, (ids[0], ids[1]))
@@ -205,7 +227,7 @@ def _loss(base: BaseModel, samples: Samples, t: TrainConfig, data: DataConfig, t
           samplers: tuple[Sampler, Sampler | None], k: int, gen: torch.Generator, accelerator: Accelerator):
     """Loss of one micro-batch of one trial."""
     noisy, noise, steps, tids, prompts = _draw(base, samples, t, samplers, k, gen)
-    pred = _predict(base, noisy, steps, tids, prompts, train_te, accelerator)
+    pred = _predict(base, noisy, steps, tids, prompts, train_te, accelerator.autocast)
     return _trial_loss(base, pred, noise, steps, t, data, samples.klass is not None)
 
 
@@ -259,17 +281,10 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         gen = torch.Generator(device=base.device).manual_seed(t.seed)  # noise and timesteps
         start, resumed = 0, None
-        found = checkpoint.latest_valid(out) if t.resume else None
+        found = _resumable(spec, cfg_hash)
         if found:
-            folder, rec = found
-            if rec.config_hash != cfg_hash:
-                raise ConfigError([f"{out} holds checkpoints of another configuration (hash {rec.config_hash}, "
-                                   f"now {cfg_hash}): use a new output folder, or train.resume=false to start over"])
-            start = resumed = _restore(base, folder, spec, optimizer, scheduler, gen)
-            log.info("trial %s: resumed from %s", spec.name, folder)
-        elif not t.resume and checkpoint.list_checkpoints(out):
-            raise ConfigError([f"{out} already holds checkpoints and train.resume=false: choose a new output folder "
-                               "(hydra.run.dir=...) so that finished work is not overwritten"])
+            start = resumed = _restore(base, found[0], spec, optimizer, scheduler, gen)
+            log.info("trial %s: resumed from %s", spec.name, found[0])
         losses = _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelerator, start, cfg_hash, progress)
     finally:
         lora.remove_lora(base)
@@ -284,7 +299,7 @@ def _train_one(base: BaseModel, samples: Samples, spec: TrialSpec, model: ModelC
     last = stopped or (t.max_steps if losses else start)
     return TrialResult(spec.name, out, "pruned" if stopped else "finished", last, losses.get(last),
                        checkpoint.list_checkpoints(out), resumed, None, time.perf_counter() - started,
-                       1000 * statistics.median(times[2:] or times) if times else None, peak)
+                       1000 * statistics.median(times[2:] or times) if times else None, peak, pack_size=0)
 
 
 def _reset_process_state() -> None:
@@ -393,22 +408,31 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], model: ModelConfig, data: DataConfig,
                   precision: str, progress: bool) -> list[TrialResult]:
-    """All trials of `specs` in one pass of the base per step (see packed.py); one result per trial."""
+    """All trials of `specs` in one pass of the base per step (see packed.py); one result per trial.
+
+    On CUDA the whole step after the draw (forward, backward, clipping, AdamW) is captured once as a CUDA graph
+    and replayed (train.cuda_graphs): no kernel launch and no host sync left in it. Checkpoints are scored live
+    with that trial's adapter alone on the UNet (Pack.use); a trial its hook stops (pruned) rides along with a
+    zero learning rate, a diverged one is dropped; the others never see either."""
     from peft.utils import get_peft_model_state_dict
 
     ts = [s.train for s in specs]
     t0, n_trials = ts[0], len(specs)
     outs = [Path(s.output_dir) for s in specs]
     hashes = [training_config_hash(model, data, s.lora, s.train) for s in specs]
+    found = [_resumable(s, h) for s, h in zip(specs, hashes)]
+    start = found[0][1].step if found[0] else 0
     accelerator = Accelerator(mixed_precision=precision, cpu=base.device.type == "cpu")
     if base.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    started, pack = time.perf_counter(), None
+    started, pack, compiled, graph = time.perf_counter(), None, [], None
     try:
         inits = []
-        for s in specs:  # each trial starts from the weights it would get alone: peft's init under its seed
-            torch.manual_seed(s.train.seed)
+        for s, f in zip(specs, found):  # each trial starts from the weights it would get alone: peft's init under
+            torch.manual_seed(s.train.seed)  # its seed, or its checkpoint's weights
             lora.add_lora(base, s.lora)
+            if f:
+                lora.load_lora_into(base, f[0], False)
             inits.append({k: v.detach().clone() for k, v in
                           get_peft_model_state_dict(base.unet, adapter_name=lora.ADAPTER).items()})
             lora.remove_lora(base)
@@ -418,45 +442,86 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
         base.unet.train()
         if t0.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
+        if t0.channels_last:
+            base.unet.to(memory_format=torch.channels_last)
+        if t0.compile:
+            compiled = packed.compile_blocks(base.unet)
         opt = packed.PackedAdamW(pack.params(), ts, pack.ranks)
         dummies = [packed.dummy_optimizer(t) for t in ts]
         scheds = [get_scheduler(t.lr_scheduler, d, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
                   for t, d in zip(ts, dummies)]
         gens = [torch.Generator(device=base.device).manual_seed(t.seed) for t in ts]
+        for k, f in enumerate(found):
+            if f:
+                tensors, meta = checkpoint.read_state(f[0])
+                opt.load_trial(k, checkpoint.optimizer_state_from_flat(tensors, meta["optimizer"]))
+                scheds[k].load_state_dict(meta["scheduler"])
+                gens[k].set_state(tensors["rng.noise"])
+                log.info("trial %s: resumed from %s", specs[k].name, f[0])
+        opt.steps = start
         variants = samples.instance.mean.shape[1]
         samplers = [(Sampler(len(samples.instance), variants, t.seed, 1),
                      Sampler(len(samples.klass), samples.klass.mean.shape[1], t.seed, 2) if samples.klass else None)
                     for t in ts]
         for o in outs:
             o.mkdir(parents=True, exist_ok=True)
-            _truncate_log(o / "train_log.jsonl", 0)
+            _truncate_log(o / "train_log.jsonl", start)
         losses: list[dict[int, float]] = [{} for _ in specs]
         windows: list[list[float]] = [[] for _ in specs]
         diverged: dict[int, tuple[int, float]] = {}
+        stopped: dict[int, int] = {}
         times: list[float] = []
         ga, prior = t0.gradient_accumulation, samples.klass is not None
-        bar = tqdm(total=t0.max_steps, desc=f"train pack of {n_trials}", unit="step", disable=not progress)
-        for step in range(1, t0.max_steps + 1):
+        on_cuda = base.device.type == "cuda"
+        autocast = accelerator.autocast
+        use_graph = t0.cuda_graphs and on_cuda and ga == 1
+        if use_graph:  # a captured graph must not keep autocast's cast cache alive
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            autocast = lambda: torch.autocast("cuda", dtype=dtype, enabled=precision == "bf16", cache_enabled=False)  # noqa: E731
+        prompts = None
+
+        def fwd_bwd(noisy, noise, steps, tids):
+            pred = _predict(base, noisy, steps, tids, prompts, False, autocast)
+            per = torch.stack([_trial_loss(base, p, n, st, t, data, prior)
+                               for p, n, st, t in zip(pred.chunk(n_trials), noise.chunk(n_trials),
+                                                      steps.chunk(n_trials), ts)])
+            (per.sum() / ga).backward()  # trial k's loss reaches only adapter k
+            return per.detach()
+
+        def full_step(*inputs):
+            per = fwd_bwd(*inputs)
+            opt.clip()
+            opt.apply(clear_grads=not use_graph)  # a captured step keeps its gradient buffers
+            return per
+
+        bar = tqdm(total=t0.max_steps, initial=start, desc=f"train pack of {n_trials}", unit="step",
+                   disable=not progress)
+        for step in range(start + 1, t0.max_steps + 1):
             tic = time.perf_counter()
+            lrs = [0.0 if i in stopped else s.get_last_lr()[0] for i, s in enumerate(scheds)]
             total = torch.zeros(n_trials, device=base.device)
             for micro in range(ga):
                 draws = [_draw(base, samples, t, samplers[i], (step - 1) * ga + micro, gens[i]) for i, t in enumerate(ts)]
-                pred = _predict(base, torch.cat([d[0] for d in draws]), torch.cat([d[2] for d in draws]),
-                                torch.cat([d[3] for d in draws]), [p for d in draws for p in d[4]], False, accelerator)
-                per = torch.stack([_trial_loss(base, p, d[1], d[2], t, data, prior)
-                                   for p, d, t in zip(pred.split(draws[0][0].shape[0]), draws, ts)])
-                accelerator.backward(per.sum() / ga)  # trial k's loss reaches only adapter k
-                total += per.detach()
-            opt.clip()
-            lrs = [s.get_last_lr()[0] for s in scheds]
-            opt.step(lrs)
+                prompts = prompts or [p for d in draws for p in d[4]]
+                inputs = [torch.cat([d[j] for d in draws]) for j in range(4)]  # noisy, noise, timesteps, size ids
+                if use_graph:
+                    opt.set_hyper(lrs)
+                    if graph is None:
+                        graph, use_graph = packed.StepGraph.capture(full_step, fwd_bwd, inputs, pack.params())
+                    total += graph(inputs) if graph is not None else full_step(*inputs)
+                elif micro + 1 < ga:
+                    total += fwd_bwd(*inputs)
+                else:
+                    total += fwd_bwd(*inputs)
+                    opt.clip()
+                    opt.step(lrs)
             for d, s in zip(dummies, scheds):
                 d.step()  # no gradient: nothing moves; keeps the scheduler's call order
                 s.step()
             values = (total / ga).tolist()  # one host sync per step, for the whole pack
             times.append(time.perf_counter() - tic)
             for i, v in enumerate(values):
-                if i in diverged:
+                if i in diverged or i in stopped:
                     continue
                 if not math.isfinite(v):  # its weights are lost; the others never saw them
                     diverged[i] = (step, v)
@@ -470,22 +535,35 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             bar.set_postfix(loss=" ".join(f"{v:.3f}" for v in values))
             if step % t0.checkpoint_every == 0 or step == t0.max_steps:
                 for i in range(n_trials):
-                    if i not in diverged:
-                        # the dummy's param group is the layout a lone trial's AdamW saves
-                        state = opt.trial_state(i, dummies[i].state_dict()["param_groups"][0])
-                        _save(specs[i], step, sum(windows[i]) / max(len(windows[i]), 1), hashes[i], lrs[i], state,
-                              scheds[i], gens[i], lambda folder, k=i: pack.save(k, folder))
-                        windows[i] = []
+                    if i in diverged or i in stopped:
+                        continue
+                    # the dummy's param group is the layout a lone trial's AdamW saves
+                    state = opt.trial_state(i, dummies[i].state_dict()["param_groups"][0])
+                    saved = _save(specs[i], step, sum(windows[i]) / max(len(windows[i]), 1), hashes[i], lrs[i],
+                                  state, scheds[i], gens[i], lambda folder, k=i: pack.save(k, folder))
+                    windows[i] = []
+                    if specs[i].on_checkpoint is not None:
+                        with pack.use(i), packed.eager_stance(compiled):
+                            if _call_paused(specs[i].on_checkpoint, step, saved, {"unet": None}, base):
+                                stopped[i] = step
+                                log.info("trial %s: stopped at step %d (pruned)", specs[i].name, step)
+            if len(stopped) + len(diverged) == n_trials:
+                break
         bar.close()
     finally:
         if pack is not None:
             pack.remove()
+        packed.uncompile(compiled)
         base.unet.eval()
+        if t0.channels_last:
+            base.unet.to(memory_format=torch.contiguous_format)
         if t0.gradient_checkpointing:
             base.unet.disable_gradient_checkpointing()
+        graph = None  # its memory pool goes back before the next pack
         _reset_process_state()
     peak = torch.cuda.max_memory_allocated() / 2**30 if base.device.type == "cuda" else None
     ms = 1000 * statistics.median(times[2:] or times) if times else None
+    setup_s = max(0.0, times[0] - ms / 1000) if times else 0.0  # the first step's extra: capture, compilation
     results = []
     for i, s in enumerate(specs):
         ckpts = checkpoint.list_checkpoints(outs[i])
@@ -493,7 +571,22 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             at, v = diverged[i]
             err = str(NonFiniteLossError(at, v, str(ckpts[-1]) if ckpts else None))
             results.append(TrialResult(s.name, outs[i], "diverged", at, v, ckpts, error=err))
-        else:
-            results.append(TrialResult(s.name, outs[i], "finished", t0.max_steps, losses[i].get(t0.max_steps), ckpts,
-                                       None, None, time.perf_counter() - started, ms, peak))
+            continue
+        last = stopped.get(i, t0.max_steps if losses[i] else start)
+        results.append(TrialResult(s.name, outs[i], "pruned" if i in stopped else "finished", last,
+                                   losses[i].get(last), ckpts, start or None, None, time.perf_counter() - started,
+                                   ms, peak, n_trials, setup_s))
     return results
+
+
+def _resumable(spec: TrialSpec, cfg_hash: str):
+    """The checkpoint a trial resumes from (None: a fresh start); refuses folders that would be overwritten."""
+    out = Path(spec.output_dir)
+    found = checkpoint.latest_valid(out) if spec.train.resume else None
+    if found and found[1].config_hash != cfg_hash:
+        raise ConfigError([f"{out} holds checkpoints of another configuration (hash {found[1].config_hash}, "
+                           f"now {cfg_hash}): use a new output folder, or train.resume=false to start over"])
+    if not spec.train.resume and checkpoint.list_checkpoints(out):
+        raise ConfigError([f"{out} already holds checkpoints and train.resume=false: choose a new output folder "
+                           "(hydra.run.dir=...) so that finished work is not overwritten"])
+    return found

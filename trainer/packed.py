@@ -9,11 +9,13 @@ zero (its gradient is zero, so AdamW never moves it). Checkpoints are ordinary p
 with an optimizer state a lone trial can resume from."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import lora
@@ -34,12 +36,18 @@ class PackedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(k, r, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(k, base.out_features, r, device=dev))
         self.register_buffer("scale", torch.tensor(scales, device=dev).view(k, 1, 1), persistent=False)
+        self.active: int | None = None  # set by Pack.use(k)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
         # under autocast the matmuls run in its dtype (as peft's LoRA layers do): cast the small weights,
         # never the activations; without autocast everything stays in the LoRA's fp32
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.lora_A.dtype
+        if self.active is not None:  # one trial's adapter on every sample (generating with that trial's LoRA)
+            k = self.active
+            dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else dtype  # a bf16 pipeline stays bf16
+            h = F.linear(x.to(dtype), self.lora_A[k].to(dtype))
+            return out + F.linear(h, (self.lora_B[k] * self.scale[k]).to(dtype)).to(out.dtype)
         xs = x.reshape(self.k, -1, x.shape[-1]).to(dtype)
         h = torch.bmm(xs, self.lora_A.to(dtype).transpose(1, 2))
         delta = torch.bmm(h, (self.lora_B * self.scale).to(dtype).transpose(1, 2))
@@ -90,6 +98,17 @@ class Pack:
             out[f"{name}.lora_B.weight"] = m.lora_B[k, :, :r].detach().clone()
         return out
 
+    @contextlib.contextmanager
+    def use(self, k: int):
+        """Inside: trial k's adapter applies to every sample (scoring that trial's checkpoint with a pipeline)."""
+        for *_, m in self.layers:
+            m.active = k
+        try:
+            yield
+        finally:
+            for *_, m in self.layers:
+                m.active = None
+
     def save(self, k: int, folder: Path) -> None:
         lora.save_unet_lora(folder, self.peft_state(k), lora.unet_config(self.settings[k]))
 
@@ -101,7 +120,10 @@ class Pack:
 
 class PackedAdamW:
     """AdamW over packed tensors (trial axis first), torch.optim.AdamW's update per trial with that trial's
-    learning rate and weight decay; gradient norms are clipped per trial."""
+    learning rate and weight decay; gradient norms are clipped per trial.
+
+    The update reads its step-dependent numbers (learning rates, bias corrections) from one device tensor that
+    `set_hyper` fills without a host sync, so `clip` and `apply` can be captured in a CUDA graph."""
 
     def __init__(self, params: list[nn.Parameter], trains: list[TrainConfig], ranks: list[int]):
         firsts = {(t.adam_beta1, t.adam_beta2, t.adam_epsilon) for t in trains}
@@ -110,11 +132,15 @@ class PackedAdamW:
         self.params, self.ranks = params, ranks
         (self.b1, self.b2, self.eps), = firsts
         dev = params[0].device
+        k = len(trains)
         self.wd = torch.tensor([t.adam_weight_decay for t in trains], device=dev).view(-1, 1, 1)
         self.max_norm = torch.tensor([t.max_grad_norm for t in trains], device=dev)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = 0
+        # rows: lr, lr / bias correction 1, 1 / sqrt(bias correction 2); per trial
+        self.hyper = torch.zeros(3, k, 1, 1, device=dev)
+        self._host = torch.zeros(3, k, 1, 1, pin_memory=dev.type == "cuda")
 
     @torch.no_grad()
     def clip(self) -> None:
@@ -124,27 +150,49 @@ class PackedAdamW:
         coef = torch.clamp(self.max_norm / (norms + 1e-6), max=1.0).view(-1, 1, 1)
         torch._foreach_mul_(grads, [coef] * len(grads))
 
-    @torch.no_grad()
-    def step(self, lrs: list[float]) -> None:
-        """One AdamW step for every parameter at once (foreach kernels, the trial's LR broadcast per slice):
-        a handful of launches per step instead of a dozen per parameter."""
+    def set_hyper(self, lrs: list[float]) -> None:
+        """The next step's numbers, copied to the device asynchronously (the pinned buffer is reused only
+        after the caller's per-step sync)."""
         self.steps += 1
+        bc1, bc2 = 1 - self.b1 ** self.steps, math.sqrt(1 - self.b2 ** self.steps)
+        for i, lr in enumerate(lrs):
+            self._host[0, i] = lr
+            self._host[1, i] = lr / bc1
+            self._host[2, i] = 1 / bc2
+        self.hyper.copy_(self._host, non_blocking=True)
+
+    @torch.no_grad()
+    def apply(self, clear_grads: bool = True) -> None:
+        """One AdamW step for every parameter at once (foreach kernels, the trial's numbers broadcast per slice)."""
         n, ps = len(self.params), self.params
         grads = [p.grad for p in ps]
-        lr = torch.tensor(lrs, device=ps[0].device).view(-1, 1, 1)
-        bc1, bc2 = 1 - self.b1 ** self.steps, math.sqrt(1 - self.b2 ** self.steps)
+        lr, step_size, inv_bc2 = self.hyper
         torch._foreach_mul_(ps, [1 - lr * self.wd] * n)  # decoupled weight decay
         torch._foreach_lerp_(self.m, grads, 1 - self.b1)
         torch._foreach_mul_(self.v, self.b2)
         torch._foreach_addcmul_(self.v, grads, grads, 1 - self.b2)
         denom = torch._foreach_sqrt(self.v)
-        torch._foreach_div_(denom, bc2)
+        torch._foreach_mul_(denom, [inv_bc2] * n)
         torch._foreach_add_(denom, self.eps)
         update = torch._foreach_div(self.m, denom)
-        torch._foreach_mul_(update, [lr / bc1] * n)
+        torch._foreach_mul_(update, [step_size] * n)
         torch._foreach_sub_(ps, update)
-        for p in ps:
-            p.grad = None
+        if clear_grads:
+            for p in ps:
+                p.grad = None
+
+    def step(self, lrs: list[float]) -> None:
+        self.set_hyper(lrs)
+        self.apply()
+
+    def load_trial(self, k: int, state: dict) -> None:
+        """Trial k's moments from a lone trial's AdamW state_dict (the inverse of `trial_state`)."""
+        r = self.ranks[k]
+        with torch.no_grad():
+            for i, (m, v) in enumerate(zip(self.m, self.v)):
+                sl = (k, slice(0, r)) if i % 2 == 0 else (k, slice(None), slice(0, r))
+                m[sl].copy_(state["state"][i]["exp_avg"])
+                v[sl].copy_(state["state"][i]["exp_avg_sq"])
 
     def trial_state(self, k: int, template: dict) -> dict:
         """Trial k's state in torch.optim.AdamW's state_dict layout (`template`: a lone trial's param group)."""
@@ -157,29 +205,38 @@ class PackedAdamW:
         return {"state": state, "param_groups": [group]}
 
 
-def packable(trials: list, has_checkpoints) -> str | None:
-    """Why these trials cannot train as one pack (None if they can)."""
-    if len(trials) < 2:
-        return "a single trial"
-    first = trials[0]
-    same = lambda get: len({repr(get(t)) for t in trials}) == 1  # noqa: E731
+def alone_reason(t) -> str | None:
+    """Why this trial cannot train through packed adapters at all (None if it can)."""
     checks = [
-        (same(lambda t: (t.train.batch_size, t.train.gradient_accumulation, t.train.max_steps,
-                         t.train.checkpoint_every, t.train.device, t.train.mixed_precision,
-                         t.train.gradient_checkpointing, t.train.optimizer)),
-         "batch size, accumulation, steps, checkpoint interval, device, precision or optimizer differ"),
-        (same(lambda t: list(t.lora.target_modules)), "LoRA target modules differ"),
-        (not any(t.lora.use_dora or t.lora.train_text_encoder for t in trials), "DoRA or text-encoder LoRA"),
-        (first.train.optimizer == "adamw", "optimizer is not adamw"),
-        (first.train.mixed_precision != "fp16", "fp16 needs a loss scaler (bf16 or fp32 packs)"),
-        (not any(t.lora.dropout for t in trials), "LoRA dropout (its random draws would differ in a pack)"),
-        (not any(t.on_checkpoint for t in trials), "checkpoints are scored live (one trial's adapter at a time)"),
-        (not any(has_checkpoints(t.output_dir) for t in trials), "a trial resumes from its checkpoints"),
+        (not (t.lora.use_dora or t.lora.train_text_encoder), "DoRA or text-encoder LoRA"),
+        (t.train.optimizer == "adamw", "optimizer is not adamw"),
+        (t.train.mixed_precision != "fp16", "fp16 needs a loss scaler (bf16 or fp32 packs)"),
+        (not t.lora.dropout, "LoRA dropout (its random draws would differ in a pack)"),
     ]
-    for ok, why in checks:
-        if not ok:
-            return why
-    return None
+    return next((why for ok, why in checks if not ok), None)
+
+
+def pack_key(t, resume_step: int) -> tuple:
+    """Trials with equal keys can share a pass of the base: same batch shape, schedule length, LoRA targets,
+    and the same step to start from."""
+    tc = t.train
+    return (tc.batch_size, tc.gradient_accumulation, tc.max_steps, tc.checkpoint_every, tc.device,
+            tc.mixed_precision, tc.gradient_checkpointing, tuple(t.lora.target_modules), resume_step)
+
+
+def plan(trials: list, resume_step, max_pack: int) -> tuple[list[list], list[tuple[object, str]]]:
+    """Split trials into packs (each at most `max_pack`, order kept) and trials that train alone through peft,
+    each with the reason. `resume_step(trial)` is the step it would resume from (0: a fresh start)."""
+    packs: dict[tuple, list] = {}
+    alone = []
+    for t in trials:
+        why = alone_reason(t)
+        if why is not None:
+            alone.append((t, why))
+        else:
+            packs.setdefault(pack_key(t, resume_step(t)), []).append(t)
+    chunks = [group[i:i + max_pack] for group in packs.values() for i in range(0, len(group), max_pack)]
+    return chunks, alone
 
 
 def dummy_optimizer(t: TrainConfig) -> torch.optim.Optimizer:
@@ -188,3 +245,66 @@ def dummy_optimizer(t: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                              weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
 
+
+
+class StepGraph:
+    """A whole training step (forward, backward, clipping, AdamW) captured once as a CUDA graph and replayed:
+    the inputs are copied into static tensors, the per-trial losses come back in a static tensor.
+
+    At batch sizes like these a step is bound by the CPU launching thousands of small kernels; a replay
+    launches them all at once. Shapes never change within a pack, so one capture serves every step."""
+
+    def __init__(self, graph, static_in: list[torch.Tensor], static_out: torch.Tensor):
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        for s, x in zip(self.static_in, inputs):
+            s.copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+    @classmethod
+    def capture(cls, step, warm, inputs: list[torch.Tensor], params: list[nn.Parameter], warmup: int = 2):
+        """(graph, True), or (None, False) with a warning when this model cannot be captured: the caller then
+        trains eagerly. `warm` (forward and backward only, no update) runs first, as capture requires."""
+        static_in = [x.clone() for x in inputs]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    warm(*static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            for p in params:
+                p.grad = None
+            torch.cuda.empty_cache()  # the warm-up's blocks, before the graph takes its own pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step(*static_in)
+            return cls(graph, static_in, out), True
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: train eagerly
+            log.warning("CUDA graph capture failed (%s: %s); this pack trains without graphs "
+                        "(train.cuda_graphs=false silences this)", type(exc).__name__, str(exc)[:300])
+            for p in params:
+                p.grad = None
+            torch.cuda.synchronize()
+            return None, False
+
+
+def compile_blocks(unet: nn.Module) -> list[nn.Module]:
+    """Regional compilation: every transformer block of the UNet compiled in place (torch.compile). The ~70
+    blocks share a handful of shapes, so a few compilations serve them all."""
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for b in blocks:
+        b.compile()
+    return blocks
+
+
+def uncompile(blocks: list[nn.Module]) -> None:
+    for b in blocks:
+        b._compiled_call_impl = None
+
+
+def eager_stance(compiled: list[nn.Module]):
+    """Inside: compiled blocks run eagerly (generating at other batch shapes must not trigger recompiles)."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()

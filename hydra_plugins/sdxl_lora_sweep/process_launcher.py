@@ -1,10 +1,10 @@
 """`hydra/launcher=processes`: every job in a fresh process, several at a time (the work is in sweep/launcher.py)."""
 
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.plugins.launcher import Launcher
+
+from . import DelegatingLauncher
 
 
 @dataclass
@@ -17,14 +17,8 @@ ConfigStore.instance().store(group="hydra/launcher", name="processes", node=Proc
                              provider="sdxl-lora-sweep")
 
 
-class ProcessLauncher(Launcher):
+class ProcessLauncher(DelegatingLauncher):
     def __init__(self, n_workers: int = 2) -> None:
         from sweep.launcher import ProcessPoolLauncher
 
         self.impl = ProcessPoolLauncher(n_workers)
-
-    def setup(self, *, hydra_context, task_function, config) -> None:
-        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
-        return self.impl.launch(job_overrides, initial_job_idx)

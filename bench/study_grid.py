@@ -1,0 +1,96 @@
+"""The original study's whole grid, end to end on one GPU, through the command line a user types.
+
+3 learning rates x 500 steps at 1024 px, a checkpoint every 100 steps, every checkpoint scored with the study's
+5 prompts x 4 images (30 steps, CFG) plus the prior-drift images, CLIP and dlib face scores, selection and report;
+SDXL-base architecture with random weights and a CLIP-L-sized CLIP with random weights (no downloads here).
+The timed span starts with `python -m sweep` and ends when it exits, model loading included (building the random
+model beforehand is not timed). Writes bench/results/study_grid_<gpu>.json.
+
+    python bench/study_grid.py
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.single_trial import model_preset  # noqa: E402
+from trainer.models import resolve_source  # noqa: E402
+
+CLIP_L = ("{seed:0,projection_dim:768,"
+          "text_config:{vocab_size:1000,hidden_size:768,intermediate_size:3072,num_hidden_layers:12,"
+          "num_attention_heads:12,max_position_embeddings:77},"
+          "vision_config:{image_size:224,patch_size:14,hidden_size:1024,intermediate_size:4096,num_hidden_layers:24,"
+          "num_attention_heads:16}}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--images", type=int, default=4, help="images per prompt and checkpoint")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-grid")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--model", default="sdxl_base_random", help="model preset (tiny: a quick check of the script)")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and args.model != "tiny":
+        sys.exit("bench/study_grid.py needs a CUDA GPU")
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = args.work / ".cache"
+    resolve_source(model_preset(args.model), cache)  # built (not timed) where the sweep will look
+    seeds = "[" + ",".join(str(i) for i in range(args.images)) + "]"
+    cmd = [sys.executable, "-m", "sweep", "-m", "experiment=none", f"model={args.model}", "data=photos", "eval=default",
+           f"data.resolution={args.resolution}",
+           f"data.instance_dir={ROOT / 'assets' / 'demo_subject'}", "data.allow_upscale=true", "data.min_images=3",
+           "lr=1e-4,1e-5,5e-4", f"steps={args.steps}", f"train.checkpoint_every={args.every}", f"eval.seeds={seeds}",
+           "eval.clip_model=", f"eval.clip_architecture={CLIP_L}", "tracking.enabled=false",
+           f"paths.root={args.work}", "paths.cache_dir=.cache", "progress=false", *args.overrides]
+    tic = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - tic
+    log_tail = (proc.stdout + proc.stderr)[-6000:]
+    if proc.returncode != 0:
+        print(log_tail)
+        sys.exit(f"the sweep failed with exit status {proc.returncode}")
+    sweep = max((args.work / "outputs" / "sweeps").iterdir())
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+    checkpoints = sum(len(t["checkpoints"]) for t in trials)
+    n_prompts = 5
+    images = (checkpoints + 1) * (n_prompts + 1) * args.images  # + baseline; + prior-drift prompt
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    import diffusers
+
+    report = {
+        "benchmark": "study_grid", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": gpu, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "command": " ".join(cmd[1:]),
+        "wall_s": wall, "wall_min": wall / 60, "trials": len(trials), "checkpoints_scored": checkpoints,
+        "images_generated": images,
+        "per_trial": [{k: t.get(k) for k in ("name", "status", "steps", "ms_per_step", "pack_size", "setup_seconds",
+                                               "seconds", "peak_memory_gib", "objective")} for t in trials],
+        "target_min": 8,
+        "reference_way_estimate_min": {"note": "anchors (H200): 3 x 500 x 0.592 s training + 300 images x 2.16 s",
+                                       "value": (3 * 500 * 0.592 + 300 * 2.16) / 60},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"study_grid_{gpu.replace(' ', '_')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(log_tail[-2500:])
+    print(f"\nwhole grid: {wall / 60:.2f} min ({len(trials)} trials, {checkpoints} checkpoints, {images} images) "
+          f"on {gpu}; written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Multirun jobs that train together: a Hydra launcher that runs a batch of jobs as one pack of trials.
+
+Each job of a batch runs in its own thread through Hydra's own `run_job` (its folder, .hydra files, callbacks,
+MLflow child run, result.json), one thread at a time: everything a job does before and after training holds
+`_TURN`. Where a job would train, it hands its trial to the batch's rendezvous and gives up its turn; when every
+job of the batch has either arrived or ended without training (skipped, failed its checks), the last one trains
+all arrived trials in one `trainer.train` call, which packs the compatible ones (trainer/packed.py) and trains
+the rest one by one. Each job then takes its turn again and records its own result. Checkpoint hooks (live
+scoring, Optuna pruning) run inside that call, each with its own trial's adapter on the UNet.
+
+Outside such a launcher (a single run, the basic or process launcher) `train` here is `trainer.train`."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+from trainer import train as _train_now
+
+log = logging.getLogger(__name__)
+
+_TURN = threading.RLock()  # one job thread at a time runs outside the shared training call
+_LOCAL = threading.local()
+
+
+class Rendezvous:
+    """Where the jobs of one batch meet to train together."""
+
+    def __init__(self, jobs: int):
+        self.waiting = jobs  # jobs that may still arrive
+        self.entries: list[dict] = []
+        self.done = threading.Condition(_TURN)
+        self.trained = False
+
+    def arrive(self, trials, model, data, cache_dir, progress: bool):
+        entry = {"trials": trials, "key": (repr(model), repr(data), str(cache_dir)), "args": (model, data, cache_dir),
+                 "progress": progress, "results": None, "error": None}
+        with self.done:
+            self.entries.append(entry)
+            self.waiting -= 1
+            if self.waiting == 0:
+                self._train_all()
+            else:
+                self.done.wait_for(lambda: self.trained)
+        if entry["error"] is not None:
+            raise entry["error"]
+        return entry["results"]
+
+    def leave(self) -> None:
+        """A job that ended without arriving (already finished, failed before training)."""
+        with self.done:
+            self.waiting -= 1
+            if self.waiting == 0 and self.entries and not self.trained:
+                self._train_all()
+
+    def _train_all(self) -> None:
+        groups: dict[tuple, list[dict]] = {}
+        for e in self.entries:  # one base model and one data set per trainer call
+            groups.setdefault(e["key"], []).append(e)
+        try:
+            for group in groups.values():
+                specs = [t for e in group for t in e["trials"]]
+                names = ", ".join(s.name for s in specs)
+                log.info("training %d trial(s) of this batch together: %s", len(specs), names)
+                try:
+                    results = _train_now(specs, *group[0]["args"], progress=any(e["progress"] for e in group))
+                except BaseException as exc:  # every trial of the call fails with it (e.g. out of memory)
+                    for e in group:
+                        e["error"] = exc
+                    continue
+                by_spec = dict(zip(map(id, specs), results))
+                for e in group:
+                    e["results"] = [by_spec[id(t)] for t in e["trials"]]
+        finally:
+            self.trained = True
+            self.done.notify_all()
+
+
+def train(trials, model, data, cache_dir, progress: bool = True):
+    """`trainer.train`, or, inside a job of the packing launcher, this job's share of its batch's joint call."""
+    rv: Rendezvous | None = getattr(_LOCAL, "rendezvous", None)
+    if rv is None:
+        return _train_now(trials, model, data, cache_dir, progress=progress)
+    _LOCAL.arrived, _LOCAL.rendezvous = True, None  # a second call in the same job trains on its own
+    return rv.arrive(trials, model, data, cache_dir, progress)
+
+
+class PackingLauncher:
+    """hydra/launcher=packed: the jobs of each batch (at most `pack_size`) train as one pack where compatible."""
+
+    def __init__(self, pack_size: int = 8):
+        if pack_size < 1:
+            raise ValueError(f"hydra.launcher.pack_size={pack_size}: needs at least 1")
+        self.pack_size = pack_size
+        self.config: DictConfig | None = None
+        self.hydra_context = None
+        self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        from hydra.core.utils import configure_log, filter_overrides, setup_globals
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        log.info("Launching %d jobs, up to %d training together", len(jobs), self.pack_size)
+        returns = []
+        for first in range(0, len(jobs), self.pack_size):
+            batch = jobs[first:first + self.pack_size]
+            for idx, o in batch:
+                log.info("\t#%d : %s", idx, " ".join(filter_overrides(o)))
+            rv = Rendezvous(len(batch))
+            out: list = [None] * len(batch)
+            threads = [threading.Thread(target=self._job, args=(rv, idx, o, out, i), name=f"job-{idx}")
+                       for i, (idx, o) in enumerate(batch)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for r in out:
+                if isinstance(r, BaseException):
+                    raise r
+            returns += out
+        return returns
+
+    def _job(self, rv: Rendezvous, idx: int, overrides: list[str], out: list, slot: int) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import run_job
+        from omegaconf import open_dict
+
+        _LOCAL.rendezvous, _LOCAL.arrived = rv, False
+        try:
+            with _TURN:  # as Hydra's basic launcher does it, one job at a time
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                with open_dict(cfg):
+                    cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
+                    cfg.hydra.job.num = idx
+                HydraConfig.instance().set_config(cfg)
+                out[slot] = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
+                                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        except BaseException as exc:  # noqa: BLE001 - handed to the launching thread, which raises it
+            out[slot] = exc
+        finally:
+            if not _LOCAL.arrived:
+                rv.leave()
+            _LOCAL.rendezvous = None
