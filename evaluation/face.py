@@ -71,15 +71,24 @@ class DlibBackend:
             det = self._local.detect = dlib.get_frontal_face_detector()
         return det
 
-    def _detect_largest(self, image: np.ndarray):
-        # HOG detection time grows with pixels; a 1024 px render is scored at 640 px (the descriptor sees a
-        # 150 px aligned chip either way)
+    def face_count(self, image: np.ndarray) -> int:
+        return len(self._boxes(self._fit(image)))
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
         if max(image.shape[:2]) > self.max_side:
             im = Image.fromarray(image)
             im.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
             image = np.asarray(im)
-        image = np.ascontiguousarray(image)
-        boxes = self._detector()(image, self.upsample)
+        return np.ascontiguousarray(image)
+
+    def _boxes(self, image: np.ndarray):
+        return self._detector()(image, self.upsample)
+
+    def _detect_largest(self, image: np.ndarray):
+        # HOG detection time grows with pixels; a 1024 px render is scored at 640 px (the descriptor sees a
+        # 150 px aligned chip either way)
+        image = self._fit(image)
+        boxes = self._boxes(image)
         return image, (max(boxes, key=lambda r: r.width() * r.height()) if len(boxes) else None)
 
     def _describe(self, image: np.ndarray, box) -> np.ndarray | None:
@@ -180,6 +189,12 @@ class Identity:
         if missing:
             raise ValueError(f"no face found in {len(missing)} instance photo(s): {', '.join(missing)}. Use photos "
                              "where the face is clearly visible, or turn the face metric off (eval.face_backend=none)")
+        count = getattr(backend, "face_count", None)
+        crowded = [f"{n} ({k} faces)" for n, a in zip(names, arrays) if count and (k := count(a)) > 1]
+        if crowded:
+            log.warning("instance photo(s) with several faces: %s; the largest face is taken as the subject's. "
+                        "Crop them to the subject for a cleaner identity", ", ".join(crowded))
+        self.crowded = crowded
         self.embeddings = [e / np.linalg.norm(e) for e in embs]
         mean = np.mean(self.embeddings, axis=0)
         self.vector = mean / np.linalg.norm(mean)

@@ -64,7 +64,28 @@ def check_lora_file(folder: Path) -> Path:
         raise LoraFileError(f"{path}: not a readable safetensors LoRA file ({exc}); re-save the checkpoint") from None
     if not any("lora" in k for k in keys):
         raise LoraFileError(f"{path}: holds no LoRA weights (keys such as {keys[:3]})")
+    verify_hash(path)
     return path
+
+
+def verify_hash(path: Path, expected: str | None = None) -> None:
+    """The LoRA file against the sha256 its checkpoint.json (beside it) or the caller recorded: a file changed or
+    damaged after training is refused, never silently used."""
+    import hashlib
+    import json
+
+    record = path.parent / "checkpoint.json"
+    if expected is None and record.is_file():
+        expected = json.loads(record.read_text()).get("lora_sha256")
+    if not expected:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected:
+        raise LoraFileError(f"{path}: content hash {h.hexdigest()[:16]}... does not match the recorded {expected[:16]}...: "
+                            "the file changed or is damaged since it was written; use another checkpoint")
 
 
 class LoraSwap:

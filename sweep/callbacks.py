@@ -19,6 +19,33 @@ def _typed(config: DictConfig):
     return to_typed(OmegaConf.create(cfg))
 
 
+_HELD: list = []  # lock files held for the life of this process
+
+
+def hold_folder(folder: Path) -> None:
+    """Refuse a second sweep in a folder a running one holds (e.g. two `resume=true` launches of one command):
+    both would train the same trials into the same files. The lock goes with the process, even when killed."""
+    import fcntl
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        log.error("%s is in use by another sweep (pid %s): wait for it to end, or start a new sweep (without "
+                  "resume=true)", folder, holder)
+        raise SystemExit(2) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD.append(f)
+
+
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from trainer import UserError
@@ -37,6 +64,8 @@ class SweepCallback(Callback):
             log.error("%s", exc)
             raise SystemExit(2) from None
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):  # Optuna workers share
+            hold_folder(sweep_dir)  # a folder on purpose (their study coordinates them); a grid must not
         tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
         tracker.start_sweep(sweep_dir, sweep_dir.name,
                             {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})

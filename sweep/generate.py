@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if "checkpoint" in args:
         from diffusers import StableDiffusionXLPipeline
 
+        from evaluation.generate import EvalInputError, check_lora_file
+
+        try:
+            path = check_lora_file(Path(args["checkpoint"]))  # safetensors only, its recorded hash verified
+        except EvalInputError as exc:
+            raise SystemExit(str(exc)) from None
         pipe = StableDiffusionXLPipeline.from_pretrained(args["base"])
-        pipe.load_lora_weights(args["checkpoint"])
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         pipe(prompt=args["prompt"], **gen_kwargs).images[0].save(out)
     else:
@@ -59,14 +65,42 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.set_tracking_uri(args.get("tracking_uri") or store_uri(TrackingConfig(), Path("."))[0])
         uri = args.get("model", "models:/sdxl-lora-champion@champion")
         try:
-            model = mlflow.pyfunc.load_model(uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except Exception as exc:
             raise SystemExit(f"cannot load {uri} from {mlflow.get_tracking_uri()} ({type(exc).__name__}: {exc}); "
                              "run a sweep first, or pass model=... / tracking_uri=...") from None
+        verify_registered(uri, local)
+        model = mlflow.pyfunc.load_model(str(local))
         [png] = model.predict(pd.DataFrame({"prompt": [args["prompt"]]}), params=gen_kwargs or None)
         out.write_bytes(png)
     print(f"written {out}")
     return 0
+
+
+def verify_registered(uri: str, local: Path) -> None:
+    """The downloaded LoRA against the sha256 recorded on its model version (and in its checkpoint.json)."""
+    from mlflow import MlflowClient
+
+    from evaluation.generate import EvalInputError, verify_hash
+
+    files = list(local.rglob("pytorch_lora_weights.safetensors"))
+    if not files:
+        raise SystemExit(f"{uri}: no pytorch_lora_weights.safetensors in the registered model")
+    expected = None
+    if uri.startswith("models:/"):
+        name, _, ref = uri[len("models:/"):].partition("@")
+        client = MlflowClient()
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = uri[len("models:/"):].partition("/")
+            version = client.get_model_version(name, number)
+        expected = version.tags.get("lora_sha256")
+    try:
+        verify_hash(files[0], expected)
+        verify_hash(files[0])
+    except EvalInputError as exc:
+        raise SystemExit(f"{uri}: {exc}") from None
 
 
 if __name__ == "__main__":

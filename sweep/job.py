@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,6 +21,7 @@ from trainer.models import resolve_device, resolve_source, shared_pipeline
 
 from .config import SweepConfig, resolve_path, to_typed
 from .finalize import BASELINE, RESULT, trial_best
+from .launcher import GPU_ENV
 from .offline_models import build_clip
 from .packing import train
 from .selection import Candidate
@@ -63,6 +65,8 @@ def run_job(cfg: DictConfig) -> float:
         return done
     tags = {"sweep": sweep_dir.name, "trial_key": name, "git_commit": git_commit(), "device": device_name(),
             "config_hash": cfg_hash}
+    if os.environ.get(GPU_ENV):  # pinned by hydra/launcher=processes with hydra.launcher.gpus
+        tags["gpu"] = os.environ[GPU_ENV]
     if link is not None:
         tags.update({"optuna.study": link.study.study_name, "optuna.trial": conf.optuna_trial})
     run_id = tracker.child_run(sweep, name, tags)
@@ -232,13 +236,21 @@ def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objec
     tracker.log_metrics(run_id, rows)
     tracker.log_artifacts(run_id, out / "eval" / "grids", "grids")
     tracker.log_artifacts(run_id, out / RESULT)
+    hashes = {f"lora_sha256.{c.name}": _lora_hash(c) for c in result.checkpoints}
+    tracker.set_tags(run_id, {k: v for k, v in hashes.items() if v})  # what each checkpoint's LoRA must hash to
     if best is not None:  # the trial's best checkpoint under the sweep's rule: the LoRA people will want
         tracker.log_artifacts(run_id, Path(best.checkpoint) / "pytorch_lora_weights.safetensors", "best_checkpoint")
-        tracker.set_tags(run_id, {"best_step": best.step})
+        tracker.set_tags(run_id, {"best_step": best.step,
+                                  "best_lora_sha256": hashes.get(f"lora_sha256.{Path(best.checkpoint).name}", "")})
     tracker.set_tags(run_id, {"status": result.status})
     if result.error:
         tracker.set_tags(run_id, {"failure_reason": result.error[:4000]})
     tracker.finish(run_id, "FINISHED" if result.status in ("finished", "pruned") else "FAILED")
+
+
+def _lora_hash(folder: Path) -> str | None:
+    rec = Path(folder) / "checkpoint.json"
+    return json.loads(rec.read_text()).get("lora_sha256") if rec.is_file() else None
 
 
 def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:

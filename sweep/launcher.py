@@ -1,5 +1,9 @@
 """A Hydra launcher that runs every job in a fresh process, up to `n_workers` at a time.
 
+With `gpus` (a list of device indices, or "auto" for every visible GPU), each job process is pinned to one GPU
+of its own (CUDA_VISIBLE_DEVICES), taken from a pool of free ones and given back when the job ends, so the next
+job starts on whichever GPU frees up first (not `job number % GPUs`, which collides when jobs end out of order).
+
 A job's process holds its own models and accelerator state and gives all memory back when it ends; a job that
 crashes (or is killed) fails alone. The sweeper hands over one job per call (Optuna workers) or many (the grid);
 either way each job starts as soon as a worker is free. A job process ends itself if the launching process
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -20,15 +25,39 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+GPU_ENV = "SDXL_SWEEP_GPU"  # the GPU index a job was pinned to (recorded on its MLflow run)
+
+
+def resolve_gpus(gpus) -> list[int]:
+    """hydra.launcher.gpus: null (no pinning), "auto" (every GPU this process sees) or a list of indices."""
+    if gpus is None:
+        return []
+    if str(gpus) == "auto":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError("hydra.launcher.gpus=auto: no CUDA GPU is visible; drop it (CPU jobs) or list indices")
+        return list(range(n))
+    ids = [int(g) for g in gpus]
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(f"hydra.launcher.gpus={list(gpus)}: give distinct GPU indices >= 0, e.g. [0,1], or auto")
+    return ids
+
+
 class ProcessPoolLauncher:
-    def __init__(self, n_workers: int = 2):
+    def __init__(self, n_workers: int = 2, gpus=None):
         if n_workers < 1:
             raise ValueError(f"hydra.launcher.n_workers={n_workers}: needs at least 1")
-        self.n_workers = n_workers
+        self.gpus = resolve_gpus(gpus)
+        self.n_workers = len(self.gpus) if self.gpus else n_workers  # one job per GPU
         self.config: DictConfig | None = None
         self.hydra_context = None
         self.task_function = None
-        self._slots = threading.Semaphore(n_workers)
+        self._slots = threading.Semaphore(self.n_workers)
+        self._free: queue.Queue[int] = queue.Queue()
+        for g in self.gpus:
+            self._free.put(g)
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
@@ -51,15 +80,22 @@ class ProcessPoolLauncher:
 
     def _one(self, idx: int, overrides: list[str], state, sweep_name: str):
         with self._slots:  # at most n_workers job processes, whoever calls
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
-                fut = ex.submit(execute_job, idx, overrides, self.hydra_context, self.config, state,
-                                self.task_function, sweep_name, os.getpid(), self._threads())
-                try:
-                    status, value = fut.result()
-                except Exception as exc:  # the process died (killed, out of memory): this job failed
-                    log.error("job #%d (%s) ended abnormally: %s", idx, " ".join(overrides), exc)
-                    status, value = "FAILED", exc
+            gpu = self._free.get() if self.gpus else None  # the first GPU to free up
+            try:
+                if gpu is not None:
+                    log.info("job #%d runs on GPU %d", idx, gpu)
+                ctx = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+                    fut = ex.submit(execute_job, idx, overrides, self.hydra_context, self.config, state,
+                                    self.task_function, sweep_name, os.getpid(), self._threads(), gpu)
+                    try:
+                        status, value = fut.result()
+                    except Exception as exc:  # the process died (killed, out of memory): this job failed
+                        log.error("job #%d (%s) ended abnormally: %s", idx, " ".join(overrides), exc)
+                        status, value = "FAILED", exc
+            finally:
+                if gpu is not None:
+                    self._free.put(gpu)
         return _job_return(overrides, status, value)
 
     def _threads(self) -> int:
@@ -76,9 +112,12 @@ def _job_return(overrides: list[str], status: str, value):
 
 
 def execute_job(idx, overrides, hydra_context, config, singleton_state, task_function, sweep_name, parent_pid,
-                threads):
+                threads, gpu=None):
     """In the job's process: the job's config composed as Hydra's own launchers do, then the task. Returns
     (status name, return value or exception): the JobReturn itself holds config classes that do not pickle."""
+    if gpu is not None:  # before anything touches CUDA: the job sees its one GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ[GPU_ENV] = str(gpu)
     import torch
 
     from hydra.core.hydra_config import HydraConfig

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.cfg.experiment, artifact_location=self.artifact_location)
-        run = self.client.create_run(exp_id, run_name=name, tags={**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"})
+        tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
+        run = self.client.create_run(exp_id, run_name=name, tags=tags)
         rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(rec, indent=2))
@@ -82,8 +84,8 @@ class Tracker:
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-        run = self.client.create_run(sweep["experiment_id"], run_name=trial,
-                                     tags={**tags, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]})
+        tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
+        run = self.client.create_run(sweep["experiment_id"], run_name=trial, tags=tags)
         return run.info.run_id
 
     @contextmanager
@@ -96,7 +98,7 @@ class Tracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        new = [Param(k, redact(k, v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[i:i + 100])
 
@@ -113,7 +115,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+            self.client.set_tag(run_id, k, redact(k, v))
 
     def log_artifacts(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -169,6 +171,18 @@ def device_name() -> str:
         idx = torch.cuda.current_device()
         return f"{torch.cuda.get_device_name(idx)} (cuda:{idx}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})"
     return "cpu"
+
+
+SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_key|access_key)", re.IGNORECASE)
+
+
+def redact(key: str, value: Any) -> str:
+    """What may be recorded of a value: secrets in keys such as *token*/*password* hidden, passwords in URLs
+    (user:password@host) masked wherever they appear, e.g. in a command line kept as a tag."""
+    text = str(value)
+    if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text not in ("", "None", "null"):
+        return "***"
+    return re.sub(r"(\w+://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

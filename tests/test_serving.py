@@ -105,3 +105,16 @@ def test_ui_lists_the_sweep_and_the_champion_is_served_over_http(tmp_path):
                        text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-3000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one byte of the registered LoRA changed (the file still parses): generation refuses it by its hash
+    stored = [f for f in tmp_path.rglob("pytorch_lora_weights.safetensors") if "outputs" not in f.parts
+              and "best_checkpoint" not in f.parts]
+    assert stored
+    for f in stored:
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    g = subprocess.run([sys.executable, "-m", "sweep.generate", "prompt=a picture of sks woman on the moon",
+                        f"out={tmp_path / 'bad.png'}", "steps=2", "size=64", f"tracking_uri={db}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert g.returncode != 0 and "content hash" in g.stderr and "Traceback" not in g.stderr, g.stderr[-2000:]
+    assert not (tmp_path / "bad.png").exists()

@@ -51,6 +51,13 @@ def test_demo_sweep_is_recorded_selected_registered_and_reported(tmp_path):
         assert r.data.tags["device"] == "cpu" and r.data.tags["git_commit"]
     champ = c.get_model_version_by_alias("sdxl-lora-champion", "champion")
     sweep_dir = Path(parent.data.tags["sweep_dir"])
+    for r in children:  # every checkpoint's content hash is on its run, as its checkpoint.json has it
+        [folder] = [d for d in sweep_dir.glob("*_*") if r.info.run_name in d.name.split("_", 1)[1].split(",")]
+        for step in ("step-000002", "step-000004"):
+            record = json.loads((folder / "checkpoints" / step / "checkpoint.json").read_text())
+            assert r.data.tags[f"lora_sha256.{step}"] == record["lora_sha256"]
+    champ_record = json.loads((Path(champ.tags["checkpoint"]) / "checkpoint.json").read_text())
+    assert champ.tags["lora_sha256"] == champ_record["lora_sha256"]
     selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
     assert champ.tags["checkpoint"] == selection["champion"]["checkpoint"]
     assert parent.info.status == "FINISHED" and parent.data.tags["champion.trial"] == selection["champion"]["trial"]
@@ -127,3 +134,47 @@ def test_killed_sweep_resumes_without_retraining_and_picks_the_same_champion(tmp
     sel = lambda d: json.loads(next(d.glob("outputs/sweeps/*/report/selection.json")).read_text())["champion"]
     a, b = sel(ref_dir), sel(run_dir)
     assert (a["trial"], a["step"], a["metrics"]) == (b["trial"], b["step"], b["metrics"])
+
+
+def test_one_process_per_gpu_each_pinned_to_a_free_one(tmp_path):
+    """hydra.launcher.gpus=[0,1]: four jobs, two at a time, each in its own process pinned to a GPU taken from the
+    free ones (the devices are only named here: the trials train on the CPU). Runs that overlap in time never
+    share a GPU, both GPUs are used, and each MLflow run records its GPU."""
+    p = sweep("-m", "lr=1e-4,2e-4,3e-4,4e-4", *SMALL, "train.device=cpu", "hydra/launcher=processes",
+              "hydra.launcher.gpus=[0,1]", cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _, children = runs(client(tmp_path))
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["gpu"] for r in children} == {"0", "1"}
+    spans = [(r.info.start_time, r.info.end_time, r.data.tags["gpu"]) for r in children]
+    for i, (s1, e1, g1) in enumerate(spans):
+        for s2, e2, g2 in spans[i + 1:]:
+            if s1 < e2 and s2 < e1:  # ran at the same time
+                assert g1 != g2, spans
+    assert "runs on GPU" in p.stdout + p.stderr
+
+
+def test_bad_gpu_lists_are_refused():
+    from sweep.launcher import ProcessPoolLauncher
+
+    for gpus, needle in (([0, 0], "distinct"), ([], "distinct"), ([-1], ">= 0")):
+        with pytest.raises(ValueError, match=needle):
+            ProcessPoolLauncher(2, gpus)
+    assert ProcessPoolLauncher(5, [3, 1]).n_workers == 2
+
+
+def test_a_second_sweep_in_a_running_sweeps_folder_is_refused(tmp_path):
+    folder = tmp_path / "outputs" / "sweeps" / "shared"
+    args = ["-m", "lr=1e-4,5e-4", *SMALL, f"hydra.sweep.dir={folder}"]
+    first = sweep(*args, cwd=tmp_path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((folder / ".lock").is_file() and (folder / ".lock").read_text()):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        time.sleep(0.2)
+    second = sweep(*args, cwd=tmp_path)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"in use by another sweep (pid {first.pid})" in second.stdout + second.stderr
+    assert "Traceback" not in second.stdout + second.stderr
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-3000:]
+    assert len(list(folder.glob("*/result.json"))) == 2  # the first sweep's work is whole

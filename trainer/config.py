@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -14,6 +15,8 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEVICES = ("auto", "cpu", "cuda")
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class ModelConfig:
@@ -121,9 +124,25 @@ def training_config_hash(model: ModelConfig, data: DataConfig, lora: LoraSetting
     return stable_hash({"model": asdict(model), "data": asdict(data), "lora": asdict(lora), "train": t})
 
 
+CLIP_TOKENS = 77
+
+
+def warn_if_long(key: str, prompt: str) -> None:
+    """CLIP reads 77 tokens (start and end included) and cuts the rest: a longer prompt trains on its start only.
+    Every word is at least one token, so this count is a lower bound."""
+    at_least = len(prompt.split()) + 2
+    if at_least > CLIP_TOKENS:
+        log.warning("%s has at least %d CLIP tokens, more than CLIP's %d: the text encoders cut off the rest "
+                    "(shorten it)", key, at_least, CLIP_TOKENS)
+
+
 def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: TrainConfig) -> list[str]:
-    """Every problem of the settings at once, each naming the value and the fix. Touches no file or model."""
+    """Every problem of the settings at once, each naming the value and the fix. Touches no file or model;
+    prompts longer than CLIP reads are warned about."""
     errors: list[str] = []
+    warn_if_long("data.instance_prompt", data.instance_prompt)
+    if data.with_prior_preservation:
+        warn_if_long("data.class_prompt", data.class_prompt)
 
     def need(ok: bool, msg: str) -> None:
         if not ok:

@@ -27,11 +27,25 @@ class Photo:
     sha256: str
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and float greyscale (scans, some PNG/TIFF exports) scaled to 8 bits: Pillow's own conversion clips
+    them, turning a 16-bit photo almost white."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+        a = a / 257.0 if a.max(initial=0) <= 65535 else a * (255.0 / a.max())
+    elif im.mode == "F":
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a * (255.0 / a.max())
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def open_photo(path: Path) -> Image.Image:
-    """Decode fully (so truncated files fail here), apply EXIF orientation, convert to RGB."""
+    """Decode fully (so truncated files fail here), apply EXIF orientation, convert to RGB (16-bit scaled down,
+    CMYK and palette converted, transparency on white)."""
     with Image.open(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            im = _to_8bit(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             bg = Image.new("RGB", im.size, (255, 255, 255))  # transparent pixels become white, not black
             bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
