@@ -140,3 +140,24 @@ def test_a_pack_scores_each_trial_with_its_own_adapter_and_prunes_one_alone(demo
         [alone] = train([replace(s, output_dir=tmp_path / "alone" / s.name, on_checkpoint=None)], demo.model,
                         demo.data, cache_dir, progress=False)
         _assert_same(_weights(r), _weights(alone), s.train.lr)
+
+
+def test_a_pack_too_big_for_memory_is_split_and_every_trial_trains(demo, tmp_path, cache_dir, monkeypatch, caplog):
+    """Out of memory for a pack of 3 (simulated: packs above 2 raise it): halves of 2 and 1 train instead, each
+    ending with the weights its trials get alone."""
+    from trainer import loop
+
+    real = loop._train_packed
+
+    def tight(base, samples, specs, *args):
+        if len(specs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(base, samples, specs, *args)
+
+    monkeypatch.setattr(loop, "_train_packed", tight)
+    results = train(_specs(demo, tmp_path / "pack"), demo.model, demo.data, cache_dir, progress=False)
+    assert [r.status for r in results] == ["finished"] * 3 and [r.pack_size for r in results] == [2, 2, 1]
+    assert "does not fit in GPU memory" in caplog.text
+    for r, s in zip(results, _specs(demo, tmp_path / "alone")):
+        [alone] = train([s], demo.model, demo.data, cache_dir, progress=False)
+        _assert_same(_weights(r), _weights(alone), s.train.lr)

@@ -122,7 +122,7 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
         packs, alone = [], [(spec, "packing is off") for spec in trials]
     results: dict[int, TrialResult] = {}
     for group in packs:
-        for spec, r in zip(group, _train_packed(base, samples, group, model, data, precision, progress)):
+        for spec, r in zip(group, _train_fitting(base, samples, group, model, data, precision, progress)):
             results[id(spec)] = r
     for spec, why in alone:
         log.info("trial %s trains alone through peft: %s", spec.name, why)
@@ -133,6 +133,22 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
             results[id(spec)] = TrialResult(spec.name, spec.output_dir, "diverged", exc.step, exc.loss,
                                             checkpoint.list_checkpoints(spec.output_dir), error=str(exc), pack_size=0)
     return [results[id(spec)] for spec in trials]
+
+
+def _train_fitting(base, samples, group: list[TrialSpec], model, data, precision, progress) -> list[TrialResult]:
+    """A pack, or, if it does not fit in GPU memory, its halves (each resuming from any checkpoints the pack wrote;
+    they are all at one step), down to single trials, whose out-of-memory error is the user's to see."""
+    try:
+        return _train_packed(base, samples, group, model, data, precision, progress)
+    except torch.OutOfMemoryError:
+        if len(group) == 1:
+            raise
+        half = (len(group) + 1) // 2
+        log.warning("a pack of %d trials does not fit in GPU memory: packs of %d and %d instead "
+                    "(train.max_pack=%d avoids trying)", len(group), half, len(group) - half, half)
+        _reset_process_state()
+        return (_train_fitting(base, samples, group[:half], model, data, precision, progress)
+                + _train_fitting(base, samples, group[half:], model, data, precision, progress))
 
 
 def _resume_step(spec: TrialSpec) -> int:
