@@ -216,3 +216,30 @@ def test_secrets_never_reach_mlflow(tmp_path):
     every = " ".join(map(str, [*recorded.params.values(), *recorded.tags.values(), *parent.tags.values()]))
     assert not any(f"pw{i}" in every for i in range(1, 5)), every
     assert recorded.params["tracking.uri"] == "postgresql://bob:***@db/mlflow" and recorded.params["lr"] == "0.0001"
+
+
+def test_a_full_disk_stops_with_the_fix_and_keeps_the_last_checkpoint(demo, tmp_path, cache_dir, monkeypatch):
+    """No space for the step-6 checkpoint (simulated at the LoRA write): a clear error naming the intact step-3
+    checkpoint and the fix, no half-written folder left, and the same command resumes from step 3."""
+    import errno
+
+    from trainer import DiskFullError, TrialSpec, checkpoint, train
+    from trainer.packed import Pack
+
+    real = Pack.save
+
+    def full(self, k, folder):
+        if ".step-000006" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, k, folder)
+
+    spec = TrialSpec("t", demo.lora, demo.train, tmp_path / "t")
+    monkeypatch.setattr(Pack, "save", full)
+    with pytest.raises(DiskFullError, match=r"no space left to write checkpoint step-000006.*step-000003, is intact"
+                                            r".*resume=true"):
+        train([spec], demo.model, demo.data, cache_dir, progress=False)
+    ckpts = sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir())
+    assert ckpts == ["step-000003"] and checkpoint.verify(tmp_path / "t" / "checkpoints" / "step-000003")
+    monkeypatch.setattr(Pack, "save", real)
+    [r] = train([spec], demo.model, demo.data, cache_dir, progress=False)
+    assert r.resumed_from == 3 and r.status == "finished"

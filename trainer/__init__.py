@@ -1,10 +1,10 @@
 """DreamBooth-LoRA training of SDXL (diffusers + peft + accelerate). Knows nothing of Hydra or MLflow."""
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash, validate
-from .errors import ConfigError, DataError, DeviceError, ModelSourceError, NonFiniteLossError, UserError
+from .errors import ConfigError, DataError, DeviceError, DiskFullError, ModelSourceError, NonFiniteLossError, UserError
 from .loop import TrialResult, TrialSpec, instance_photos, train
 
 __all__ = [
-    "ConfigError", "DataConfig", "DataError", "DeviceError", "LoraSettings", "ModelConfig", "ModelSourceError",
+    "ConfigError", "DataConfig", "DataError", "DeviceError", "DiskFullError", "LoraSettings", "ModelConfig", "ModelSourceError",
     "NonFiniteLossError", "TrainConfig", "TrialResult", "TrialSpec", "UserError", "instance_photos", "train",
     "training_config_hash", "validate",
 ]

@@ -9,6 +9,7 @@ Each folder is written under a temporary name and renamed into place, so a crash
 half-written checkpoint that looks finished."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,15 @@ def write_checkpoint(output_dir: Path, step: int, *, save_lora, record: dict[str
         if final.exists():  # a re-run of the same step (resume after a crash right after the rename)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            earlier = [c for c in list_checkpoints(output_dir) if c != final]
+            keep = f"the last checkpoint, {earlier[-1]}, is intact" if earlier else "no earlier checkpoint exists"
+            free = shutil.disk_usage(final.parent).free / 2**20
+            raise DiskFullError(f"no space left to write checkpoint {final.name} in {final.parent} ({free:.0f} MiB "
+                                f"free); {keep}. Free disk space (or set paths.output_dir on a larger disk) and run "
+                                "the same command again with resume=true to continue from it") from None
         raise
     return final
 

@@ -31,3 +31,7 @@ class NonFiniteLossError(UserError):
         keep = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         super().__init__(f"loss became {loss} at step {step}; the trial was stopped and {keep}. "
                          f"A lower learning rate (lr) or max_grad_norm usually fixes this.")
+
+
+class DiskFullError(UserError):
+    """A checkpoint could not be written for lack of space; the ones before it are intact."""
