@@ -69,23 +69,23 @@ def check_lora_file(folder: Path) -> Path:
 
 
 def verify_hash(path: Path, expected: str | None = None) -> None:
-    """The LoRA file against the sha256 its checkpoint.json (beside it) or the caller recorded: a file changed or
-    damaged after training is refused, never silently used."""
+    """The LoRA file against the sha256 its checkpoint.json (beside it) and the caller recorded: a file changed or
+    damaged after training is refused, never silently used. The file is hashed once."""
     import hashlib
     import json
 
     record = path.parent / "checkpoint.json"
-    if expected is None and record.is_file():
-        expected = json.loads(record.read_text()).get("lora_sha256")
-    if not expected:
+    wanted = [e for e in (expected, json.loads(record.read_text()).get("lora_sha256") if record.is_file() else None) if e]
+    if not wanted:
         return
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    if h.hexdigest() != expected:
-        raise LoraFileError(f"{path}: content hash {h.hexdigest()[:16]}... does not match the recorded {expected[:16]}...: "
-                            "the file changed or is damaged since it was written; use another checkpoint")
+    bad = next((e for e in wanted if e != h.hexdigest()), None)
+    if bad is not None:
+        raise LoraFileError(f"{path}: content hash {h.hexdigest()[:16]}... does not match the recorded {bad[:16]}...: "
+            "the file changed or is damaged since it was written; use another checkpoint")
 
 
 class LoraSwap:

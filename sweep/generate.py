@@ -97,8 +97,7 @@ def verify_registered(uri: str, local: Path) -> None:
             version = client.get_model_version(name, number)
         expected = version.tags.get("lora_sha256")
     try:
-        verify_hash(files[0], expected)
-        verify_hash(files[0])
+        verify_hash(files[0], expected)  # against the version's tag and the checkpoint.json beside the file
     except EvalInputError as exc:
         raise SystemExit(f"{uri}: {exc}") from None
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation import EvalInputError, evaluate, preflight
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
-from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
+from trainer import TrialResult, TrialSpec, UserError, checkpoint, instance_photos, training_config_hash
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
 from .config import SweepConfig, resolve_path, to_typed
@@ -249,8 +249,8 @@ def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objec
 
 
 def _lora_hash(folder: Path) -> str | None:
-    rec = Path(folder) / "checkpoint.json"
-    return json.loads(rec.read_text()).get("lora_sha256") if rec.is_file() else None
+    rec = Path(folder) / checkpoint.RECORD_FILE
+    return checkpoint.CheckpointRecord.read(Path(folder)).lora_sha256 if rec.is_file() else None
 
 
 def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from trainer.checkpoint import CheckpointRecord
 from trainer.config import stable_hash
 from trainer.models import resolve_source
 
@@ -44,9 +45,7 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
             info = mlflow.diffusers.log_model(adapter_path=tmp, base_model=base, adapter_type="lora",
                                               name="champion_lora", registered_model_name=name)
     version = str(info.registered_model_version)
-    import json
-
-    lora_sha = json.loads((ckpt / "checkpoint.json").read_text())["lora_sha256"]
+    lora_sha = CheckpointRecord.read(ckpt).lora_sha256
     for k, v in {"objective": objective, "protocol": proto, "checkpoint": str(ckpt), "trial": champion.trial,
                  "step": champion.step, "lora_sha256": lora_sha}.items():
         client.set_model_version_tag(name, version, k, str(v))

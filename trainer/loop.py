@@ -525,12 +525,11 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
                     if graph is None:
                         graph, use_graph = packed.StepGraph.capture(full_step, fwd_bwd, inputs, pack.params())
                     total += graph(inputs) if graph is not None else full_step(*inputs)
-                elif micro + 1 < ga:
-                    total += fwd_bwd(*inputs)
                 else:
                     total += fwd_bwd(*inputs)
-                    opt.clip()
-                    opt.step(lrs)
+                    if micro + 1 == ga:
+                        opt.clip()
+                        opt.step(lrs)
             for d, s in zip(dummies, scheds):
                 d.step()  # no gradient: nothing moves; keeps the scheduler's call order
                 s.step()

@@ -42,10 +42,13 @@ class PackedLoRALinear(nn.Module):
         out = self.base(x, *args, **kwargs)
         # under autocast the matmuls run in its dtype (as peft's LoRA layers do): cast the small weights,
         # never the activations; without autocast everything stays in the LoRA's fp32
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.lora_A.dtype
+        # (generating without autocast, a bf16 pipeline stays in bf16)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = x.dtype if self.active is not None else self.lora_A.dtype
         if self.active is not None:  # one trial's adapter on every sample (generating with that trial's LoRA)
             k = self.active
-            dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else dtype  # a bf16 pipeline stays bf16
             h = F.linear(x.to(dtype), self.lora_A[k].to(dtype))
             return out + F.linear(h, (self.lora_B[k] * self.scale[k]).to(dtype)).to(out.dtype)
         xs = x.reshape(self.k, -1, x.shape[-1]).to(dtype)
