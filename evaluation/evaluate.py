@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from trainer import faults
+
 from . import generate as gen
 from . import grid
 from .clip import ClipScorer
@@ -65,6 +67,8 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
                 images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
                 prior = gen.generate(pipe, None, [cfg.prior_prompt], cfg, desc=f"prior {name}")["base"] \
                     if (cfg.prior_prompt and face is not None) else None
+            if ckpt is not None:
+                faults.hit("evaluate", str(out_dir))  # images generated, not yet scored (tests/test_faults.py)
             for arm, ims in images.items():  # written while the next images are scored and generated
                 labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
                 writer.save(grid.grid(ims, len(cfg.prompts), len(cfg.seeds), labels),

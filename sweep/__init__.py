@@ -21,10 +21,11 @@ def _sweep_folder(resume, sweeps_root, overrides, hydra_overrides=(), sweeper=""
 
 def _trial_dir(num, dirname="") -> str:
     """A trial folder's name, "<job number>_<overrides>", kept within file-system limits: past 120 characters the
-    overrides are cut and a hash of the whole keeps names unique (.hydra/overrides.yaml has them all)."""
+    overrides are cut and a hash of the whole keeps names unique (.hydra/overrides.yaml has them all). A value
+    holding a path separator cannot make it a path: the trial folder stays in the sweep folder."""
     import hashlib
 
-    name = f"{num}_{dirname}"
+    name = f"{num}_{dirname}".replace("/", "%2F").replace("\\", "%5C")
     if len(name) <= 120:
         return name
     return f"{name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"

@@ -60,22 +60,29 @@ class SweepCallback(Callback):
                 from .search import SearchSettings
 
                 prepare(SearchSettings.from_config(config.hydra.sweeper), config, list(config.hydra.overrides.task))
+            tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
+            tracker.check()  # a tracking server that does not answer: refused now, not after hours of training
         except UserError as exc:  # refuse the whole sweep before any trial starts (and before its MLflow run)
             log.error("%s", exc)
             raise SystemExit(2) from None
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        from .resume import export_folder
+
+        export_folder(sweep_dir.name)
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):  # Optuna workers share
             hold_folder(sweep_dir)  # a folder on purpose (their study coordinates them); a grid must not
-        tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
         tracker.start_sweep(sweep_dir, sweep_dir.name,
                             {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .finalize import finalize_folder
+        from .tracking import PENDING_FILE
 
         sel, failed = finalize_folder(Path(config.hydra.sweep.dir))
         if sel is None:  # not one trial got as far as writing its result
             log.error("no trial finished: see the errors above")
+            raise SystemExit(1)
+        if (Path(config.hydra.sweep.dir) / PENDING_FILE).is_file():  # trained, but MLflow has not heard it all
             raise SystemExit(1)
         if failed:  # the sweep finished, but the exit status must not hide failed trials
             log.error("%d trial(s) failed; see the report and the FAILED runs in MLflow", failed)

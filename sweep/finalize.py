@@ -52,24 +52,87 @@ def load_config(sweep_dir: Path) -> SweepConfig:
     """The sweep's typed config, as its first trial saw it."""
     from .config import to_typed
 
-    first = trial_dirs(sweep_dir)[0]
+    first = (trial_dirs(sweep_dir) or lost_trials(sweep_dir))[0]
     return to_typed(OmegaConf.load(first / ".hydra" / "config.yaml"))
 
 
+def lost_trials(sweep_dir: Path) -> list[Path]:
+    """Trial folders whose job ended without a result: its process was killed, or its machine lost. Only in a
+    grid sweep's folder (held by its launching process: no job of it runs any more when it ends); an Optuna
+    study's workers share a folder, and re-queue their dead trials themselves."""
+    if (sweep_dir / RESULT).is_file() or not (sweep_dir / ".lock").is_file():
+        return []
+    return sorted(d for d in sweep_dir.iterdir()
+                  if d.is_dir() and (d / ".hydra").is_dir() and not (d / RESULT).is_file())
+
+
+def lost_before_start(sweep_dir: Path) -> dict[str, str]:
+    """Jobs a launcher lost (sweep/launcher.py lost_job) before they made a trial folder: {"job N": why}."""
+    from .launcher import LOST_FILE
+
+    path = sweep_dir / LOST_FILE
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if not any(sweep_dir.glob(f"{rec['job']}_*")):
+            out[f"job {rec['job']} ({' '.join(rec['overrides'])})"] = rec["why"]
+    return out
+
+
+def record_lost(sweep_dir: Path, tracker) -> dict[str, str]:
+    """Each lost trial: a failed result.json (its checkpoints stay: `resume=true` continues it) and its MLflow
+    run, if it got one, marked FAILED with the reason. Returns {trial: status} for the report."""
+    from .job import write_result
+
+    sweep = read_sweep(sweep_dir)
+    out = {}
+    for d in lost_trials(sweep_dir):
+        reason = ("its job ended without a result (process killed or machine lost); its checkpoints are kept: "
+                  "run the same command with resume=true to continue it")
+        log.error("trial %s: %s", d.name, reason)
+        write_result(d, {"name": d.name, "status": "failed", "error": reason, "lost": True})
+        out[d.name] = "failed"
+        if sweep and sweep["parent_run_id"] and hasattr(tracker, "client") and not tracker.waiting():
+            try:
+                folder = d.name.replace("'", "\\'")
+                for r in tracker.client.search_runs([sweep["experiment_id"]], max_results=1, filter_string=(
+                        f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' and attributes.status = 'RUNNING' "
+                        f"and tags.trial_folder = '{folder}'")):
+                    tracker.set_tags(r.info.run_id, {"failure_reason": reason})
+                    tracker.finish(r.info.run_id, "FAILED")
+            except Exception as exc:  # the record stays in result.json and the report
+                log.warning("could not mark the MLflow run of %s failed: %s", d.name, exc)
+    return out
+
+
 def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:
-    """Select, register, report. Returns the selection and how many trials failed (diverged ones included)."""
+    """Select, register, report. Returns the selection and how many trials failed (diverged and lost included)."""
     sweep_dir = Path(sweep_dir).resolve()
-    if not trial_dirs(sweep_dir):
+    unstarted = lost_before_start(sweep_dir)
+    for job, why in unstarted.items():
+        log.error("%s never started a trial: %s; resume=true runs it again", job, why)
+    if not trial_dirs(sweep_dir) and not lost_trials(sweep_dir):
         log.error("no finished trial in %s: nothing to select", sweep_dir)
-        return None, 0
+        return None, len(unstarted)
     conf = load_config(sweep_dir)
-    candidates, baseline, statuses = collect(sweep_dir)
-    sel = select(candidates, baseline, conf.selection)
     root = resolve_path(conf.paths, ".")
     tracker = make_tracker(conf.tracking, root)
+    tracker.use_journal(sweep_dir)
+    tracker.flush()
+    record_lost(sweep_dir, tracker)
+    candidates, baseline, statuses = collect(sweep_dir)
+    statuses.update({job: "failed" for job in unstarted})
+    sel = select(candidates, baseline, conf.selection)
     files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri))
     sweep = read_sweep(sweep_dir)
     failed = sum(s in ("failed", "diverged") for s in statuses.values())
+    if tracker.waiting():  # the server is away: the records wait; the registry cannot, it is done by `sync`
+        log.error("MLflow at %s did not answer: %d record(s) wait in %s (nothing is lost) and the champion is not "
+                  "registered yet. When the server is back: python -m sweep.tracking sync %s", tracker.uri,
+                  tracker.waiting(), tracker.pending, sweep_dir)
+        register = False
     if sweep and sweep["parent_run_id"]:
         pid = sweep["parent_run_id"]
         for f in files:

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation import EvalInputError, evaluate, preflight
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
-from trainer import TrialResult, TrialSpec, UserError, checkpoint, instance_photos, training_config_hash
+from trainer import TrialResult, TrialSpec, UserError, checkpoint, faults, instance_photos, training_config_hash
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
 from .config import SweepConfig, resolve_path, to_typed
@@ -53,18 +54,32 @@ def run_job(cfg: DictConfig) -> float:
     if link is not None:
         name = out.name  # "3_lora.rank=8,lr=0.00012": the trial folder, which a re-run of a dead trial reuses
     tracker = make_tracker(conf.tracking, root)
-    sweep = read_sweep(sweep_dir) or tracker.start_sweep(sweep_dir, sweep_dir.name, {"git_commit": git_commit()})
+    sweep = read_sweep(sweep_dir)
+    if sweep is None:  # a single run is its own sweep
+        try:
+            tracker.check()
+        except UserError as exc:
+            return _fail(out, name, exc, multirun)
+        sweep = tracker.start_sweep(sweep_dir, sweep_dir.name, {"git_commit": git_commit()})
+    tracker.use_journal(sweep_dir)
     cfg_hash = training_config_hash(conf.model, conf.data, conf.lora, conf.train)
+    tags = {"sweep": sweep_dir.name, "trial_key": name, "trial_folder": out.name, "git_commit": git_commit(),
+            "device": device_name(), "config_hash": cfg_hash}
     done = _finished(out, cfg_hash, conf.train.max_steps)
     if done is not None:
         log.info("trial %s already finished in %s: skipped", name, out)
+        res = json.loads((out / RESULT).read_text())
         if link is not None:  # e.g. killed after the trial ended but before the study heard of it
-            res = json.loads((out / RESULT).read_text())
             link.finish(res["status"], _candidates(res["metrics"], out, name, res["status"], res["params"]),
                         res["metrics"].get("baseline", {}))
+        if not res.get("tracked", True):  # killed while recording it: MLflow gets the rest now, nothing twice
+            run_id = tracker.child_run(sweep, name, tags)
+            _, best = trial_best(_candidates(res["metrics"], out, name, res["status"], res["params"]),
+                                 res["metrics"].get("baseline", {}), conf.selection)
+            _record(tracker, run_id, out, res, res["metrics"], best, res["objective"])
+            write_result(out, {**res, "tracked": True})
+            tracker.flush()
         return done
-    tags = {"sweep": sweep_dir.name, "trial_key": name, "git_commit": git_commit(), "device": device_name(),
-            "config_hash": cfg_hash}
     if os.environ.get(GPU_ENV):  # pinned by hydra/launcher=processes with hydra.launcher.gpus
         tags["gpu"] = os.environ[GPU_ENV]
     if link is not None:
@@ -75,6 +90,7 @@ def run_job(cfg: DictConfig) -> float:
     if link is not None:
         link.set_attrs({"mlflow_run_id": run_id, "trial_folder": str(out)})
     live = LiveScores(tracker, run_id, name, out, params, link, conf.train.max_steps)
+    started_at = time.time()
     try:
         with tracker.active(run_id):
             result, metrics = run_trial(conf, name, out, sweep_dir / BASELINE, live)
@@ -87,12 +103,14 @@ def run_job(cfg: DictConfig) -> float:
             raise
         log.error("trial %s failed:\n%s", name, traceback.format_exc())
         return _fail(out, name, exc, multirun)
-    payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": cfg_hash}
+    payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": cfg_hash,
+               "gpu": os.environ.get(GPU_ENV), "device": tags["device"], "started_at": started_at,
+               "ended_at": time.time()}
     cands = _candidates(metrics, out, name, result.status, params)
     baseline = metrics.get("baseline", {})
     objective, best = trial_best(cands, baseline, conf.selection)
     payload["objective"] = objective
-    _write_result(out, payload)
+    write_result(out, {**payload, "tracked": False})  # the trial's work is safe; recording it in MLflow is next
     if link is not None:
         if result.status == "pruned":
             link.set_attrs({"pruned_step": result.steps})
@@ -100,8 +118,12 @@ def run_job(cfg: DictConfig) -> float:
         values = link.finish(result.status, cands, baseline)
         if values is not None:
             tracker.set_tags(run_id, {"optuna.state": "COMPLETE", "optuna.values": values})
-    _record(tracker, run_id, out, result, metrics, best, objective, live.logged)
+    _record(tracker, run_id, out, payload, metrics, best, objective, live.logged)
+    write_result(out, {**payload, "tracked": True})  # recorded, or waiting in the journal for the server
+    tracker.flush()
     _summary(result, objective)
+    if result.status == "failed" and not multirun:
+        sys.exit(1)
     return objective
 
 
@@ -218,8 +240,11 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in scored}
 
 
-def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objective: float,
+def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None, objective: float,
             logged: set[str] = frozenset()) -> None:
+    """The trial in its MLflow run: metrics at their steps, the loss curve, grids, result.json, LoRA hashes, the
+    best checkpoint's LoRA, status. `result` is the payload of result.json. Safe to repeat (a reopened run keeps
+    what it holds)."""
     rows = [(k, v, int(ck[5:])) for ck, m in metrics.items() if ck.startswith("step-") and ck not in logged
             for k, v in m.items()]
     rows += [(f"baseline_{k}", v, 0) for k, v in metrics.get("baseline", {}).items()]
@@ -229,23 +254,25 @@ def _record(tracker, run_id, out, result, metrics, best: Candidate | None, objec
             rec = json.loads(line)
             rows += [("train_loss", rec["loss"], rec["step"]), ("lr", rec["lr"], rec["step"])]
     rows += [("objective", objective, 0)]
-    if result.ms_per_step:
-        rows += [("ms_per_step", result.ms_per_step, 0)]
-    if result.peak_memory_gib:
-        rows += [("peak_memory_gib", result.peak_memory_gib, 0)]
+    if result.get("ms_per_step"):
+        rows += [("ms_per_step", result["ms_per_step"], 0)]
+    if result.get("peak_memory_gib"):
+        rows += [("peak_memory_gib", result["peak_memory_gib"], 0)]
     tracker.log_metrics(run_id, rows)
+    faults.hit("mlflow_log", out.name)  # between two MLflow requests (tests/test_faults.py)
     tracker.log_artifacts(run_id, out / "eval" / "grids", "grids")
     tracker.log_artifacts(run_id, out / RESULT)
-    hashes = {f"lora_sha256.{c.name}": _lora_hash(c) for c in result.checkpoints}
+    ckpts = [Path(c) for c in result.get("checkpoints", [])]
+    hashes = {f"lora_sha256.{c.name}": _lora_hash(c) for c in ckpts}
     tracker.set_tags(run_id, {k: v for k, v in hashes.items() if v})  # what each checkpoint's LoRA must hash to
     if best is not None:  # the trial's best checkpoint under the sweep's rule: the LoRA people will want
         tracker.log_artifacts(run_id, Path(best.checkpoint) / "pytorch_lora_weights.safetensors", "best_checkpoint")
         tracker.set_tags(run_id, {"best_step": best.step,
                                   "best_lora_sha256": hashes.get(f"lora_sha256.{Path(best.checkpoint).name}", "")})
-    tracker.set_tags(run_id, {"status": result.status})
-    if result.error:
-        tracker.set_tags(run_id, {"failure_reason": result.error[:4000]})
-    tracker.finish(run_id, "FINISHED" if result.status in ("finished", "pruned") else "FAILED")
+    tracker.set_tags(run_id, {"status": result["status"]})
+    if result.get("error"):
+        tracker.set_tags(run_id, {"failure_reason": result["error"][:4000]})
+    tracker.finish(run_id, "FINISHED" if result["status"] in ("finished", "pruned") else "FAILED")
 
 
 def _lora_hash(folder: Path) -> str | None:
@@ -268,13 +295,13 @@ def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:
 
 def _fail(out: Path, name: str, exc: BaseException, multirun: bool) -> float:
     log.error("trial %s failed: %s", name, exc)
-    _write_result(out, {"name": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+    write_result(out, {"name": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
     if multirun:
         return math.nan
     sys.exit(2)
 
 
-def _write_result(out: Path, payload: dict) -> None:
+def write_result(out: Path, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2, default=str))

@@ -63,15 +63,9 @@ class ProcessPoolLauncher:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import configure_log, filter_overrides, setup_globals
+        from hydra.core.utils import filter_overrides
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        state = Singleton.get_state()
-        state["omegaconf_resolvers"] = {}  # lambdas do not pickle: the job's process registers its own
+        sweep_dir, state = prepare_launch(self.config)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         for idx, o in jobs:
             log.info("\t#%d : %s (own process)", idx, " ".join(filter_overrides(o)))
@@ -85,14 +79,16 @@ class ProcessPoolLauncher:
                 if gpu is not None:
                     log.info("job #%d runs on GPU %d", idx, gpu)
                 ctx = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+                # pinned by the initializer: it runs before the job's arguments are unpickled, and unpickling them
+                # imports modules that may start CUDA, after which CUDA_VISIBLE_DEVICES no longer counts
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=pin_gpu, initargs=(gpu,)) as ex:
                     fut = ex.submit(execute_job, idx, overrides, self.hydra_context, self.config, state,
                                     self.task_function, sweep_name, os.getpid(), self._threads(), gpu)
                     try:
                         status, value = fut.result()
-                    except Exception as exc:  # the process died (killed, out of memory): this job failed
-                        log.error("job #%d (%s) ended abnormally: %s", idx, " ".join(overrides), exc)
-                        status, value = "FAILED", exc
+                    except Exception as exc:  # the process died (killed, out of memory): this job is lost
+                        return lost_job(Path(str(self.config.hydra.sweep.dir)), idx, overrides,
+                                        f"its process ended abnormally ({type(exc).__name__}: {exc})")
             finally:
                 if gpu is not None:
                     self._free.put(gpu)
@@ -103,6 +99,41 @@ class ProcessPoolLauncher:
         return max(1, (os.cpu_count() or 1) // self.n_workers)
 
 
+def prepare_launch(config: DictConfig) -> tuple[Path, dict]:
+    """What a launcher of jobs in other processes does first: Hydra's globals and logging, the sweep folder, and
+    Hydra's state for the job processes, without its resolvers (lambdas do not pickle: each process registers
+    its own)."""
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import configure_log, setup_globals
+
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state = Singleton.get_state()
+    state["omegaconf_resolvers"] = {}
+    return sweep_dir, state
+
+
+LOST_FILE = "lost_jobs.jsonl"
+
+
+def lost_job(sweep_dir: Path, idx: int, overrides: list[str], why: str):
+    """A job whose process (or machine) died: named in the log and in <sweep>/lost_jobs.jsonl, which the sweep's end
+    reports as a failed trial (exit status 1). It comes back as a NaN result, not a FAILED one: Hydra's grid
+    sweeper would stop at a FAILED job before the others are selected and reported; the Optuna sweeper fails the
+    study trial of a job that did not report either way. `resume=true` runs it again."""
+    import json
+    import math
+
+    log.error("job #%d (%s) is lost: %s; the others go on, and resume=true runs it again", idx, " ".join(overrides),
+              why)
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(sweep_dir) / LOST_FILE, "a") as f:
+        f.write(json.dumps({"job": idx, "overrides": list(overrides), "why": why, "at": time.time()}) + "\n")
+    return _job_return(overrides, "COMPLETED", math.nan)
+
+
 def _job_return(overrides: list[str], status: str, value):
     from hydra.core.utils import JobReturn, JobStatus
 
@@ -111,25 +142,39 @@ def _job_return(overrides: list[str], status: str, value):
     return ret
 
 
-def execute_job(idx, overrides, hydra_context, config, singleton_state, task_function, sweep_name, parent_pid,
-                threads, gpu=None):
-    """In the job's process: the job's config composed as Hydra's own launchers do, then the task. Returns
-    (status name, return value or exception): the JobReturn itself holds config classes that do not pickle."""
-    if gpu is not None:  # before anything touches CUDA: the job sees its one GPU as cuda:0
+def pin_gpu(gpu: int | None) -> None:
+    """In a fresh job process, before anything else: the job sees its one GPU as cuda:0."""
+    if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         os.environ[GPU_ENV] = str(gpu)
-    import torch
 
+
+def execute_job(idx, overrides, hydra_context, config, singleton_state, task_function, sweep_name, parent_pid,
+                threads, gpu=None, cwd=None):
+    """In the job's process: the job's config composed as Hydra's own launchers do, then the task. Returns
+    (status name, return value or exception): the JobReturn itself holds config classes that do not pickle.
+    parent_pid None: no watch on the launching process (a Ray worker's parent is its raylet, which ends it).
+    cwd: the launching process's working directory, which relative paths (paths.root=".") are read against."""
+    if cwd is not None:
+        os.chdir(cwd)
+    pin_gpu(gpu)  # (again: a caller without the initializer)
+    import torch
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
+    from omegaconf.omegaconf import register_default_resolvers
 
     from . import register_resolvers, resume
 
-    _watch_parent(parent_pid)
+    if gpu is not None and torch.cuda.is_available() and torch.cuda.device_count() != 1:
+        raise RuntimeError(f"job #{idx} was to see GPU {gpu} alone but sees {torch.cuda.device_count()} GPUs: CUDA "
+                           "started before CUDA_VISIBLE_DEVICES was set")
+    if parent_pid is not None:
+        _watch_parent(parent_pid)
     torch.set_num_threads(threads)
     Singleton.set_state(singleton_state)
+    register_default_resolvers()  # oc.env and the like: the resolvers stayed behind (lambdas do not pickle)
     setup_globals()
     register_resolvers()
     resume.use_folder(sweep_name)  # the sweep folder the launching process chose, not a new timestamp

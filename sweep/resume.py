@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 _CHOSEN: dict[str, str] = {}
+FOLDER_ENV = "SDXL_SWEEP_FOLDER"  # set by the launching process: jobs elsewhere (submitit, Slurm, Ray) read it
 
 
 # hydra overrides that change how a sweep runs, not what it computes: a re-run with other values continues it
@@ -20,6 +22,8 @@ _RUN_ONLY = ("hydra.sweeper.n_jobs", "hydra/launcher", "hydra.launcher.", "hydra
 def sweep_folder(resume: bool, sweeps_root: str, overrides: list[str], hydra_overrides: list[str] = ()) -> str:
     """Decided once per process, at the first resolution (the sweep's, with the sweep's own overrides); the
     per-job configs Hydra composes later (with per-job overrides) get the same answer."""
+    if "name" not in _CHOSEN and os.environ.get(FOLDER_ENV):  # a job of a sweep launched elsewhere
+        _CHOSEN["name"] = os.environ[FOLDER_ENV]
     if "name" not in _CHOSEN:
         prev = previous_sweep(Path(sweeps_root), overrides, hydra_overrides) if resume else None
         if prev:
@@ -31,6 +35,12 @@ def sweep_folder(resume: bool, sweeps_root: str, overrides: list[str], hydra_ove
 def use_folder(name: str) -> None:
     """In a job's own process: the sweep folder its launcher chose."""
     _CHOSEN["name"] = name
+
+
+def export_folder(name: str) -> None:
+    """In the launching process: the chosen folder for job processes that compose their config again (submitit
+    pickles the sweep's config and composes each job's on the node; Slurm passes the environment on)."""
+    os.environ[FOLDER_ENV] = name
 
 
 def previous_sweep(sweeps_root: Path, overrides: list[str], hydra_overrides: list[str] = ()) -> Path | None:

@@ -2,23 +2,40 @@
 
 The parent run and experiment are created by the launching process before any trial starts (concurrent
 first use of one SQLite store races); trials find the parent through `sweep.json` in the sweep folder
-and link to it with the `mlflow.parentRunId` tag, so they may run in other processes or machines."""
+and link to it with the `mlflow.parentRunId` tag, so they may run in other processes or machines.
+
+A tracking server that does not answer when a sweep starts stops it there, with the fix. One that goes away
+mid-sweep costs nothing: training goes on, and every record it could not take (runs, params, metrics, tags,
+artifacts, statuses) waits in `<sweep>/mlflow_pending.jsonl`, in order, to be sent when it answers again (tried
+at every trial's end and at the sweep's end; `python -m sweep.tracking sync <sweep folder>` afterwards). A resumed
+trial's run is reopened, and metrics it already holds are not logged twice."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
 import re
 import subprocess
+import sys
+import threading
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from trainer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+PENDING_FILE = "mlflow_pending.jsonl"
+PLACEHOLDER = "pending-"  # a run id handed out while the server was away; the real one replaces it when sent
+RETRY_AFTER_S = 30.0  # after a failed request, records go straight to the journal this long before trying again
+_journal_lock = threading.Lock()
 
 
 @dataclass
@@ -43,6 +60,29 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+class TrackingUnavailable(UserError):
+    """The tracking server did not answer when the sweep started."""
+
+
+def _quick_retries() -> None:
+    """MLflow retries a failed request 7 times with doubling waits (minutes in all); a sweep journals instead."""
+    for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                 ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(k, v)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A request that failed because the server is away or broken (worth retrying), not because it was wrong."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        return "API request to" in str(exc) or exc.get_http_status_code() >= 500
+    return False
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig, root: Path):
         import mlflow
@@ -50,9 +90,113 @@ class Tracker:
 
         self.cfg = cfg
         self.uri, self.artifact_location = store_uri(cfg, root)
+        self.remote = self.uri.startswith(("http://", "https://"))
+        if self.remote:
+            _quick_retries()
         mlflow.set_tracking_uri(self.uri)
         self.mlflow = mlflow
         self.client = MlflowClient(self.uri)
+        self.pending: Path | None = None  # the journal, once the sweep folder is known (use_journal)
+        self._down_since = 0.0
+        self._reopened: dict[str, set[tuple[str, int]] | None] = {}  # resumed runs: (metric, step) they hold
+
+    def check(self) -> None:
+        """Refuse to start a sweep against a tracking server that does not answer."""
+        if not self.remote:
+            return
+        import requests
+
+        try:
+            requests.get(self.uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except requests.exceptions.RequestException as exc:
+            port = re.search(r":(\d+)", self.uri.split("//", 1)[1])
+            raise TrackingUnavailable(
+                f"tracking.uri={redact('uri', self.uri)}: no MLflow server answers there ({type(exc).__name__}). "
+                f"Start one (python -m sweep.server{' --port ' + port.group(1) if port else ''}), fix the URI, or "
+                "leave tracking.uri unset to record in ./mlruns; nothing was trained") from None
+
+    # the journal: what the server could not take, in order --------------------------------------------------
+    def use_journal(self, sweep_dir: Path) -> None:
+        if self.remote:
+            self.pending = Path(sweep_dir) / PENDING_FILE
+
+    @contextmanager
+    def _locked_journal(self):
+        self.pending.parent.mkdir(parents=True, exist_ok=True)
+        with _journal_lock, open(self.pending.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # other trial processes of the sweep append to it too
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _journaled(self) -> int:
+        return sum(1 for _ in open(self.pending)) if self.pending and self.pending.is_file() else 0
+
+    def _send(self, op: str, *args):
+        """Do `op` now, or, with the server away (or records already waiting), journal it behind the others."""
+        if self.pending is None:
+            return getattr(self, "_" + op)(*args)
+        if self._journaled() and not self.flush():
+            return self._append(op, args)
+        if time.monotonic() - self._down_since < RETRY_AFTER_S:
+            return self._append(op, args)
+        try:
+            return getattr(self, "_" + op)(*args)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._down_since = time.monotonic()
+            log.warning("MLflow at %s did not answer (%s); training goes on and its records wait in %s",
+                        redact("uri", self.uri), str(exc).splitlines()[0][:200], self.pending)
+            return self._append(op, args)
+
+    def _append(self, op: str, args: tuple):
+        result = None
+        if op == "child_run":  # the run id the trial goes on with; the real one replaces it when sent
+            result = PLACEHOLDER + uuid.uuid4().hex
+            args = (*args, result)
+        with self._locked_journal(), open(self.pending, "a") as f:
+            f.write(json.dumps({"op": op, "args": list(args)}, default=str) + "\n")
+        return result
+
+    def flush(self) -> bool:
+        """Send what waits in the journal, in order. True when nothing waits any more."""
+        if self.pending is None or not self.pending.is_file():
+            return True
+        if time.monotonic() - self._down_since < RETRY_AFTER_S:
+            return False
+        with self._locked_journal():
+            entries = [json.loads(ln) for ln in self.pending.read_text().splitlines() if ln.strip()]
+            ids: dict[str, str] = {}
+            sent = 0
+            try:
+                for e in entries:
+                    args = [ids.get(a, a) if isinstance(a, str) else a for a in e["args"]]
+                    if e["op"] == "child_run":
+                        ids[args[-1]] = self._child_run(*args[:-1])
+                    else:
+                        getattr(self, "_" + e["op"])(*args)
+                    sent += 1
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self._down_since = time.monotonic()
+            rest = [{"op": e["op"], "args": [ids.get(a, a) if isinstance(a, str) else a for a in e["args"]]}
+                    for e in entries[sent:]]
+            tmp = self.pending.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in rest))
+            tmp.replace(self.pending)
+            if not rest:
+                self.pending.unlink()
+        if sent:
+            log.info("MLflow at %s: %d waiting record(s) sent, %d still waiting", redact("uri", self.uri), sent,
+                     len(rest))
+        return not rest
+
+    def waiting(self) -> int:
+        """Records still in the journal."""
+        return self._journaled()
 
     # sweep level -----------------------------------------------------------------------------------------
     def start_sweep(self, sweep_dir: Path, name: str, tags: dict[str, str]) -> dict[str, str]:
@@ -73,16 +217,23 @@ class Tracker:
         return rec
 
     def end_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None:
+        self._send("end_sweep", parent_run_id, status)
+
+    def _end_sweep(self, parent_run_id: str, status: str) -> None:
         self.client.set_terminated(parent_run_id, status)
 
     # trial level -----------------------------------------------------------------------------------------
     def child_run(self, sweep: dict[str, str], trial: str, tags: dict[str, str]) -> str:
         """The trial's run under the sweep's parent: reopened if this trial was started before (resume)."""
+        return self._send("child_run", sweep, trial, tags)
+
+    def _child_run(self, sweep: dict[str, str], trial: str, tags: dict[str, str]) -> str:
         found = self.client.search_runs([sweep["experiment_id"]],
                                         filter_string=f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' "
                                                       f"and tags.trial = '{trial}'", max_results=1)
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
+            self._reopened[found[0].info.run_id] = None  # what it holds is read when metrics come
             return found[0].info.run_id
         tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
         run = self.client.create_run(sweep["experiment_id"], run_name=trial, tags=tags)
@@ -90,34 +241,81 @@ class Tracker:
 
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
-        """The run as MLflow's active run (system metrics: GPU memory/utilisation, CPU, RAM) while training."""
-        with self.mlflow.start_run(run_id=run_id, log_system_metrics=self.cfg.system_metrics):
+        """The run as MLflow's active run (system metrics: GPU memory/utilisation, CPU, RAM) while training; with
+        the server away, training goes on without it (the run's status is set by `finish` all the same)."""
+        try:
+            if run_id.startswith(PLACEHOLDER) or self.waiting():
+                raise ConnectionError("records are waiting for the server")
+            self.mlflow.start_run(run_id=run_id, log_system_metrics=self.cfg.system_metrics)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("training %s without MLflow's system metrics: the server did not answer", run_id)
             yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                self.mlflow.end_run()
+            except Exception as exc:  # the server went away while training: the monitor still stops
+                if not is_outage(exc):
+                    raise
+                from mlflow.tracking.fluent import run_id_to_system_metrics_monitor
+
+                monitor = run_id_to_system_metrics_monitor.pop(run_id, None)
+                if monitor is not None:
+                    monitor.finish()
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        self._send("log_params", run_id, {k: redact(k, v)[:6000] for k, v in params.items()})
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        new = [Param(k, redact(k, v)[:6000]) for k, v in params.items() if k not in existing]
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[i:i + 100])
 
     def log_metrics(self, run_id: str, rows: list[tuple[str, float, int]]) -> None:
         """(name, value, step) rows; NaN values are skipped (MLflow stores them, but plots break on them)."""
-        import time
+        now = int(time.time() * 1000)
+        rows = [(k, float(v), int(s), now) for k, v, s in rows if v is not None and math.isfinite(v)]
+        if rows:
+            self._send("log_metrics", run_id, rows)
 
+    def _log_metrics(self, run_id: str, rows: list) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(s)) for k, v, s in rows if v is not None and math.isfinite(v)]
+        if run_id in self._reopened:  # a resumed trial's run: what it already holds is not logged twice
+            held = self._reopened[run_id]
+            if held is None:
+                held = self._reopened[run_id] = set()
+            for key in {r[0] for r in rows} - {k for k, _ in held}:
+                held.update((key, m.step) for m in self.client.get_metric_history(run_id, key))
+                held.add((key, -1))
+            rows = [r for r in rows if (r[0], r[2]) not in held]
+            held.update((r[0], r[2]) for r in rows)
+        ms = [Metric(k, v, ts, s) for k, v, s, ts in rows]
         for i in range(0, len(ms), 1000):
             self.client.log_batch(run_id, metrics=ms[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, redact(k, v))
+        self._send("set_tags", run_id, {k: redact(k, v) for k, v in tags.items()})
+
+    def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[i:i + 100])
 
     def log_artifacts(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        if Path(path).exists():
+            self._send("log_artifacts", run_id, str(path), artifact_path)
+
+    def _log_artifacts(self, run_id: str, path: str, artifact_path: str | None) -> None:
         path = Path(path)
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), artifact_path)
@@ -125,6 +323,9 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self._send("finish", run_id, status)
+
+    def _finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
 
@@ -143,7 +344,13 @@ class NullTracker:
     def active(self, run_id):
         yield
 
-    def __getattr__(self, name):  # log_params, log_metrics, set_tags, log_artifacts, finish, end_sweep
+    def flush(self) -> bool:
+        return True
+
+    def waiting(self) -> int:
+        return 0
+
+    def __getattr__(self, name):  # check, use_journal, log_params, log_metrics, set_tags, log_artifacts, finish, ...
         return lambda *a, **k: None
 
 
@@ -194,3 +401,40 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def sync(sweep_dir: Path) -> int:
+    """Send what waits in a sweep's journal, then finish the sweep (selection, registry, report) as its end would
+    have. Exit status 0 when nothing waits any more."""
+    from .config import resolve_path
+    from .finalize import finalize_folder, load_config
+
+    sweep_dir = Path(sweep_dir).resolve()
+    conf = load_config(sweep_dir)
+    tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
+    tracker.use_journal(sweep_dir)
+    waiting = tracker.waiting()
+    if not tracker.flush():
+        log.error("MLflow at %s still does not answer: %d record(s) wait in %s", redact("uri", tracker.uri),
+                  tracker.waiting(), tracker.pending)
+        return 1
+    log.info("%d waiting record(s) sent to %s", waiting, redact("uri", tracker.uri))
+    sel, _ = finalize_folder(sweep_dir)
+    return 0 if sel is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m sweep.tracking")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sync", help="send the MLflow records a sweep kept while its server was away, then "
+                                    "register its champion")
+    s.add_argument("sweep_dir", type=Path)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return sync(a.sweep_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

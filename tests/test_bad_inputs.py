@@ -142,6 +142,9 @@ def test_a_photo_with_several_faces_is_warned_about(dlib_backend, caplog):
     (["data.resolution=1001"], "multiple of 8"),
     (["+train.lrate=1"], "Key 'lrate' not in 'TrainConfig'"),
     (["train.max_pack=0"], "train.max_pack=0 must be >= 1"),
+    # a value that would make a path leave its folder
+    (["model.name=../../etc/evil"], "model.name='../../etc/evil' names a folder in the cache"),
+    (["model.name=.hidden"], "no '/' or leading '.'"),
     # options that contradict each other
     (["steps=10", "train.checkpoint_every=20"], "larger than train.max_steps=10"),
     (["data.with_prior_preservation=true", "data.class_prompt='a photo of sks woman'"], "class_prompt"),
@@ -243,3 +246,39 @@ def test_a_full_disk_stops_with_the_fix_and_keeps_the_last_checkpoint(demo, tmp_
     monkeypatch.setattr(Pack, "save", real)
     [r] = train([spec], demo.model, demo.data, cache_dir, progress=False)
     assert r.resumed_from == 3 and r.status == "finished"
+
+
+def test_values_with_path_separators_cannot_move_a_trial_folder_out_of_its_sweep(tmp_path):
+    """Override values name trial folders (`<n>_<key=value,...>`): a value holding '/' or '..' stays one name."""
+    from sweep import _trial_dir
+
+    sweep_dir = tmp_path / "sweeps" / "s"
+    for value in ("../../../../tmp/evil", "a/../../b", "..\\..\\x", "/abs/path"):
+        name = _trial_dir(3, f"data.instance_prompt={value}")
+        target = (sweep_dir / name).resolve()
+        assert target.parent == sweep_dir.resolve() and "/" not in name, (value, name)
+
+
+def test_the_tracking_server_binds_to_loopback_unless_told(tmp_path, caplog, monkeypatch):
+    """`python -m sweep.server` listens on 127.0.0.1 only (checked on the live server's sockets); another host is
+    a choice that is warned about."""
+    import psutil
+
+    from sweep.server import command, main
+
+    from .services import mlflow_server
+
+    with mlflow_server(tmp_path) as srv:
+        procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+        listening = {c.laddr for p in procs for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening and {a.ip for a in listening} == {"127.0.0.1"}, listening
+        assert {a.port for a in listening} == {srv.port}
+    cmd = command("0.0.0.0", 5000, root=tmp_path)
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and "--allowed-hosts" in cmd
+    assert command(root=tmp_path)[command(root=tmp_path).index("--host") + 1] == "127.0.0.1"
+    called = []
+    monkeypatch.setattr(os, "execv", lambda path, args: called.append(args))  # what it would run, not run
+    with caplog.at_level(logging.WARNING):
+        main(["--host", "0.0.0.0", "--root", str(tmp_path), "--backend-store-uri", "postgresql://u:s3cret@db/m"])
+    assert "anyone who can reach this machine" in caplog.text and "s3cret" not in caplog.text
+    assert called and called[0][called[0].index("--host") + 1] == "0.0.0.0"

@@ -4,12 +4,9 @@ Everything is read back through the Optuna and MLflow APIs."""
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+
+from .services import free_port, postgres
 
 pytestmark = pytest.mark.slow
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -124,7 +123,7 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
     assert (sweep_dir / "report" / "optuna_intermediate.png").is_file()
 
     # optuna-dashboard opens the same storage (the command the README documents)
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "optuna-dashboard"  # the venv's console script, active or not
     dash = subprocess.Popen([str(exe) if exe.is_file() else "optuna-dashboard", url, "--host", "127.0.0.1",
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -137,42 +136,10 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
         dash.wait(timeout=30)
 
 
-def _find_pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / name).is_file():
-            return str(d / name)
-    return None
-
-
 @pytest.fixture
 def postgres_url():
-    """A real PostgreSQL server on loopback (Debian's package), in a throwaway cluster."""
-    initdb, pg_ctl = _find_pg_bin("initdb"), _find_pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
-    as_user = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        shutil.chown(data, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    subprocess.run(as_user + [initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"], check=True,
-                   capture_output=True)
-    subprocess.run(as_user + [pg_ctl, "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
-                              f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True,
-                   capture_output=True)
-    try:
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
-            c.execute("CREATE DATABASE optuna")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/optuna"
-    finally:
-        subprocess.run(as_user + [pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
+    with postgres("optuna") as urls:
+        yield urls["optuna"]
 
 
 def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
@@ -220,47 +187,3 @@ def _get_json(url: str, timeout: float):
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("args, needle", [
-    (["lr=interval(5e-4, 1e-5)"], "lr=interval(0.0005, 1e-05) is empty or inverted"),
-    (["lr=tag(log, interval(0, 1e-3))"], "a log scale needs bounds > 0"),
-    (["lora.rnak=choice(4,8)"], "'lora.rnak' is not in the config; did you mean lora.rank"),
-    (["hydra.sweeper.storage=postgresql+psycopg://me:hunter2@127.0.0.1:9/none"],
-     "hydra.sweeper.storage=postgresql+psycopg://me:***@127.0.0.1:9/none cannot be opened"),
-    (["hydra.sweeper.n_jobs=2"], "needs each in its own process: add hydra/launcher=processes"),
-])
-def test_bad_search_input_is_refused_before_any_training(tmp_path, args, needle):
-    p = _run(*args, cwd=tmp_path)
-    out = p.stdout + p.stderr
-    assert p.returncode == 2, out[-3000:]
-    assert needle in out and "Traceback" not in out and "hunter2" not in out
-    assert "loading base model" not in out and not list(tmp_path.glob("outputs/sweeps/*/*/result.json"))
-    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no MLflow parent run was started
-
-
-def test_multi_objective_search_reports_the_pareto_front(tmp_path):
-    p = _run("hydra.sweeper.n_trials=3", "hydra.sweeper.objectives=[clip_t,clip_i]",
-             "hydra.sweeper.directions=[maximize,minimize]", "hydra.sweeper.pruner.name=none", "steps=10",
-             "train.checkpoint_every=5", cwd=tmp_path)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-3000:]
-    study = _study(f"sqlite:///{tmp_path}/mlruns/optuna.db")
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    trials = study.get_trials()
-    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
-    [sweep_dir] = (tmp_path / "outputs" / "sweeps").iterdir()
-    for t in trials:  # the values told are the metrics of the trial's best checkpoint
-        folder = next(d for d in sweep_dir.iterdir() if d.name.startswith(f"{t.number}_"))
-        best = json.loads((folder / "result.json").read_text())["metrics"][f"step-{t.user_attrs['best_step']:06d}"]
-        assert t.values == pytest.approx([best["clip_t"], best["clip_i"]])
-    report = json.loads((sweep_dir / "report" / "optuna_study.json").read_text())
-    front = {r["trial"] for r in report["pareto_front"]}
-    assert front == {t.number for t in study.best_trials} and front
-    assert "Pareto front" in (sweep_dir / "report" / "report.md").read_text() and "Pareto front" in out

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import DiskFullError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def write_checkpoint(output_dir: Path, step: int, *, save_lora, record: dict[str
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        faults.hit("checkpoint_write", str(record.get("trial", "*")))
         if final.exists():  # a re-run of the same step (resume after a crash right after the rename)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -104,6 +106,14 @@ def verify(folder: Path) -> CheckpointRecord | None:
     except (OSError, ValueError, TypeError, KeyError):
         return None
     return rec if ok else None
+
+
+def clean_partial(output_dir: Path) -> None:
+    """Remove checkpoint folders a killed process left half-written (never renamed into place)."""
+    root = Path(output_dir) / "checkpoints"
+    for tmp in root.glob(".step-*.tmp-*") if root.is_dir() else []:
+        log.info("removing %s: a checkpoint whose writing was interrupted (the finished ones are intact)", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

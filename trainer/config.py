@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -148,6 +149,9 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
         if not ok:
             errors.append(msg)
 
+    need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model.name or "")),
+         f"model.name={model.name!r} names a folder in the cache: use letters, digits, '.', '_' and '-' only "
+         "(no '/' or leading '.'), e.g. model.name=sdxl_base")
     need(bool(model.pretrained) != bool(model.architecture),
          f"model: set exactly one of model.pretrained (a hub id or local folder) and model.architecture "
          f"(got pretrained={model.pretrained!r}, architecture={'set' if model.architecture else None})")

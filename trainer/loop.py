@@ -21,10 +21,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr, free_memory
 from tqdm.auto import tqdm
 
-from . import cache, checkpoint, lora, packed
+from . import cache, checkpoint, faults, lora, packed
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash
 from .data import Photo, scan_photos
-from .errors import ConfigError, DeviceError, NonFiniteLossError
+from .errors import ConfigError, DeviceError, NonFiniteLossError, UserError
 from .models import BaseModel, load_base_model, resolve_device, resolve_precision, weight_dtype_for
 from .prior import class_photos
 
@@ -48,7 +48,7 @@ class TrialSpec:
 class TrialResult:
     name: str
     output_dir: Path
-    status: str  # "finished" | "diverged" | "pruned" (stopped by on_checkpoint)
+    status: str  # "finished" | "diverged" | "pruned" (stopped by on_checkpoint) | "failed" (error: why)
     steps: int
     final_loss: float | None
     checkpoints: list[Path] = field(default_factory=list)
@@ -132,17 +132,31 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
             log.error("trial %s: %s", spec.name, exc)
             results[id(spec)] = TrialResult(spec.name, spec.output_dir, "diverged", exc.step, exc.loss,
                                             checkpoint.list_checkpoints(spec.output_dir), error=str(exc), pack_size=0)
+        except Exception as exc:  # this trial's error (a bad input, out of memory, a bug): the others go on
+            if len(trials) == 1:
+                raise
+            log.error("trial %s failed: %s", spec.name, exc, exc_info=not isinstance(exc, UserError))
+            results[id(spec)] = _failed(spec, f"{type(exc).__name__}: {exc}", pack_size=0)
     return [results[id(spec)] for spec in trials]
+
+
+def _failed(spec: TrialSpec, why: str, pack_size: int) -> TrialResult:
+    """The result of a trial that stopped on an error of its own; its finished checkpoints stay (resume)."""
+    ckpts = checkpoint.list_checkpoints(spec.output_dir)
+    return TrialResult(spec.name, Path(spec.output_dir), "failed", _resume_step(spec), None, ckpts, error=why,
+                       pack_size=pack_size)
 
 
 def _train_fitting(base, samples, group: list[TrialSpec], model, data, precision, progress) -> list[TrialResult]:
     """A pack, or, if it does not fit in GPU memory, its halves (each resuming from any checkpoints the pack wrote;
-    they are all at one step), down to single trials, whose out-of-memory error is the user's to see."""
+    they are all at one step), down to single trials; a trial that does not fit alone fails, and the others go on."""
     try:
         return _train_packed(base, samples, group, model, data, precision, progress)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as exc:
         if len(group) == 1:
-            raise
+            _reset_process_state()
+            return [_failed(group[0], f"out of GPU memory even alone ({exc}). Lower lora.rank or data.resolution, "
+                                      "or use preset=low_memory; finished checkpoints are kept", pack_size=1)]
         half = (len(group) + 1) // 2
         log.warning("a pack of %d trials does not fit in GPU memory: packs of %d and %d instead "
                     "(train.max_pack=%d avoids trying)", len(group), half, len(group) - half, half)
@@ -362,6 +376,7 @@ def _loop(base, samples, spec, data, params, optimizer, scheduler, gen, accelera
             total += loss.detach()
         value = float(total) / t.gradient_accumulation  # one host sync per step: also the NaN check
         losses["_step_seconds"].append(time.perf_counter() - tic)
+        faults.hit("train_step", spec.name)
         if not math.isfinite(value):
             raise NonFiniteLossError(step, value, last_ckpt)
         losses[step] = value
@@ -485,7 +500,8 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
         losses: list[dict[int, float]] = [{} for _ in specs]
         windows: list[list[float]] = [[] for _ in specs]
         diverged: dict[int, tuple[int, float]] = {}
-        stopped: dict[int, int] = {}
+        stopped: dict[int, int] = {}  # pruned, or failed: rides along at LR 0
+        failed: dict[int, str] = {}
         times: list[float] = []
         ga, prior = t0.gradient_accumulation, samples.klass is not None
         on_cuda = base.device.type == "cuda"
@@ -535,6 +551,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
                 s.step()
             values = (total / ga).tolist()  # one host sync per step, for the whole pack
             times.append(time.perf_counter() - tic)
+            faults.hit("train_step", [s.name for i, s in enumerate(specs) if i not in diverged and i not in stopped])
             for i, v in enumerate(values):
                 if i in diverged or i in stopped:
                     continue
@@ -558,10 +575,18 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
                                   state, scheds[i], gens[i], lambda folder, k=i: pack.save(k, folder))
                     windows[i] = []
                     if specs[i].on_checkpoint is not None:
-                        with pack.use(i), packed.eager_stance(compiled):
-                            if _call_paused(specs[i].on_checkpoint, step, saved, {"unet": None}, base):
-                                stopped[i] = step
-                                log.info("trial %s: stopped at step %d (pruned)", specs[i].name, step)
+                        try:
+                            with pack.use(i), packed.eager_stance(compiled):
+                                stop = _call_paused(specs[i].on_checkpoint, step, saved, {"unet": None}, base)
+                        except Exception as exc:  # its scoring failed: this trial stops, its pack mates go on
+                            log.exception("trial %s (in a pack): its checkpoint hook failed at step %d", specs[i].name,
+                                          step)
+                            failed[i] = f"{type(exc).__name__}: {exc} (at step {step}; {saved} is intact)"
+                            stopped[i] = step
+                            continue
+                        if stop:
+                            stopped[i] = step
+                            log.info("trial %s: stopped at step %d (pruned)", specs[i].name, step)
             if len(stopped) + len(diverged) == n_trials:
                 break
         bar.close()
@@ -588,15 +613,16 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             results.append(TrialResult(s.name, outs[i], "diverged", at, v, ckpts, error=err))
             continue
         last = stopped.get(i, t0.max_steps if losses[i] else start)
-        results.append(TrialResult(s.name, outs[i], "pruned" if i in stopped else "finished", last,
-                                   losses[i].get(last), ckpts, start or None, None, time.perf_counter() - started,
-                                   ms, peak, n_trials, setup_s))
+        status = "failed" if i in failed else "pruned" if i in stopped else "finished"
+        results.append(TrialResult(s.name, outs[i], status, last, losses[i].get(last), ckpts, start or None,
+                                   failed.get(i), time.perf_counter() - started, ms, peak, n_trials, setup_s))
     return results
 
 
 def _resumable(spec: TrialSpec, cfg_hash: str):
     """The checkpoint a trial resumes from (None: a fresh start); refuses folders that would be overwritten."""
     out = Path(spec.output_dir)
+    checkpoint.clean_partial(out)
     found = checkpoint.latest_valid(out) if spec.train.resume else None
     if found and found[1].config_hash != cfg_hash:
         raise ConfigError([f"{out} holds checkpoints of another configuration (hash {found[1].config_hash}, "

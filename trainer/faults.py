@@ -1,0 +1,57 @@
+"""Fault points: named places where the fault-injection tests (tests/test_faults.py) make a real process fail.
+
+    SDXL_SWEEP_FAULTS="checkpoint_write:*:2=kill"           SIGKILL this process at the 2nd checkpoint write
+    SDXL_SWEEP_FAULTS="train_step:lr=0.0005:1=oom"          the pack holding trial lr=0.0005 runs out of memory
+    SDXL_SWEEP_FAULTS="evaluate:lr=1e-05:1=raise,mlflow_log:*:3=kill"
+
+Each entry is `point:trial:hit=action`: at the hit-th time (`2+`: from the 2nd time on; counted in this process)
+`point` is reached for a trial whose name contains `trial` (`*`: any), do `action`: `kill` (SIGKILL, as the OOM killer or a lost node
+would), `raise` (an exception, as a bug would) or `oom` (torch.OutOfMemoryError, as a too-large trial would).
+Points: train_step (after a step's loss is known), checkpoint_write (the checkpoint's files written, not yet
+renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests).
+Unset (always, outside tests), a point costs one dictionary lookup."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections import Counter
+
+ENV = "SDXL_SWEEP_FAULTS"
+_hits: Counter = Counter()
+_lock = threading.Lock()
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _plan() -> list[tuple[str, str, int, bool, str]]:
+    out = []
+    for entry in filter(None, (e.strip() for e in os.environ.get(ENV, "").split(","))):
+        where, _, action = entry.rpartition("=")
+        point, trial, hit = where.split(":")
+        out.append((point, trial, int(hit.rstrip("+")), hit.endswith("+"), action))
+    return out
+
+
+def hit(point: str, trials: str | list[str] = "*") -> None:
+    """Reached `point` for `trials` (a name, or the names of a pack): fail here if the plan says so."""
+    if ENV not in os.environ:
+        return
+    names = [trials] if isinstance(trials, str) else list(trials)
+    for p, trial, n, onwards, action in _plan():
+        if p != point or not (trial == "*" or any(trial in name for name in names)):
+            continue
+        with _lock:
+            _hits[(p, trial)] += 1
+            due = _hits[(p, trial)] >= n if onwards else _hits[(p, trial)] == n
+        if not due:
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point} for {trial})")
+        raise InjectedFault(f"injected fault at {point} for {trial}")
