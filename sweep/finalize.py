@@ -81,19 +81,17 @@ def lost_before_start(sweep_dir: Path) -> dict[str, str]:
     return out
 
 
-def record_lost(sweep_dir: Path, tracker) -> dict[str, str]:
-    """Each lost trial: a failed result.json (its checkpoints stay: `resume=true` continues it) and its MLflow
-    run, if it got one, marked FAILED with the reason. Returns {trial: status} for the report."""
+def record_lost(sweep_dir: Path, tracker) -> None:
+    """Each lost trial: a failed result.json (its checkpoints stay: `resume=true` continues it; the report and the
+    failure count read it from there) and its MLflow run, if it got one, marked FAILED with the reason."""
     from .job import write_result
 
     sweep = read_sweep(sweep_dir)
-    out = {}
     for d in lost_trials(sweep_dir):
         reason = ("its job ended without a result (process killed or machine lost); its checkpoints are kept: "
                   "run the same command with resume=true to continue it")
         log.error("trial %s: %s", d.name, reason)
         write_result(d, {"name": d.name, "status": "failed", "error": reason, "lost": True})
-        out[d.name] = "failed"
         if sweep and sweep["parent_run_id"] and hasattr(tracker, "client") and not tracker.waiting():
             try:
                 folder = d.name.replace("'", "\\'")
@@ -104,7 +102,6 @@ def record_lost(sweep_dir: Path, tracker) -> dict[str, str]:
                     tracker.finish(r.info.run_id, "FAILED")
             except Exception as exc:  # the record stays in result.json and the report
                 log.warning("could not mark the MLflow run of %s failed: %s", d.name, exc)
-    return out
 
 
 def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:

@@ -154,10 +154,10 @@ def execute_job(idx, overrides, hydra_context, config, singleton_state, task_fun
     """In the job's process: the job's config composed as Hydra's own launchers do, then the task. Returns
     (status name, return value or exception): the JobReturn itself holds config classes that do not pickle.
     parent_pid None: no watch on the launching process (a Ray worker's parent is its raylet, which ends it).
-    cwd: the launching process's working directory, which relative paths (paths.root=".") are read against."""
+    cwd: the launching process's working directory, which relative paths (paths.root=".") are read against.
+    gpu: the GPU `pin_gpu` made the only one visible (the process pool's initializer), checked here."""
     if cwd is not None:
         os.chdir(cwd)
-    pin_gpu(gpu)  # (again: a caller without the initializer)
     import torch
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton

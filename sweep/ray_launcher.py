@@ -28,10 +28,11 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from .launcher import GPU_ENV, _job_return, execute_job, lost_job, prepare_launch
+from .resume import FOLDER_ENV
 
 log = logging.getLogger(__name__)
 # read by the job's config: conf/tracking/server.yaml, and the sweep folder the launching process chose
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "SDXL_SWEEP_FOLDER")
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", FOLDER_ENV)
 
 
 class RayLauncher:

@@ -98,7 +98,7 @@ class Tracker:
         self.client = MlflowClient(self.uri)
         self.pending: Path | None = None  # the journal, once the sweep folder is known (use_journal)
         self._down_since = 0.0
-        self._reopened: dict[str, set[tuple[str, int]] | None] = {}  # resumed runs: (metric, step) they hold
+        self._reopened: dict[str, dict[str, set[int]]] = {}  # resumed runs: {metric: steps it holds}, read once
 
     def check(self) -> None:
         """Refuse to start a sweep against a tracking server that does not answer."""
@@ -233,7 +233,7 @@ class Tracker:
                                                       f"and tags.trial = '{trial}'", max_results=1)
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
-            self._reopened[found[0].info.run_id] = None  # what it holds is read when metrics come
+            self._reopened[found[0].info.run_id] = {}  # what it holds is read when metrics come
             return found[0].info.run_id
         tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
         run = self.client.create_run(sweep["experiment_id"], run_name=trial, tags=tags)
@@ -290,13 +290,11 @@ class Tracker:
 
         if run_id in self._reopened:  # a resumed trial's run: what it already holds is not logged twice
             held = self._reopened[run_id]
-            if held is None:
-                held = self._reopened[run_id] = set()
-            for key in {r[0] for r in rows} - {k for k, _ in held}:
-                held.update((key, m.step) for m in self.client.get_metric_history(run_id, key))
-                held.add((key, -1))
-            rows = [r for r in rows if (r[0], r[2]) not in held]
-            held.update((r[0], r[2]) for r in rows)
+            for key in {r[0] for r in rows} - held.keys():
+                held[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+            rows = [r for r in rows if r[2] not in held[r[0]]]
+            for r in rows:
+                held[r[0]].add(r[2])
         ms = [Metric(k, v, ts, s) for k, v, s, ts in rows]
         for i in range(0, len(ms), 1000):
             self.client.log_batch(run_id, metrics=ms[i:i + 1000])

@@ -498,6 +498,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             o.mkdir(parents=True, exist_ok=True)
             _truncate_log(o / "train_log.jsonl", start)
         losses: list[dict[int, float]] = [{} for _ in specs]
+        names = [s.name for s in specs]  # the pack's trials, for the fault points (trainer/faults.py)
         windows: list[list[float]] = [[] for _ in specs]
         diverged: dict[int, tuple[int, float]] = {}
         stopped: dict[int, int] = {}  # pruned, or failed: rides along at LR 0
@@ -551,7 +552,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
                 s.step()
             values = (total / ga).tolist()  # one host sync per step, for the whole pack
             times.append(time.perf_counter() - tic)
-            faults.hit("train_step", [s.name for i, s in enumerate(specs) if i not in diverged and i not in stopped])
+            faults.hit("train_step", names)
             for i, v in enumerate(values):
                 if i in diverged or i in stopped:
                     continue
