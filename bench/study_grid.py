@@ -67,6 +67,10 @@ def main() -> None:
     sweep = max((args.work / "outputs" / "sweeps").iterdir())
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
     checkpoints = sum(len(t["checkpoints"]) for t in trials)
+    # where the time went: every evaluate call's generation and scoring seconds (metrics.json of each trial)
+    spent = [e for p in sweep.glob("*/eval/metrics.json") for e in json.loads(p.read_text()).get("seconds", {}).values()]
+    eval_split = {k: sum(e[k] for e in spent) for k in ("images", "generate_s", "score_s")}
+    eval_split["s_per_image_generated"] = eval_split["generate_s"] / max(eval_split["images"], 1)
     n_prompts = 5
     images = (checkpoints + 1) * (n_prompts + 1) * args.images  # + baseline; + prior-drift prompt
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -77,7 +81,8 @@ def main() -> None:
         "device": gpu, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "command": " ".join(cmd[1:]),
         "wall_s": wall, "wall_min": wall / 60, "trials": len(trials), "checkpoints_scored": checkpoints,
-        "images_generated": images,
+        "images_generated": images, "evaluation": eval_split,
+        "training_s": max((t.get("ms_per_step") or 0) * t.get("steps", 0) / 1000 for t in trials),
         "per_trial": [{k: t.get(k) for k in ("name", "status", "steps", "ms_per_step", "pack_size", "setup_seconds",
                                                "seconds", "peak_memory_gib", "objective")} for t in trials],
         "target_min": 8,
@@ -88,6 +93,7 @@ def main() -> None:
     path = args.out / f"study_grid_{gpu.replace(' ', '_')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(log_tail[-2500:])
+    print(f"evaluation: {eval_split}")
     print(f"\nwhole grid: {wall / 60:.2f} min ({len(trials)} trials, {checkpoints} checkpoints, {images} images) "
           f"on {gpu}; written {path}")
 

@@ -52,15 +52,31 @@ class ClipScorer:
     def text(self, images: torch.Tensor, prompts: list[str]) -> float:
         return self.score(images, prompts)
 
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit CLIP embeddings of N x 3 x H x W uint8 images, through the metric's own model and processor (what
+        CLIPScore computes for each image of a pair), each image once."""
+        processed = self.metric.processor(images=[i.cpu() for i in images], return_tensors="pt", padding=True)
+        f = self.metric.model.get_image_features(processed["pixel_values"].to(self.device))
+        return f / f.norm(p=2, dim=-1, keepdim=True)
+
     def image_to_refs(self, images: torch.Tensor, refs: torch.Tensor) -> float:
-        """Every generated image against every reference photo."""
-        n, m = len(images), len(refs)
-        return self.score(images.repeat_interleave(m, dim=0), refs.repeat(n, 1, 1, 1))
+        """Every generated image against every reference photo: CLIPScore over all n x m pairs, with each image
+        embedded once instead of once per pair (m + n embeddings, not 2 n m)."""
+        return _clip_mean(self.image_features(images) @ self.image_features(refs).T)
 
     def pairwise(self, images: torch.Tensor) -> float:
         """Mean CLIP-I over all pairs of a set: high means the images look alike (low diversity)."""
+        if len(images) < 2:
+            return float("nan")
+        f = self.image_features(images)
         i, j = torch.triu_indices(len(images), len(images), offset=1)
-        return self.score(images[i], images[j]) if len(i) else float("nan")
+        return _clip_mean((f[i] * f[j]).sum(-1))
 
     def _dev(self, x):
         return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
+
+def _clip_mean(cosines: torch.Tensor) -> float:
+    """CLIPScore's reduction: max(100 x mean cosine, 0)."""
+    return max(float(100 * cosines.double().mean()), 0.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -121,12 +122,14 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
     """Every prompt x seed, in batches. Returns {"base": [...]} and, with a refiner, {"refined": [...]} too,
     ordered prompt-major (prompt 0 seed 0, prompt 0 seed 1, ...)."""
     jobs = [(p, s) for p in prompts for s in cfg.seeds]
+    # batches of equal size, at most cfg.batch_size (24 images at 10: 8+8+8, not 10+10+4)
+    size = math.ceil(len(jobs) / math.ceil(len(jobs) / cfg.batch_size)) if jobs else 1
     out: dict[str, list[Image.Image]] = {"base": []}
     if refiner is not None:
         out["refined"] = []
     device = pipe.device
-    for i in tqdm(range(0, len(jobs), cfg.batch_size), desc=desc, unit="batch", leave=False):
-        chunk = jobs[i:i + cfg.batch_size]
+    for i in tqdm(range(0, len(jobs), size), desc=desc, unit="batch", leave=False):
+        chunk = jobs[i:i + size]
         gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]  # paired across checkpoints
         kw = dict(prompt=[p for p, _ in chunk], num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=gens)

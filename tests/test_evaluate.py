@@ -1,5 +1,6 @@
 """Evaluation of tiny-model checkpoints: CLIP with a tiny random CLIP, dlib faces, grids, one pipeline load."""
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def test_two_checkpoints_scored_with_one_pipeline_load(tiny, tmp_path):
         assert 0.0 <= metrics["face_detection_rate"] <= 1.0 and -100 <= metrics["clip_t"] <= 100
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"].keys() == m.keys() and any("carry no meaning" in n for n in saved["notes"])
+    # where the time went, per checkpoint: 2 prompts x 2 seeds + 2 prior-drift images each
+    assert saved["seconds"].keys() == m.keys()
+    assert all(e["images"] == 6 and e["generate_s"] > 0 and e["score_s"] > 0 for e in saved["seconds"].values())
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert grids == ["baseline_base.png", "checkpoints_prompt0.png", "step-000002_base.png", "step-000004_base.png"]
     assert Image.open(out / "grids" / "step-000002_base.png").size[1] == 2 * 256  # prompts x seeds
@@ -129,8 +133,7 @@ def test_refiner_is_scored_with_and_without(tiny, tmp_path):
 def build_tiny_refiner(base_dir: str, out: Path) -> Path:
     """A tiny SDXL-refiner-architecture img2img pipeline (second text encoder only, aesthetic-score
     conditioning), random weights, sharing the tiny base's VAE and text encoder 2."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -149,3 +152,40 @@ def build_tiny_refiner(base_dir: str, out: Path) -> Path:
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     pipe.save_pretrained(out)
     return out
+
+
+def test_image_scores_embed_each_image_once_and_equal_clipscore_over_every_pair(tiny):
+    """CLIP-I and pairwise CLIP-I from one embedding per image are torchmetrics' CLIPScore over the pairs."""
+    scorer = ClipScorer(tiny["clip"], torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    ims = torch.randint(0, 256, (4, 3, 64, 64), generator=g, dtype=torch.uint8)
+    refs = torch.randint(0, 256, (3, 3, 48, 48), generator=g, dtype=torch.uint8)
+    calls = []
+    model = scorer.metric.model
+    original = model.get_image_features
+    model.get_image_features = lambda pixel_values: calls.append(len(pixel_values)) or original(pixel_values)
+    try:
+        to_refs, pairwise = scorer.image_to_refs(ims, refs), scorer.pairwise(ims)
+    finally:
+        model.get_image_features = original
+    assert calls == [4, 3, 4]  # each image once per score, not once per pair (was 2 x 12 and 2 x 6)
+    every = scorer.score(ims.repeat_interleave(3, dim=0), refs.repeat(4, 1, 1, 1))
+    i, j = torch.triu_indices(4, 4, offset=1)
+    assert to_refs == pytest.approx(every, rel=1e-5, abs=1e-4)
+    assert pairwise == pytest.approx(scorer.score(ims[i], ims[j]), rel=1e-5, abs=1e-4)
+    assert math.isnan(scorer.pairwise(ims[:1]))
+
+
+def test_prior_prompt_rides_in_equal_batches_with_the_prompts(tiny, tmp_path, monkeypatch):
+    """6 images (2 prompts x 2 seeds + the prior prompt's 2) at eval.batch_size=4 go as 3 + 3, not 4 + 2 or
+    2 + 2 + 2 (a batch of the prior prompt alone, as before)."""
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    batches = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *a, **kw: batches.append(list(prompt)) or
+                        encode(prompt, *a, **kw))
+    m = evaluate([tiny["checkpoints"][0]], replace(tiny["cfg"], batch_size=4), instance_dir=DEMO_DIR,
+                 out_dir=tmp_path / "eval", pretrained=tiny["pretrained"], baseline=False)
+    assert [len(b) for b in batches] == [3, 3]
+    assert [p for b in batches for p in b] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 + ["a picture of a woman"] * 2
+    assert "prior_face_similarity" in m["step-000002"]

@@ -96,6 +96,38 @@ def test_no_gradient_crosses_from_one_trial_to_another():
         assert torch.count_nonzero(layer.lora_B.grad[k][:, r:]) == 0
 
 
+def test_scoring_a_trial_merges_its_adapter_and_puts_the_base_back_bit_for_bit():
+    """Pack.use(k) generates with trial k's LoRA merged into the base weights (no per-layer adapter matmuls) and
+    restores the bf16 base exactly on exit, however often it is entered."""
+    from types import SimpleNamespace
+
+    from trainer.packed import Pack
+
+    torch.manual_seed(0)
+    unet = torch.nn.Sequential()
+    unet.add_module("to_q", torch.nn.Linear(32, 16))
+    unet.to(torch.bfloat16)
+    before = unet.to_q.weight.detach().clone()
+    settings = [SimpleNamespace(rank=r, lora_alpha=a, target_modules=["to_q"]) for r, a in ((2, 4.0), (4, 4.0))]
+    pack = Pack(SimpleNamespace(unet=unet), settings)
+    layer = unet.to_q
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_(std=0.1)
+        layer.lora_A[0, 2:] = 0
+        layer.lora_B[0, :, 2:] = 0
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    for k in (1, 0, 1):
+        want = x.float() @ (before.float() + layer.scale[k] * layer.lora_B[k] @ layer.lora_A[k]).T + layer.base.bias.float()
+        with pack.use(k):
+            got = layer(x)
+            assert layer.fused and not torch.equal(layer.base.weight, before)
+        torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.05)  # bf16 matmul of the merged weight
+        assert torch.equal(layer.base.weight, before) and not layer.fused
+    pack.remove()
+    assert unet.to_q is layer.base
+
+
 def test_a_pack_scores_each_trial_with_its_own_adapter_and_prunes_one_alone(demo, tmp_path, cache_dir):
     """Checkpoint hooks in a pack: each sees the UNet with its own trial's adapter on every sample (its output
     equals that of the trial's saved LoRA), and a trial its hook stops ends there while the others train on
