@@ -73,7 +73,7 @@ def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, 
             "wall_s_incl_setup": time.perf_counter() - tic, "settings": {k: str(v) for k, v in train_kw.items()}}
 
 
-def eval_speed(model_dir: str, batch: int, compiled: bool, channels_last: bool = False) -> dict:
+def eval_speed(model_dir: str, batch: int, compiled: bool) -> dict:
     """Seconds per 1024 px image (30 steps, CFG) at `batch` images per pipeline call, the way a sweep scores:
     the study's prompts, VAE decode included. `compiled`: the UNet's transformer blocks under torch.compile,
     whose cost (the warm-up's extra time) is reported."""
@@ -86,8 +86,6 @@ def eval_speed(model_dir: str, batch: int, compiled: bool, channels_last: bool =
                      seeds=list(range(max(batch, 2))))
     reps = 2 if batch < 8 else 1
     prompts = EvalConfig.__dataclass_fields__["prompts"].default_factory()[:1]
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
     blocks = compile_blocks(pipe.unet) if compiled else []
     try:
         tic = time.perf_counter()  # a 2-step warm-up at the timed batch shape (compiles, if compiling)
@@ -105,7 +103,7 @@ def eval_speed(model_dir: str, batch: int, compiled: bool, channels_last: bool =
         gen._PIPES.clear()  # later rows measure training memory without this pipeline held
     return {"batch": batch, "s_per_image": s_img, "images_per_s": 1 / s_img, "ms_per_step": 1000 * s_img,
             "samples_per_s": 1 / s_img, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "setup_s": max(0.0, warm - s_img * batch * 2 / 30), "compiled": compiled, "channels_last": channels_last}
+            "setup_s": max(0.0, warm - s_img * batch * 2 / 30), "compiled": compiled}
 
 
 def reference(script: Path, model_dir: str, photos: Path, work: Path, steps: int) -> dict:

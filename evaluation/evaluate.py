@@ -100,14 +100,13 @@ def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | Non
     """The prompts' images ({"base": [...]}, with a refiner also {"refined": [...]}) and the prior-drift images
     (None without a prior prompt). Without a refiner the prior prompt rides in the same batches as the others
     (a batch of its own ran at two-thirds the speed)."""
-    if not prior_prompt:
-        return gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}"), None
-    if refiner is not None:
-        return (gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}"),
-                gen.generate(pipe, None, [prior_prompt], cfg, desc=f"prior {name}")["base"])
-    both = gen.generate(pipe, None, [*cfg.prompts, prior_prompt], cfg, desc=f"eval {name}")["base"]
-    n = len(cfg.prompts) * len(cfg.seeds)
-    return {"base": both[:n]}, both[n:]
+    if prior_prompt and refiner is None:
+        both = gen.generate(pipe, None, [*cfg.prompts, prior_prompt], cfg, desc=f"eval {name}")["base"]
+        n = len(cfg.prompts) * len(cfg.seeds)
+        return {"base": both[:n]}, both[n:]
+    images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
+    prior = gen.generate(pipe, None, [prior_prompt], cfg, desc=f"prior {name}")["base"] if prior_prompt else None
+    return images, prior
 
 
 def earlier_results(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str, float]]:

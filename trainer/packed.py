@@ -106,12 +106,13 @@ class Pack:
         matmuls on every layer, a 1024 px image took 22% longer. The base weights are copied first and put back
         exactly on exit (subtracting the update again would not restore bf16 weights bit for bit)."""
         weights = [m.base.weight for *_, m in self.layers]
-        need = sum(w.numel() * w.element_size() for w in weights)
         device = weights[0].device
-        spare = device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > 2 * need
+        need = sum(w.numel() * w.element_size() for w in weights)
+        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 2 * need:
+            device = torch.device("cpu")  # no room for the copy on the GPU
         r = self.ranks[k]
         with torch.no_grad():
-            saved = [w.clone() if spare or device.type != "cuda" else w.to("cpu", copy=True) for w in weights]
+            saved = [w.to(device, copy=True) for w in weights]
             for (*_, m), w in zip(self.layers, weights):
                 delta = (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float()
                 w.copy_(w.float() + delta)
