@@ -58,6 +58,7 @@ def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, 
         data = DataConfig(instance_dir=str(photos), instance_prompt=PROMPT, resolution=1024, min_images=1,
                           with_prior_preservation=True, class_dir=str(class_dir), class_prompt="a photo of a man",
                           num_class_images=5)
+    train_kw.setdefault("compile", False)  # rows say what they measure; "auto" would depend on --steps
     specs = [TrialSpec(f"bench{k}", LoraSettings(rank=4),
                        TrainConfig(lr=1e-4 * (k + 1), max_steps=steps, checkpoint_every=steps, mixed_precision="bf16",
                                    device="cuda", resume=False, seed=k, **train_kw), Path(tempfile.mkdtemp(dir=work)))
@@ -79,7 +80,7 @@ def eval_speed(model_dir: str, batch: int, compiled: bool) -> dict:
     whose cost (the warm-up's extra time) is reported."""
     from evaluation import EvalConfig
     from evaluation import generate as gen
-    from trainer.packed import compile_blocks, uncompile
+    from trainer.compiling import compile_blocks, uncompile
 
     pipe, _ = gen.load_pipeline(model_dir, torch.device("cuda"))
     cfg = EvalConfig(clip_model="unused", resolution=1024, num_inference_steps=30, device="cuda", batch_size=batch,

@@ -60,6 +60,7 @@ def main() -> None:
     tic = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - tic
+    (args.work / "sweep.log").write_text(proc.stdout + proc.stderr)  # timestamped: where the rest of the time went
     log_tail = (proc.stdout + proc.stderr)[-6000:]
     if proc.returncode != 0:
         print(log_tail)

@@ -14,6 +14,7 @@ STUDY_PROMPTS = [
     "a picture of sks man showing the thumbs up gesture on the moon",
 ]
 FACE_BACKENDS = ("dlib", "insightface", "facenet", "none")
+SPEED_ONLY = ("compile",)  # settings that change how fast images come, not what is scored
 
 
 class EvalInputError(ValueError):
@@ -37,6 +38,9 @@ class EvalConfig:
     refiner: Optional[str] = None  # e.g. stabilityai/stable-diffusion-xl-refiner-1.0; scored with and without
     refiner_split: float = 0.8  # the base denoises the first 80%, the refiner the rest
     device: str = "auto"
+    # torch.compile the UNet's transformer blocks while generating; None: auto, on CUDA when a call (or a sweep's
+    # trial) generates enough images to repay compiling (trainer/compiling.py). Not part of what scores mean.
+    compile: Optional[bool] = None
 
     def scoring_prompt(self, prompt: str) -> str:
         """'a picture of sks man ...' -> 'a picture of man ...' for CLIP-T."""

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from trainer import faults
+from trainer import compiling, faults
 
 from . import generate as gen
 from . import grid
 from .clip import ClipScorer
-from .config import EvalConfig, EvalInputError, validate_eval
+from .config import SPEED_ONLY, EvalConfig, EvalInputError, validate_eval
 from .face import FaceBackend, FaceSimilarity, Identity, make_backend
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     seconds: dict[str, dict[str, float]] = {}  # where the time went, per entry (metrics.json)
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
-    with grid.Writer() as writer:
+    per_entry = (len(cfg.prompts) + (face is not None and bool(cfg.prior_prompt))) * len(cfg.seeds)
+    fast = compiling.want_compile(cfg.compile, device, len(entries) * per_entry, compiling.COMPILE_IMAGES)
+    with grid.Writer() as writer, compiling.compiled_for_generation(pipe.unet, fast):
         for name, ckpt in entries:
             tic = time.perf_counter()
             with gen.LoraSwap(pipe, None if applied else ckpt, cfg.lora_scale):
@@ -90,7 +92,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
     gathered = _gather(out_dir, cfg, results)
     seconds = {**_read_json(out_dir / "metrics.json").get("seconds", {}), **seconds}
-    _write_json(out_dir / "metrics.json", {"metrics": gathered, "notes": notes, "config": asdict(cfg),
+    _write_json(out_dir / "metrics.json", {"metrics": gathered, "notes": notes, "config": _settings(cfg),
                                            "seconds": seconds})
     _checkpoint_grid(out_dir, cfg, list(gathered))
     return results
@@ -112,7 +114,12 @@ def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | Non
 def earlier_results(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str, float]]:
     """What earlier calls with the same settings wrote to `out_dir`/metrics.json (a resumed trial's scores)."""
     rec = _read_json(Path(out_dir) / "metrics.json")
-    return rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(asdict(cfg), default=str)) else {}
+    return rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(_settings(cfg), default=str)) else {}
+
+
+def _settings(cfg: EvalConfig) -> dict:
+    """What decides the scores: the settings without the speed-only ones."""
+    return {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
 
 
 def _gather(out_dir: Path, cfg: EvalConfig, new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -237,7 +244,7 @@ def _notes(clip: ClipScorer, pretrained: str | None) -> list[str]:
 
 
 def _baseline_key(cfg: EvalConfig, pretrained: str | None) -> str:
-    return hashlib.sha256(json.dumps([asdict(cfg), pretrained], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([_settings(cfg), pretrained], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_baseline(path: Path | None, cfg: EvalConfig, pretrained: str | None) -> dict[str, float] | None:

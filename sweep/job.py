@@ -8,16 +8,18 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation import EvalInputError, evaluate, preflight
+from evaluation import EvalConfig, EvalInputError, evaluate, preflight
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
 from trainer import TrialResult, TrialSpec, UserError, checkpoint, faults, instance_photos, training_config_hash
+from trainer.compiling import COMPILE_IMAGES, want_compile
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
 from .config import SweepConfig, resolve_path, to_typed
@@ -201,7 +203,7 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     settings = None
     if conf.eval.enabled:
         clip = build_clip(conf.eval.clip_architecture, cache_dir) if conf.eval.clip_architecture else conf.eval.clip_model
-        settings = conf.eval.settings(clip)
+        settings = _compile_setting(conf.eval.settings(clip), conf)
         preflight(settings, conf.data.instance_dir)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
     if settings is None:
@@ -238,6 +240,18 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
                 on_scored(c.name, metrics[c.name], metrics.get(BASELINE_KEY, {}))
     scored = {c.name for c in result.checkpoints}
     return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in scored}
+
+
+def _compile_setting(settings: EvalConfig, conf: SweepConfig) -> EvalConfig:
+    """eval.compile=auto decided for the trial's whole scoring (baseline and every checkpoint), not per call: each
+    call scores one checkpoint, too few images to repay compiling on its own; together they do."""
+    if settings.compile is not None:
+        return settings
+    checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
+    prompts = len(settings.prompts) + bool(settings.prior_prompt and settings.face_backend != "none")
+    images = (checkpoints + 1) * prompts * len(settings.seeds)
+    on = want_compile(None, resolve_device(settings.device), images, COMPILE_IMAGES)
+    return replace(settings, compile=on)
 
 
 def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None, objective: float,

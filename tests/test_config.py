@@ -126,3 +126,26 @@ def test_a_trial_is_named_by_the_values_its_sweep_varies(tmp_path):
                                                   "eval.clip_architecture={a:1,b:2}"]},
                            "job": {"override_dirname": "whatever", "num": 1}})
     assert trial_name(hc, tmp_path) == "lr=5e-4,lora.rank=8"
+
+
+def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
+    """train.compile / eval.compile = null (auto): never on the CPU, off below the pay-back point, as given when
+    set; a sweep's trial decides for all the images it will score (baseline + every checkpoint), not per call."""
+    import torch
+
+    import sweep.job
+    from trainer.compiling import COMPILE_IMAGES, COMPILE_TRIAL_STEPS, want_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not want_compile(None, cpu, 10**9, 1)
+    assert want_compile(True, cpu, 0, 1) and not want_compile(False, cuda, 10**9, 1)
+    assert not want_compile(None, cuda, COMPILE_TRIAL_STEPS - 1, COMPILE_TRIAL_STEPS)  # nothing compiled to find out
+    conf = typed("steps=500", "train.checkpoint_every=100")
+    assert conf.train.compile is None and conf.eval.compile is None
+    seen = []
+    monkeypatch.setattr(sweep.job, "want_compile", lambda s, d, images, at: seen.append((images, at)) or True)
+    settings = sweep.job._compile_setting(conf.eval.settings("clip"), conf)
+    per_checkpoint = (len(conf.eval.prompts) + 1) * len(conf.eval.seeds)  # + the prior-drift prompt
+    assert settings.compile is True and seen == [(6 * per_checkpoint, COMPILE_IMAGES)]  # 5 checkpoints + baseline
+    set_off = typed("steps=500", "train.checkpoint_every=100", "eval.compile=false")
+    assert sweep.job._compile_setting(set_off.eval.settings("clip"), set_off).compile is False and len(seen) == 1

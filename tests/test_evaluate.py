@@ -189,3 +189,50 @@ def test_prior_prompt_rides_in_equal_batches_with_the_prompts(tiny, tmp_path, mo
     assert [len(b) for b in batches] == [3, 3]
     assert [p for b in batches for p in b] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 + ["a picture of a woman"] * 2
     assert "prior_face_similarity" in m["step-000002"]
+
+
+def test_images_leave_the_decoder_as_diffusers_postprocess_makes_them(tiny):
+    """to_pil (arithmetic on the decoder's device, uint8 copied out) gives diffusers' PIL images pixel for pixel,
+    values outside [-1, 1] and halfway roundings included."""
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 17, 19, generator=g) * 2.4 - 1.2
+    x[0, 0, 0, :5] = torch.tensor([-1.0, 1.0, 0.0, 1 / 255 - 1, 2 * (0.5 / 255) - 1])  # edges and a rounding tie
+    ours, theirs = gen.to_pil(x), pipe.image_processor.postprocess(x, output_type="pil")
+    assert [im.size for im in ours] == [(19, 17)] * 3
+    assert all(a.tobytes() == b.tobytes() and a.mode == b.mode == "RGB" for a, b in zip(ours, theirs))
+
+
+def test_bf16_decoder_copy_is_made_once_and_the_vae_stays_fp32(tiny):
+    """An fp32 VAE (a sweep's, for exact training latents) decodes on CUDA through a bf16 copy of its decoding half:
+    made once per VAE, the VAE itself untouched, decoding what the VAE decodes to bf16 precision."""
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    vae = pipe.vae
+    assert vae.dtype == torch.float32
+    post, decoder = gen.bf16_decoder(vae)
+    assert gen.bf16_decoder(vae)[1] is decoder and next(decoder.parameters()).dtype == torch.bfloat16
+    assert vae.dtype == torch.float32 and all(p.dtype == torch.float32 for p in vae.decoder.parameters())
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        got = decoder(post(z.bfloat16()) if post is not None else z.bfloat16()).float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert gen._decoder(vae, torch.device("cpu"))[1] is vae.decoder  # on the CPU the VAE decodes as it is
+
+
+def test_speed_only_settings_do_not_change_what_earlier_results_mean(tiny, tmp_path):
+    """eval.compile changes how fast images come, not the scores: results written with it off are read back (a
+    resumed trial, the cached baseline) with it on, and metrics.json does not record it."""
+    from evaluation.evaluate import earlier_results
+
+    cfg = replace(tiny["cfg"], prompts=PROMPTS[:1], seeds=[0], compile=False)
+    m = evaluate(tiny["checkpoints"][:1], cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
+                 pretrained=tiny["pretrained"], baseline_cache=tmp_path / "baseline.json")
+    assert "compile" not in json.loads((tmp_path / "e" / "metrics.json").read_text())["config"]
+    for setting in (True, None):
+        assert earlier_results(tmp_path / "e", replace(cfg, compile=setting)).keys() == m.keys()
+    assert earlier_results(tmp_path / "e", replace(cfg, seeds=[1])) == {}  # a setting that matters still does
+    again = evaluate([], replace(cfg, compile=None), instance_dir=DEMO_DIR, out_dir=tmp_path / "e2",
+                     pretrained=tiny["pretrained"], baseline_cache=tmp_path / "baseline.json")
+    assert not (tmp_path / "e2" / "grids" / "baseline_base.png").exists()  # the cached baseline was used
+    assert json.dumps(again[BASELINE], sort_keys=True) == json.dumps(m[BASELINE], sort_keys=True)

@@ -156,3 +156,43 @@ def test_a_lone_trial_trains_as_a_pack_of_one_and_its_hook_sees_its_adapter(demo
     plain = pipe("a photo of sks woman", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator("cuda").manual_seed(0), output_type="latent").images.float().cpu()
     assert not torch.equal(seen[-1], plain) and not torch.equal(seen[0], seen[1])
+
+
+def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, cache_dir):
+    """eval.compile: the UNet's transformer blocks compiled while generating (same images to bf16 rounding) and
+    uncompiled after, so that training and later eager calls see the plain modules."""
+    from evaluation import generate as gen
+    from trainer.compiling import blocks_of, compiled_for_generation
+
+    pipe, _ = gen.load_pipeline(resolve_source(demo.model, cache_dir), torch.device("cuda"))
+
+    def latents():
+        g = [torch.Generator("cuda").manual_seed(s) for s in (0, 1)]
+        return pipe(["a photo of sks woman"] * 2, num_inference_steps=3, height=64, width=64, generator=g,
+                    output_type="latent").images.float()
+
+    eager = latents()
+    with compiled_for_generation(pipe.unet, True):
+        assert all(b._compiled_call_impl is not None for b in blocks_of(pipe.unet))
+        fast = latents()
+    assert all(b._compiled_call_impl is None for b in blocks_of(pipe.unet))
+    assert 0 < (fast - eager).abs().max() < 0.05 * eager.abs().max()  # compiled kernels round differently
+    gen._PIPES.clear()
+
+
+def test_a_compiled_pack_trains_like_an_eager_one(demo, tmp_path, cache_dir):
+    """train.compile=true (auto's choice for big packs): the same losses and LoRA updates as eager blocks, to
+    bf16 rounding (fused kernels round differently, so not bit for bit: the up weights start at zero, so they are
+    the whole update, compared as a norm)."""
+    def run(root, compile):
+        specs = [TrialSpec(n, replace(demo.lora, rank=r), replace(demo.train, device="cuda", lr=lr, compile=compile),
+                           root / n) for n, r, lr in (("a", 2, 1e-4), ("b", 4, 5e-4))]
+        return train(specs, demo.model, demo.data, cache_dir, progress=False)
+
+    fast, eager = run(tmp_path / "c", True), run(tmp_path / "e", False)
+    for f, e in zip(fast, eager):
+        assert f.status == e.status == "finished" and f.final_loss == pytest.approx(e.final_loss, rel=0.02)
+        wf, we = load_file(f.checkpoints[-1] / checkpoint.LORA_FILE), load_file(e.checkpoints[-1] / checkpoint.LORA_FILE)
+        up = [k for k in we if k.endswith("lora.up.weight")]
+        diff = sum(float((wf[k] - we[k]).norm()) ** 2 for k in up) ** 0.5
+        assert 0 < diff < 0.1 * sum(float(we[k].norm()) ** 2 for k in up) ** 0.5

@@ -97,7 +97,9 @@ class TrainConfig:
     # speed only (not part of the config hash): results agree with these on or off
     max_pack: int = 8  # trials that train in one pass of the base at most (memory grows ~5 GiB per trial at 1024 px)
     cuda_graphs: bool = True  # capture a packed step as a CUDA graph (CUDA only)
-    compile: bool = False  # torch.compile the UNet's transformer blocks (cost reported as setup_seconds)
+    # torch.compile the UNet's transformer blocks (cost reported as setup_seconds); None: auto, on CUDA when a
+    # pack's trials x steps repay compiling (trainer/compiling.py), never with gradient checkpointing
+    compile: Optional[bool] = None
     channels_last: bool = False  # UNet convolutions in NHWC memory format
 
     @property

@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr, free_memory
 from tqdm.auto import tqdm
 
-from . import cache, checkpoint, faults, lora, packed
+from . import cache, checkpoint, compiling, faults, lora, packed
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash
 from .data import Photo, scan_photos
 from .errors import ConfigError, DeviceError, NonFiniteLossError, UserError
@@ -475,8 +475,12 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             base.unet.enable_gradient_checkpointing()
         if t0.channels_last:
             base.unet.to(memory_format=torch.channels_last)
-        if t0.compile:
-            compiled = packed.compile_blocks(base.unet)
+        # auto: when the pack's remaining trial-steps repay a cold compile; never with gradient checkpointing
+        work = 0 if t0.gradient_checkpointing else n_trials * (t0.max_steps - start)
+        if compiling.want_compile(t0.compile, base.device, work, compiling.COMPILE_TRIAL_STEPS):
+            log.info("compiling the UNet's transformer blocks for %d trial(s) x %d steps (train.compile=%s)", n_trials,
+                     t0.max_steps - start, "auto" if t0.compile is None else t0.compile)
+            compiled = compiling.compile_blocks(base.unet)
         opt = packed.PackedAdamW(pack.params(), ts, pack.ranks)
         dummies = [packed.dummy_optimizer(t) for t in ts]
         scheds = [get_scheduler(t.lr_scheduler, d, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
@@ -577,7 +581,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
                     windows[i] = []
                     if specs[i].on_checkpoint is not None:
                         try:
-                            with pack.use(i), packed.eager_stance(compiled):
+                            with pack.use(i), compiling.eager_stance(compiled):
                                 stop = _call_paused(specs[i].on_checkpoint, step, saved, {"unet": None}, base)
                         except Exception as exc:  # its scoring failed: this trial stops, its pack mates go on
                             log.exception("trial %s (in a pack): its checkpoint hook failed at step %d", specs[i].name,
@@ -594,7 +598,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
     finally:
         if pack is not None:
             pack.remove()
-        packed.uncompile(compiled)
+        compiling.uncompile(compiled)
         base.unet.eval()
         if t0.channels_last:
             base.unet.to(memory_format=torch.contiguous_format)

@@ -305,23 +305,3 @@ class StepGraph:
                 p.grad = None
             torch.cuda.synchronize()
             return None, False
-
-
-def compile_blocks(unet: nn.Module) -> list[nn.Module]:
-    """Regional compilation: every transformer block of the UNet compiled in place (torch.compile). The ~70
-    blocks share a handful of shapes, so a few compilations serve them all. (Compiling the ResNet blocks too was
-    measured on an H100: no faster, 418 against 410 ms per step for a pack of 8.)"""
-    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    for b in blocks:
-        b.compile()
-    return blocks
-
-
-def uncompile(blocks: list[nn.Module]) -> None:
-    for b in blocks:
-        b._compiled_call_impl = None
-
-
-def eager_stance(compiled: list[nn.Module]):
-    """Inside: compiled blocks run eagerly (generating at other batch shapes must not trigger recompiles)."""
-    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()

@@ -1,0 +1,292 @@
+"""Where the GPU time of a training step and of a generation step goes (SDXL-base architecture, random weights).
+
+Times, in one process on one GPU: the UNet forward of evaluation (no grad, --eval-batch samples: images x 2 for
+CFG) and the packed training step (forward + backward of K trials, captured as a CUDA graph as the trainer does),
+each with PyTorch's default attention backend, with cuDNN attention forced, and with the transformer blocks
+compiled; the training step also without LoRA (the floor the adapters add to) and with the LoRA's update added
+inside its second matmul (baddbmm). A torch.profiler pass sorts the kernels of one step into families
+(GEMM, attention, convolution, normalisation, elementwise, ...). Writes bench/results/profile_step_<gpu>.json.
+
+    python bench/profile_step.py --packs 8 --eval-batch 40
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.single_trial import model_preset  # noqa: E402
+from trainer import LoraSettings, compiling, packed  # noqa: E402
+from trainer.models import load_base_model, resolve_source  # noqa: E402
+
+FAMILIES = [  # first match wins; kernel names as CUPTI reports them
+    ("attention", r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa|scaled_dot"),
+    ("convolution", r"conv|implicit_gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|fprop|dgrad|wgrad|winograd|im2col"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|cublas|matmul|nvjet|splitk"),
+    ("group/layer norm", r"norm|welford|moments"),
+    ("triton (fused)", r"^triton"),
+    ("copy/cast", r"copy_kernel|memcpy|memset|fill_kernel|cat_batched|transpose|convert"),  # not "nocast<Gelu..."
+    ("elementwise/reduce", r"elementwise|reduce|vectorized|unrolled|foreach|silu|gelu|softmax|index"),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    return next((f for f, rx in FAMILIES if re.search(rx, low)), "other")
+
+
+def sdpa(backend: str):
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]])
+
+
+def timed(fn, iters: int, graph: bool) -> float:
+    """ms per call of `fn` (a CUDA graph replay when `graph`)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    run()
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(iters):
+        run()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - tic) / iters
+
+
+def kernel_table(fn, top: int = 25) -> dict:
+    """One call of `fn` under torch.profiler: GPU ms per kernel family and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1000, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+    rows = [r for r in rows if not r[0].startswith(("cudaLaunch", "cudaStream", "cudaGraph"))]
+    fams: dict[str, float] = {}
+    for name, ms, _ in rows:
+        fams[family(name)] = fams.get(family(name), 0.0) + ms
+    total = sum(fams.values())
+    rows.sort(key=lambda r: -r[1])
+    return {"gpu_ms": total, "families_ms": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:160], "ms": ms, "calls": c, "family": family(n)} for n, ms, c in rows[:top]]}
+
+
+def conditioning(base, n: int, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    dt_ = base.weight_dtype
+    cross = base.unet.config.cross_attention_dim
+    pooled_dim = base.unet.config.projection_class_embeddings_input_dim - 6 * base.unet.config.addition_time_embed_dim
+    size = base.unet.config.sample_size
+    return {
+        "x": torch.randn(n, 4, size, size, generator=g, device=device, dtype=dt_),
+        "t": torch.randint(0, 1000, (n,), generator=g, device=device),
+        "emb": torch.randn(n, 77, cross, generator=g, device=device, dtype=dt_),
+        "pooled": torch.randn(n, pooled_dim, generator=g, device=device, dtype=dt_),
+        "tids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * n, device=device, dtype=dt_),
+    }
+
+
+def unet_call(base, c, x=None):
+    return base.unet(c["x"] if x is None else x, c["t"], c["emb"],
+                     added_cond_kwargs={"text_embeds": c["pooled"], "time_ids": c["tids"]}).sample
+
+
+def baddbmm_forward(self, x, *args, **kwargs):
+    """PackedLoRALinear.forward with the LoRA update added by the second matmul (no separate add pass)."""
+    out = self.base(x, *args, **kwargs)
+    if self.fused:
+        return out
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.lora_A.dtype
+    xs = x.reshape(self.k, -1, x.shape[-1]).to(dtype)
+    h = torch.bmm(xs, self.lora_A.to(dtype).transpose(1, 2))
+    b = (self.lora_B * self.scale).to(dtype).transpose(1, 2)
+    return torch.baddbmm(out.reshape(self.k, -1, out.shape[-1]).to(dtype), h, b).reshape(out.shape).to(out.dtype)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--packs", type=int, nargs="*", default=[8])
+    ap.add_argument("--eval-batch", type=int, default=40, help="UNet samples per evaluation step (images x 2, CFG)")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--only", nargs="*", help="run only rows whose name starts with one of these")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/profile_step.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    cache = args.work / "cache"
+    model = model_preset("sdxl_base_random")
+    resolve_source(model, cache)
+    base = load_base_model(model, dev, torch.bfloat16, cache)
+    base.encoders_to("cpu")
+    gpu = torch.cuda.get_device_name()
+    report = {"benchmark": "profile_step", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": torch.backends.cudnn.version(), "rows": {}, "profiles": {}, "failed": {}}
+    path = args.out / f"profile_step_{gpu.replace(' ', '_')}.json"
+
+    def write():
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+    def row(name, fn):
+        if args.only and not name.startswith(tuple(args.only)):
+            return
+        print(f"measuring {name}", flush=True)
+        try:
+            report["rows"][name] = fn()
+            print(f"  {report['rows'][name]}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+            report["failed"][name] = f"{type(exc).__name__}: {exc}"[:1500]
+            print(f"  FAILED {report['failed'][name][:300]}", flush=True)
+        torch.cuda.empty_cache()
+        write()
+
+    # ---- evaluation: the UNet forward at the scoring batch, no grad
+    ce = conditioning(base, args.eval_batch, dev)
+    base.unet.eval()
+
+    def eval_fwd():
+        with torch.no_grad():
+            unet_call(base, ce)
+
+    def eval_row(backend: str, compiled: bool):
+        blocks = compiling.compile_blocks(base.unet) if compiled else []
+        try:
+            with sdpa(backend):
+                tic = time.perf_counter()
+                eval_fwd()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - tic
+                ms = timed(eval_fwd, args.iters, graph=False)
+            flops = 6.76e12 * args.eval_batch  # UNet forward at 1024 px (FlopCounterMode, anchors)
+            out = {"ms_per_forward": ms, "samples": args.eval_batch, "tflops": flops / ms / 1e9,
+                   "s_per_image_at_30_steps_cfg": 30 * ms / 1000 / (args.eval_batch / 2), "first_call_s": first}
+            if not compiled and backend in ("default", "cudnn"):
+                with sdpa(backend):
+                    report["profiles"][f"eval_{backend}"] = kernel_table(eval_fwd)
+            return out
+        finally:
+            compiling.uncompile(blocks)
+            torch._dynamo.reset()
+
+    for backend in ("default", "cudnn", "flash"):
+        row(f"eval_{backend}", lambda b=backend: eval_row(b, False))
+    for backend in ("default", "cudnn"):
+        row(f"eval_{backend}_compiled", lambda b=backend: eval_row(b, True))
+
+    # the VAE decode and the conversion to PIL images, per image (a sweep decodes 4 at a time)
+    def decode_row():
+        from evaluation.generate import decode
+
+        base.encoders_to(dev, text=False)
+        pipe = base.pipeline()
+        lat = torch.randn(4, 4, 128, 128, device=dev, dtype=torch.bfloat16)
+        decode(pipe, lat)
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
+        for _ in range(2):
+            decode(pipe, lat)
+        torch.cuda.synchronize()
+        s = (time.perf_counter() - tic) / 8
+        base.encoders_to("cpu")
+        return {"s_per_image_decode_and_pil": s}
+
+    row("eval_vae_decode", decode_row)
+    ce.clear()  # its GPU tensors go before training
+
+    # ---- training: K trials packed, forward + backward captured as a CUDA graph
+    for k in args.packs:
+        ct = conditioning(base, k, dev)
+        pack = packed.Pack(base, [LoraSettings(rank=4) for _ in range(k)])
+        params = pack.params()
+        for p in params:
+            torch.nn.init.normal_(p, std=0.01)
+        base.unet.train()
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+
+        def step(x_grad: bool = False):
+            x = ct["x"].detach().requires_grad_() if x_grad else ct["x"]
+            with autocast():
+                pred = unet_call(base, ct, x)
+            pred.float().pow(2).mean().backward()
+
+        def train_row(backend: str, compiled: bool, variant: str = ""):
+            blocks = compiling.compile_blocks(base.unet) if compiled else []
+            orig = packed.PackedLoRALinear.forward
+            if variant == "baddbmm":
+                packed.PackedLoRALinear.forward = baddbmm_forward
+            if variant == "no_lora":
+                for m in (m for *_, m in pack.layers):
+                    m.fused = True
+            fn = (lambda: step(x_grad=True)) if variant == "no_lora" else step
+            try:
+                with sdpa(backend):
+                    tic = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - tic
+                    for p in params:
+                        p.grad = None
+                    ms = timed(fn, args.iters, graph=True)
+                    prof_key = f"train_{k}_{backend}{'_compiled' if compiled else ''}{'_' + variant if variant else ''}"
+                    if backend == "default" and variant == "":
+                        report["profiles"][prof_key] = kernel_table(fn)
+                return {"trials": k, "ms_per_step_fwd_bwd": ms, "tflops": 13.5e12 * k / ms / 1e9,
+                        "first_call_s": first}
+            finally:
+                packed.PackedLoRALinear.forward = orig
+                for m in (m for *_, m in pack.layers):
+                    m.fused = False
+                for p in params:
+                    p.grad = None
+                compiling.uncompile(blocks)
+                torch._dynamo.reset()
+
+        row(f"train_{k}_default", lambda: train_row("default", False))
+        row(f"train_{k}_no_lora", lambda: train_row("default", False, "no_lora"))
+        row(f"train_{k}_baddbmm", lambda: train_row("default", False, "baddbmm"))
+        row(f"train_{k}_cudnn", lambda: train_row("cudnn", False))
+        row(f"train_{k}_default_compiled", lambda: train_row("default", True))
+        row(f"train_{k}_cudnn_compiled", lambda: train_row("cudnn", True))
+        row(f"train_{k}_cudnn_compiled_baddbmm", lambda: train_row("cudnn", True, "baddbmm"))
+        pack.remove()
+        base.unet.eval()
+    write()
+    for name, r in report["rows"].items():
+        print(f"{name:40s} {r}")
+    for name, p in report["profiles"].items():
+        print(f"{name}: {p['gpu_ms']:.1f} GPU ms: " + ", ".join(f"{f} {ms:.1f}" for f, ms in p["families_ms"].items()))
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
