@@ -151,8 +151,8 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
 
 def decode(pipe, latents: torch.Tensor, chunk: int = 4) -> list[Image.Image]:
     """Latents -> images, a few at a time (a 1024 px decode needs GBs per image). On CUDA the decoder runs in
-    bf16 (fp32's range, so no fp16 overflow, at tensor-core speed): a VAE kept in fp32 (a sweep keeps SDXL's for
-    exact training latents) decodes through a bf16 copy of its decoder half, made once."""
+    bf16 (fp32's range, so no fp16 overflow, at tensor-core speed): a VAE in fp32 (a sweep keeps SDXL's for exact
+    training latents) or fp16 decodes through a bf16 copy of its decoder half, made once."""
     vae = pipe.vae
     cfg = vae.config
     post, decoder = _decoder(vae, latents.device)
@@ -175,9 +175,10 @@ _BF16_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _decoder(vae, device: torch.device):
-    """(post_quant_conv or None, decoder) to decode with on `device`: the VAE's own, or on CUDA for an fp32 VAE its
-    bf16 copy (under fp32 weights with bf16 autocast its group norms ran in fp32: 0.12 s per 1024 px image)."""
-    if device.type != "cuda" or vae.dtype != torch.float32:
+    """(post_quant_conv or None, decoder) to decode with on `device`: the VAE's own on the CPU or when it is bf16,
+    else on CUDA its bf16 copy: fp32 weights under bf16 autocast ran the group norms in fp32 (0.12 s per 1024 px
+    image), and SDXL's original VAE overflows in fp16."""
+    if device.type != "cuda" or vae.dtype == torch.bfloat16:
         return getattr(vae, "post_quant_conv", None), vae.decoder
     post, decoder = bf16_decoder(vae)
     for m in (post, decoder):

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from evaluation.config import SPEED_ONLY
 from trainer.checkpoint import CheckpointRecord
 from trainer.config import stable_hash
 from trainer.models import resolve_source
@@ -22,7 +23,7 @@ ALIAS = "champion"
 
 def protocol(conf: SweepConfig) -> str:
     """What makes two objectives comparable: prompts, seeds, steps, scorers, the subject's photos, the base."""
-    ev = {k: v for k, v in asdict(conf.eval).items() if k not in ("device", "batch_size", "enabled")}
+    ev = {k: v for k, v in asdict(conf.eval).items() if k not in ("device", "batch_size", "enabled", *SPEED_ONLY)}
     return stable_hash({"eval": ev, "instance_dir": str(Path(conf.data.instance_dir).resolve()),
                         "model": asdict(conf.model), "selection": asdict(conf.selection)})
 

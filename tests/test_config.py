@@ -149,3 +149,14 @@ def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
     assert settings.compile is True and seen == [(6 * per_checkpoint, COMPILE_IMAGES)]  # 5 checkpoints + baseline
     set_off = typed("steps=500", "train.checkpoint_every=100", "eval.compile=false")
     assert sweep.job._compile_setting(set_off.eval.settings("clip"), set_off).compile is False and len(seen) == 1
+
+
+def test_speed_only_settings_keep_the_champion_protocol():
+    """A champion registered by a sweep is only challenged on the same evaluation protocol: how fast images come
+    (eval.compile, eval.batch_size, the device) does not make two sweeps incomparable; what is scored does."""
+    from sweep.registry import protocol
+
+    base = protocol(typed())
+    assert protocol(typed("eval.compile=false")) == protocol(typed("eval.compile=true")) == base
+    assert protocol(typed("eval.batch_size=2")) == base
+    assert protocol(typed("eval.seeds=[0,1,2]")) != base
