@@ -42,6 +42,11 @@ class EvalConfig:
     # trial) generates enough images to repay compiling (trainer/compiling.py). Not part of what scores mean.
     compile: Optional[bool] = None
 
+    def images_per_checkpoint(self) -> int:
+        """Images one checkpoint's scoring generates: prompts x seeds, plus the prior-drift prompt's when faces are
+        scored."""
+        return (len(self.prompts) + bool(self.prior_prompt and self.face_backend != "none")) * len(self.seeds)
+
     def scoring_prompt(self, prompt: str) -> str:
         """'a picture of sks man ...' -> 'a picture of man ...' for CLIP-T."""
         tok, noun = re.escape(self.subject_token), self.class_noun

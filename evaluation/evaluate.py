@@ -63,8 +63,8 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     seconds: dict[str, dict[str, float]] = {}  # where the time went, per entry (metrics.json)
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
-    per_entry = (len(cfg.prompts) + (face is not None and bool(cfg.prior_prompt))) * len(cfg.seeds)
-    fast = compiling.want_compile(cfg.compile, device, len(entries) * per_entry, compiling.COMPILE_IMAGES)
+    planned = len(entries) * cfg.images_per_checkpoint()
+    fast = compiling.want_compile(cfg.compile, device, planned, compiling.COMPILE_IMAGES)
     with grid.Writer() as writer, compiling.compiled_for_generation(pipe.unet, fast):
         for name, ckpt in entries:
             tic = time.perf_counter()

@@ -248,8 +248,7 @@ def _compile_setting(settings: EvalConfig, conf: SweepConfig) -> EvalConfig:
     if settings.compile is not None:
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
-    prompts = len(settings.prompts) + bool(settings.prior_prompt and settings.face_backend != "none")
-    images = (checkpoints + 1) * prompts * len(settings.seeds)
+    images = (checkpoints + 1) * settings.images_per_checkpoint()
     on = want_compile(None, resolve_device(settings.device), images, COMPILE_IMAGES)
     return replace(settings, compile=on)
 
