@@ -1,11 +1,12 @@
 """Where the GPU time of a training step and of a generation step goes (SDXL-base architecture, random weights).
 
 Times, in one process on one GPU: the UNet forward of evaluation (no grad, --eval-batch samples: images x 2 for
-CFG) and the packed training step (forward + backward of K trials, captured as a CUDA graph as the trainer does),
-each with PyTorch's default attention backend, with cuDNN attention forced, and with the transformer blocks
-compiled; the training step also without LoRA (the floor the adapters add to) and with the LoRA's update added
-inside its second matmul (baddbmm). A torch.profiler pass sorts the kernels of one step into families
-(GEMM, attention, convolution, normalisation, elementwise, ...). Writes bench/results/profile_step_<gpu>.json.
+CFG) eager, in channels-last memory format, and compiled by regions (the transformer blocks; also the ResNet
+blocks and resamplers; or whole Transformer2DModels instead of their blocks), at the sweep's batch sizes too; and
+the packed training step (forward + backward of K trials, captured as a CUDA graph as the trainer does) with each
+LoRA kernel of PackedLoRALinear ("bmm", "dense") and without LoRA (the floor the adapters add to), eager and with
+compiled transformer blocks. A torch.profiler pass sorts the kernels of a step into families (GEMM, attention,
+convolution, normalisation, elementwise, ...). Writes bench/results/profile_step_<gpu>.json.
 
     python bench/profile_step.py --packs 8 --eval-batch 40
 """
@@ -118,18 +119,6 @@ def unet_call(base, c, x=None):
                      added_cond_kwargs={"text_embeds": c["pooled"], "time_ids": c["tids"]}).sample
 
 
-def baddbmm_forward(self, x, *args, **kwargs):
-    """PackedLoRALinear.forward with the LoRA update added by the second matmul (no separate add pass)."""
-    out = self.base(x, *args, **kwargs)
-    if self.fused:
-        return out
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.lora_A.dtype
-    xs = x.reshape(self.k, -1, x.shape[-1]).to(dtype)
-    h = torch.bmm(xs, self.lora_A.to(dtype).transpose(1, 2))
-    b = (self.lora_B * self.scale).to(dtype).transpose(1, 2)
-    return torch.baddbmm(out.reshape(self.k, -1, out.shape[-1]).to(dtype), h, b).reshape(out.shape).to(out.dtype)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packs", type=int, nargs="*", default=[8])
@@ -174,34 +163,47 @@ def main() -> None:
     ce = conditioning(base, args.eval_batch, dev)
     base.unet.eval()
 
-    def eval_fwd():
-        with torch.no_grad():
-            unet_call(base, ce)
-
-    def eval_row(backend: str, compiled: bool):
-        blocks = compiling.compile_blocks(base.unet) if compiled else []
+    def eval_row(backend: str, compiled: tuple[str, ...] = (), channels_last: bool = False, batch: int = 0):
+        c = conditioning(base, batch, dev) if batch else ce
+        n = batch or args.eval_batch
+        fwd = lambda: unet_call(base, c)
+        if channels_last:
+            base.unet.to(memory_format=torch.channels_last)
+            c["x"] = c["x"].contiguous(memory_format=torch.channels_last)
+        blocks = compiling.compile_blocks(base.unet, compiled) if compiled else []
         try:
-            with sdpa(backend):
+            with sdpa(backend), torch.no_grad():
                 tic = time.perf_counter()
-                eval_fwd()
+                fwd()
                 torch.cuda.synchronize()
                 first = time.perf_counter() - tic
-                ms = timed(eval_fwd, args.iters, graph=False)
-            flops = 6.76e12 * args.eval_batch  # UNet forward at 1024 px (FlopCounterMode, anchors)
-            out = {"ms_per_forward": ms, "samples": args.eval_batch, "tflops": flops / ms / 1e9,
-                   "s_per_image_at_30_steps_cfg": 30 * ms / 1000 / (args.eval_batch / 2), "first_call_s": first}
-            if not compiled and backend in ("default", "cudnn"):
-                with sdpa(backend):
-                    report["profiles"][f"eval_{backend}"] = kernel_table(eval_fwd)
+                ms = timed(fwd, args.iters, graph=False)
+                flops = 6.76e12 * n  # UNet forward at 1024 px (FlopCounterMode, anchors)
+                out = {"ms_per_forward": ms, "samples": n, "tflops": flops / ms / 1e9,
+                       "s_per_image_at_30_steps_cfg": 30 * ms / 1000 / (n / 2), "first_call_s": first}
+                if not batch:
+                    report["profiles"][f"eval_{backend}{'_compiled' if compiled else ''}"
+                                       f"{'_regions' if compiled == regions else '_outer' if compiled == outer else ''}"
+                                       f"{'_channels_last' if channels_last else ''}"] = kernel_table(fwd)
             return out
         finally:
             compiling.uncompile(blocks)
             torch._dynamo.reset()
+            if channels_last:
+                base.unet.to(memory_format=torch.contiguous_format)
+                c["x"] = c["x"].contiguous()
 
-    for backend in ("default", "cudnn", "flash"):
-        row(f"eval_{backend}", lambda b=backend: eval_row(b, False))
-    for backend in ("default", "cudnn"):
-        row(f"eval_{backend}_compiled", lambda b=backend: eval_row(b, True))
+    blocks, regions = compiling.BLOCKS, compiling.BLOCKS + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+    outer = compiling.GENERATION
+    row("eval_default", lambda: eval_row("default"))
+    row("eval_default_channels_last", lambda: eval_row("default", channels_last=True))
+    row("eval_default_compiled", lambda: eval_row("default", blocks))
+    row("eval_default_compiled_regions", lambda: eval_row("default", regions))
+    row("eval_default_compiled_outer", lambda: eval_row("default", outer))
+    row("eval_default_compiled_regions_channels_last", lambda: eval_row("default", regions, True))
+    row("eval_default_compiled_outer_channels_last", lambda: eval_row("default", outer, True))
+    row("eval_default_compiled_batch16", lambda: eval_row("default", blocks, batch=16))
+    row("eval_default_compiled_batch24", lambda: eval_row("default", blocks, batch=24))
 
     # the VAE decode and the conversion to PIL images, per image (a sweep decodes 4 at a time)
     def decode_row():
@@ -239,31 +241,30 @@ def main() -> None:
                 pred = unet_call(base, ct, x)
             pred.float().pow(2).mean().backward()
 
-        def train_row(backend: str, compiled: bool, variant: str = ""):
-            blocks = compiling.compile_blocks(base.unet) if compiled else []
-            orig = packed.PackedLoRALinear.forward
-            if variant == "baddbmm":
-                packed.PackedLoRALinear.forward = baddbmm_forward
+        def train_row(compiled: tuple[str, ...], variant: str):
+            blocks = compiling.compile_blocks(base.unet, compiled) if compiled else []
+            kernel = packed.PackedLoRALinear.kernel
+            if variant in ("bmm", "dense"):
+                packed.PackedLoRALinear.kernel = variant
             if variant == "no_lora":
                 for m in (m for *_, m in pack.layers):
                     m.fused = True
             fn = (lambda: step(x_grad=True)) if variant == "no_lora" else step
             try:
-                with sdpa(backend):
-                    tic = time.perf_counter()
-                    fn()
-                    torch.cuda.synchronize()
-                    first = time.perf_counter() - tic
-                    for p in params:
-                        p.grad = None
-                    ms = timed(fn, args.iters, graph=True)
-                    prof_key = f"train_{k}_{backend}{'_compiled' if compiled else ''}{'_' + variant if variant else ''}"
-                    if backend == "default" and variant == "":
-                        report["profiles"][prof_key] = kernel_table(fn)
+                tic = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - tic
+                for p in params:
+                    p.grad = None
+                ms = timed(fn, args.iters, graph=True)
+                if variant != "no_lora":
+                    suffix = "" if not compiled else "_compiled" if compiled == compiling.BLOCKS else "_compiled_regions"
+                    report["profiles"][f"train_{k}_{variant}{suffix}"] = kernel_table(fn)
                 return {"trials": k, "ms_per_step_fwd_bwd": ms, "tflops": 13.5e12 * k / ms / 1e9,
                         "first_call_s": first}
             finally:
-                packed.PackedLoRALinear.forward = orig
+                packed.PackedLoRALinear.kernel = kernel
                 for m in (m for *_, m in pack.layers):
                     m.fused = False
                 for p in params:
@@ -271,13 +272,10 @@ def main() -> None:
                 compiling.uncompile(blocks)
                 torch._dynamo.reset()
 
-        row(f"train_{k}_default", lambda: train_row("default", False))
-        row(f"train_{k}_no_lora", lambda: train_row("default", False, "no_lora"))
-        row(f"train_{k}_baddbmm", lambda: train_row("default", False, "baddbmm"))
-        row(f"train_{k}_cudnn", lambda: train_row("cudnn", False))
-        row(f"train_{k}_default_compiled", lambda: train_row("default", True))
-        row(f"train_{k}_cudnn_compiled", lambda: train_row("cudnn", True))
-        row(f"train_{k}_cudnn_compiled_baddbmm", lambda: train_row("cudnn", True, "baddbmm"))
+        for compiled in ((), compiling.BLOCKS):
+            for variant in ("bmm", "dense", "no_lora"):
+                row(f"train_{k}_{variant}{'_compiled' if compiled else ''}", lambda c=compiled, v=variant: train_row(c, v))
+        row(f"train_{k}_dense_compiled_regions", lambda: train_row(compiling.GENERATION, "dense"))
         pack.remove()
         base.unet.eval()
     write()

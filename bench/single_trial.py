@@ -76,31 +76,30 @@ def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, 
 
 def eval_speed(model_dir: str, batch: int, compiled: bool) -> dict:
     """Seconds per 1024 px image (30 steps, CFG) at `batch` images per pipeline call, the way a sweep scores:
-    the study's prompts, VAE decode included. `compiled`: the UNet's transformer blocks under torch.compile,
-    whose cost (the warm-up's extra time) is reported."""
+    the study's prompts, VAE decode included. `compiled`: the UNet's regions under torch.compile as a sweep
+    compiles them for generating (trainer/compiling.py), whose cost (the warm-up's extra time) is reported."""
     from evaluation import EvalConfig
     from evaluation import generate as gen
-    from trainer.compiling import compile_blocks, uncompile
+    from trainer.compiling import compiled_for_generation
 
     pipe, _ = gen.load_pipeline(model_dir, torch.device("cuda"))
     cfg = EvalConfig(clip_model="unused", resolution=1024, num_inference_steps=30, device="cuda", batch_size=batch,
                      seeds=list(range(max(batch, 2))))
     reps = 2 if batch < 8 else 1
     prompts = EvalConfig.__dataclass_fields__["prompts"].default_factory()[:1]
-    blocks = compile_blocks(pipe.unet) if compiled else []
     try:
-        tic = time.perf_counter()  # a 2-step warm-up at the timed batch shape (compiles, if compiling)
-        gen.generate(pipe, None, prompts, replace(cfg, num_inference_steps=2, seeds=cfg.seeds[:batch]), "warm-up")
-        torch.cuda.synchronize()
-        warm = time.perf_counter() - tic
-        torch.cuda.reset_peak_memory_stats()
-        tic = time.perf_counter()
-        for _ in range(reps):
-            gen.generate(pipe, None, prompts, replace(cfg, seeds=cfg.seeds[:batch]), f"batch {batch}")
-        torch.cuda.synchronize()
-        s_img = (time.perf_counter() - tic) / (reps * batch)
+        with compiled_for_generation(pipe.unet, compiled):
+            tic = time.perf_counter()  # a 2-step warm-up at the timed batch shape (compiles, if compiling)
+            gen.generate(pipe, None, prompts, replace(cfg, num_inference_steps=2, seeds=cfg.seeds[:batch]), "warm-up")
+            torch.cuda.synchronize()
+            warm = time.perf_counter() - tic
+            torch.cuda.reset_peak_memory_stats()
+            tic = time.perf_counter()
+            for _ in range(reps):
+                gen.generate(pipe, None, prompts, replace(cfg, seeds=cfg.seeds[:batch]), f"batch {batch}")
+            torch.cuda.synchronize()
+            s_img = (time.perf_counter() - tic) / (reps * batch)
     finally:
-        uncompile(blocks)
         gen._PIPES.clear()  # later rows measure training memory without this pipeline held
     return {"batch": batch, "s_per_image": s_img, "images_per_s": 1 / s_img, "ms_per_step": 1000 * s_img,
             "samples_per_s": 1 / s_img, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -132,8 +132,9 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
     device = pipe.device
     for i in tqdm(range(0, len(jobs), size), desc=desc, unit="batch", leave=False):
         chunk = jobs[i:i + size]
+        texts = [p for p, _ in chunk]
         gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]  # paired across checkpoints
-        kw = dict(prompt=[p for p, _ in chunk], num_inference_steps=cfg.num_inference_steps,
+        kw = dict(**prompt_embeddings(pipe, texts, cfg.guidance_scale > 1), num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=gens)
         out["base"] += decode(pipe, pipe(**kw, output_type="latent").images)
         if refiner is None:
@@ -142,10 +143,39 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
         kw["generator"] = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]
         latents = pipe(**kw, denoising_end=cfg.refiner_split, output_type="latent").images
         gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]
-        out["refined"] += refiner(prompt=kw["prompt"], image=latents, num_inference_steps=cfg.num_inference_steps,
+        out["refined"] += refiner(prompt=texts, image=latents, num_inference_steps=cfg.num_inference_steps,
                                   denoising_start=cfg.refiner_split, guidance_scale=cfg.guidance_scale,
                                   generator=gens).images
     return out
+
+
+_EMBEDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def prompt_embeddings(pipe, prompts: list[str], guidance: bool) -> dict[str, torch.Tensor | None]:
+    """The pipeline's prompt embeddings for `prompts` (its encode_prompt, one row per prompt), as keyword
+    arguments for the pipeline call. Each prompt is encoded once per pair of text encoders while they carry no
+    LoRA: a sweep scores the same prompts at every checkpoint, so the text encoders run once, and between times
+    they may wait in CPU memory (they come to the pipeline's device only to encode and go back after)."""
+    encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    tuned = any(getattr(m, "peft_config", None) for m in encoders)  # text-encoder LoRA: encode every time
+    cache = {} if tuned else _EMBEDS.setdefault(encoders[-1], {})
+    device = pipe.device
+    missing = [p for p in dict.fromkeys(prompts) if (p, guidance, device) not in cache]
+    if missing:
+        homes = [next(m.parameters()).device for m in encoders]
+        for m in encoders:
+            m.to(device)
+        try:
+            rows = pipe.encode_prompt(missing, device=device, do_classifier_free_guidance=guidance)
+        finally:
+            for m, home in zip(encoders, homes):
+                m.to(home)
+        for i, p in enumerate(missing):
+            cache[(p, guidance, device)] = tuple(None if t is None else t[i:i + 1] for t in rows)
+    got = [cache[(p, guidance, device)] for p in prompts]
+    return {k: None if got[0][j] is None else torch.cat([g[j] for g in got]) for j, k in enumerate(_EMBED_KEYS)}
 
 
 

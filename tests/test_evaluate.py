@@ -179,11 +179,10 @@ def test_image_scores_embed_each_image_once_and_equal_clipscore_over_every_pair(
 def test_prior_prompt_rides_in_equal_batches_with_the_prompts(tiny, tmp_path, monkeypatch):
     """6 images (2 prompts x 2 seeds + the prior prompt's 2) at eval.batch_size=4 go as 3 + 3, not 4 + 2 or
     2 + 2 + 2 (a batch of the prior prompt alone, as before)."""
-    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
     batches = []
-    encode = pipe.encode_prompt
-    monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *a, **kw: batches.append(list(prompt)) or
-                        encode(prompt, *a, **kw))
+    embed = gen.prompt_embeddings  # each pipeline call's prompts
+    monkeypatch.setattr(gen, "prompt_embeddings", lambda pipe, prompts, *a: batches.append(list(prompts)) or
+                        embed(pipe, prompts, *a))
     m = evaluate([tiny["checkpoints"][0]], replace(tiny["cfg"], batch_size=4), instance_dir=DEMO_DIR,
                  out_dir=tmp_path / "eval", pretrained=tiny["pretrained"], baseline=False)
     assert [len(b) for b in batches] == [3, 3]
@@ -236,3 +235,29 @@ def test_speed_only_settings_do_not_change_what_earlier_results_mean(tiny, tmp_p
                      pretrained=tiny["pretrained"], baseline_cache=tmp_path / "baseline.json")
     assert not (tmp_path / "e2" / "grids" / "baseline_base.png").exists()  # the cached baseline was used
     assert json.dumps(again[BASELINE], sort_keys=True) == json.dumps(m[BASELINE], sort_keys=True)
+
+
+def test_prompts_are_encoded_once_per_text_encoders_and_give_the_same_images(tiny, monkeypatch):
+    """A sweep scores the same prompts at every checkpoint: each prompt goes through the text encoders once, and
+    the cached embeddings make the images the pipeline makes from the prompt itself."""
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    gen._EMBEDS.clear()
+    encoded = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *a, **kw: encoded.append(prompt) or encode(prompt, *a, **kw))
+    first = gen.prompt_embeddings(pipe, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], True)
+    again = gen.prompt_embeddings(pipe, [PROMPTS[1], PROMPTS[0]], True)
+    assert encoded == [[PROMPTS[0], PROMPTS[1]]]  # once, each prompt once
+    assert first["prompt_embeds"].shape[0] == 3 and torch.equal(again["prompt_embeds"][1], first["prompt_embeds"][0])
+    monkeypatch.undo()
+    kw = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "latent"}
+    direct = pipe(prompt=[PROMPTS[1]], generator=torch.Generator().manual_seed(0), **kw).images
+    cached = pipe(**gen.prompt_embeddings(pipe, [PROMPTS[1]], True), generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(cached, direct)
+    pipe.text_encoder.peft_config = {"checkpoint": object()}  # a text-encoder LoRA loaded: encode every time
+    try:
+        monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *a, **kw: encoded.append(prompt) or encode(prompt, *a, **kw))
+        gen.prompt_embeddings(pipe, [PROMPTS[0]], True)
+        assert encoded[-1] == [PROMPTS[0]] and len(encoded) == 2
+    finally:
+        del pipe.text_encoder.peft_config

@@ -159,10 +159,11 @@ def test_a_lone_trial_trains_as_a_pack_of_one_and_its_hook_sees_its_adapter(demo
 
 
 def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, cache_dir):
-    """eval.compile: the UNet's transformer blocks compiled while generating (same images to bf16 rounding) and
-    uncompiled after, so that training and later eager calls see the plain modules."""
+    """eval.compile: the UNet's regions compiled while generating (same images to bf16 rounding) and uncompiled
+    after, so that training and later eager calls see the plain modules, and blocks a training run compiled get
+    their compiled code back."""
     from evaluation import generate as gen
-    from trainer.compiling import blocks_of, compiled_for_generation
+    from trainer.compiling import GENERATION, blocks_of, compile_blocks, compiled_for_generation, uncompile
 
     pipe, _ = gen.load_pipeline(resolve_source(demo.model, cache_dir), torch.device("cuda"))
 
@@ -173,10 +174,18 @@ def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, ca
 
     eager = latents()
     with compiled_for_generation(pipe.unet, True):
-        assert all(b._compiled_call_impl is not None for b in blocks_of(pipe.unet))
+        assert all(b._compiled_call_impl is not None for b in blocks_of(pipe.unet, GENERATION))
         fast = latents()
-    assert all(b._compiled_call_impl is None for b in blocks_of(pipe.unet))
+    assert all(b._compiled_call_impl is None for b in blocks_of(pipe.unet, GENERATION) + blocks_of(pipe.unet))
     assert 0 < (fast - eager).abs().max() < 0.05 * eager.abs().max()  # compiled kernels round differently
+    trained = compile_blocks(pipe.unet)  # as a compiled training run leaves them while it scores a checkpoint
+    impls = [b._compiled_call_impl for b in trained]
+    with compiled_for_generation(pipe.unet, True):
+        assert all(b._compiled_call_impl is None for b in trained)  # traced inside their compiled Transformer2DModel
+        again = latents()
+    assert [b._compiled_call_impl for b in trained] == impls
+    uncompile(trained)
+    assert (again - fast).abs().max() < 0.05 * eager.abs().max()
     gen._PIPES.clear()
 
 
@@ -196,3 +205,31 @@ def test_a_compiled_pack_trains_like_an_eager_one(demo, tmp_path, cache_dir):
         up = [k for k in we if k.endswith("lora.up.weight")]
         diff = sum(float((wf[k] - we[k]).norm()) ** 2 for k in up) ** 0.5
         assert 0 < diff < 0.1 * sum(float(we[k].norm()) ** 2 for k in up) ** 0.5
+
+
+def test_a_diverging_trial_in_a_captured_pack_leaves_its_mates_as_eager_steps_train_them(demo, tmp_path, cache_dir,
+                                                                                          monkeypatch):
+    """On the CUDA-graph path too, the step where one trial overflows is undone and redone per trial (outside the
+    graph, whose gradient buffers stay its own): its mates end with the weights an eager pack gives them."""
+    from trainer import packed
+
+    from .test_packed import _assert_same, _weights
+
+    redone = []
+    per_trial = packed.per_trial
+    monkeypatch.setattr(packed, "per_trial", lambda: redone.append(1) or per_trial())
+
+    def run(root, graphs):
+        specs = [TrialSpec(n, replace(demo.lora, rank=r), replace(demo.train, device="cuda", lr=lr, cuda_graphs=graphs,
+                                                                   max_grad_norm=norm), root / n)
+                 for n, r, lr, norm in (("a", 2, 1e-4, 1.0), ("b", 4, 1e8, 1e12), ("c", 4, 5e-4, 1.0))]
+        return train(specs, demo.model, demo.data, cache_dir, progress=False)
+
+    graphed = run(tmp_path / "g", True)
+    assert redone and graphed[0].setup_seconds > 0
+    eager = run(tmp_path / "e", False)
+    assert [r.status for r in graphed] == [r.status for r in eager] == ["finished", "diverged", "finished"]
+    assert graphed[1].steps == eager[1].steps
+    for i, lr in ((0, 1e-4), (2, 5e-4)):
+        assert graphed[i].final_loss == pytest.approx(eager[i].final_loss, rel=0.02)
+        _assert_same(_weights(graphed[i]), _weights(eager[i]), lr, demo.train.max_steps)

@@ -62,11 +62,19 @@ def test_a_packed_checkpoint_resumes_alone_to_the_same_weights(demo, tmp_path, c
         _assert_same(_weights(r), _weights(a), resumed.train.lr)
 
 
-def test_a_diverging_trial_leaves_its_pack_mates_untouched(demo, tmp_path, cache_dir):
+def test_a_diverging_trial_leaves_its_pack_mates_untouched(demo, tmp_path, cache_dir, monkeypatch):
+    """The dense kernel mixes the trials' rows (0 x inf = NaN): the step where one overflows is undone and redone
+    with each trial on its own adapter, and the diverged trial leaves the pack zeroed."""
+    from trainer import packed
+
+    redone = []
+    per_trial = packed.per_trial
+    monkeypatch.setattr(packed, "per_trial", lambda: redone.append(1) or per_trial())
     specs = _specs(demo, tmp_path / "pack")
     specs[1] = replace(specs[1], train=replace(specs[1].train, lr=1e8, max_grad_norm=1e12))
     a, b, c = train(specs, demo.model, demo.data, cache_dir, progress=False)
     assert b.status == "diverged" and a.status == c.status == "finished"
+    assert redone  # the overflow did reach the shared GEMMs; undone and redone
     for p, s in ((a, specs[0]), (c, specs[2])):
         [alone] = train([replace(s, output_dir=tmp_path / "alone" / s.name)], demo.model, demo.data, cache_dir,
                         progress=False)
@@ -94,6 +102,53 @@ def test_no_gradient_crosses_from_one_trial_to_another():
         # the zero padding of a smaller rank gets no gradient either, so AdamW never moves it
         r = [2, 4, 3][k]
         assert torch.count_nonzero(layer.lora_B.grad[k][:, r:]) == 0
+
+
+def _layer(ranks=(2, 4, 3), scales=(1.0, 0.5, 2.0)):
+    torch.manual_seed(0)
+    layer = PackedLoRALinear(torch.nn.Linear(16, 8), ranks=list(ranks), scales=list(scales))
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        for k, r in enumerate(ranks):
+            layer.lora_A[k, r:] = 0
+            layer.lora_B[k, :, r:] = 0
+    return layer
+
+
+@pytest.mark.parametrize("kernel", ["dense", "bmm"])
+def test_both_lora_kernels_apply_each_trials_own_adapter(kernel, monkeypatch):
+    """Trial k's rows get base(x) + scale_k B_k A_k x, and gradients equal those of that formula."""
+    monkeypatch.setattr(PackedLoRALinear, "kernel", kernel)
+    layer = _layer()
+    x = torch.randn(3 * 4, 5, 16)
+    out = layer(x)
+    want = torch.cat([layer.base(xk) + layer.scale[k] * xk @ layer.lora_A[k].T @ layer.lora_B[k].T
+                      for k, xk in enumerate(x.chunk(3))])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g_out = torch.autograd.grad(out.square().sum(), [layer.lora_A, layer.lora_B])
+    g_want = torch.autograd.grad(want.square().sum(), [layer.lora_A, layer.lora_B])
+    for g, w in zip(g_out, g_want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_an_overflowing_trial_reaches_its_mates_through_the_dense_kernel_only():
+    """Why the trainer redoes such a step per trial: with trial 1's adapter at inf, the dense kernel's masked
+    zeros give NaN (0 x inf) in trial 0's rows; per_trial() keeps trial 0 finite and exact."""
+    from trainer.packed import per_trial
+
+    layer = _layer()
+    x = torch.randn(3 * 4, 16)
+    with torch.no_grad():
+        clean = layer(x)
+        layer.lora_B[1] = float("inf")
+        assert layer(x)[:4].isnan().any()
+        with per_trial():
+            out = layer(x)
+    assert PackedLoRALinear.kernel == "dense"
+    assert torch.equal(out[:4].isfinite(), torch.ones_like(out[:4], dtype=torch.bool))
+    torch.testing.assert_close(out[:4], clean[:4])
+    torch.testing.assert_close(out[8:], clean[8:])
 
 
 def test_scoring_a_trial_merges_its_adapter_and_puts_the_base_back_bit_for_bit():

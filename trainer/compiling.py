@@ -1,8 +1,9 @@
 """Regional torch.compile of the UNet's transformer blocks, for training and for generating, and when it pays.
 
 Measured on one H100 at 1024 px (bench/results/): compiled blocks save about 15 ms per trial and training step
-(a pack of 3: 239 -> 194 ms, of 8: 535 -> 411 ms) and about 0.1 s per generated image (UNet forward at batch 40:
-700 -> 634 ms), for about 25 s (training) and 10 s (generating) of compiling the first time on a machine;
+(a pack of 3: 239 -> 194 ms, of 8: 535 -> 411 ms), compiled GENERATION regions about 0.18 s per generated image
+(UNet forward at batch 40: 699 -> 581 ms), for about 25 s (training) and 22 s (generating) of compiling the first
+time on a machine;
 Inductor's on-disk cache brings a repeat down to 1-3 s. `None` ("auto") settings compile only where that pays
 back: training when trials x steps of a pack reach COMPILE_TRIAL_STEPS, generating when a process will make at
 least COMPILE_IMAGES images."""
@@ -18,22 +19,30 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 COMPILE_TRIAL_STEPS = 2000  # x ~15 ms saved = 30 s: more than a cold compile (~25 s)
-COMPILE_IMAGES = 100  # x ~0.1 s saved = 10 s: about a cold compile at an evaluation batch
+COMPILE_IMAGES = 120  # x ~0.18 s saved = 22 s: about a cold compile of the GENERATION regions
 RECOMPILE_LIMIT = 64  # graphs per block kind: training and generating shapes, block widths, pack sizes
 
 
-def blocks_of(unet: nn.Module) -> list[nn.Module]:
-    return [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+BLOCKS = ("BasicTransformerBlock",)
+# generating: whole Transformer2DModels (their norm, projections and layout changes fused too) and the ResNet
+# blocks and resamplers between them. UNet forward at 40 samples on an H100: 699 ms eager, 631 with the
+# transformer blocks compiled, 581 with these (first call 22 s instead of 9 s; bench/results/profile_step_*.json)
+GENERATION = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
-def compile_blocks(unet: nn.Module) -> list[nn.Module]:
-    """Every transformer block of the UNet not compiled yet, compiled in place with static shapes (each batch
-    shape gets its own graph instead of one dynamic graph for all); returns those, for `uncompile`. The ~70
-    blocks share a handful of shapes, so a few compilations serve them all. (Compiling the ResNet blocks too was
-    measured on an H100: no faster, 418 against 410 ms per step for a pack of 8.)"""
+def blocks_of(unet: nn.Module, kinds: tuple[str, ...] = BLOCKS) -> list[nn.Module]:
+    return [m for m in unet.modules() if type(m).__name__ in kinds]
+
+
+def compile_blocks(unet: nn.Module, kinds: tuple[str, ...] = BLOCKS) -> list[nn.Module]:
+    """Every module of the UNet of these kinds (default: the transformer blocks) not compiled yet, compiled in
+    place with static shapes (each batch shape gets its own graph instead of one dynamic graph for all); returns
+    those, for `uncompile`. The ~70 blocks share a handful of shapes, so a few compilations serve them all.
+    (Compiling the ResNet blocks too was measured on an H100: no faster, 418 against 410 ms per step for a pack
+    of 8.)"""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
-    mine = [b for b in blocks_of(unet) if getattr(b, "_compiled_call_impl", None) is None]
+    mine = [b for b in blocks_of(unet, kinds) if getattr(b, "_compiled_call_impl", None) is None]
     for b in mine:
         b.compile(dynamic=False)
     return mine
@@ -51,17 +60,22 @@ def eager_stance(compiled: list[nn.Module]):
 
 @contextlib.contextmanager
 def compiled_for_generation(unet: nn.Module, on: bool):
-    """Inside, with `on`: the UNet's transformer blocks compiled, those a training run compiled included (their
-    eager stance lifted); on exit, the blocks compiled here go back. Without `on`: nothing changes."""
+    """Inside, with `on`: the UNet's GENERATION regions compiled (transformer blocks a training run compiled
+    run inside them, traced anew, and get their own compiled code back on exit); on exit the regions compiled here
+    go back. Without `on`: nothing changes."""
     if not on:
         yield
         return
-    mine = compile_blocks(unet)
+    trained = [(b, b._compiled_call_impl) for b in blocks_of(unet) if getattr(b, "_compiled_call_impl", None)]
+    uncompile([b for b, _ in trained])
+    mine = compile_blocks(unet, GENERATION)
     try:
         with torch.compiler.set_stance("default"):
             yield
     finally:
         uncompile(mine)
+        for b, impl in trained:
+            b._compiled_call_impl = impl
 
 
 @functools.cache

@@ -406,13 +406,17 @@ def _call_paused(hook, step: int, folder: Path, params, base: BaseModel) -> bool
     with torch.random.fork_rng(devices=devices):
         for m in modules:
             m.eval()
-        base.encoders_to(base.device)  # generation needs the text encoders and the VAE the trainer set aside
+        # the pipeline runs on its VAE's device; the text encoders come only to encode prompts not seen before
+        # (evaluation.generate.prompt_embeddings), so a sweep's fixed prompts move them once, not per checkpoint
+        tic = time.perf_counter()
+        base.encoders_to(base.device, text=False)
         try:
             return bool(hook(step, folder))
         finally:
-            base.encoders_to("cpu", text="text_encoder" not in params)  # where train() keeps them
+            base.encoders_to("cpu", text=False)  # where train() keeps it
             for m in modules:
                 m.train()
+            log.info("checkpoint %s scored in %.1f s", folder.name, time.perf_counter() - tic)
 
 
 def _save(spec: TrialSpec, step: int, loss: float, cfg_hash: str, lr: float, optim_state: dict, scheduler, gen,
@@ -481,7 +485,9 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             log.info("compiling the UNet's transformer blocks for %d trial(s) x %d steps (train.compile=%s)", n_trials,
                      t0.max_steps - start, "auto" if t0.compile is None else t0.compile)
             compiled = compiling.compile_blocks(base.unet)
-        opt = packed.PackedAdamW(pack.params(), ts, pack.ranks)
+        # the dense LoRA kernel mixes the trials' rows: a step where one overflows is undone and redone (below)
+        mixes = n_trials > 1 and packed.PackedLoRALinear.kernel == "dense"
+        opt = packed.PackedAdamW(pack.params(), ts, pack.ranks, undo=mixes)
         dummies = [packed.dummy_optimizer(t) for t in ts]
         scheds = [get_scheduler(t.lr_scheduler, d, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
                   for t, d in zip(ts, dummies)]
@@ -529,39 +535,60 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             per = fwd_bwd(*inputs)
             opt.clip()
             opt.apply(clear_grads=not use_graph)  # a captured step keeps its gradient buffers
-            return per
+            return torch.cat([per, opt.norms])
+
+        def eager_step(micro_inputs, lrs):
+            total = sum(fwd_bwd(*inputs) for inputs in micro_inputs)
+            opt.clip()
+            opt.step(lrs)
+            return torch.cat([total / ga, opt.norms])
+
+        def redo(micro_inputs, lrs):
+            """The step again after undoing it, each trial through its own adapter only: a trial's non-finite
+            numbers reach no other trial's update (0 x inf in the dense kernel's shared GEMMs would)."""
+            opt.undo()
+            grads = [p.grad for p in pack.params()]  # a captured step's gradient buffers, kept for its replays
+            for p in pack.params():
+                p.grad = None
+            try:
+                with packed.per_trial(), compiling.eager_stance(compiled):
+                    return eager_step(micro_inputs, lrs)
+            finally:
+                for p, g in zip(pack.params(), grads):
+                    p.grad = g
 
         bar = tqdm(total=t0.max_steps, initial=start, desc=f"train pack of {n_trials}", unit="step",
                    disable=not progress)
         for step in range(start + 1, t0.max_steps + 1):
             tic = time.perf_counter()
-            lrs = [0.0 if i in stopped else s.get_last_lr()[0] for i, s in enumerate(scheds)]
-            total = torch.zeros(n_trials, device=base.device)
+            lrs = [0.0 if i in stopped or i in diverged else s.get_last_lr()[0] for i, s in enumerate(scheds)]
+            micro_inputs = []
             for micro in range(ga):
                 draws = [_draw(base, samples, t, samplers[i], (step - 1) * ga + micro, gens[i]) for i, t in enumerate(ts)]
                 prompts = prompts or [p for d in draws for p in d[4]]
-                inputs = [torch.cat([d[j] for d in draws]) for j in range(4)]  # noisy, noise, timesteps, size ids
-                if use_graph:
-                    opt.set_hyper(lrs)
-                    if graph is None:
-                        graph, use_graph = packed.StepGraph.capture(full_step, fwd_bwd, inputs, pack.params())
-                    total += graph(inputs) if graph is not None else full_step(*inputs)
-                else:
-                    total += fwd_bwd(*inputs)
-                    if micro + 1 == ga:
-                        opt.clip()
-                        opt.step(lrs)
+                micro_inputs.append([torch.cat([d[j] for d in draws]) for j in range(4)])  # noisy, noise, t, size ids
+            if use_graph:  # one micro-batch
+                opt.set_hyper(lrs)
+                if graph is None:
+                    graph, use_graph = packed.StepGraph.capture(full_step, fwd_bwd, micro_inputs[0], pack.params())
+                out = graph(micro_inputs[0]) if graph is not None else full_step(*micro_inputs[0])
+            else:
+                out = eager_step(micro_inputs, lrs)
+            values = out.tolist()  # one host sync per step, for the whole pack: losses, then gradient norms
+            if mixes and not all(map(math.isfinite, (v for i, v in enumerate(values) if i % n_trials not in diverged))):
+                values = redo(micro_inputs, lrs).tolist()
+            values = values[:n_trials]
             for d, s in zip(dummies, scheds):
                 d.step()  # no gradient: nothing moves; keeps the scheduler's call order
                 s.step()
-            values = (total / ga).tolist()  # one host sync per step, for the whole pack
             times.append(time.perf_counter() - tic)
             faults.hit("train_step", names)
             for i, v in enumerate(values):
                 if i in diverged or i in stopped:
                     continue
-                if not math.isfinite(v):  # its weights are lost; the others never saw them
+                if not math.isfinite(v):  # its weights are lost (zeroed, at LR 0 from now on); the others never saw them
                     diverged[i] = (step, v)
+                    opt.drop(i)
                     log.error("trial %s (in a pack): loss %s at step %d", specs[i].name, v, step)
                     continue
                 losses[i][step] = v
