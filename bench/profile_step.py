@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--only", nargs="*", help="run only rows whose name starts with one of these")
+    ap.add_argument("--only", nargs="*", help="run only these rows (a name ending in * : every row it begins)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/profile_step.py needs a CUDA GPU")
@@ -147,7 +147,7 @@ def main() -> None:
         path.write_text(json.dumps(report, indent=2))
 
     def row(name, fn):
-        if args.only and not name.startswith(tuple(args.only)):
+        if args.only and not any(name == o or (o.endswith("*") and name.startswith(o[:-1])) for o in args.only):
             return
         print(f"measuring {name}", flush=True)
         try:
@@ -206,23 +206,33 @@ def main() -> None:
     row("eval_default_compiled_batch24", lambda: eval_row("default", blocks, batch=24))
 
     # the VAE decode and the conversion to PIL images, per image (a sweep decodes 4 at a time)
-    def decode_row():
+    def decode_row(compiled: tuple[str, ...] = (), channels_last: bool = False):
         from evaluation.generate import decode
 
         base.encoders_to(dev, text=False)
         pipe = base.pipeline()
+        if channels_last:
+            pipe.vae.to(memory_format=torch.channels_last)
+        blocks = compiling.compile_blocks(pipe.vae.decoder, compiled) if compiled else []
         lat = torch.randn(4, 4, 128, 128, device=dev, dtype=torch.bfloat16)
+        tic = time.perf_counter()
         decode(pipe, lat)
         torch.cuda.synchronize()
+        first = time.perf_counter() - tic
         tic = time.perf_counter()
         for _ in range(2):
             decode(pipe, lat)
         torch.cuda.synchronize()
         s = (time.perf_counter() - tic) / 8
+        compiling.uncompile(blocks)
+        torch._dynamo.reset()
+        pipe.vae.to(memory_format=torch.contiguous_format)
         base.encoders_to("cpu")
-        return {"s_per_image_decode_and_pil": s}
+        return {"s_per_image_decode_and_pil": s, "first_call_s": first}
 
     row("eval_vae_decode", decode_row)
+    row("eval_vae_decode_channels_last", lambda: decode_row(channels_last=True))
+    row("eval_vae_decode_compiled", lambda: decode_row(("ResnetBlock2D", "Upsample2D", "UNetMidBlock2D")))
     ce.clear()  # its GPU tensors go before training
 
     # ---- training: K trials packed, forward + backward captured as a CUDA graph
@@ -241,8 +251,9 @@ def main() -> None:
                 pred = unet_call(base, ct, x)
             pred.float().pow(2).mean().backward()
 
-        def train_row(compiled: tuple[str, ...], variant: str):
+        def train_row(compiled: tuple[str, ...], variant: str, io: bool = False):
             blocks = compiling.compile_blocks(base.unet, compiled) if compiled else []
+            blocks += compiling.compile_io(base.unet) if io else []
             kernel = packed.PackedLoRALinear.kernel
             if variant in ("bmm", "dense"):
                 packed.PackedLoRALinear.kernel = variant
@@ -259,7 +270,8 @@ def main() -> None:
                     p.grad = None
                 ms = timed(fn, args.iters, graph=True)
                 if variant != "no_lora":
-                    suffix = "" if not compiled else "_compiled" if compiled == compiling.BLOCKS else "_compiled_regions"
+                    suffix = ("" if not compiled else "_compiled" if compiled == compiling.BLOCKS else "_compiled_regions"
+                              ) + ("_io" if io else "")
                     report["profiles"][f"train_{k}_{variant}{suffix}"] = kernel_table(fn)
                 return {"trials": k, "ms_per_step_fwd_bwd": ms, "tflops": 13.5e12 * k / ms / 1e9,
                         "first_call_s": first}
@@ -276,6 +288,9 @@ def main() -> None:
             for variant in ("bmm", "dense", "no_lora"):
                 row(f"train_{k}_{variant}{'_compiled' if compiled else ''}", lambda c=compiled, v=variant: train_row(c, v))
         row(f"train_{k}_dense_compiled_regions", lambda: train_row(compiling.GENERATION, "dense"))
+        row(f"train_{k}_dense_compiled_io", lambda: train_row(compiling.BLOCKS, "dense", io=True))
+        resnets = compiling.BLOCKS + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+        row(f"train_{k}_dense_compiled_resnets_io", lambda: train_row(resnets, "dense", io=True))
         pack.remove()
         base.unet.eval()
     write()

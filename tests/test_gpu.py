@@ -163,7 +163,7 @@ def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, ca
     after, so that training and later eager calls see the plain modules, and blocks a training run compiled get
     their compiled code back."""
     from evaluation import generate as gen
-    from trainer.compiling import GENERATION, blocks_of, compile_blocks, compiled_for_generation, uncompile
+    from trainer.compiling import GENERATION, blocks_of, compile_for_training, compiled_for_generation, uncompile
 
     pipe, _ = gen.load_pipeline(resolve_source(demo.model, cache_dir), torch.device("cuda"))
 
@@ -178,13 +178,19 @@ def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, ca
         fast = latents()
     assert all(b._compiled_call_impl is None for b in blocks_of(pipe.unet, GENERATION) + blocks_of(pipe.unet))
     assert 0 < (fast - eager).abs().max() < 0.05 * eager.abs().max()  # compiled kernels round differently
-    trained = compile_blocks(pipe.unet)  # as a compiled training run leaves them while it scores a checkpoint
-    impls = [b._compiled_call_impl for b in trained]
+    trained = compile_for_training(pipe.unet)  # as a compiled training run leaves them while it scores a checkpoint
+
+    def impls():
+        return [vars(b[0]).get(b[1]) if isinstance(b, tuple) else b._compiled_call_impl for b in trained]
+
+    before = impls()
+    assert all(before) and any(isinstance(b, tuple) for b in trained)
     with compiled_for_generation(pipe.unet, True):
-        assert all(b._compiled_call_impl is None for b in trained)  # traced inside their compiled Transformer2DModel
+        assert not any(impls())  # traced inside their compiled Transformer2DModel
         again = latents()
-    assert [b._compiled_call_impl for b in trained] == impls
+    assert impls() == before
     uncompile(trained)
+    assert not any(impls())
     assert (again - fast).abs().max() < 0.05 * eager.abs().max()
     gen._PIPES.clear()
 

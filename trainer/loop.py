@@ -484,7 +484,7 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
         if compiling.want_compile(t0.compile, base.device, work, compiling.COMPILE_TRIAL_STEPS):
             log.info("compiling the UNet's transformer blocks for %d trial(s) x %d steps (train.compile=%s)", n_trials,
                      t0.max_steps - start, "auto" if t0.compile is None else t0.compile)
-            compiled = compiling.compile_blocks(base.unet)
+            compiled = compiling.compile_for_training(base.unet)
         # the dense LoRA kernel mixes the trials' rows: a step where one overflows is undone and redone (below)
         mixes = n_trials > 1 and packed.PackedLoRALinear.kernel == "dense"
         opt = packed.PackedAdamW(pack.params(), ts, pack.ranks, undo=mixes)
