@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--packs", type=int, nargs="*", default=[], help="also train packs of these many trials")
     ap.add_argument("--eval-batches", type=int, nargs="*", default=[], help="time generation at these batch sizes")
     ap.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other rows of this GPU's existing JSON (remeasure some rows with --only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/single_trial.py needs a CUDA GPU: it measures SDXL-size training")
@@ -161,11 +163,17 @@ def main() -> None:
     ]
     rows: dict[str, dict] = {}
     failures: dict[str, str] = {}
+    earlier = args.out / f"single_trial_{torch.cuda.get_device_name().replace(' ', '_')}.json"
+    if args.merge and earlier.is_file():
+        old = json.loads(earlier.read_text())
+        rows = {k: {**v, "measured": v.get("measured", old["date"])} for k, v in old["results"].items()}
+        failures = old.get("failed", {})
     for name, measure in plan:
         if args.only is None or name in args.only:
             print(f"measuring {name}", flush=True)
             try:
-                rows[name] = measure()
+                rows[name] = {**measure(), "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                failures.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
                 print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
                 failures[name] = f"{type(exc).__name__}: {exc}"[:2000]

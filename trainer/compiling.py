@@ -2,7 +2,7 @@
 
 Measured on one H100 at 1024 px (bench/results/): compiled blocks save about 15 ms per trial and training step
 (a pack of 3: 239 -> 194 ms, of 8: 535 -> 411 ms), compiled GENERATION regions about 0.18 s per generated image
-(UNet forward at batch 40: 699 -> 581 ms), for about 25 s (training) and 22 s (generating) of compiling the first
+(UNet forward at batch 40: 699 -> 581 ms), for about 25 s (training) and 45 s (generating) of compiling the first
 time on a machine;
 Inductor's on-disk cache brings a repeat down to 1-3 s. `None` ("auto") settings compile only where that pays
 back: training when trials x steps of a pack reach COMPILE_TRIAL_STEPS, generating when a process will make at
@@ -19,14 +19,19 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 COMPILE_TRIAL_STEPS = 2000  # x ~15 ms saved = 30 s: more than a cold compile (~25 s)
-COMPILE_IMAGES = 120  # x ~0.18 s saved = 22 s: about a cold compile of the GENERATION regions
+# x ~0.18 s saved = 22 s. A cold compile of the GENERATION regions took 45 s (bench, H200), but a sweep's trials
+# share the process and its compiled code (the study's 3 trials: 432 images), and Inductor's disk cache makes a
+# repeat a few seconds: counted per trial, this threshold errs towards compiling
+COMPILE_IMAGES = 120
 RECOMPILE_LIMIT = 64  # graphs per block kind: training and generating shapes, block widths, pack sizes
 
 
 BLOCKS = ("BasicTransformerBlock",)
 # generating: whole Transformer2DModels (their norm, projections and layout changes fused too) and the ResNet
 # blocks and resamplers between them. UNet forward at 40 samples on an H100: 699 ms eager, 631 with the
-# transformer blocks compiled, 581 with these (first call 22 s instead of 9 s; bench/results/profile_step_*.json)
+# transformer blocks compiled, 581 with these (first call 22 s instead of 9 s, partly warm; 45 s cold in the
+# single_trial bench; bench/results/profile_step_*.json). The blocks, their IO_METHODS, the ResNet blocks and the
+# resamplers instead: 0.938 s per image (bench, H200) against 0.927, for 51 s of compiling against 45.
 GENERATION = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
@@ -37,9 +42,7 @@ def blocks_of(unet: nn.Module, kinds: tuple[str, ...] = BLOCKS) -> list[nn.Modul
 def compile_blocks(unet: nn.Module, kinds: tuple[str, ...] = BLOCKS) -> list[nn.Module]:
     """Every module of the UNet of these kinds (default: the transformer blocks) not compiled yet, compiled in
     place with static shapes (each batch shape gets its own graph instead of one dynamic graph for all); returns
-    those, for `uncompile`. The ~70 blocks share a handful of shapes, so a few compilations serve them all.
-    (Compiling the ResNet blocks too was measured on an H100: no faster, 418 against 410 ms per step for a pack
-    of 8.)"""
+    those, for `uncompile`. The ~70 blocks share a handful of shapes, so a few compilations serve them all."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
     mine = [b for b in blocks_of(unet, kinds) if getattr(b, "_compiled_call_impl", None) is None]
