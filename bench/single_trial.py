@@ -168,6 +168,7 @@ def main() -> None:
         old = json.loads(earlier.read_text())
         rows = {k: {**v, "measured": v.get("measured", old["date"])} for k, v in old["results"].items()}
         failures = old.get("failed", {})
+        args.reference = args.reference or old.get("reference_script")
     for name, measure in plan:
         if args.only is None or name in args.only:
             print(f"measuring {name}", flush=True)
@@ -176,6 +177,7 @@ def main() -> None:
                 failures.pop(name, None)
             except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
                 print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
+                rows.pop(name, None)  # an earlier result of a row that now fails is not kept (--merge)
                 failures[name] = f"{type(exc).__name__}: {exc}"[:2000]
             release_models()
             torch.cuda.empty_cache()

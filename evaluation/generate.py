@@ -162,7 +162,8 @@ def prompt_embeddings(pipe, prompts: list[str], guidance: bool) -> dict[str, tor
     tuned = any(getattr(m, "peft_config", None) for m in encoders)  # text-encoder LoRA: encode every time
     cache = {} if tuned else _EMBEDS.setdefault(encoders[-1], {})
     device = pipe.device
-    missing = [p for p in dict.fromkeys(prompts) if (p, guidance, device) not in cache]
+    pair = tuple(id(m) for m in encoders)  # a refiner shares text_encoder_2 but has no first encoder
+    missing = [p for p in dict.fromkeys(prompts) if (p, guidance, device, pair) not in cache]
     if missing:
         homes = [next(m.parameters()).device for m in encoders]
         for m in encoders:
@@ -173,8 +174,8 @@ def prompt_embeddings(pipe, prompts: list[str], guidance: bool) -> dict[str, tor
             for m, home in zip(encoders, homes):
                 m.to(home)
         for i, p in enumerate(missing):
-            cache[(p, guidance, device)] = tuple(None if t is None else t[i:i + 1] for t in rows)
-    got = [cache[(p, guidance, device)] for p in prompts]
+            cache[(p, guidance, device, pair)] = tuple(None if t is None else t[i:i + 1] for t in rows)
+    got = [cache[(p, guidance, device, pair)] for p in prompts]
     return {k: None if got[0][j] is None else torch.cat([g[j] for g in got]) for j, k in enumerate(_EMBED_KEYS)}
 
 

@@ -26,10 +26,10 @@ class DeviceError(UserError):
 class NonFiniteLossError(UserError):
     """Training diverged. The checkpoints written before `step` are intact."""
 
-    def __init__(self, step: int, loss: float, last_checkpoint: str | None):
+    def __init__(self, step: int, loss: float, last_checkpoint: str | None, what: str = "loss"):
         self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
         keep = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        super().__init__(f"loss became {loss} at step {step}; the trial was stopped and {keep}. "
+        super().__init__(f"{what} became {loss} at step {step}; the trial was stopped and {keep}. "
                          f"A lower learning rate (lr) or max_grad_norm usually fixes this.")
 
 

@@ -406,8 +406,9 @@ def _call_paused(hook, step: int, folder: Path, params, base: BaseModel) -> bool
     with torch.random.fork_rng(devices=devices):
         for m in modules:
             m.eval()
-        # the pipeline runs on its VAE's device; the text encoders come only to encode prompts not seen before
-        # (evaluation.generate.prompt_embeddings), so a sweep's fixed prompts move them once, not per checkpoint
+        # the pipeline computes on its accelerator modules' device (diffusers >= 0.40); the text encoders come only
+        # to encode prompts not seen before (evaluation.generate.prompt_embeddings), so a sweep's fixed prompts move
+        # them once, not per checkpoint
         tic = time.perf_counter()
         base.encoders_to(base.device, text=False)
         try:
@@ -545,17 +546,18 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
 
         def redo(micro_inputs, lrs):
             """The step again after undoing it, each trial through its own adapter only: a trial's non-finite
-            numbers reach no other trial's update (0 x inf in the dense kernel's shared GEMMs would)."""
+            numbers reach no other trial's update (0 x inf in the dense kernel's shared GEMMs would). Eagerly: a
+            captured step's graph and its memory pool go first (an eager pack beside them may not fit), and the
+            next step captures it again."""
+            nonlocal graph
             opt.undo()
-            grads = [p.grad for p in pack.params()]  # a captured step's gradient buffers, kept for its replays
+            graph = None
             for p in pack.params():
                 p.grad = None
-            try:
-                with packed.per_trial(), compiling.eager_stance(compiled):
-                    return eager_step(micro_inputs, lrs)
-            finally:
-                for p, g in zip(pack.params(), grads):
-                    p.grad = g
+            if on_cuda:
+                torch.cuda.empty_cache()
+            with packed.per_trial(), compiling.eager_stance(compiled):
+                return eager_step(micro_inputs, lrs)
 
         bar = tqdm(total=t0.max_steps, initial=start, desc=f"train pack of {n_trials}", unit="step",
                    disable=not progress)
@@ -575,9 +577,10 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             else:
                 out = eager_step(micro_inputs, lrs)
             values = out.tolist()  # one host sync per step, for the whole pack: losses, then gradient norms
-            if mixes and not all(map(math.isfinite, (v for i, v in enumerate(values) if i % n_trials not in diverged))):
+            live = [i % n_trials not in diverged and i % n_trials not in stopped for i in range(2 * n_trials)]
+            if mixes and not all(math.isfinite(v) for v, on in zip(values, live) if on):
                 values = redo(micro_inputs, lrs).tolist()
-            values = values[:n_trials]
+            values, norms = values[:n_trials], values[n_trials:]
             for d, s in zip(dummies, scheds):
                 d.step()  # no gradient: nothing moves; keeps the scheduler's call order
                 s.step()
@@ -586,10 +589,11 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             for i, v in enumerate(values):
                 if i in diverged or i in stopped:
                     continue
-                if not math.isfinite(v):  # its weights are lost (zeroed, at LR 0 from now on); the others never saw them
-                    diverged[i] = (step, v)
+                if not (math.isfinite(v) and math.isfinite(norms[i])):  # its weights are lost (zeroed, at LR 0
+                    what = ("loss", v) if not math.isfinite(v) else ("gradient norm", norms[i])  # from now on); the
+                    diverged[i] = (step, what[1], what[0])  # others never saw them
                     opt.drop(i)
-                    log.error("trial %s (in a pack): loss %s at step %d", specs[i].name, v, step)
+                    log.error("trial %s (in a pack): %s %s at step %d", specs[i].name, *what, step)
                     continue
                 losses[i][step] = v
                 windows[i].append(v)
@@ -615,9 +619,11 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
                                           step)
                             failed[i] = f"{type(exc).__name__}: {exc} (at step {step}; {saved} is intact)"
                             stopped[i] = step
+                            opt.drop(i)  # its checkpoints are written; from now on it only rides along
                             continue
                         if stop:
                             stopped[i] = step
+                            opt.drop(i)
                             log.info("trial %s: stopped at step %d (pruned)", specs[i].name, step)
             if len(stopped) + len(diverged) == n_trials:
                 break
@@ -640,8 +646,8 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
     for i, s in enumerate(specs):
         ckpts = checkpoint.list_checkpoints(outs[i])
         if i in diverged:
-            at, v = diverged[i]
-            err = str(NonFiniteLossError(at, v, str(ckpts[-1]) if ckpts else None))
+            at, v, what = diverged[i]
+            err = str(NonFiniteLossError(at, v, str(ckpts[-1]) if ckpts else None, what))
             results.append(TrialResult(s.name, outs[i], "diverged", at, v, ckpts, error=err))
             continue
         last = stopped.get(i, t0.max_steps if losses[i] else start)

@@ -28,8 +28,8 @@ class PackedLoRALinear(nn.Module):
     """A frozen Linear plus one LoRA per trial, each applied to its own block of the (trial-major) batch.
 
     Two kernels give the same result. "dense" (the default) runs every trial's A on every sample as one plain
-    GEMM (N x in @ in x K*r), zeroes the other trials' columns with a per-trial mask that also carries the
-    scale, and applies every B at once (N x K*r @ K*r x out). The K-fold extra arithmetic is negligible at rank 4,
+    GEMM (N x in @ in x K*r), zeroes the other trials' columns with a per-trial mask, and applies every
+    (scaled) B at once (N x K*r @ K*r x out). The K-fold extra arithmetic is negligible at rank 4,
     while the GPU's GEMM kernels serve these shapes much better than batched matmuls with an inner size of 4
     (pack of 8 at 1024 px on an H100: 372 against 394 ms per compiled forward + backward). The masked zeros keep
     trials apart exactly while their numbers are finite; but 0 x inf is NaN, so a trial that overflows reaches
@@ -46,9 +46,9 @@ class PackedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(k, r, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(k, base.out_features, r, device=dev))
         self.register_buffer("scale", torch.tensor(scales, device=dev).view(k, 1, 1), persistent=False)
-        mask = torch.zeros(k, 1, k * r, device=dev)  # trial i's samples keep only columns i*r..(i+1)*r, scaled
-        for i, s in enumerate(scales):
-            mask[i, :, i * r:(i + 1) * r] = s
+        mask = torch.zeros(k, 1, k * r, device=dev)  # trial i's samples keep only columns i*r..(i+1)*r
+        for i in range(k):
+            mask[i, :, i * r:(i + 1) * r] = 1
         self.register_buffer("mask", mask, persistent=False)
         self.fused = False  # Pack.use(k): trial k's adapter is merged into the base weight, the adapters rest
 
@@ -71,7 +71,8 @@ class PackedLoRALinear(nn.Module):
             a = self.lora_A.to(dtype).reshape(k * r, -1)  # every trial's A: (K*r, in)
             h = nn.functional.linear(x.reshape(-1, x.shape[-1]).to(dtype), a).view(k, -1, k * r)
             h = h * self.mask.to(dtype)
-            b = self.lora_B.to(dtype).permute(1, 0, 2).reshape(-1, k * r)  # every trial's B: (out, K*r)
+            # every trial's B, scaled in fp32 as "bmm" (and peft) scale it: (out, K*r)
+            b = (self.lora_B * self.scale).to(dtype).permute(1, 0, 2).reshape(-1, k * r)
             delta = nn.functional.linear(h.view(-1, k * r), b)
         return out + delta.reshape(out.shape).to(out.dtype)
 
