@@ -248,3 +248,27 @@ def test_a_pack_too_big_for_memory_is_split_and_every_trial_trains(demo, tmp_pat
     for r, s in zip(results, _specs(demo, tmp_path / "alone")):
         [alone] = train([s], demo.model, demo.data, cache_dir, progress=False)
         _assert_same(_weights(r), _weights(alone), s.train.lr)
+
+
+def test_a_trial_whose_gradient_overflows_leaves_the_pack_and_its_mates_train_on_as_alone(demo, tmp_path, cache_dir,
+                                                                                         monkeypatch):
+    """A finite loss with a non-finite gradient (injected into trial b's gradients at step 2) also ends a trial:
+    the step is redone per trial, b is reported diverged by its gradient norm, a and c end as they do alone."""
+    from trainer import packed
+
+    clip = packed.PackedAdamW.clip
+
+    def overflowing(self):
+        if self.steps == 1:  # step 2's clipping (the step count moves after it), in the step and in its redo
+            with torch.no_grad():
+                self.params[1].grad[1] = float("inf")
+        clip(self)
+
+    monkeypatch.setattr(packed.PackedAdamW, "clip", overflowing)
+    a, b, c = train(_specs(demo, tmp_path / "pack"), demo.model, demo.data, cache_dir, progress=False)
+    assert b.status == "diverged" and b.steps == 2 and "gradient norm became inf at step 2" in b.error
+    assert a.status == c.status == "finished"
+    monkeypatch.undo()
+    for p, s in ((a, _specs(demo, tmp_path / "alone")[0]), (c, _specs(demo, tmp_path / "alone")[2])):
+        [alone] = train([s], demo.model, demo.data, cache_dir, progress=False)
+        _assert_same(_weights(p), _weights(alone), s.train.lr)
