@@ -589,11 +589,12 @@ def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], mod
             for i, v in enumerate(values):
                 if i in diverged or i in stopped:
                     continue
-                if not (math.isfinite(v) and math.isfinite(norms[i])):  # its weights are lost (zeroed, at LR 0
-                    what = ("loss", v) if not math.isfinite(v) else ("gradient norm", norms[i])  # from now on); the
-                    diverged[i] = (step, what[1], what[0])  # others never saw them
+                if not (math.isfinite(v) and math.isfinite(norms[i])):
+                    # its weights are lost (zeroed, at LR 0 from now on); the others never saw them
+                    what, bad = ("loss", v) if not math.isfinite(v) else ("gradient norm", norms[i])
+                    diverged[i] = (step, bad, what)
                     opt.drop(i)
-                    log.error("trial %s (in a pack): %s %s at step %d", specs[i].name, *what, step)
+                    log.error("trial %s (in a pack): %s %s at step %d", specs[i].name, what, bad, step)
                     continue
                 losses[i][step] = v
                 windows[i].append(v)
