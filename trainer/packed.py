@@ -46,9 +46,8 @@ class PackedLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(k, r, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(k, base.out_features, r, device=dev))
         self.register_buffer("scale", torch.tensor(scales, device=dev).view(k, 1, 1), persistent=False)
-        mask = torch.zeros(k, 1, k * r, device=dev)  # trial i's samples keep only columns i*r..(i+1)*r
-        for i in range(k):
-            mask[i, :, i * r:(i + 1) * r] = 1
+        # trial i's samples keep only columns i*r..(i+1)*r; bool, so multiplying needs no cast per call
+        mask = torch.eye(k, dtype=torch.bool, device=dev).repeat_interleave(r, dim=1).unsqueeze(1)
         self.register_buffer("mask", mask, persistent=False)
         self.fused = False  # Pack.use(k): trial k's adapter is merged into the base weight, the adapters rest
 
@@ -70,7 +69,7 @@ class PackedLoRALinear(nn.Module):
         else:
             a = self.lora_A.to(dtype).reshape(k * r, -1)  # every trial's A: (K*r, in)
             h = nn.functional.linear(x.reshape(-1, x.shape[-1]).to(dtype), a).view(k, -1, k * r)
-            h = h * self.mask.to(dtype)
+            h = h * self.mask  # a multiply (not a select): 0 x inf stays NaN, see above
             # every trial's B, scaled in fp32 as "bmm" (and peft) scale it: (out, K*r)
             b = (self.lora_B * self.scale).to(dtype).permute(1, 0, 2).reshape(-1, k * r)
             delta = nn.functional.linear(h.view(-1, k * r), b)
