@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # noqa: F401 - patched per row
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,6 +120,39 @@ def unet_call(base, c, x=None):
                      added_cond_kwargs={"text_embeds": c["pooled"], "time_ids": c["tids"]}).sample
 
 
+INDUCTOR_TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+INDUCTOR_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
+# aten ops FlopCounterMode counts, by kernel family
+FLOP_FAMILIES = {"gemm": ("mm", "addmm", "bmm", "baddbmm"), "convolution": ("convolution", "_convolution"),
+                 "attention": ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+                               "_scaled_dot_product_efficient_attention", "_flash_attention_forward",
+                               "_efficient_attention_forward")}
+
+
+def flops_by_family(fn) -> dict:
+    """TFLOP of one call of `fn` by kernel family (torch.utils.flop_counter), to set against the profile's GPU
+    time per family: how close each family runs to the chip's GEMM peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    fams: dict[str, float] = {}
+    for op, n in counter.get_flop_counts()["Global"].items():
+        name = str(op).split(".")[1] if str(op).startswith("aten.") else str(op)
+        fam = next((f for f, ops in FLOP_FAMILIES.items() if name in ops), name)
+        fams[fam] = fams.get(fam, 0.0) + n / 1e12
+    return {"tflop_by_family": fams, "tflop_total": sum(fams.values())}
+
+
+def gemm_peak(n: int = 8192, iters: int = 20) -> dict:
+    """The chip's bf16 dense GEMM rate as cuBLAS reaches it on a large square product (the ceiling the
+    UNet's GEMMs are measured against)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = timed(lambda: a @ b, iters, graph=False)
+    return {"n": n, "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packs", type=int, nargs="*", default=[8])
@@ -127,6 +161,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--only", nargs="*", help="run only these rows (a name ending in * : every row it begins)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other rows and profiles of this GPU's existing JSON (remeasure some with --only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/profile_step.py needs a CUDA GPU")
@@ -141,6 +177,12 @@ def main() -> None:
               "device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
               "cudnn": torch.backends.cudnn.version(), "rows": {}, "profiles": {}, "failed": {}}
     path = args.out / f"profile_step_{gpu.replace(' ', '_')}.json"
+    if args.merge and path.is_file():  # earlier rows keep the date they were measured
+        old = json.loads(path.read_text())
+        report["rows"] = {k: {**v, "measured": v.get("measured", old["date"])} for k, v in old["rows"].items()}
+        report["profiles"] = old.get("profiles", {})
+        report["failed"] = old.get("failed", {})
+        report.update({k: v for k, v in old.items() if k not in report})
 
     def write():
         args.out.mkdir(parents=True, exist_ok=True)
@@ -151,28 +193,35 @@ def main() -> None:
             return
         print(f"measuring {name}", flush=True)
         try:
-            report["rows"][name] = fn()
+            report["rows"][name] = {**fn(), "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            report["failed"].pop(name, None)
             print(f"  {report['rows'][name]}", flush=True)
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+            report["rows"].pop(name, None)
             report["failed"][name] = f"{type(exc).__name__}: {exc}"[:1500]
             print(f"  FAILED {report['failed'][name][:300]}", flush=True)
         torch.cuda.empty_cache()
         write()
 
+    row("gemm_peak_bf16", gemm_peak)
+
     # ---- evaluation: the UNet forward at the scoring batch, no grad
     ce = conditioning(base, args.eval_batch, dev)
     base.unet.eval()
 
-    def eval_row(backend: str, compiled: tuple[str, ...] = (), channels_last: bool = False, batch: int = 0):
+    def eval_row(backend: str, compiled: tuple[str, ...] = (), channels_last: bool = False, batch: int = 0,
+                 profile: str | None = None, fuse_qkv: bool = False, inductor: dict | None = None):
         c = conditioning(base, batch, dev) if batch else ce
         n = batch or args.eval_batch
         fwd = lambda: unet_call(base, c)
         if channels_last:
             base.unet.to(memory_format=torch.channels_last)
             c["x"] = c["x"].contiguous(memory_format=torch.channels_last)
+        if fuse_qkv:  # one projection for q, k, v (self-attention) and for k, v (cross-attention)
+            base.unet.fuse_qkv_projections()
         blocks = compiling.compile_blocks(base.unet, compiled) if compiled else []
         try:
-            with sdpa(backend), torch.no_grad():
+            with sdpa(backend), torch.no_grad(), torch._inductor.config.patch(inductor or {}):
                 tic = time.perf_counter()
                 fwd()
                 torch.cuda.synchronize()
@@ -181,29 +230,53 @@ def main() -> None:
                 flops = 6.76e12 * n  # UNet forward at 1024 px (FlopCounterMode, anchors)
                 out = {"ms_per_forward": ms, "samples": n, "tflops": flops / ms / 1e9,
                        "s_per_image_at_30_steps_cfg": 30 * ms / 1000 / (n / 2), "first_call_s": first}
-                if not batch:
-                    report["profiles"][f"eval_{backend}{'_compiled' if compiled else ''}"
-                                       f"{'_regions' if compiled == regions else '_outer' if compiled == outer else ''}"
-                                       f"{'_channels_last' if channels_last else ''}"] = kernel_table(fwd)
+                if profile:
+                    report["profiles"][profile] = kernel_table(fwd)
             return out
         finally:
             compiling.uncompile(blocks)
             torch._dynamo.reset()
+            if fuse_qkv:
+                base.unet.unfuse_qkv_projections()
             if channels_last:
                 base.unet.to(memory_format=torch.contiguous_format)
                 c["x"] = c["x"].contiguous()
 
     blocks, regions = compiling.BLOCKS, compiling.BLOCKS + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
     outer = compiling.GENERATION
-    row("eval_default", lambda: eval_row("default"))
-    row("eval_default_channels_last", lambda: eval_row("default", channels_last=True))
-    row("eval_default_compiled", lambda: eval_row("default", blocks))
-    row("eval_default_compiled_regions", lambda: eval_row("default", regions))
-    row("eval_default_compiled_outer", lambda: eval_row("default", outer))
-    row("eval_default_compiled_regions_channels_last", lambda: eval_row("default", regions, True))
-    row("eval_default_compiled_outer_channels_last", lambda: eval_row("default", outer, True))
+    for name, kw in (("eval_default", {}), ("eval_default_channels_last", dict(channels_last=True)),
+                     ("eval_default_compiled", dict(compiled=blocks)),
+                     ("eval_default_compiled_regions", dict(compiled=regions)),
+                     ("eval_default_compiled_outer", dict(compiled=outer)),  # the GENERATION regions
+                     ("eval_default_compiled_regions_channels_last", dict(compiled=regions, channels_last=True)),
+                     ("eval_default_compiled_outer_channels_last", dict(compiled=outer, channels_last=True)),
+                     # diffusers' fused projections (one GEMM for q, k, v), and Inductor's settings of the
+                     # torch.compile tutorials for SDXL (1x1 convolutions as GEMMs, tuned pointwise kernels), then
+                     # Triton GEMM templates autotuned against cuBLAS (max-autotune, without CUDA graphs)
+                     ("eval_default_compiled_outer_fused_qkv", dict(compiled=outer, fuse_qkv=True)),
+                     ("eval_default_compiled_outer_tuned", dict(compiled=outer, inductor=INDUCTOR_TUNED)),
+                     ("eval_default_compiled_outer_max_autotune", dict(compiled=outer, inductor=INDUCTOR_AUTOTUNE))):
+        row(name, lambda kw=kw, name=name: eval_row("default", profile=name, **kw))
+
+    def fp8_row():
+        """For comparison only (the targets are bf16, and FP8 changes the images): torchao's dynamic FP8
+        quantization of the UNet's Linear layers (row-wise scales), on a copy, with the GENERATION regions compiled."""
+        import copy
+
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        plain, base.unet = base.unet, copy.deepcopy(base.unet)
+        try:
+            quantize_(base.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            return eval_row("default", compiled=outer, profile="eval_fp8_compiled_outer")
+        finally:
+            base.unet = plain
+            torch.cuda.empty_cache()
+
+    row("eval_fp8_compiled_outer", fp8_row)
     row("eval_default_compiled_batch16", lambda: eval_row("default", blocks, batch=16))
     row("eval_default_compiled_batch24", lambda: eval_row("default", blocks, batch=24))
+    row("eval_flops", lambda: flops_by_family(lambda: unet_call(base, ce)))
 
     # the VAE decode and the conversion to PIL images, per image (a sweep decodes 4 at a time)
     def decode_row(channels_last: bool = False):
@@ -284,6 +357,9 @@ def main() -> None:
             for variant in ("bmm", "dense", "no_lora"):
                 row(f"train_{k}_{variant}{'_compiled' if compiled else ''}", lambda c=compiled, v=variant: train_row(c, v))
         row(f"train_{k}_dense_compiled_regions", lambda: train_row(compiling.GENERATION, "dense"))
+        # the frozen base alone with everything compiled that regional compilation reaches: the floor any LoRA
+        # kernel adds to
+        row(f"train_{k}_no_lora_compiled_regions", lambda: train_row(compiling.GENERATION, "no_lora"))
         row(f"train_{k}_dense_compiled_io", lambda: train_row(compiling.BLOCKS, "dense", io=True))
         resnets = compiling.BLOCKS + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
         row(f"train_{k}_dense_compiled_resnets_io", lambda r=resnets: train_row(r, "dense", io=True))

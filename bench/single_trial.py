@@ -11,6 +11,7 @@ bench/results/single_trial_<gpu>.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -74,21 +75,31 @@ def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, 
             "wall_s_incl_setup": time.perf_counter() - tic, "settings": {k: str(v) for k, v in train_kw.items()}}
 
 
-def eval_speed(model_dir: str, batch: int, compiled: bool) -> dict:
+def eval_speed(model_dir: str, batch: int, compiled: bool, lora: str = "") -> dict:
     """Seconds per 1024 px image (30 steps, CFG) at `batch` images per pipeline call, the way a sweep scores:
     the study's prompts, VAE decode included. `compiled`: the UNet's regions under torch.compile as a sweep
-    compiles them for generating (trainer/compiling.py), whose cost (the warm-up's extra time) is reported."""
+    compiles them for generating (trainer/compiling.py), whose cost (the warm-up's extra time) is reported.
+    `lora`: a rank-4 LoRA on the UNet's attention projections (as a checkpoint carries), applied by peft's adapter
+    layers ("peft") or merged into the weights as evaluation scores checkpoints ("merged", trainer.lora.merged)."""
     from evaluation import EvalConfig
     from evaluation import generate as gen
+    from trainer import lora as lora_mod
     from trainer.compiling import compiled_for_generation
 
     pipe, _ = gen.load_pipeline(model_dir, torch.device("cuda"))
+    applied = contextlib.nullcontext()
+    if lora:
+        pipe.unet.add_adapter(lora_mod.unet_config(LoraSettings(rank=4)), adapter_name="bench")
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.01)
+        applied = lora_mod.merged(pipe.unet) if lora == "merged" else applied
     cfg = EvalConfig(clip_model="unused", resolution=1024, num_inference_steps=30, device="cuda", batch_size=batch,
                      seeds=list(range(max(batch, 2))))
     reps = 2 if batch < 8 else 1
     prompts = EvalConfig.__dataclass_fields__["prompts"].default_factory()[:1]
     try:
-        with compiled_for_generation(pipe.unet, compiled):
+        with applied, compiled_for_generation(pipe.unet, compiled):
             tic = time.perf_counter()  # a 2-step warm-up at the timed batch shape (compiles, if compiling)
             gen.generate(pipe, None, prompts, replace(cfg, num_inference_steps=2, seeds=cfg.seeds[:batch]), "warm-up")
             torch.cuda.synchronize()
@@ -101,7 +112,7 @@ def eval_speed(model_dir: str, batch: int, compiled: bool) -> dict:
             s_img = (time.perf_counter() - tic) / (reps * batch)
     finally:
         gen._PIPES.clear()  # later rows measure training memory without this pipeline held
-    return {"batch": batch, "s_per_image": s_img, "images_per_s": 1 / s_img, "ms_per_step": 1000 * s_img,
+    return {"batch": batch, "lora": lora or None, "s_per_image": s_img, "images_per_s": 1 / s_img, "ms_per_step": 1000 * s_img,
             "samples_per_s": 1 / s_img, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
             "setup_s": max(0.0, warm - s_img * batch * 2 / 30), "compiled": compiled}
 
@@ -154,6 +165,9 @@ def main() -> None:
         # checkpointing, VAE and text encoders off the GPU after caching (the trainer always does that)
         ("low_memory_prior_preservation", train_row(class_dir=class_photos, gradient_checkpointing=True)),
         *[(f"eval_batch_{b}", lambda b=b: eval_speed(model_dir, b, False)) for b in args.eval_batches],
+        # scoring a checkpoint: its LoRA merged into the weights (what evaluation does) against peft's adapter layers
+        *[(f"eval_batch_{b}_lora_{how}", lambda b=b, how=how: eval_speed(model_dir, b, False, lora=how))
+          for b in args.eval_batches[-1:] for how in ("merged", "peft")],
         ("ours_eager", train_row(cuda_graphs=False)),
         ("ours_peft", train_row(peft=True)),
         *[(f"ours_packed_{k}_eager", train_row(pack=k, cuda_graphs=False)) for k in args.packs[-1:]],

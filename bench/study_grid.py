@@ -4,7 +4,7 @@
 5 prompts x 4 images (30 steps, CFG) plus the prior-drift images, CLIP and dlib face scores, selection and report;
 SDXL-base architecture with random weights and a CLIP-L-sized CLIP with random weights (no downloads here).
 The timed span starts with `python -m sweep` and ends when it exits, model loading included (building the random
-model beforehand is not timed). Writes bench/results/study_grid_<gpu>.json.
+models and saving them to folders beforehand is not timed: the sweep loads them as it loads downloaded ones). Writes bench/results/study_grid_<gpu>.json.
 
     python bench/study_grid.py
 """
@@ -25,13 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.single_trial import model_preset  # noqa: E402
+from sweep.offline_models import build_clip  # noqa: E402
 from trainer.models import resolve_source  # noqa: E402
 
-CLIP_L = ("{seed:0,projection_dim:768,"
-          "text_config:{vocab_size:1000,hidden_size:768,intermediate_size:3072,num_hidden_layers:12,"
-          "num_attention_heads:12,max_position_embeddings:77},"
-          "vision_config:{image_size:224,patch_size:14,hidden_size:1024,intermediate_size:4096,num_hidden_layers:24,"
-          "num_attention_heads:16}}")
+CLIP_L = {"seed": 0, "projection_dim": 768,  # CLIP ViT-L/14's sizes (the default eval.clip_model), random weights
+          "text_config": {"vocab_size": 1000, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "max_position_embeddings": 77},
+          "vision_config": {"image_size": 224, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                            "num_hidden_layers": 24, "num_attention_heads": 16}}
 
 
 def main() -> None:
@@ -50,12 +51,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     cache = args.work / ".cache"
     resolve_source(model_preset(args.model), cache)  # built (not timed) where the sweep will look
+    clip = build_clip(CLIP_L, cache)  # likewise: the sweep loads it from its folder, as it would the hub's CLIP-L
     seeds = "[" + ",".join(str(i) for i in range(args.images)) + "]"
     cmd = [sys.executable, "-m", "sweep", "-m", "experiment=none", f"model={args.model}", "data=photos", "eval=default",
            f"data.resolution={args.resolution}",
            f"data.instance_dir={ROOT / 'assets' / 'demo_subject'}", "data.allow_upscale=true", "data.min_images=3",
            "lr=1e-4,1e-5,5e-4", f"steps={args.steps}", f"train.checkpoint_every={args.every}", f"eval.seeds={seeds}",
-           "eval.clip_model=", f"eval.clip_architecture={CLIP_L}", "tracking.enabled=false",
+           f"eval.clip_model={clip}", "tracking.enabled=false",
            f"paths.root={args.work}", "paths.cache_dir=.cache", "progress=false", *args.overrides]
     tic = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -49,6 +49,12 @@ def load_pipeline(pretrained: str, device: torch.device, refiner: str | None = N
                 refiner, text_encoder_2=base.text_encoder_2, vae=base.vae, torch_dtype=dtype).to(device)
             ref.set_progress_bar_config(disable=True)
         base.set_progress_bar_config(disable=True)
+        # frozen: generating needs no gradients, and loading a LoRA (peft freezes what it wraps) must not change
+        # what the code compiled for the baseline was traced with (every compiled region would compile again)
+        for pipe in (base, ref):
+            for m in (pipe.components.values() if pipe is not None else ()):
+                if isinstance(m, torch.nn.Module):
+                    m.requires_grad_(False)
         _PIPES[key] = (base, ref)
     return _PIPES[key]
 
@@ -92,12 +98,17 @@ def verify_hash(path: Path, expected: str | None = None) -> None:
 
 
 class LoraSwap:
-    """Context: the checkpoint's LoRA on the pipeline inside, the plain base outside."""
+    """Context: inside, the checkpoint's LoRA (with None: the adapter the UNet already carries, e.g. a trainer's
+    live one) merged into the UNet's weights (`trainer.lora.merged`: generating costs what the base costs and
+    reuses its compiled code); outside, the plain base exactly as before."""
 
     def __init__(self, pipe, checkpoint: Path | None, scale: float = 1.0):
         self.pipe, self.checkpoint, self.scale = pipe, checkpoint, scale
+        self._merged = None
 
     def __enter__(self):
+        from trainer.lora import merged
+
         if self.checkpoint is not None:
             path = check_lora_file(self.checkpoint)
             from diffusers.utils import logging as dlogging
@@ -112,11 +123,23 @@ class LoraSwap:
             finally:
                 dlogging.set_verbosity(level)
             self.pipe.set_adapters([ADAPTER], adapter_weights=[self.scale])
+        self._merged = merged(self.pipe.unet)
+        try:
+            self._merged.__enter__()
+        except BaseException:
+            self._merged = None
+            self.__exit__(None, None, None)
+            raise
         return self.pipe
 
     def __exit__(self, *exc):
-        if self.checkpoint is not None:
-            self.pipe.unload_lora_weights()
+        try:
+            if self._merged is not None:
+                self._merged.__exit__(None, None, None)
+                self._merged = None
+        finally:
+            if self.checkpoint is not None:
+                self.pipe.unload_lora_weights()
 
 
 @torch.no_grad()

@@ -84,6 +84,66 @@ def test_checkpoints_change_the_images(tiny, tmp_path):
     assert diff(plain, tuned) > 0 and diff(plain, after) == 0
 
 
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, 8, 8, generator=g)
+    emb = torch.randn(2, 77, c.cross_attention_dim, generator=g)
+    pooled = torch.randn(2, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), emb, added_cond_kwargs={
+            "text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}).sample
+
+
+def test_a_checkpoint_generates_merged_and_the_base_comes_back_bit_for_bit(tiny):
+    """Inside LoraSwap the UNet holds no adapter layers (the LoRA is merged into its weights: generating costs what
+    the base costs) and computes what peft's adapter layers compute; outside, every weight is the base's again,
+    bit for bit."""
+    from peft.tuners.lora import LoraLayer
+
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    ckpt = tiny["checkpoints"][-1]
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    plain = _unet_out(pipe.unet)
+    pipe.load_lora_weights(str(ckpt), weight_name=gen.LORA_FILE, adapter_name="x")  # peft's own adapter layers
+    pipe.set_adapters(["x"], adapter_weights=[50.0])
+    layers = sum(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+    unmerged = _unet_out(pipe.unet)
+    pipe.unload_lora_weights()
+    assert layers > 0 and (unmerged - plain).abs().max() > 1e-3  # the adapter changes the output
+    with gen.LoraSwap(pipe, ckpt, scale=50.0):
+        assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+        torch.testing.assert_close(_unet_out(pipe.unet), unmerged, rtol=1e-4, atol=1e-5)
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(_unet_out(pipe.unet), plain)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters on one model: intended
+def test_adapters_that_do_not_merge_into_a_weight_update_apply_themselves():
+    """DoRA rescales the merged weight's columns, so `merged` leaves such a layer as it is (it still applies
+    its adapter) and merges the plain LoRA layers beside it."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    from trainer.lora import merged
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("to_q", torch.nn.Linear(8, 8))
+    model.add_module("to_k", torch.nn.Linear(8, 8))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"], use_dora=True, init_lora_weights=False), model)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_k"], init_lora_weights=False), model, adapter_name="b")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+        with merged(model):
+            assert isinstance(model.to_q, LoraLayer) and type(model.to_k) is torch.nn.Linear
+            got = model(x)
+    torch.testing.assert_close(got, want)
+    assert isinstance(model.to_k, LoraLayer)
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda p: p.write_bytes(b""), "not a readable safetensors LoRA file"),
     (lambda p: torch.save({"unet.a.lora.down.weight": torch.zeros(1)}, p), "not a readable safetensors LoRA file"),

@@ -195,6 +195,47 @@ def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, ca
     gen._PIPES.clear()
 
 
+def test_checkpoints_generate_through_the_baselines_compiled_code(demo, tmp_path, cache_dir):
+    """A checkpoint's LoRA, from its file (peft) or a pack's live adapter, is merged into the weights while it
+    generates: the UNet is the plain base's, so the code compiled for the baseline serves it without a single
+    recompilation, and its images still differ from the baseline's."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from evaluation import generate as gen
+    from trainer import LoraSettings
+    from trainer.compiling import compiled_for_generation
+    from trainer.packed import Pack
+
+    spec = TrialSpec("gpu", demo.lora, replace(demo.train, device="cuda", max_steps=2, checkpoint_every=2), tmp_path / "t")
+    [r] = train([spec], demo.model, demo.data, cache_dir, progress=False)
+    pipe, _ = gen.load_pipeline(resolve_source(demo.model, cache_dir), torch.device("cuda"))
+
+    def latents():
+        g = [torch.Generator("cuda").manual_seed(s) for s in (0, 1)]
+        return pipe(["a photo of sks woman"] * 2, num_inference_steps=2, height=64, width=64, generator=g,
+                    output_type="latent").images.float()
+
+    with compiled_for_generation(pipe.unet, True):
+        plain = latents()  # compiles every graph the plain base needs
+        graphs = counters["stats"]["unique_graphs"]
+        pack = Pack(SimpleNamespace(unet=pipe.unet), [LoraSettings(rank=4), LoraSettings(rank=2)])
+        try:
+            with torch.no_grad():
+                for p in pack.params():
+                    p.normal_(std=0.5)
+            with pack.use(1):
+                packed_trial = latents()
+        finally:
+            pack.remove()
+        with gen.LoraSwap(pipe, r.checkpoints[-1], scale=50.0):
+            from_file = latents()
+        assert counters["stats"]["unique_graphs"] == graphs
+    assert not torch.equal(packed_trial, plain) and not torch.equal(from_file, plain)
+    gen._PIPES.clear()
+
+
 def test_a_compiled_pack_trains_like_an_eager_one(demo, tmp_path, cache_dir):
     """train.compile=true (auto's choice for big packs): the same losses and LoRA updates as eager blocks, to
     bf16 rounding (fused kernels round differently, so not bit for bit: the up weights start at zero, so they are

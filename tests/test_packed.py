@@ -152,8 +152,9 @@ def test_an_overflowing_trial_reaches_its_mates_through_the_dense_kernel_only():
 
 
 def test_scoring_a_trial_merges_its_adapter_and_puts_the_base_back_bit_for_bit():
-    """Pack.use(k) generates with trial k's LoRA merged into the base weights (no per-layer adapter matmuls) and
-    restores the bf16 base exactly on exit, however often it is entered."""
+    """Pack.use(k) generates with trial k's LoRA merged into the base weights and the packed wrapper out of the
+    UNet (the plain base's modules, so generation compiled for the baseline serves it unchanged), and restores
+    the bf16 base exactly on exit, however often it is entered."""
     from types import SimpleNamespace
 
     from trainer.packed import Pack
@@ -175,10 +176,10 @@ def test_scoring_a_trial_merges_its_adapter_and_puts_the_base_back_bit_for_bit()
     for k in (1, 0, 1):
         want = x.float() @ (before.float() + layer.scale[k] * layer.lora_B[k] @ layer.lora_A[k]).T + layer.base.bias.float()
         with pack.use(k):
-            got = layer(x)
-            assert layer.fused and not torch.equal(layer.base.weight, before)
+            assert unet.to_q is layer.base and not torch.equal(layer.base.weight, before)
+            got = unet.to_q(x)
         torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.05)  # bf16 matmul of the merged weight
-        assert torch.equal(layer.base.weight, before) and not layer.fused
+        assert unet.to_q is layer and torch.equal(layer.base.weight, before)
     pack.remove()
     assert unet.to_q is layer.base
 

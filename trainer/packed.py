@@ -49,7 +49,7 @@ class PackedLoRALinear(nn.Module):
         # trial i's samples keep only columns i*r..(i+1)*r; bool, so multiplying needs no cast per call
         mask = torch.eye(k, dtype=torch.bool, device=dev).repeat_interleave(r, dim=1).unsqueeze(1)
         self.register_buffer("mask", mask, persistent=False)
-        self.fused = False  # Pack.use(k): trial k's adapter is merged into the base weight, the adapters rest
+        self.fused = False  # True: the adapters rest (bench/profile_step.py measures the base's floor with it)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
@@ -131,33 +131,16 @@ class Pack:
             out[f"{name}.lora_B.weight"] = m.lora_B[k, :, :r].detach().clone()
         return out
 
-    @contextlib.contextmanager
     def use(self, k: int):
-        """Inside: trial k's adapter applies to every sample (scoring that trial's checkpoint with a pipeline).
-
-        Its LoRA is merged into the base weights (W + scale B A, computed in fp32, rounded once to the base's
-        dtype, as diffusers' fuse_lora does), so generating costs what the plain base costs: applied as separate
-        matmuls on every layer, a 1024 px image took 22% longer. The base weights are copied first and put back
-        exactly on exit (subtracting the update again would not restore bf16 weights bit for bit)."""
-        weights = [m.base.weight for *_, m in self.layers]
-        device = weights[0].device
-        need = sum(w.numel() * w.element_size() for w in weights)
-        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 2 * need:
-            device = torch.device("cpu")  # no room for the copy on the GPU
+        """Inside: trial k's adapter applies to every sample (scoring that trial's checkpoint with a pipeline):
+        merged into the base weights, the packed wrappers out of the UNet (`lora.merged_into_base`), so the
+        UNet is the plain base's, and generation compiled for the baseline serves every checkpoint unchanged."""
         r = self.ranks[k]
-        with torch.no_grad():
-            saved = [w.to(device, copy=True) for w in weights]
-            for (*_, m), w in zip(self.layers, weights):
-                delta = (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float()
-                w.copy_(w.float() + delta)
-                m.fused = True
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for (*_, m), w, orig in zip(self.layers, weights, saved):
-                    w.copy_(orig)
-                    m.fused = False
+
+        def update(m: PackedLoRALinear) -> torch.Tensor:
+            return (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float()
+
+        return lora.merged_into_base([(parent, attr, m, m.base, lambda m=m: update(m)) for _, parent, attr, m in self.layers])
 
     def save(self, k: int, folder: Path) -> None:
         lora.save_unet_lora(folder, self.peft_state(k), lora.unet_config(self.settings[k]))
