@@ -193,11 +193,13 @@ def main() -> None:
             return
         print(f"measuring {name}", flush=True)
         try:
-            report["rows"][name] = {**fn(), "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            report["rows"][name] = {**fn(), "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                    "torch": torch.__version__}
             report["failed"].pop(name, None)
             print(f"  {report['rows'][name]}", flush=True)
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
             report["rows"].pop(name, None)
+            report["profiles"].pop(name, None)
             report["failed"][name] = f"{type(exc).__name__}: {exc}"[:1500]
             print(f"  FAILED {report['failed'][name][:300]}", flush=True)
         torch.cuda.empty_cache()
@@ -236,8 +238,14 @@ def main() -> None:
         finally:
             compiling.uncompile(blocks)
             torch._dynamo.reset()
-            if fuse_qkv:
+            if fuse_qkv:  # diffusers puts the processors back but keeps the fused weights: drop them too
                 base.unet.unfuse_qkv_projections()
+                for m in base.unet.modules():
+                    for name in ("to_qkv", "to_kv"):
+                        if hasattr(m, name):
+                            delattr(m, name)
+                    if getattr(m, "fused_projections", False):
+                        m.fused_projections = False
             if channels_last:
                 base.unet.to(memory_format=torch.contiguous_format)
                 c["x"] = c["x"].contiguous()
@@ -320,7 +328,7 @@ def main() -> None:
                 pred = unet_call(base, ct, x)
             pred.float().pow(2).mean().backward()
 
-        def train_row(compiled: tuple[str, ...], variant: str, io: bool = False):
+        def train_row(compiled: tuple[str, ...], variant: str, io: bool = False, profile: str | None = None):
             blocks = compiling.compile_blocks(base.unet, compiled) if compiled else []
             blocks += compiling.compile_io(base.unet) if io else []
             kernel = packed.PackedLoRALinear.kernel
@@ -338,10 +346,8 @@ def main() -> None:
                 for p in params:
                     p.grad = None
                 ms = timed(fn, args.iters, graph=True)
-                if variant != "no_lora":
-                    suffix = ("" if not compiled else "_compiled" if compiled == compiling.BLOCKS else "_compiled_regions"
-                              ) + ("_io" if io else "")
-                    report["profiles"][f"train_{k}_{variant}{suffix}"] = kernel_table(fn)
+                if profile:
+                    report["profiles"][profile] = kernel_table(fn)
                 return {"trials": k, "ms_per_step_fwd_bwd": ms, "tflops": 13.5e12 * k / ms / 1e9,
                         "first_call_s": first}
             finally:
@@ -353,16 +359,17 @@ def main() -> None:
                 compiling.uncompile(blocks)
                 torch._dynamo.reset()
 
-        for compiled in ((), compiling.BLOCKS):
-            for variant in ("bmm", "dense", "no_lora"):
-                row(f"train_{k}_{variant}{'_compiled' if compiled else ''}", lambda c=compiled, v=variant: train_row(c, v))
-        row(f"train_{k}_dense_compiled_regions", lambda: train_row(compiling.GENERATION, "dense"))
-        # the frozen base alone with everything compiled that regional compilation reaches: the floor any LoRA
-        # kernel adds to
-        row(f"train_{k}_no_lora_compiled_regions", lambda: train_row(compiling.GENERATION, "no_lora"))
-        row(f"train_{k}_dense_compiled_io", lambda: train_row(compiling.BLOCKS, "dense", io=True))
         resnets = compiling.BLOCKS + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-        row(f"train_{k}_dense_compiled_resnets_io", lambda r=resnets: train_row(r, "dense", io=True))
+        plan = [(f"train_{k}_{v}{'_compiled' if c else ''}", dict(compiled=c, variant=v))
+                for c in ((), compiling.BLOCKS) for v in ("bmm", "dense", "no_lora")]
+        plan += [(f"train_{k}_dense_compiled_regions", dict(compiled=compiling.GENERATION, variant="dense")),
+                 # the frozen base alone with everything compiled that regional compilation reaches: the floor any
+                 # LoRA kernel adds to
+                 (f"train_{k}_no_lora_compiled_regions", dict(compiled=compiling.GENERATION, variant="no_lora")),
+                 (f"train_{k}_dense_compiled_io", dict(compiled=compiling.BLOCKS, variant="dense", io=True)),
+                 (f"train_{k}_dense_compiled_resnets_io", dict(compiled=resnets, variant="dense", io=True))]
+        for name, kw in plan:
+            row(name, lambda kw=kw, name=name: train_row(profile=None if kw["variant"] == "no_lora" else name, **kw))
         pack.remove()
         base.unet.eval()
     write()

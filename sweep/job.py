@@ -72,8 +72,11 @@ def run_job(cfg: DictConfig) -> float:
         log.info("trial %s already finished in %s: skipped", name, out)
         res = json.loads((out / RESULT).read_text())
         if link is not None:  # e.g. killed after the trial ended but before the study heard of it
-            link.finish(res["status"], _candidates(res["metrics"], out, name, res["status"], res["params"]),
-                        res["metrics"].get("baseline", {}))
+            cands = _candidates(res["metrics"], out, name, res["status"], res["params"])
+            link.replay(cands, res["metrics"].get("baseline", {}))  # its re-run trial has heard nothing yet
+            if res["status"] == "pruned":
+                link.set_attrs({"pruned_step": res["steps"]})
+            link.finish(res["status"], cands, res["metrics"].get("baseline", {}))
         if not res.get("tracked", True):  # killed while recording it: MLflow gets the rest now, nothing twice
             run_id = tracker.child_run(sweep, name, tags)
             _, best = trial_best(_candidates(res["metrics"], out, name, res["status"], res["params"]),

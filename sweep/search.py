@@ -417,6 +417,17 @@ class TrialLink:
         self.trial.report(value, c.step)  # NaN (no eligible checkpoint) is pruned by Optuna's pruners
         return self.trial.should_prune()
 
+    def replay(self, candidates: list[Candidate], baseline: dict[str, float]) -> None:
+        """Report a finished trial's checkpoint scores, in step order, to a trial the study has not heard from: the
+        re-run of one that died after its work was done but before the study was told keeps the intermediate
+        values that later trials are pruned against (and a pruned trial's stop step among them)."""
+        from optuna.trial import TrialState
+
+        if self.s.multi_objective or self._state() != TrialState.RUNNING:
+            return
+        for c in sorted(candidates, key=lambda c: c.step):
+            self.trial.report(objective_value(self.s.objectives[0], c, baseline, self.selection), c.step)
+
     def finish(self, status: str, candidates: list[Candidate], baseline: dict[str, float]) -> list[float] | None:
         """Tell the study how the trial ended. Returns the values told (None when pruned or failed)."""
         from optuna.trial import TrialState

@@ -180,6 +180,12 @@ def test_scoring_a_trial_merges_its_adapter_and_puts_the_base_back_bit_for_bit()
             got = unet.to_q(x)
         torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.05)  # bf16 matmul of the merged weight
         assert unet.to_q is layer and torch.equal(layer.base.weight, before)
+    with pack.use(1):
+        with pytest.raises(RuntimeError, match="does not nest"):  # trial 0 inside trial 1 would score both at once
+            with pack.use(0):
+                pass
+        assert unet.to_q is layer.base
+    assert unet.to_q is layer and torch.equal(layer.base.weight, before)
     pack.remove()
     assert unet.to_q is layer.base
 

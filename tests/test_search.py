@@ -130,6 +130,30 @@ def test_trials_of_a_dead_worker_are_failed_requeued_and_counted_once(tmp_path):
     assert again.number == retry.number and search.suggest(again, space) == params
 
 
+def test_a_rerun_that_only_reports_a_finished_trial_tells_the_study_its_checkpoint_scores(tmp_path):
+    """A trial killed after its work was done (result.json written) but before the study heard of it is re-run as
+    a retry that only reports: the retry gets every checkpoint's score as an intermediate value (what later
+    trials are pruned against), then its end state; a trial the study has heard from is not told twice."""
+    from sweep.selection import Candidate, SelectionConfig
+
+    s = search.SearchSettings()
+    url = f"sqlite:///{tmp_path}/o.db"
+    space = {"lr": FloatDistribution(1e-5, 1e-3, log=True)}
+    study = search.open_study(search.open_storage(url, s), "s", s, space)
+    retry = study.ask()
+    search.suggest(retry, space)
+    link = search.TrialLink(s, url, "s", retry.number, SelectionConfig())
+    cands = [Candidate("t", step, {"face_similarity": f, "clip_t": 30.0, "face_detection_rate": 1.0}, "", "pruned")
+             for step, f in ((20, 0.4), (10, 0.5))]
+    link.replay(cands, {"clip_t": 30.0})
+    assert link.finish("pruned", cands, {"clip_t": 30.0}) is None
+    got = study.get_trials()[retry.number]
+    assert got.state == TrialState.PRUNED and sorted(got.intermediate_values) == [10, 20]
+    assert got.intermediate_values[10] > got.intermediate_values[20]  # each checkpoint's own score
+    link.replay(cands[:1], {"clip_t": 30.0})  # told already: nothing more is reported
+    assert study.get_trials()[retry.number].intermediate_values == got.intermediate_values
+
+
 def test_checkpoint_hook_stops_a_trial_and_never_changes_what_it_trains(demo, cache_dir, tmp_path):
     """Scoring a checkpoint mid-training (eval mode, own RNG use) leaves the trial's weights bit-identical;
     a hook that answers True stops the trial there."""
