@@ -87,13 +87,12 @@ def eval_speed(model_dir: str, batch: int, compiled: bool, lora: str = "") -> di
     from trainer.compiling import compiled_for_generation
 
     pipe, _ = gen.load_pipeline(model_dir, torch.device("cuda"))
-    applied = contextlib.nullcontext()
     if lora:
         pipe.unet.add_adapter(lora_mod.unet_config(LoraSettings(rank=4)), adapter_name="bench")
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.01)
-        applied = lora_mod.merged(pipe.unet) if lora == "merged" else applied
+    applied = lora_mod.merged(pipe.unet) if lora == "merged" else contextlib.nullcontext()
     cfg = EvalConfig(clip_model="unused", resolution=1024, num_inference_steps=30, device="cuda", batch_size=batch,
                      seeds=list(range(max(batch, 2))))
     reps = 2 if batch < 8 else 1

@@ -1,6 +1,7 @@
 """Image generation for evaluation: one pipeline per process, LoRA checkpoints swapped in and out of it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -104,42 +105,33 @@ class LoraSwap:
 
     def __init__(self, pipe, checkpoint: Path | None, scale: float = 1.0):
         self.pipe, self.checkpoint, self.scale = pipe, checkpoint, scale
-        self._merged = None
+        self._undo = contextlib.ExitStack()
 
     def __enter__(self):
         from trainer.lora import merged
 
-        if self.checkpoint is not None:
-            path = check_lora_file(self.checkpoint)
-            from diffusers.utils import logging as dlogging
+        with contextlib.ExitStack() as undo:  # unwound here if anything below fails, else kept for __exit__
+            if self.checkpoint is not None:
+                path = check_lora_file(self.checkpoint)
+                from diffusers.utils import logging as dlogging
 
-            level = dlogging.get_verbosity()
-            dlogging.set_verbosity_error()  # "no LoRA keys for the text encoders" is expected for UNet-only LoRAs
-            try:
-                self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
-            except Exception as exc:
-                self.pipe.unload_lora_weights()
-                raise LoraFileError(f"{path}: does not fit this base model ({type(exc).__name__}: {exc})") from None
-            finally:
-                dlogging.set_verbosity(level)
-            self.pipe.set_adapters([ADAPTER], adapter_weights=[self.scale])
-        self._merged = merged(self.pipe.unet)
-        try:
-            self._merged.__enter__()
-        except BaseException:
-            self._merged = None
-            self.__exit__(None, None, None)
-            raise
+                level = dlogging.get_verbosity()
+                dlogging.set_verbosity_error()  # "no LoRA keys for the text encoders" is expected for UNet-only LoRAs
+                try:
+                    self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+                except Exception as exc:
+                    self.pipe.unload_lora_weights()
+                    raise LoraFileError(f"{path}: does not fit this base model ({type(exc).__name__}: {exc})") from None
+                finally:
+                    dlogging.set_verbosity(level)
+                undo.callback(self.pipe.unload_lora_weights)
+                self.pipe.set_adapters([ADAPTER], adapter_weights=[self.scale])
+            undo.enter_context(merged(self.pipe.unet))
+            self._undo = undo.pop_all()
         return self.pipe
 
     def __exit__(self, *exc):
-        try:
-            if self._merged is not None:
-                self._merged.__exit__(None, None, None)
-                self._merged = None
-        finally:
-            if self.checkpoint is not None:
-                self.pipe.unload_lora_weights()
+        self._undo.close()
 
 
 @torch.no_grad()

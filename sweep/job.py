@@ -71,16 +71,16 @@ def run_job(cfg: DictConfig) -> float:
     if done is not None:
         log.info("trial %s already finished in %s: skipped", name, out)
         res = json.loads((out / RESULT).read_text())
+        cands = _candidates(res["metrics"], out, name, res["status"], res["params"])
+        baseline = res["metrics"].get("baseline", {})
         if link is not None:  # e.g. killed after the trial ended but before the study heard of it
-            cands = _candidates(res["metrics"], out, name, res["status"], res["params"])
-            link.replay(cands, res["metrics"].get("baseline", {}))  # its re-run trial has heard nothing yet
+            link.replay(cands, baseline)  # its re-run trial has heard nothing yet
             if res["status"] == "pruned":
                 link.set_attrs({"pruned_step": res["steps"]})
-            link.finish(res["status"], cands, res["metrics"].get("baseline", {}))
+            link.finish(res["status"], cands, baseline)
         if not res.get("tracked", True):  # killed while recording it: MLflow gets the rest now, nothing twice
             run_id = tracker.child_run(sweep, name, tags)
-            _, best = trial_best(_candidates(res["metrics"], out, name, res["status"], res["params"]),
-                                 res["metrics"].get("baseline", {}), conf.selection)
+            _, best = trial_best(cands, baseline, conf.selection)
             _record(tracker, run_id, out, res, res["metrics"], best, res["objective"])
             write_result(out, {**res, "tracked": True})
             tracker.flush()

@@ -136,11 +136,10 @@ class Pack:
         merged into the base weights, the packed wrappers out of the UNet (`lora.merged_into_base`), so the
         UNet is the plain base's, and generation compiled for the baseline serves every checkpoint unchanged."""
         r = self.ranks[k]
-
-        def update(m: PackedLoRALinear) -> torch.Tensor:
-            return (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float()
-
-        return lora.merged_into_base([(parent, attr, m, m.base, lambda m=m: update(m)) for _, parent, attr, m in self.layers])
+        return lora.merged_into_base([
+            (parent, attr, m, m.base,
+             lambda m=m: (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float())
+            for _, parent, attr, m in self.layers])
 
     def save(self, k: int, folder: Path) -> None:
         lora.save_unet_lora(folder, self.peft_state(k), lora.unet_config(self.settings[k]))
