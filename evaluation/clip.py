@@ -33,10 +33,12 @@ class ClipScorer:
     """One CLIP model behind three scores: image-text (CLIP-T), image-image (CLIP-I), pairwise within a set."""
 
     def __init__(self, name_or_path: str, device: torch.device):
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
         model = CLIPModel.from_pretrained(name_or_path).eval().to(device)
-        processor = CLIPProcessor.from_pretrained(name_or_path)
+        # the PIL image processor by name: what transformers falls back to without torchvision (with a warning)
+        processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(name_or_path),
+                                  tokenizer=AutoTokenizer.from_pretrained(name_or_path))
         self.device = device
         self.random_weights = (Path(name_or_path) / RANDOM_WEIGHTS_MARKER).is_file()
         adapted = TensorCLIP(model)

@@ -152,8 +152,9 @@ def preflight(cfg: EvalConfig, instance_dir: Path | str, checkpoints: Sequence[P
             gen.check_lora_file(c)
         except gen.LoraFileError as exc:
             raise EvalInputError(str(exc)) from None
-    refs, names = load_references(Path(instance_dir))
-    return refs, _face_metric(cfg, Path(instance_dir), refs, names)
+    folder = Path(instance_dir).expanduser()  # data.instance_dir="~/photos/me": as the trainer reads it
+    refs, names = load_references(folder)
+    return refs, _face_metric(cfg, folder, refs, names)
 
 
 def load_references(folder: Path) -> tuple[list[Image.Image], list[str]]:

@@ -1,13 +1,24 @@
 """python -m sweep [overrides]      one trial
 python -m sweep -m lr=1e-4,1e-5,5e-4    one trial per value, in one process (the base model loads once)
 python -m sweep -m search=demo          an Optuna search (conf/search/)"""
+import sys
+
 import hydra
 
 from sweep import CONF_DIR
-from sweep.job import run_job
+from sweep.cli import preflight
 
-# the task is run_job itself (importable by name), so that launchers can hand it to other processes
-main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run_job)
+
+def main() -> None:
+    """Check the command line (about a second), then hand it to Hydra."""
+    preflight(sys.argv[1:])  # unreadable overrides and misspelt keys: refused before anything is created
+    from sweep.logs import quiet_third_party
+
+    quiet_third_party()  # before sweep.job imports diffusers, whose imports set transformers off
+    from sweep.job import run_job  # imported after the check: a typo is refused without waiting for torch
+
+    # the task is run_job itself (importable by name), so that launchers can hand it to other processes
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run_job)()
 
 
 if __name__ == "__main__":

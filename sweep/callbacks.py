@@ -88,10 +88,16 @@ class SweepCallback(Callback):
             log.error("%d trial(s) failed; see the report and the FAILED runs in MLflow", failed)
             raise SystemExit(1)
 
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
+    def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        """A single run is its own sweep: select, report and end its MLflow parent run. Hydra has unset its
+        HydraConfig by now; the run's folder is in the config it passes (run_job wrote hydra.runtime.output_dir)."""
         from .finalize import finalize_folder
 
-        finalize_folder(Path(HydraConfig.get().runtime.output_dir))
+        out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
+        if out is None and job_return is not None:
+            out = getattr(job_return, "working_dir", None)
+        if out is None:
+            log.error("no run folder in the config Hydra passed: nothing to report")
+            return
+        finalize_folder(Path(out))
 

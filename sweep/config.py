@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
 
-from .selection import RULES, SelectionConfig
+from .selection import SelectionConfig, config_problems
 from .tracking import TrackingConfig
 
 
@@ -71,8 +71,7 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
         problems += validate_eval(typed.eval)
         if not (typed.eval.clip_model or typed.eval.clip_architecture):
             problems.append("eval.clip_model is empty: a hub id or folder, e.g. openai/clip-vit-large-patch14")
-    if typed.selection.rule not in RULES:
-        problems.append(f"selection.rule={typed.selection.rule!r} is not one of {RULES}")
+    problems += config_problems(typed.selection)  # the rule, its objective, its weights' metric names
     if problems:
         raise ConfigError(problems)
     return typed

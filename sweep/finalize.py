@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from . import report
 from .config import SweepConfig, resolve_path
-from .selection import Candidate, Selection, SelectionConfig, checkpoint_score, select
+from .selection import Candidate, Selection, SelectionConfig, checkpoint_score, describe_rule, select
 from .tracking import make_tracker, read_sweep, ui_command
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,21 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(d for d in sweep_dir.iterdir() if d.is_dir() and (d / RESULT).is_file())
 
 
+def read_result(trial_dir: Path) -> dict:
+    """A trial's result.json, its nulls (how strict JSON writes NaN) read back as NaN: objective and metrics."""
+    res = json.loads((Path(trial_dir) / RESULT).read_text())
+    if "objective" in res:
+        res["objective"] = math.nan if res["objective"] is None else res["objective"]
+    if isinstance(res.get("metrics"), dict):
+        res["metrics"] = {ck: {k: math.nan if v is None else v for k, v in m.items()} if isinstance(m, dict) else m
+                          for ck, m in res["metrics"].items()}
+    return res
+
+
 def collect(sweep_dir: Path) -> tuple[list[Candidate], dict[str, float], dict[str, str]]:
     candidates, statuses = [], {}
     for d in trial_dirs(sweep_dir):
-        res = json.loads((d / RESULT).read_text())
+        res = read_result(d)
         statuses[res["name"]] = res["status"]
         for ckpt, metrics in (res.get("metrics") or {}).items():
             if ckpt.startswith("step-"):
@@ -105,7 +116,11 @@ def record_lost(sweep_dir: Path, tracker) -> None:
 
 
 def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:
-    """Select, register, report. Returns the selection and how many trials failed (diverged and lost included)."""
+    """Select, register, report. Returns the selection and how many trials failed (diverged and lost included).
+
+    Run again on a sweep whose parent run has ended (`python -m sweep.report`, `sync` after the journal was sent),
+    it rewrites the report, its artifacts, tags and description, and logs no metric twice nor ends the run again
+    (its end time stays)."""
     sweep_dir = Path(sweep_dir).resolve()
     unstarted = lost_before_start(sweep_dir)
     for job, why in unstarted.items():
@@ -122,7 +137,8 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     candidates, baseline, statuses = collect(sweep_dir)
     statuses.update({job: "failed" for job in unstarted})
     sel = select(candidates, baseline, conf.selection)
-    files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri))
+    rule_text = describe_rule(conf.selection)
+    files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text)
     sweep = read_sweep(sweep_dir)
     failed = sum(s in ("failed", "diverged") for s in statuses.values())
     if tracker.waiting():  # the server is away: the records wait; the registry cannot, it is done by `sync`
@@ -132,24 +148,33 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
         register = False
     if sweep and sweep["parent_run_id"]:
         pid = sweep["parent_run_id"]
+        ended = tracker.run_status(pid) not in (None, "RUNNING")  # a rebuild: nothing logged twice, no new end
+        tracker.reopen(pid)  # a resumed sweep's parent: steps it holds are not logged again
         for f in files:
             tracker.log_artifacts(pid, f, "report")
-        tags = {"selection.rule": sel.rule, "selection.explanation": sel.explain()[:4000],
-                "trials.total": len(statuses), "trials.failed": failed}
+        tags = {"selection.rule": sel.rule, "selection.objective": sel.objective,
+                "selection.explanation": sel.explain()[:4000], "trials.total": len(statuses), "trials.failed": failed,
+                "mlflow.note.content": report.mlflow_note(
+                    sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
+                    sweep_dir / "report")[:7900]}
         if sel.champion:
             c = sel.champion
             tags.update({"champion.trial": c.trial, "champion.step": c.step, "champion.checkpoint": c.checkpoint,
+                         "champion.lora": report.lora_file(c),
                          "champion.lr": c.params.get("lr", ""), "champion.rank": c.params.get("rank", "")})
-            tracker.log_metrics(pid, [("champion_" + k, v, c.step) for k, v in c.metrics.items()]
-                                + [("selection_margin", sel.margin, 0)])
+            if not ended:
+                tracker.log_metrics(pid, [("champion_" + k, v, c.step) for k, v in c.metrics.items()]
+                                    + [(f"champion_{sel.objective}", sel.ranked[0][1], c.step)]
+                                    * (sel.objective not in c.metrics) + [("selection_margin", sel.margin, 0)])
             if sel.runner_up:
                 tags["runner_up"] = sel.runner_up.key
             if register and conf.tracking.enabled:
                 from .registry import register_champion
 
-                tags.update(register_champion(tracker, conf, pid, c, sel.ranked[0][1]))
+                tags.update(register_champion(tracker, conf, pid, c, baseline))
         tracker.set_tags(pid, tags)
-        tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
+        if not ended:
+            tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed)
     return sel, failed
 

@@ -23,11 +23,13 @@ from trainer.compiling import COMPILE_IMAGES, want_compile
 from trainer.models import resolve_device, resolve_source, shared_pipeline
 
 from .config import SweepConfig, resolve_path, to_typed
-from .finalize import BASELINE, RESULT, trial_best
+from .finalize import BASELINE, RESULT, read_result, trial_best
 from .launcher import GPU_ENV
+from .logs import current_trial, for_trial, quiet_third_party, set_trial
 from .offline_models import build_clip
 from .packing import train
-from .selection import Candidate
+from .report import strict_json
+from .selection import Candidate, checkpoint_score, objective_name
 from .tracking import device_name, flatten, git_commit, make_tracker, read_sweep
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ def run_job(cfg: DictConfig) -> float:
     In a multirun a failing trial (bad input, exception, NaN loss, out of memory) is recorded as FAILED and
     the sweep goes on; a single run ends with exit status 2 on bad input. A job of an Optuna search reports
     every checkpoint's score to its study trial as it is scored and stops when the pruner says so."""
+    quiet_third_party()  # also in a launcher's worker process
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -55,6 +58,7 @@ def run_job(cfg: DictConfig) -> float:
         return _fail(out, name, exc, multirun)
     if link is not None:
         name = out.name  # "3_lora.rank=8,lr=0.00012": the trial folder, which a re-run of a dead trial reuses
+    set_trial(name if multirun else "")  # this thread's log lines say which trial they belong to
     tracker = make_tracker(conf.tracking, root)
     sweep = read_sweep(sweep_dir)
     if sweep is None:  # a single run is its own sweep
@@ -70,7 +74,7 @@ def run_job(cfg: DictConfig) -> float:
     done = _finished(out, cfg_hash, conf.train.max_steps)
     if done is not None:
         log.info("trial %s already finished in %s: skipped", name, out)
-        res = json.loads((out / RESULT).read_text())
+        res = read_result(out)  # NaN written as null (strict JSON) read back as NaN
         cands = _candidates(res["metrics"], out, name, res["status"], res["params"])
         baseline = res["metrics"].get("baseline", {})
         if link is not None:  # e.g. killed after the trial ended but before the study heard of it
@@ -81,7 +85,7 @@ def run_job(cfg: DictConfig) -> float:
         if not res.get("tracked", True):  # killed while recording it: MLflow gets the rest now, nothing twice
             run_id = tracker.child_run(sweep, name, tags)
             _, best = trial_best(cands, baseline, conf.selection)
-            _record(tracker, run_id, out, res, res["metrics"], best, res["objective"])
+            _record(tracker, run_id, out, res, res["metrics"], best, res["objective"], selection=conf.selection)
             write_result(out, {**res, "tracked": True})
             tracker.flush()
         return done
@@ -94,7 +98,7 @@ def run_job(cfg: DictConfig) -> float:
     params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
     if link is not None:
         link.set_attrs({"mlflow_run_id": run_id, "trial_folder": str(out)})
-    live = LiveScores(tracker, run_id, name, out, params, link, conf.train.max_steps)
+    live = LiveScores(tracker, run_id, name, out, params, link, conf.train.max_steps, conf.selection)
     started_at = time.time()
     try:
         with tracker.active(run_id):
@@ -123,7 +127,7 @@ def run_job(cfg: DictConfig) -> float:
         values = link.finish(result.status, cands, baseline)
         if values is not None:
             tracker.set_tags(run_id, {"optuna.state": "COMPLETE", "optuna.values": values})
-    _record(tracker, run_id, out, payload, metrics, best, objective, live.logged)
+    _record(tracker, run_id, out, payload, metrics, best, objective, live.logged, conf.selection)
     write_result(out, {**payload, "tracked": True})  # recorded, or waiting in the journal for the server
     tracker.flush()
     _summary(result, objective)
@@ -156,19 +160,21 @@ def _record_failure(tracker, run_id, sweep, exc, multirun, link, reason: str | N
 
 
 class LiveScores:
-    """What happens when a checkpoint has been scored during training: its metrics go to MLflow at its step
-    (the UI shows them while the trial runs) and, in an Optuna search, to the study trial, whose pruner may
-    stop the trial there."""
+    """What happens when a checkpoint has been scored during training: its metrics (and the rule's objective)
+    go to MLflow at its step, with its image grid as a step-indexed image (the UI shows them while the trial
+    runs), and, in an Optuna search, to the study trial, whose pruner may stop the trial there."""
 
-    def __init__(self, tracker, run_id, name, out, params, link, max_steps: int):
+    def __init__(self, tracker, run_id, name, out, params, link, max_steps: int, selection=None):
         self.tracker, self.run_id, self.name, self.out = tracker, run_id, name, out
-        self.params, self.link, self.max_steps = params, link, max_steps
+        self.params, self.link, self.max_steps, self.selection = params, link, max_steps, selection
         self.logged: set[str] = set()
 
     def __call__(self, ckpt: str, metrics: dict[str, float], baseline: dict[str, float]) -> bool:
         step = int(ckpt[5:])
         if ckpt not in self.logged:
-            self.tracker.log_metrics(self.run_id, [(k, v, step) for k, v in metrics.items()])
+            self.tracker.log_metrics(self.run_id, [(k, v, step) for k, v in metrics.items()]
+                                     + _objective_rows(ckpt, metrics, baseline, self.selection))
+            _log_grids(self.tracker, self.run_id, self.out, ckpt)
             self.logged.add(ckpt)
         if self.link is None:
             return False
@@ -229,7 +235,7 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
             metrics[folder.name] = m
             return bool(on_scored and on_scored(folder.name, m, metrics.get(BASELINE_KEY, {})))
 
-        spec.on_checkpoint = score
+        spec.on_checkpoint = for_trial(current_trial(), score)  # called from the thread training a batch
     [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
     # checkpoints not scored live: written before an interruption, or all of them with a refiner
     missing = [c for c in result.checkpoints if c.name not in metrics]
@@ -256,14 +262,45 @@ def _compile_setting(settings: EvalConfig, conf: SweepConfig) -> EvalConfig:
     return replace(settings, compile=on)
 
 
+def _objective_rows(ckpt: str, metrics: dict, baseline: dict, selection) -> list[tuple[str, float, int]]:
+    """The rule's objective of one checkpoint at its step, under its name (weighted_score), when it is not one of
+    the scored metrics already (face_similarity)."""
+    if selection is None or objective_name(selection) in metrics:
+        return []
+    score = checkpoint_score(Candidate("", int(ckpt[5:]), metrics), baseline, selection)
+    return [(objective_name(selection), score, int(ckpt[5:]))]
+
+
+def _log_grids(tracker, run_id, out: Path, ckpt: str) -> None:
+    """A checkpoint's prompts x seeds grids as images at its step: key `grid` (the base arm), `grid_<arm>`."""
+    for png in sorted((out / "eval" / "grids").glob(f"{ckpt}_*.png")):
+        arm = png.stem[len(ckpt) + 1:]
+        tracker.log_image(run_id, png, "grid" if arm == "base" else f"grid_{arm}", int(ckpt[5:]))
+
+
+def best_rows(best: Candidate, objective: float, objective_key: str) -> list[tuple[str, float, int]]:
+    """The trial's best checkpoint as summary metrics (columns of the runs table, rows of the compare view):
+    best_<metric>, best_step and best_<objective name>, logged at the best step."""
+    rows = [(f"best_{k}", v, best.step) for k, v in best.metrics.items()]
+    rows += [("best_step", best.step, best.step)]
+    if objective_key not in best.metrics:
+        rows += [(f"best_{objective_key}", objective, best.step)]
+    return rows
+
+
 def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None, objective: float,
-            logged: set[str] = frozenset()) -> None:
-    """The trial in its MLflow run: metrics at their steps, the loss curve, grids, result.json, LoRA hashes, the
+            logged: set[str] = frozenset(), selection=None) -> None:
+    """The trial in its MLflow run: metrics (and the rule's objective) at their steps, its best checkpoint's as
+    best_* summary metrics, the loss curve, grids (files, and step-indexed images), result.json, LoRA hashes, the
     best checkpoint's LoRA, status. `result` is the payload of result.json. Safe to repeat (a reopened run keeps
     what it holds)."""
-    rows = [(k, v, int(ck[5:])) for ck, m in metrics.items() if ck.startswith("step-") and ck not in logged
-            for k, v in m.items()]
-    rows += [(f"baseline_{k}", v, 0) for k, v in metrics.get("baseline", {}).items()]
+    baseline = metrics.get("baseline", {})
+    fresh = sorted(ck for ck in metrics if ck.startswith("step-") and ck not in logged)
+    rows = [(k, v, int(ck[5:])) for ck in fresh for k, v in metrics[ck].items()]
+    rows += [r for ck in fresh for r in _objective_rows(ck, metrics[ck], baseline, selection)]
+    if best is not None:
+        rows += best_rows(best, objective, objective_name(selection) if selection is not None else "objective")
+    rows += [(f"baseline_{k}", v, 0) for k, v in baseline.items()]
     log_path = out / "train_log.jsonl"
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
@@ -277,6 +314,8 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
     tracker.log_metrics(run_id, rows)
     faults.hit("mlflow_log", out.name)  # between two MLflow requests (tests/test_faults.py)
     tracker.log_artifacts(run_id, out / "eval" / "grids", "grids")
+    for ck in fresh:
+        _log_grids(tracker, run_id, out, ck)
     tracker.log_artifacts(run_id, out / RESULT)
     ckpts = [Path(c) for c in result.get("checkpoints", [])]
     hashes = {f"lora_sha256.{c.name}": _lora_hash(c) for c in ckpts}
@@ -301,7 +340,7 @@ def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:
     p = out / RESULT
     if not p.is_file():
         return None
-    res = json.loads(p.read_text())
+    res = read_result(out)
     if res.get("config_hash") != cfg_hash or "objective" not in res:
         return None
     if (res.get("status") == "finished" and res.get("steps") == steps) or res.get("status") == "pruned":
@@ -320,7 +359,7 @@ def _fail(out: Path, name: str, exc: BaseException, multirun: bool) -> float:
 def write_result(out: Path, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.write_text(strict_json(payload, indent=2))  # strict JSON: NaN (failed trial, no face found) as null
     tmp.replace(out / RESULT)
 
 

@@ -16,7 +16,7 @@ from trainer.models import RANDOM_WEIGHTS_MARKER, byte_level_tokenizers, publish
 
 
 def build_clip(architecture: dict[str, Any], cache_dir: Path) -> str:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     out = Path(cache_dir) / "models" / f"clip-{stable_hash(architecture)}"
     if (out / "config.json").is_file():
@@ -32,8 +32,8 @@ def build_clip(architecture: dict[str, Any], cache_dir: Path) -> str:
         tok_dir = Path(tempfile.mkdtemp())
         tok, _ = byte_level_tokenizers(tok_dir)
         shutil.rmtree(tok_dir)
-        processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
-                                                                     crop_size={"height": size, "width": size}),
+        processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                                        crop_size={"height": size, "width": size}),
                                   tokenizer=tok)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 from trainer import train as _train_now
 
+from .logs import for_trial
+
 log = logging.getLogger(__name__)
 
 _TURN = threading.RLock()  # one job thread at a time runs outside the shared training call
@@ -64,9 +66,11 @@ class Rendezvous:
             for group in groups.values():
                 specs = [t for e in group for t in e["trials"]]
                 names = ", ".join(s.name for s in specs)
-                log.info("training %d trial(s) of this batch together: %s", len(specs), names)
+                batch = f"batch of {len(specs)}"  # logged as the batch, not as the trial whose thread trains it
+                for_trial(batch, log.info)("training %d trial(s) of this batch together: %s", len(specs), names)
                 try:
-                    results = _train_now(specs, *group[0]["args"], progress=any(e["progress"] for e in group))
+                    results = for_trial(batch, _train_now)(specs, *group[0]["args"],
+                                                           progress=any(e["progress"] for e in group))
                 except BaseException as exc:  # every trial of the call fails with it (e.g. out of memory)
                     for e in group:
                         e["error"] = exc

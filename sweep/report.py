@@ -47,32 +47,116 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+IMAGES = {"metrics_vs_step.png": "metrics vs step", "champion_vs_baseline.png": "champion vs baseline",
+          "optuna_intermediate.png": "checkpoint scores reported to Optuna"}
+
+
+def _clean(obj):
+    """obj with every non-finite float (NaN, inf) as None, recursively: what strict JSON can hold."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalars
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            return obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj, **kw) -> str:
+    """Strict JSON (RFC 8259: no NaN/Infinity tokens): non-finite numbers are written as null."""
+    return json.dumps(_clean(obj), allow_nan=False, default=str, **kw)
+
+
+def lora_file(c: Candidate) -> str:
+    return str(Path(c.checkpoint) / LORA_FILE)
+
+
+def _metrics_text(m: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
+
+
+def champion_lines(sel: Selection, rule_text: str = "") -> list[str]:
+    """The champion and why, in Markdown: its trial, step, metrics, checkpoint folder and LoRA file; the rule;
+    the runner-up and the margin. Shared by report.md and the parent run's description in MLflow."""
+    lines = []
+    if sel.champion:
+        c, obj = sel.ranked[0]
+        lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {_fmt(obj)})", "",
+                  f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file: `{lora_file(c)}`",
+                  f"- metrics: {_metrics_text(c.metrics)}"]
+        if c.params:
+            lines += ["- settings: " + ", ".join(f"{k} {v}" for k, v in c.params.items())]
+    else:
+        lines += ["**No champion**: no checkpoint qualifies under the rule."]
+    lines += ["", "### Why", "", f"Rule `{sel.rule}`" + (f": {rule_text}" if rule_text else ".")]
+    if sel.champion and sel.runner_up:
+        lines += ["", f"Runner-up `{sel.runner_up.key}` ({sel.objective} {_fmt(sel.ranked[1][1])}): the champion "
+                      f"leads by {_fmt(sel.margin)}."]
+    elif sel.champion:
+        lines += ["", "No runner-up: the champion is the only eligible checkpoint."]
+    lines += ["", sel.explain()]
+    return lines
+
+
+def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], failed: int, total: int,
+                report_dir: Path) -> str:
+    """The parent run's description (the tag `mlflow.note.content`, Markdown, shown on its run page): the champion
+    and why, with the report's images inline. The MLflow UI serves a run's artifacts at
+    get-artifact?path=<artifact path>&run_uuid=<run id>, relative to the page (its own host and prefix)."""
+    lines = champion_lines(sel, rule_text)
+    lines[1:1] = ["", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` (artifacts: `report/`)."]
+    for name in images:
+        url = f"get-artifact?path=report/{name}&run_uuid={run_id}"
+        lines += ["", f"[{IMAGES.get(name, name)}]({url})", "", f"![{IMAGES.get(name, name)}]({url})"]
+    return "\n".join(lines) + "\n"
+
+
 def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses: dict[str, str],
-          ui: str) -> list[Path]:
+          ui: str, rule_text: str = "") -> list[Path]:
+    """report.md (champion, rule, table, images inline), report.csv, selection.json (strict JSON), the plots."""
     out = Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics_vs_step.png", "champion_vs_baseline.png"):  # a rebuilt report shows what it made
+        (out / stale).unlink(missing_ok=True)
     rows = table(candidates, sel, statuses)
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["# Sweep report", "", sel.explain(), "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+    plots = _plots(out, candidates, sel)
+    grid = _grid(Path(sweep_dir), out, candidates, sel)
+    lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *champion_lines(sel, rule_text), "", "## Trials", "",
+             f"`objective` is the rule's `{sel.objective}` of each trial's best eligible checkpoint (empty: none "
+             "qualifies).", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items())),
-              "", "Pareto front (face similarity vs CLIP-T): " + ", ".join(c.key for c in sel.pareto),
-              "", f"Compare the runs: `{ui}`", ""]
+    if sel.baseline:
+        lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items()))]
+    if sel.pareto:
+        lines += ["", "Pareto front (identity metric vs CLIP-T: no other checkpoint is better in both): "
+                  + ", ".join(c.key for c in sel.pareto)]
+    if sel.rejected:
+        lines += ["", f"{len(sel.rejected)} checkpoint(s) could not win:", ""]
+        lines += [f"- `{k}`: {v}" for k, v in sel.rejected.items()]
+    lines += ["", "## Images", "", f"![{IMAGES[plots.name]}]({plots.name})"]
+    if grid:
+        lines += ["", f"![{IMAGES[grid.name]}]({grid.name})"]
+    lines += ["", f"Compare the runs: `{ui}`", ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "selection.json").write_text(json.dumps({
-        "rule": sel.rule, "explanation": sel.explain(),
+    (out / "selection.json").write_text(strict_json({
+        "rule": sel.rule, "objective": sel.objective, "objective_meaning": rule_text, "explanation": sel.explain(),
         "champion": sel.champion.__dict__ if sel.champion else None,
+        "champion_lora": lora_file(sel.champion) if sel.champion else None,
         "runner_up": sel.runner_up.__dict__ if sel.runner_up else None, "margin": sel.margin,
-        "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2,
-        default=str))
-    files = [out / "report.md", out / "report.csv", out / "selection.json", _plots(out, candidates, sel)]
+        "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2))
+    files = [out / "report.md", out / "report.csv", out / "selection.json", plots]
     if (out / "optuna_study.json").is_file():  # written by the Optuna sweeper just before
         files += _optuna_section(out)
-    grid = _grid(Path(sweep_dir), out, candidates, sel)
     return files + ([grid] if grid else [])
 
 
@@ -88,11 +172,13 @@ def _optuna_section(out: Path) -> list[Path]:
     front = study.get("pareto_front") or study.get("best") or []
     title = "Pareto front" if "pareto_front" in study else "Best trial"
     lines = ["", f"## Optuna study `{study['study']}`", "",
-             "Trials: " + ", ".join(f"{k} {v}" for k, v in study["counts"].items()),
-             f"Objectives: {', '.join(f'{o} ({d})' for o, d in zip(study['objectives'], study['directions']))}",
-             "", f"{title}:", ""]
+             "Trials: " + ", ".join(f"{k} {v}" for k, v in study["counts"].items()), "",
+             f"Objectives: {', '.join(f'{o} ({d})' for o, d in zip(study['objectives'], study['directions']))}"]
+    if front:
+        lines += ["", f"{title}:", ""]
     lines += [f"- trial {r['trial']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k != "trial")
               for r in front]
+    lines += ["", f"![{IMAGES['optuna_intermediate.png']}](optuna_intermediate.png)"]
     with open(out / "report.md", "a") as f:
         f.write("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -20,7 +20,7 @@ from typing import Any
 
 from trainer import ConfigError
 
-from .selection import Candidate, SelectionConfig, checkpoint_score, select
+from .selection import WEIGHTED_SCORE, Candidate, SelectionConfig, checkpoint_score, select
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,9 @@ def budget(study, n_trials: int) -> tuple[int, int]:
 
 # the trial's side -----------------------------------------------------------------------------------------
 def objective_value(name: str, c: Candidate, baseline: dict[str, float], sel: SelectionConfig) -> float:
-    if name == SCORE:
+    """`score` (or the weighted rule's own name for it, weighted_score): the rule's objective, the very number the
+    sweep's selection ranks by; any other name: that raw metric."""
+    if name == SCORE or (name == WEIGHTED_SCORE and sel.rule == "weighted"):
         return checkpoint_score(c, baseline, sel)
     v = c.metrics.get(name)
     return float(v) if isinstance(v, (int, float)) else math.nan

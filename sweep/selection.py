@@ -3,7 +3,13 @@
 Default rule, the original study's judgement made explicit: identity first, within a prompt-fidelity
 budget. Among checkpoints whose CLIP-T is at most `clip_t_tolerance` below the no-LoRA baseline and
 whose face detection rate is at least `min_detection_rate`, the highest face similarity wins (the
-study: 1e-5 underfits the face, 5e-4 overfits and loses the scene, 1e-4 balances). NaN never wins."""
+study: 1e-5 underfits the face, 5e-4 overfits and loses the scene, 1e-4 balances). NaN never wins.
+
+Each rule has ONE named objective (`objective_name`), computed from a checkpoint's own metrics and the
+baseline only (`checkpoint_score`): adding or removing other candidates never changes a checkpoint's score, so
+the number in the console, result.json, MLflow, Optuna, the report and the registry is the same number, and
+checkpoints of different sweeps (same protocol) compare directly. The weighted rule puts every metric on a
+fixed unit (METRICS) instead of normalising over the pool."""
 from __future__ import annotations
 
 import math
@@ -11,6 +17,40 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 RULES = ("identity_within_prompt_budget", "weighted")
+WEIGHTED_SCORE = "weighted_score"  # the weighted rule's objective
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A scored metric: what it measures, the fixed unit the weighted rule divides it by, its direction."""
+
+    name: str
+    meaning: str
+    unit: float  # value / unit is on a 0..1-like scale, the same for every metric
+    higher_is_better: bool = True
+
+
+METRICS: Dict[str, Metric] = {m.name: m for m in (
+    Metric("clip_t", "CLIPScore of image vs prompt: 100 x cosine, 0..100", 100.0),
+    Metric("clip_i", "CLIP image vs reference photos: 100 x cosine, 0..100", 100.0),
+    Metric("pairwise_clip_i", "CLIP image vs image within a set: 100 x cosine, 0..100 (high: low diversity)", 100.0,
+           higher_is_better=False),
+    Metric("face_similarity", "face embedding cosine to the subject, -1..1", 1.0),
+    Metric("face_detection_rate", "fraction of images with a detected face, 0..1", 1.0),
+    Metric("prior_face_similarity", "face cosine of the class-prior images to the subject, -1..1", 1.0,
+           higher_is_better=False),
+)}
+
+
+def metric(name: str) -> Metric:
+    """The table entry of a metric; an arm's variant (clip_t_<arm>) shares its base metric's unit and direction."""
+    if name in METRICS:
+        return METRICS[name]
+    for base in sorted(METRICS, key=len, reverse=True):
+        if name.startswith(base + "_"):
+            return METRICS[base]
+    raise ValueError(f"selection.weights names {name!r}, which is not a known metric: use one of "
+                     f"{sorted(METRICS)} (an arm's variant, e.g. clip_t_<arm>, is accepted too)")
 
 
 @dataclass
@@ -19,6 +59,7 @@ class SelectionConfig:
     objective: str = "face_similarity"
     clip_t_tolerance: float = 2.0  # CLIP-T points (0-100 scale) below the baseline still accepted
     min_detection_rate: float = 0.5
+    # rule=weighted: weighted_score = sum of weight x metric / its METRICS unit (sign by its direction)
     weights: Dict[str, float] = field(default_factory=lambda: {"face_similarity": 1.0, "clip_t": 1.0})
 
 
@@ -41,10 +82,11 @@ class Selection:
     rule: str
     champion: Optional[Candidate]
     runner_up: Optional[Candidate]
-    ranked: List[tuple[Candidate, float]]  # eligible candidates, best first, with their objective
+    ranked: List[tuple[Candidate, float]]  # eligible candidates, best first, with checkpoint_score
     rejected: Dict[str, str]  # candidate key -> why it could not win
     pareto: List[Candidate]  # not dominated in (objective, clip_t)
     baseline: Dict[str, float]
+    objective: str = "objective"  # objective_name(cfg): what the numbers in `ranked` are
 
     @property
     def margin(self) -> float:
@@ -54,48 +96,134 @@ class Selection:
         if not self.champion:
             return f"no checkpoint qualifies under {self.rule}: " + "; ".join(f"{k}: {v}" for k, v in self.rejected.items())
         c, obj = self.ranked[0]
-        text = f"{self.rule}: champion {c.key} with objective {obj:.4f}"
+        text = f"{self.rule}: champion {c.key} with {self.objective} {obj:.4f}"
         if self.runner_up:
             text += f"; runner-up {self.runner_up.key} ({self.ranked[1][1]:.4f}, margin {self.margin:.4f})"
         return text + f"; {len(self.ranked)} eligible, {len(self.rejected)} rejected"
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def config_problems(cfg: SelectionConfig) -> List[str]:
+    """What is wrong with a selection config, each naming the bad value and the fix (empty when it is usable)."""
+    if cfg.rule not in RULES:
+        return [f"selection.rule={cfg.rule!r} is not one of {RULES}"]
+    problems = []
+    if cfg.rule == "identity_within_prompt_budget":
+        try:
+            metric(cfg.objective)
+        except ValueError:
+            problems.append(f"selection.objective={cfg.objective!r} is not a known metric: use one of {sorted(METRICS)}")
+    else:
+        for name, w in cfg.weights.items():
+            try:
+                metric(name)
+            except ValueError as exc:
+                problems.append(str(exc))
+            if not _finite(w):
+                problems.append(f"selection.weights.{name}={w!r} is not a finite number: give e.g. 1.0 (0 ignores it)")
+        if not problems and not any(cfg.weights.values()):
+            problems.append(f"selection.weights={dict(cfg.weights)} are all zero under rule=weighted: give at least one "
+                            "metric a non-zero weight, e.g. {clip_t: 1.0, clip_i: 1.0}")
+    return problems
+
+
+def _check(cfg: SelectionConfig) -> None:
+    problems = config_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def objective_name(cfg: SelectionConfig) -> str:
+    """The name of the number the rule ranks by: `weighted_score` for the weighted rule, else cfg.objective."""
+    _check(cfg)
+    return WEIGHTED_SCORE if cfg.rule == "weighted" else cfg.objective
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _formula(cfg: SelectionConfig) -> str:
+    """'1 x clip_t/100 + 1 x clip_i/100': the weighted score's terms, a lower-is-better metric's with a minus."""
+    text = ""
+    for name, w in cfg.weights.items():
+        if not w:
+            continue
+        m = metric(name)
+        negative = (w < 0) == m.higher_is_better
+        term = f"{_fmt_num(abs(w))} x {name}" + (f"/{_fmt_num(m.unit)}" if m.unit != 1.0 else "")
+        text += (" - " if negative else " + ") + term if text else ("-" if negative else "") + term
+    return text
+
+
+def describe_rule(cfg: SelectionConfig) -> str:
+    """The rule in plain Markdown, for the report: what the objective is, its direction, what makes a checkpoint
+    eligible."""
+    _check(cfg)
+    if cfg.rule == "weighted":
+        formula = _formula(cfg)
+        scaled = sorted({n for n, w in cfg.weights.items() if w and metric(n).unit == 100.0})
+        note = f" ({', '.join(scaled)} as cosines: CLIP scores are 100 x cosine)" if scaled else ""
+        lower = sorted(n for n, w in cfg.weights.items() if w and not metric(n).higher_is_better)
+        note += f"; {', '.join(lower)} lower is better, hence the minus sign" if lower else ""
+        return (f"`{WEIGHTED_SCORE}` = {formula}{note}; higher is better, computed from each checkpoint's own "
+                f"metrics on fixed units (comparable across sweeps). A checkpoint needs a face detection rate "
+                f">= {_fmt_num(cfg.min_detection_rate)} (where measured); NaN in a weighted metric disqualifies it.")
+    return (f"`{cfg.objective}`, higher is better, among checkpoints whose CLIP-T is at most "
+            f"{_fmt_num(cfg.clip_t_tolerance)} points below the no-LoRA baseline's and whose face detection rate is "
+            f">= {_fmt_num(cfg.min_detection_rate)}. Ties: higher CLIP-T, then the earlier step.")
 
 
 def select(candidates: List[Candidate], baseline: Dict[str, float], cfg: SelectionConfig) -> Selection:
-    if cfg.rule not in RULES:
-        raise ValueError(f"selection.rule={cfg.rule!r} is not one of {RULES}")
+    """Rank the eligible candidates by checkpoint_score, best first. Ties: higher CLIP-T, then the earlier step
+    (cheaper, less overfit), then the trial name; a full tie keeps the input order."""
+    _check(cfg)
     rejected: Dict[str, str] = {}
-    pool = []
+    scored = []
     for c in candidates:
-        why = _reject(c, baseline, cfg)
+        score, why = _score(c, baseline, cfg)
         if why:
             rejected[c.key] = why
         else:
-            pool.append(c)
-    scores = _objectives(pool, cfg)
-    # ties: higher CLIP-T, then the earlier step (cheaper, less overfit), then the trial name
-    ranked = sorted(((c, scores[c.key]) for c in pool if _finite(scores[c.key])),
-                    key=lambda cs: (-cs[1], -cs[0].metrics.get("clip_t", -math.inf), cs[0].step, cs[0].trial))
-    for c in pool:
-        if not _finite(scores[c.key]):
-            rejected[c.key] = "objective is NaN"
+            scored.append((c, score))
+    ranked = sorted(scored, key=lambda cs: (-cs[1], -_clip_t(cs[0]), cs[0].step, cs[0].trial))
     return Selection(cfg.rule, ranked[0][0] if ranked else None, ranked[1][0] if len(ranked) > 1 else None,
-                     ranked, rejected, pareto_front(candidates, cfg.objective), dict(baseline))
+                     ranked, rejected, pareto_front(candidates, cfg.objective), dict(baseline), objective_name(cfg))
+
+
+def _clip_t(c: Candidate) -> float:
+    v = c.metrics.get("clip_t")
+    return v if _finite(v) else -math.inf
 
 
 def checkpoint_score(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> float:
-    """One checkpoint's score on its own, for a sweeper that must judge checkpoints as they come (pruning,
-    Bayesian search): the rule's objective if the checkpoint is eligible, else NaN. The weighted rule sums the
-    raw weighted metrics here, since there is no pool to normalise over."""
-    if _reject(c, baseline, cfg):
-        return math.nan
+    """One checkpoint's objective (objective_name(cfg)) from its own metrics and the baseline alone, NaN if it is
+    not eligible. `select` ranks by exactly this number, so a trial's objective (console, result.json, MLflow,
+    Optuna) and the report's are the same, and scores of different sweeps compare directly."""
+    _check(cfg)
+    return _score(c, baseline, cfg)[0]
+
+
+def _score(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> tuple[float, Optional[str]]:
+    """(score, None) for an eligible checkpoint, else (NaN, why not)."""
+    why = _reject(c, baseline, cfg)
+    if why:
+        return math.nan, why
     if cfg.rule == "identity_within_prompt_budget":
-        return float(c.metrics[cfg.objective])
-    vals = [w * c.metrics.get(k, math.nan) for k, w in cfg.weights.items() if w]
-    return float(sum(vals)) if vals and all(_finite(v) for v in vals) else math.nan
+        return float(c.metrics[cfg.objective]), None
+    total = 0.0
+    for name, w in cfg.weights.items():
+        if not w:
+            continue
+        v = c.metrics.get(name)
+        if not _finite(v):
+            return math.nan, f"{WEIGHTED_SCORE} is NaN: {name} is {'missing' if v is None else v}"
+        m = metric(name)
+        total += (1.0 if m.higher_is_better else -1.0) * w * v / m.unit
+    return float(total), None
 
 
 def _reject(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> str | None:
@@ -114,21 +242,6 @@ def _reject(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> s
         if clip_t < base - cfg.clip_t_tolerance:
             return f"clip_t {clip_t:.2f} is more than {cfg.clip_t_tolerance} below the baseline's {base:.2f}"
     return None
-
-
-def _objectives(pool: List[Candidate], cfg: SelectionConfig) -> Dict[str, float]:
-    if cfg.rule == "identity_within_prompt_budget":
-        return {c.key: c.metrics[cfg.objective] for c in pool}
-    total = {c.key: 0.0 for c in pool}
-    for name, w in cfg.weights.items():  # min-max normalised over the candidates, so units do not matter
-        if not w:
-            continue
-        vals = [c.metrics.get(name) for c in pool if _finite(c.metrics.get(name))]
-        lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
-        for c in pool:
-            v = c.metrics.get(name)
-            total[c.key] += w * ((v - lo) / (hi - lo) if hi > lo else 0.0) if _finite(v) else math.nan
-    return total
 
 
 def pareto_front(candidates: List[Candidate], objective: str = "face_similarity") -> List[Candidate]:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 PENDING_FILE = "mlflow_pending.jsonl"
 PLACEHOLDER = "pending-"  # a run id handed out while the server was away; the real one replaces it when sent
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # not a GenAI experiment
 RETRY_AFTER_S = 30.0  # after a failed request, records go straight to the journal this long before trying again
 _journal_lock = threading.Lock()
 
@@ -209,6 +210,8 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.cfg.experiment, artifact_location=self.artifact_location)
+        if not (exp and EXPERIMENT_KIND[0] in exp.tags):  # the UI shows it as model training (runs, metrics, charts)
+            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
         run = self.client.create_run(exp_id, run_name=name, tags=tags)
         rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
@@ -220,7 +223,25 @@ class Tracker:
         self._send("end_sweep", parent_run_id, status)
 
     def _end_sweep(self, parent_run_id: str, status: str) -> None:
+        if self.client.get_run(parent_run_id).info.status != "RUNNING":  # ended already: its end time stays
+            return
         self.client.set_terminated(parent_run_id, status)
+
+    def run_status(self, run_id: str) -> str | None:
+        """A run's status ("RUNNING", "FINISHED", ...), None when it cannot be read now (server away, records
+        waiting, a placeholder id)."""
+        if not run_id or run_id.startswith(PLACEHOLDER) or self.waiting():
+            return None
+        try:
+            return self.client.get_run(run_id).info.status
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            return None
+
+    def reopen(self, run_id: str) -> None:
+        """Metrics logged to this run from now on skip the steps it already holds (a resumed run, a rebuilt report)."""
+        self._reopened.setdefault(run_id, {})
 
     # trial level -----------------------------------------------------------------------------------------
     def child_run(self, sweep: dict[str, str], trial: str, tags: dict[str, str]) -> str:
@@ -236,7 +257,7 @@ class Tracker:
             self._reopened[found[0].info.run_id] = {}  # what it holds is read when metrics come
             return found[0].info.run_id
         tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
-        run = self.client.create_run(sweep["experiment_id"], run_name=trial, tags=tags)
+        run = self.client.create_run(sweep["experiment_id"], run_name=display_name(trial), tags=tags)
         return run.info.run_id
 
     @contextmanager
@@ -320,6 +341,21 @@ class Tracker:
         elif path.is_file():
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_image(self, run_id: str, png: Path, key: str, step: int) -> None:
+        """A PNG as a step-indexed image of the run (the run page and the compare view show it by step). Logged once
+        per (key, step): a repeated call, e.g. for a reopened run, keeps the one it holds."""
+        if Path(png).is_file():
+            self._send("log_image", run_id, str(png), key, int(step))
+
+    def _log_image(self, run_id: str, png: str, key: str, step: int) -> None:
+        from PIL import Image
+
+        prefix = f"{key.replace('/', '~')}+step+{step}+"
+        if any(Path(a.path).name.startswith(prefix) for a in self.client.list_artifacts(run_id, "images")):
+            return
+        with Image.open(png) as im:
+            self.client.log_image(run_id, im.convert("RGB"), key=key, step=step)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._send("finish", run_id, status)
 
@@ -352,6 +388,20 @@ class NullTracker:
         return lambda *a, **k: None
 
 
+def display_name(trial: str, digits: int = 3) -> str:
+    """A run's name: the trial key with its float values rounded for reading ("lr=0.000187", not Optuna's
+    "lr=0.00018662266976517952"); values short already stay as written ("lr=1e-05", "lr=100000000.0"). The
+    run's `trial` tag keeps the exact key."""
+    def short(part: str) -> str:
+        key, eq, value = part.rpartition("=")
+        if not eq or not re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)", value):
+            return part
+        rounded = f"{float(value):.{digits}g}"
+        return part if float(rounded) == float(value) else f"{key}={rounded}"
+
+    return ",".join(short(p) for p in trial.split(","))
+
+
 def make_tracker(cfg: TrackingConfig, root: Path):
     return Tracker(cfg, root) if cfg.enabled else NullTracker()
 
@@ -378,14 +428,25 @@ def device_name() -> str:
     return "cpu"
 
 
-SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_key|access_key)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"token|password|passwd|passphrase|secret|api_?key|access_?key|private_?key|credential",
+                        re.IGNORECASE)
+# keys that say "token" but name a word of a prompt or a length, not a credential: data.subject_token ("sks")
+NOT_SECRET_KEY = re.compile(r"^(subject|class|instance|placeholder|trigger|rare|special|identifier|unique)_token$"
+                            r"|tokens$|tokeni[sz]er|^(max_)?token_(count|length|len|ids?)$", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret: passwords, API/access keys, auth tokens (hf_token, token, ...)."""
+    leaf = key.rsplit(".", 1)[-1]
+    return bool(SECRET_KEY.search(leaf)) and not NOT_SECRET_KEY.search(leaf)
 
 
 def redact(key: str, value: Any) -> str:
-    """What may be recorded of a value: secrets in keys such as *token*/*password* hidden, passwords in URLs
-    (user:password@host) masked wherever they appear, e.g. in a command line kept as a tag."""
+    """What may be recorded of a value: secrets in keys such as *password*/*api_key*/hf_token hidden (not the
+    subject's prompt token, data.subject_token), passwords in URLs (user:password@host) masked wherever they
+    appear, e.g. in a command line kept as a tag."""
     text = str(value)
-    if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text not in ("", "None", "null"):
+    if is_secret_key(key) and text not in ("", "None", "null"):
         return "***"
     return re.sub(r"(\w+://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
 

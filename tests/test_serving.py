@@ -1,6 +1,5 @@
-"""Real servers on loopback: a sweep logged to `mlflow server` over HTTP, `mlflow ui` on the default store,
-the champion served by `mlflow models serve`, and `python -m sweep.generate`."""
-import base64
+"""Real servers on loopback: a sweep logged to `mlflow server` over HTTP; `python -m sweep.generate` without a champion.
+(The README's `mlflow ui`, `mlflow models serve` and `python -m sweep.generate` after the demo: tests/test_readme.py.)"""
 import os
 import socket
 import subprocess
@@ -80,41 +79,23 @@ def test_sweep_logs_to_an_mlflow_server_over_http(tmp_path):
     assert not (tmp_path / "mlruns").exists()  # nothing went to the local default store
 
 
-def test_ui_lists_the_sweep_and_the_champion_is_served_over_http(tmp_path):
-    p = sweep("-m", "lr=1e-4,5e-4", *SMALL, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:]
-    db = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    port = free_port()
-    with server(MLFLOW + ["ui", "--backend-store-uri", db, "--host", "127.0.0.1", "--port", str(port)],
-                port, "/health", tmp_path) as url:
-        assert len(search_runs(url)) == 3
-    port = free_port()
-    cmd = MLFLOW + ["models", "serve", "-m", "models:/sdxl-lora-champion@champion", "--env-manager", "local",
-                    "-h", "127.0.0.1", "-p", str(port)]
-    with server(cmd, port, "/ping", tmp_path, env={"MLFLOW_TRACKING_URI": db}) as url:
-        r = requests.post(url + "/invocations", timeout=300, json={
-            "dataframe_split": {"columns": ["prompt"], "data": [["a picture of sks woman on the moon"]]},
-            "params": {"num_inference_steps": 2, "height": 64, "width": 64}})
-        assert r.status_code == 200, r.text[:2000]
-        pred = r.json()["predictions"][0]
-        png = base64.b64decode(pred if isinstance(pred, str) else pred["image"])
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    out = tmp_path / "moon.png"
-    g = subprocess.run([sys.executable, "-m", "sweep.generate", "prompt=a picture of sks woman on the moon",
-                        f"out={out}", "steps=2", "size=64", f"tracking_uri={db}"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300)
-    assert g.returncode == 0, g.stderr[-3000:]
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # one byte of the registered LoRA changed (the file still parses): generation refuses it by its hash
-    stored = [f for f in tmp_path.rglob("pytorch_lora_weights.safetensors") if "outputs" not in f.parts
-              and "best_checkpoint" not in f.parts]
-    assert stored
-    for f in stored:
-        data = bytearray(f.read_bytes())
-        data[-1] ^= 0xFF
-        f.write_bytes(bytes(data))
-    g = subprocess.run([sys.executable, "-m", "sweep.generate", "prompt=a picture of sks woman on the moon",
-                        f"out={tmp_path / 'bad.png'}", "steps=2", "size=64", f"tracking_uri={db}"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
-    assert g.returncode != 0 and "content hash" in g.stderr and "Traceback" not in g.stderr, g.stderr[-2000:]
-    assert not (tmp_path / "bad.png").exists()
+MOON = "a picture of sks woman showing the thumbs up gesture on the moon"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def generate(*args: str, cwd: Path, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sweep.generate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_without_a_champion_names_the_store_and_the_fix(tmp_path):
+    g = generate(f"prompt={MOON}", cwd=tmp_path, timeout=300)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    assert g.returncode != 0 and f"{db} does not exist" in g.stderr and "tracking_uri=" in g.stderr, g.stderr[-2000:]
+    assert "Traceback" not in g.stderr and not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"  # a store with no registered champion
+    g = generate(f"prompt={MOON}", f"tracking_uri={empty}", cwd=tmp_path, timeout=300)
+    assert g.returncode != 0 and "Traceback" not in g.stderr, g.stderr[-2000:]
+    assert f"no registered model version models:/sdxl-lora-champion@champion in the store {empty}" in g.stderr
+    assert "python -m sweep" in g.stderr

@@ -61,6 +61,7 @@ def test_demo_sweep_is_recorded_selected_registered_and_reported(tmp_path):
     selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
     assert champ.tags["checkpoint"] == selection["champion"]["checkpoint"]
     assert parent.info.status == "FINISHED" and parent.data.tags["champion.trial"] == selection["champion"]["trial"]
+    _assert_shown_without_clicks(c, parent, children)
     assert parent.data.tags["registry.champion_version"] == str(champ.version)
     for f in ("report.md", "report.csv", "metrics_vs_step.png", "champion_vs_baseline.png", "selection.json"):
         assert (sweep_dir / "report" / f).is_file()
@@ -75,11 +76,96 @@ def test_demo_sweep_is_recorded_selected_registered_and_reported(tmp_path):
     assert newest.data.tags["challenger_objective"] and newest.data.tags["champion_objective"] == champ.tags["objective"]
     replaced = newest.data.tags["champion_replaced"] == "True"
     assert replaced == (float(newest.data.tags["challenger_objective"]) > float(champ.tags["objective"]))
-    # the report rebuilds from the folder alone
+    versions = c.search_model_versions("name='sdxl-lora-champion'")
+    assert len(versions) == 1 + replaced  # a best that does not beat the champion is not registered (issue 18)
+    # the report rebuilds from the folder alone, and rebuilding ends no run again and logs nothing twice
+    before = {r.info.run_id: (r.info.end_time, r.info.status, _histories(c, r)) for r in c.search_runs(
+        [parent.info.experiment_id])}
     for f in (sweep_dir / "report").iterdir():
         f.unlink()
     assert subprocess.run([sys.executable, "-m", "sweep.report", str(sweep_dir)], cwd=tmp_path).returncode == 0
     assert (sweep_dir / "report" / "report.md").is_file()
+    after = {r.info.run_id: (r.info.end_time, r.info.status, _histories(c, r)) for r in c.search_runs(
+        [parent.info.experiment_id])}
+    assert after == before
+    _assert_strict_json(sweep_dir / "report" / "selection.json")
+    assert "Champion" in c.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
+
+
+def _histories(c: MlflowClient, run) -> dict:
+    """Every metric of a run with how many points it holds (a metric logged twice holds more)."""
+    return {k: len(c.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+
+
+def _assert_strict_json(path: Path) -> dict:
+    """Parsed by a strict parser: NaN/Infinity tokens refused (they are not JSON)."""
+    def refuse(token):
+        raise AssertionError(f"{path.name} holds {token}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _assert_shown_without_clicks(c: MlflowClient, parent, children) -> None:
+    """What the MLflow UI shows without clicks: each trial's best checkpoint as best_* summary metrics beside the
+    per-step series, its grids as step-indexed images, the parent's description naming the champion and why;
+    subject_token recorded as given; result.json and selection.json strict JSON; report.md with its images."""
+    sweep_dir = Path(parent.data.tags["sweep_dir"])
+    selection = _assert_strict_json(sweep_dir / "report" / "selection.json")
+    objective = selection["objective"]
+    assert objective == "weighted_score"  # the demo's rule (conf/preset): its objective is not a scored metric
+    for r in children:
+        [folder] = [d for d in sweep_dir.iterdir() if (d / "result.json").is_file()
+                    and json.loads((d / "result.json").read_text())["name"] == r.data.tags["trial"]]
+        result = _assert_strict_json(folder / "result.json")
+        best = int(r.data.tags["best_step"])
+        scores = result["metrics"][f"step-{best:06d}"]
+        m = r.data.metrics
+        assert m["best_step"] == best
+        for k, v in scores.items():
+            if v is None:  # NaN (no face found) is written as null and not logged
+                assert f"best_{k}" not in m
+            else:
+                assert m[f"best_{k}"] == pytest.approx(v), k
+        assert m[f"best_{objective}"] == pytest.approx(result["objective"])
+        assert {s.step for s in c.get_metric_history(r.info.run_id, objective)} == {2, 4}  # its series by step
+        images = [Path(a.path).name for a in c.list_artifacts(r.info.run_id, "images")]
+        for step in (2, 4):
+            assert any(n.startswith(f"grid+step+{step}+") and n.endswith(".png") for n in images), images
+        assert r.data.params["data.subject_token"] == "sks"  # a prompt word, not a secret
+        assert r.info.run_name == r.data.tags["trial"]  # the demo's values are short already
+    champ = selection["champion"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"Champion: `{champ['trial']}` at step {champ['step']}" in note
+    assert champ["checkpoint"] in note and selection["champion_lora"] in note
+    assert f"get-artifact?path=report/metrics_vs_step.png&run_uuid={parent.info.run_id}" in note
+    if selection["runner_up"]:
+        assert "Runner-up" in note
+    report_md = (sweep_dir / "report" / "report.md").read_text()
+    assert "![metrics vs step](metrics_vs_step.png)" in report_md
+    assert "![champion vs baseline](champion_vs_baseline.png)" in report_md
+    assert selection["champion_lora"] in report_md and "weighted_score" in report_md
+    assert not any(line.rstrip().endswith(":") for line in report_md.splitlines() if "Pareto" in line)
+
+
+def test_run_names_are_the_swept_values_rounded_for_reading():
+    from sweep.tracking import display_name
+
+    assert display_name("lr=0.00018662266976517952") == "lr=0.000187"
+    assert display_name("lora.rank=8,lr=1.8662266976517952e-04") == "lora.rank=8,lr=0.000187"
+    assert display_name("3_lora.rank=16,lr=0.00012345678") == "3_lora.rank=16,lr=0.000123"
+    for short in ("lr=1e-05", "lr=0.0001", "lr=100000000.0", "lora.rank=4", "x=[0.1234567,2]", "default"):
+        assert display_name(short) == short
+
+
+def test_only_real_secrets_are_masked():
+    from sweep.tracking import redact
+
+    assert redact("data.subject_token", "sks") == "sks" and redact("eval.subject_token", "sks") == "sks"
+    for key in ("hf_token", "token", "auth_token", "MLFLOW_TRACKING_TOKEN", "db.password", "tracking.api_key",
+                "aws.secret_access_key"):
+        assert redact(key, "hunter2") == "***", key
+    assert redact("tracking.uri", "postgresql://me:hunter2@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
+    assert redact("hydra.overrides", "tracking.uri=http://u:pw@host/ x") == "tracking.uri=http://u:***@host/ x"
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):

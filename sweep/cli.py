@@ -1,0 +1,180 @@
+"""Checks of the command line before Hydra sees it: an override Hydra cannot read (`~/photos`, a non-ASCII letter)
+or a misspelt key is refused at once with the form to type instead, exit status 2, and nothing created (no sweep
+folder, no MLflow run). Without them Hydra prints a lexer error, or a multirun opens its MLflow parent run and
+sweep folder before any job finds out that `lrr` is not a key."""
+from __future__ import annotations
+
+import difflib
+import shlex
+import sys
+from typing import Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+
+from . import CONF_DIR
+
+_MULTIRUN = ("-m", "--multirun")
+# flags after which Hydra does not compose this project's config as usual: leave the command to Hydra
+_HANDS_OFF = ("help", "hydra_help", "info", "shell_completion", "experimental_rerun", "config_path", "config_name",
+              "config_dir")
+
+
+class CommandLineError(Exception):
+    """A command line refused before Hydra runs it; the message says what to type instead."""
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """Refuse, with exit status 2 and a message on stderr, a command line Hydra would reject late or unclearly."""
+    try:
+        check_command_line(list(argv))
+    except CommandLineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Raises CommandLineError for: -m between overrides, an override Hydra cannot parse, a key not in the config,
+    a config group option that does not exist."""
+    from hydra._internal.utils import get_args_parser
+
+    _check_multirun_flag(argv)
+    args, _ = get_args_parser().parse_known_args(argv)  # Hydra's own parser reports its own usage errors later
+    if any(getattr(args, a, None) for a in _HANDS_OFF):
+        return
+    overrides = list(args.overrides or [])
+    parsed = _parse(overrides)
+    _check_keys(parsed)
+
+
+def _check_multirun_flag(argv: list[str]) -> None:
+    """`a=1 -m b=2`: Hydra's argument parser stops reading overrides at -m and fails on `b=2`."""
+    for i, a in enumerate(argv):
+        if a in _MULTIRUN and any("=" in x for x in argv[:i]) and any("=" in x for x in argv[i + 1:]):
+            fixed = " ".join(shlex.quote(x) for x in [a] + argv[:i] + argv[i + 1:])
+            raise CommandLineError(f"{a} stands between overrides; put it first: python -m sweep {fixed}")
+
+
+def quoted_form(key: str, value: str) -> str:
+    """`key=value` as typed in a shell so that Hydra reads `value` as one quoted string."""
+    inner = f'{key}="{value}"' if '"' not in value else f"{key}='{value}'"
+    return shlex.quote(inner)
+
+
+def _parse(overrides: list[str]) -> list[Override]:
+    parser = OverridesParser.create()
+    problems, parsed = [], []
+    for o in overrides:
+        try:
+            parsed += parser.parse_overrides([o])
+        except OverrideParseException:
+            problems.append(_unreadable(o))
+    if problems:
+        raise CommandLineError("\n".join(problems))
+    return parsed
+
+
+def _unreadable(override: str) -> str:
+    key, eq, value = override.partition("=")
+    if not eq:
+        return f"{override!r}: Hydra cannot read this override; overrides are key=value (e.g. lr=1e-4)"
+    odd = sorted({c for c in value if c == "~" or ord(c) > 127})
+    why = f" (unquoted, Hydra does not accept {' '.join(odd)} in a value)" if odd else ""
+    msg = f"{override}: Hydra cannot read this override{why}.\n  type it quoted: {quoted_form(key, value)}"
+    if value.startswith("~/"):
+        msg += f"  or use $HOME: {key}=$HOME/{value[2:]}"
+    return msg
+
+
+def _first_value(o: Override) -> str | None:
+    """A sweep override as a plain one, with its first value: the config each job composes has the same keys."""
+    if isinstance(o.value(), ChoiceSweep) and not o.is_hydra_override():
+        first = next(iter(o.sweep_string_iterator()), None)
+        return None if first is None else f"{o.get_key_element()}={first}"
+    return None
+
+
+def _check_keys(parsed: list[Override]) -> None:
+    """Compose the config as a job will (sweep overrides at their first value) and translate Hydra's composition
+    errors: an unknown key gets its close matches, not Hydra's advice to add it with `+`."""
+    from hydra import compose, initialize_config_dir
+
+    plain, unchecked = [], []  # overrides to compose with; sweep keys only checked against the composed config
+    for o in parsed:
+        if o.is_hydra_override() or o.key_or_group.startswith("hydra"):
+            continue  # Hydra's own settings: Hydra checks them
+        if o.is_sweep_override():
+            first = _first_value(o)
+            if first is None:
+                unchecked.append(o)
+            else:
+                plain.append(first)
+        else:
+            plain.append(o.input_line)
+    unknown: list[str] = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="sweep"):
+        for _ in range(len(plain) + 1):
+            try:
+                cfg = compose(config_name="config", overrides=plain)
+                break
+            except ConfigCompositionException as exc:
+                bad = _unknown_override(exc, plain)
+                if bad is None:
+                    raise CommandLineError(_hydra_message(exc)) from None
+                unknown.append(bad.partition("=")[0].lstrip("+~"))
+                plain.remove(bad)
+            except (MissingConfigException, OverrideParseException) as exc:
+                raise CommandLineError(_hydra_message(exc)) from None
+        else:  # pragma: no cover - every pass removes one override
+            return
+    keys = flat_keys(cfg)
+    for o in unchecked:
+        k = o.key_or_group
+        if not o.get_key_element().startswith("+") and k not in keys and not (CONF_DIR / k).is_dir():
+            unknown.append(k)
+    if unknown:
+        raise CommandLineError("\n".join(_no_such_key(k, keys) for k in unknown))
+
+
+def _unknown_override(exc: ConfigCompositionException, plain: list[str]) -> str | None:
+    """The override that named a key the config does not have, if that is what Hydra complains of."""
+    text = str(exc)
+    if "Could not override '" not in text or "not in struct" not in str(exc.__cause__ or text):
+        return None
+    key = text.split("Could not override '", 1)[1].split("'", 1)[0]
+    return next((p for p in plain if p.partition("=")[0].lstrip("+~") == key), None)
+
+
+def _hydra_message(exc: Exception) -> str:
+    text = str(exc).split("Config search path:")[0].strip()  # where Hydra looked: noise for a typo
+    return "\n  ".join(line for line in text.splitlines() if line.strip())
+
+
+def flat_keys(cfg: DictConfig) -> set[str]:
+    """Every key of the config, dotted ("train.lr"), without resolving interpolations."""
+    out: set[str] = set()
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                out.add(f"{prefix}{k}")
+                walk(v, f"{prefix}{k}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+def _no_such_key(key: str, keys: set[str]) -> str:
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    parent, _, leaf = key.rpartition(".")
+    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
+    near = [f"{parent}.{m}" if parent else m for m in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
+    if not near:
+        near = difflib.get_close_matches(key, sorted(keys | groups), n=3, cutoff=0.6)
+    if near:
+        return f"{key}: no such key in the config; did you mean {' or '.join(near)}?"
+    return (f"{key}: no such key in the config (`python -m sweep --cfg job` lists them; "
+            f"+{key}=... adds a new one)")
+

@@ -1,0 +1,70 @@
+"""The console a user reads: each trial's log lines say which trial they belong to (jobs of a multirun run in
+threads, sweep/packing.py), and known third-party noise is silenced where it starts."""
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from typing import Any, Callable, TypeVar
+
+_TRIAL: contextvars.ContextVar[str] = contextvars.ContextVar("sweep_trial", default="")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def set_trial(name: str) -> None:
+    """Label this thread's log lines with `name` (each job of a multirun runs in its own thread or process)."""
+    _TRIAL.set(name)
+
+
+def current_trial() -> str:
+    """The label this thread's log lines carry now ("" outside a multirun's trial)."""
+    return _TRIAL.get()
+
+
+def for_trial(name: str, fn: F) -> F:
+    """`fn` logging as trial `name` wherever it is called: a packed batch calls every trial's checkpoint hook
+    from the one thread that trains them all."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        token = _TRIAL.set(name)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _TRIAL.reset(token)
+
+    return call  # type: ignore[return-value]
+
+
+class TrialFilter(logging.Filter):
+    """Gives every record `trial`: "[lr=0.0001]" in a multirun's trial, "" outside one (conf/hydra/default.yaml
+    puts it in the job log format)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        label = _TRIAL.get()
+        record.trial = f"[{label}]" if label else ""
+        return True
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers says, once per class, that it uses the PIL image processor because torchvision is absent:
+    that is the processor this project wants (evaluation/clip.py asks for it by name), and diffusers' imports
+    trigger the notice for classes it never uses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    """Silence known noise: the torchvision fallback notice, mlflow's per-run "Skip logging GPU metrics" on a
+    machine without a GPU, and the weight loading/saving bars of transformers and diffusers (the project's own
+    training and scoring bars stay). Idempotent; imports transformers and diffusers."""
+    t_log = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionFallback) for f in t_log.filters):
+        t_log.addFilter(_DropTorchvisionFallback())
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

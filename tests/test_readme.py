@@ -1,0 +1,368 @@
+"""Every user command of the README, run as a user runs it: taken from the README's ```bash blocks at test time,
+so the README and what works cannot drift apart.
+
+Each command is run verbatim through bash, except for these documented demo-scale changes:
+- sweeps get `DEMO_SCALE` appended (4 steps, a checkpoint every 2, 64 px; Optuna sweeps also fewer trials);
+- "your photos" runs with HOME set to a folder whose `photos/me` holds the bundled demo subject, on the tiny
+  model and the demo's scoring (`model=tiny eval=demo`): no SDXL weights can be downloaded here;
+- the sweep folder in `python -m sweep.report outputs/sweeps/<date>` is the demo's own;
+- servers get a free port on 127.0.0.1 instead of the default one.
+Commands that need SDXL's weights and a GPU are listed in `SKIPPED`, by name, and reported as skipped.
+
+The commands that follow the demo work on what it left, in the README's order: the report, generate, serve and a
+request, the MLflow UI opened in headless Chromium, then the Optuna demo in the same folder (the champion must
+then be the best checkpoint of both sweeps)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from mlflow import MlflowClient
+from PIL import Image
+
+from sweep import PROJECT_DIR
+
+pytestmark = pytest.mark.slow
+README = PROJECT_DIR / "README.md"
+DEMO_DIR = PROJECT_DIR / "assets" / "demo_subject"
+DEMO_SCALE = ["steps=4", "train.checkpoint_every=2", "data.resolution=64", "progress=false"]
+ON_TINY_MODEL = ["model=tiny", "eval=demo"]
+FEW_TRIALS = ["hydra.sweeper.n_trials=2"]
+PNG = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
+LOADED = "src => [...document.images].some(i => (i.getAttribute('src') || '').includes(src) && i.naturalWidth > 0)"
+
+# every command the README shows, by a pattern that matches it and nothing else
+COMMANDS = {
+    "demo": r"^python -m pip install torch==\S+ && python -m pip install -e \. && python -m sweep -m lr=",
+    "tests": r"^python -m pip install torch==\S+ && python -m pip install -e '\.\[test\]' && python -m pytest",
+    "mlflow ui": r"^mlflow ui --backend-store-uri sqlite:///\$PWD/mlruns/mlflow\.db$",
+    "report": r"^python -m sweep\.report outputs/sweeps/\S+$",
+    "your photos": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=",
+    "generate": r"^python -m sweep\.generate prompt=",
+    "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-champion@champion ",
+    "request": r"^curl -s http://127\.0\.0\.1:5001/invocations ",
+    "search demo": r"^python -m sweep -m search=demo$",
+    "search your photos": r"^python -m sweep -m experiment=sdxl search=rank_lr data\.instance_dir=\$HOME/photos/me$",
+    "search space": r"^python -m sweep -m hydra/sweeper=optuna 'lr=tag\(log, interval\(",
+}
+SKIPPED = {
+    "tests": "it is .ci/run's own command (test_setup_commands_are_what_ci_runs checks that)",
+    "search your photos": "20 trials of 500 steps on SDXL's weights: needs the download and a GPU "
+                          "(the same search runs on the tiny model as `search demo`)",
+}
+
+
+def readme_commands() -> list[str]:
+    text = README.read_text()
+    lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in block.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def command(name: str) -> str:
+    [cmd] = [c for c in readme_commands() if re.search(COMMANDS[name], c)]
+    return cmd
+
+
+def test_every_readme_command_is_run_or_skipped_by_name():
+    cmds = readme_commands()
+    for c in cmds:
+        names = [n for n, pat in COMMANDS.items() if re.search(pat, c)]
+        assert len(names) == 1, f"README command not covered by tests/test_readme.py (or covered twice): {c!r} {names}"
+    for name, pat in COMMANDS.items():
+        assert sum(bool(re.search(pat, c)) for c in cmds) == 1, f"{name!r}: no README command matches {pat!r}"
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_command_not_run_here(name):
+    command(name)  # still in the README
+    pytest.skip(f"README command {name!r}: {SKIPPED[name]}")
+
+
+def test_setup_commands_are_what_ci_runs():
+    ci = (PROJECT_DIR / ".ci" / "run").read_text()
+    assert command("tests") in ci.splitlines()  # .ci/run runs the README's test command verbatim
+    install_demo, _, _ = command("demo").rpartition(" && ")
+    install_tests, _, _ = command("tests").rpartition(" && ")
+    assert install_demo == install_tests.replace("'.[test]'", ".")  # the same install, without the test extra
+
+
+# running them -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def user_env(home: Path) -> dict[str, str]:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the project's python, mlflow
+    return {**os.environ, "PATH": path, "HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class User:
+    """A person in a fresh folder with photos in ~/photos/me, typing README commands into bash."""
+
+    def __init__(self, folder: Path):
+        self.cwd = folder
+        self.home = folder / "home"
+        shutil.copytree(DEMO_DIR, self.home / "photos" / "me")
+
+    def run(self, cmd: str, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        line = " ".join([cmd, *extra])
+        p = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=user_env(self.home), capture_output=True,
+                           text=True, timeout=timeout)
+        p.output = p.stdout + p.stderr
+        return p
+
+    def start(self, cmd: str, port: int, ready: str, timeout: int = 300, **env: str) -> subprocess.Popen:
+        log = open(self.cwd / f"server-{port}.log", "w")
+        proc = subprocess.Popen(["bash", "-c", cmd], cwd=self.cwd, env={**user_env(self.home), **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # stop() ends its process group
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert proc.poll() is None, (self.cwd / f"server-{port}.log").read_text()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
+                    return proc
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        stop(proc)
+        raise AssertionError(f"{cmd!r} did not answer: " + (self.cwd / f"server-{port}.log").read_text()[-3000:])
+
+    def sweep_folders(self) -> list[Path]:
+        return sorted((self.cwd / "outputs" / "sweeps").iterdir())
+
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(f"sqlite:///{self.cwd / 'mlruns' / 'mlflow.db'}")
+
+    def champion(self):
+        return self.mlflow().get_model_version_by_alias("sdxl-lora-champion", "champion")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> User:
+    """The demo, run once as the README's first command; the later commands work on what it left."""
+    u = User(tmp_path_factory.mktemp("readme-user"))
+    demo = command("demo").rpartition(" && ")[2]  # the install before it is CI's own (see above)
+    p = u.run(demo, *DEMO_SCALE)
+    assert p.returncode == 0, p.output[-4000:]
+    u.demo_output = p.output
+    return u
+
+
+def test_demo_leaves_what_the_readme_promises(user):
+    [folder] = user.sweep_folders()
+    trials = sorted(d for d in folder.iterdir() if (d / "result.json").is_file())
+    assert [json.loads((t / "result.json").read_text())["name"] for t in trials] == ["lr=0.0001", "lr=1e-05", "lr=0.0005"]
+    for t in trials:
+        assert sorted(c.name for c in (t / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+        assert (t / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors").is_file()
+        assert list((t / "eval" / "grids").glob("*.png"))
+    for f in ("report.md", "report.csv", "metrics_vs_step.png", "champion_vs_baseline.png", "selection.json"):
+        assert (folder / "report" / f).is_file(), f
+    assert (user.cwd / "mlruns" / "mlflow.db").is_file()
+    assert "Traceback" not in user.demo_output and "raised" not in user.demo_output
+
+
+def test_report_rebuilds_from_the_sweep_folder(user):
+    [folder] = user.sweep_folders()
+    (folder / "report" / "report.md").unlink()
+    p = user.run(command("report").replace("outputs/sweeps/2026-12-01_09-30-00", f"outputs/sweeps/{folder.name}"))
+    assert p.returncode == 0, p.output[-3000:]
+    assert "Champion" in (folder / "report" / "report.md").read_text()
+
+
+def test_generate_uses_the_champions_evaluation_settings(user):
+    champ = user.champion()
+    gen = json.loads(champ.tags["generation"])
+    assert (gen["resolution"], gen["num_inference_steps"], gen["guidance_scale"], gen["seed"]) == (64, 4, 5.0, 0)
+    assert gen["device"] == "cpu" and gen["seconds_per_image"] > 0 and gen["scheduler"].endswith("Scheduler")
+    p = user.run(command("generate"), timeout=120)  # no steps=/size=: the champion's own settings, seconds on a CPU
+    assert p.returncode == 0, p.output[-3000:]
+    plan = next(line for line in p.stdout.splitlines() if line.startswith("generating "))
+    assert plan.startswith(f"generating 1 image, 64x64 px, 4 steps, guidance 5.0, seed 0, scheduler {gen['scheduler']}")
+    assert (f"with models:/sdxl-lora-champion@champion (version {champ.version}: trial {champ.tags['trial']} "
+            f"step {champ.tags['step']}) on cpu; about ") in plan, plan
+    with Image.open(user.cwd / "generated.png") as im:
+        assert im.format == "PNG" and im.size == (64, 64)
+        got = np.asarray(im.convert("RGB"), dtype=np.int16)
+    # the README's prompt is the demo's first evaluation prompt: at seed 0 it is the image the champion was scored on
+    ckpt = Path(champ.tags["checkpoint"])
+    with Image.open(ckpt.parent.parent / "eval" / "images" / ckpt.name / "base_p0_s0.png") as im:
+        assert np.abs(got - np.asarray(im.convert("RGB"), dtype=np.int16)).max() <= 2
+    # an override wins over the recorded setting, and the plan says so
+    p = user.run(command("generate"), "size=32", "steps=2", "out=small.png", timeout=120)
+    assert p.returncode == 0 and "generating 1 image, 32x32 px, 2 steps, guidance 5.0" in p.stdout, p.output[-3000:]
+    with Image.open(user.cwd / "small.png") as im:
+        assert im.size == (32, 32)
+
+
+def test_served_champion_answers_a_request_with_a_png(user):
+    port = free_port()
+    serve = command("serve").replace("-p 5001", f"-p {port} -h 127.0.0.1")
+    # the server's 60 s limit per request is lifted from outside the command: the first request also loads the
+    # pipeline, which on a busy 2-core CI machine can take longer
+    proc = user.start(serve, port, "/ping", MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="300")
+    try:
+        p = user.run(command("request").replace("127.0.0.1:5001", f"127.0.0.1:{port}"), timeout=300)
+        assert p.returncode == 0, p.output[-3000:]
+        pred = json.loads(p.stdout)["predictions"][0]
+        png = base64.b64decode(pred if isinstance(pred, str) else pred["image"])
+    finally:
+        stop(proc)
+    assert png[:8] == PNG
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.size == (64, 64)  # a plain request generates at the champion's evaluation settings
+    strays = [f for f in user.cwd.rglob("mlflow.db") if "mlruns" not in f.relative_to(user.cwd).parts]
+    assert not strays, strays  # it read the project's store and made none of its own
+
+
+def _playwright():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to open the MLflow UI")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install -e '.[test]'")
+    return sync_playwright
+
+
+def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
+    """The UI started as the README says, run pages opened from their URLs in headless Chromium (Debian's, driven by
+    Playwright): the sweep's description names the champion, with the report's images; a trial's best metrics and
+    its grid at a step. Screenshots: /tmp/mlflow_ui_*.png."""
+    sync_playwright = _playwright()
+    c = user.mlflow()
+    exp = c.get_experiment_by_name("sdxl-lora-sweep")
+    every = c.search_runs([exp.experiment_id])
+    [parent] = [r for r in every if r.data.tags.get("kind") == "sweep"]
+    champ = json.loads((Path(parent.data.tags["sweep_dir"]) / "report" / "selection.json").read_text())["champion"]
+    [child] = [r for r in every if r.data.tags.get("trial") == champ["trial"]]
+    image = next(a.path for a in c.list_artifacts(child.info.run_id, "images")
+                 if Path(a.path).name.startswith(f"grid+step+{champ['step']}+") and a.path.endswith(".png"))
+    port = free_port()
+    proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1800})
+                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+                page.get_by_text("Champion:").first.wait_for(timeout=180_000)
+                description = page.get_by_text("Champion:").first.locator("xpath=ancestor::*[self::div][1]")
+                assert champ["trial"] in description.inner_text()
+                page.wait_for_function(LOADED, arg="get-artifact?path=report/metrics_vs_step.png", timeout=60_000)
+                page.wait_for_function(LOADED, arg="get-artifact?path=report/champion_vs_baseline.png", timeout=60_000)
+                page.screenshot(path="/tmp/mlflow_ui_parent.png", full_page=True)
+                assert "champion_clip_t" in page.inner_text("body")
+                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
+                page.get_by_text("best_step").first.wait_for(timeout=120_000)
+                page.screenshot(path="/tmp/mlflow_ui_child.png", full_page=True)
+                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts/{image}")
+                page.wait_for_function("alt => [...document.images].some(i => i.alt === alt && i.naturalWidth > 0)",
+                                       arg=image, timeout=120_000)
+                page.screenshot(path="/tmp/mlflow_ui_child_image.png", full_page=True)
+            finally:
+                browser.close()
+        # the API lists the sweep's parent run and its three trials
+        api = f"{url}/api/2.0/mlflow/runs/search"
+        assert len(requests.post(api, json={"experiment_ids": [exp.experiment_id]}).json()["runs"]) == 4
+    finally:
+        stop(proc)
+
+
+def test_search_demo_after_the_grid_keeps_the_best_of_both_as_champion(user):
+    """A grid sweep, then the Optuna demo in the same store, under the demo's weighted rule (clip_t 1, clip_i 1):
+    the alias ends on a checkpoint no candidate of either sweep beats on the raw metrics the rule uses (the argmax of
+    the weighted score over both); a sweep whose best lost registered nothing."""
+    p = user.run(command("search demo"), *DEMO_SCALE, *FEW_TRIALS)
+    assert p.returncode == 0, p.output[-4000:]
+    grid, search = user.sweep_folders()
+    assert len(list(search.glob("*/result.json"))) == 2 and (search / "report" / "optuna_study.json").is_file()
+    candidates = {}  # checkpoint folder -> raw metrics, every checkpoint of every trial that did not fail
+    for f in user.cwd.glob("outputs/sweeps/*/*/result.json"):
+        res = json.loads(f.read_text())
+        if res["status"] != "failed":
+            candidates.update({str(f.parent / "checkpoints" / k): m for k, m in (res.get("metrics") or {}).items()
+                               if k.startswith("step-")})
+    ok = lambda v: isinstance(v, (int, float)) and v == v  # noqa: E731
+    pool = {k: m for k, m in candidates.items() if ok(m.get("clip_t")) and ok(m.get("clip_i"))}
+    assert len({Path(k).parents[2] for k in pool}) == 2 and len(pool) >= 6
+    champ = user.champion()
+    best = pool[champ.tags["checkpoint"]]
+    for k, m in pool.items():
+        assert not (m["clip_t"] >= best["clip_t"] and m["clip_i"] >= best["clip_i"]
+                    and (m["clip_t"], m["clip_i"]) != (best["clip_t"], best["clip_i"])), (k, m, best)
+    score = {k: m["clip_t"] / 100 + m["clip_i"] / 100 for k, m in pool.items()}
+    assert score[champ.tags["checkpoint"]] == pytest.approx(max(score.values()))
+    assert float(champ.tags["objective"]) == pytest.approx(max(score.values()))
+    assert champ.tags["objective_name"] == "weighted_score"
+    c = user.mlflow()
+    parents = [r for r in c.search_runs([c.get_experiment_by_name("sdxl-lora-sweep").experiment_id])
+               if r.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 2
+    moves = [r for r in parents if r.data.tags["champion_replaced"] == "True"]
+    assert len(c.search_model_versions("name='sdxl-lora-champion'")) == len(moves)
+    for r in parents:
+        if r.data.tags["champion_replaced"] != "True":
+            assert float(r.data.tags["challenger_objective"]) <= float(r.data.tags["champion_objective"])
+            assert "registry.version" not in r.data.tags
+
+
+def test_a_changed_registered_lora_is_refused(user):
+    """Last (it spoils the store): one byte of the registered LoRA changed, the file still parses; generation refuses
+    it by the sha256 recorded on its version."""
+    stored = [f for f in (user.cwd / "mlruns").rglob("pytorch_lora_weights.safetensors")
+              if "best_checkpoint" not in f.parts]
+    assert stored
+    for f in stored:
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    p = user.run(command("generate"), "out=bad.png", timeout=300)
+    assert p.returncode != 0 and "content hash" in p.stderr and "Traceback" not in p.stderr, p.output[-2000:]
+    assert not (user.cwd / "bad.png").exists()
+
+
+def test_your_photos_command_on_the_bundled_photos(tmp_path):
+    u = User(tmp_path)
+    p = u.run(command("your photos"), *ON_TINY_MODEL, *DEMO_SCALE)
+    assert p.returncode == 0, p.output[-4000:]
+    [folder] = u.sweep_folders()
+    results = [json.loads(f.read_text()) for f in folder.glob("*/result.json")]
+    assert len(results) == 3 and all(r["status"] == "finished" for r in results)
+    [first] = folder.glob("0_*")
+    cfg = (first / ".hydra" / "config.yaml").read_text()
+    assert f"instance_dir: {u.home}/photos/me" in cfg  # $HOME expanded by the shell, as the README says
+
+
+def test_search_space_on_the_command_line(tmp_path):
+    u = User(tmp_path)
+    p = u.run(command("search space"), *DEMO_SCALE, *FEW_TRIALS)
+    assert p.returncode == 0, p.output[-4000:]
+    [folder] = u.sweep_folders()
+    trials = [json.loads(f.read_text()) for f in folder.glob("*/result.json")]
+    assert len(trials) == 2 and all(1e-5 <= t["params"]["lr"] <= 5e-4 for t in trials)
+    assert all(t["params"]["rank"] in (4, 8, 16, 32) for t in trials)
