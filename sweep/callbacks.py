@@ -19,6 +19,14 @@ def _typed(config: DictConfig):
     return to_typed(OmegaConf.create(cfg))
 
 
+def _sweeps_data(overrides: list[str]) -> bool:
+    """Whether the sweep varies a `data.*` key (then each trial checks its own photos and resolution)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return any(o.is_sweep_override() and o.key_or_group.lstrip("+~").startswith("data") for o in parsed)
+
+
 _HELD: list = []  # lock files held for the life of this process
 
 
@@ -55,6 +63,10 @@ class SweepCallback(Callback):
 
         try:
             conf = _typed(config)
+            if not _sweeps_data(list(config.hydra.overrides.task)):  # every trial trains on these photos: a
+                from trainer import instance_photos  # missing or unusable folder refuses the sweep, not each trial
+
+                instance_photos(conf.data)
             if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):
                 from .optuna_sweep import prepare
                 from .search import SearchSettings

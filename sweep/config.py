@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
@@ -55,6 +55,9 @@ class SweepConfig:
     optuna_trial: Optional[int] = None  # set by the Optuna sweeper: the trial this job reports to
 
 
+MISSING_HINTS = {"data.instance_dir": "the folder of your photos, e.g. data.instance_dir=$HOME/photos/me"}
+
+
 def to_typed(cfg: DictConfig) -> SweepConfig:
     """Hydra's DictConfig -> SweepConfig. Wrong types and unknown keys become a ConfigError naming the key."""
     data = OmegaConf.to_container(cfg, resolve=True)
@@ -62,6 +65,9 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), data)
         typed = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:  # a `???` in the YAML: the user must give it
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError([f"{key} is not set: {MISSING_HINTS.get(key, f'give it on the command line, {key}=...')}"]) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]

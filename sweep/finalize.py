@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -130,7 +131,11 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
         return None, len(unstarted)
     conf = load_config(sweep_dir)
     root = resolve_path(conf.paths, ".")
-    tracker = make_tracker(conf.tracking, root)
+    recorded = read_sweep(sweep_dir) or {}
+    tracking = conf.tracking  # the store the sweep logged to, wherever this runs from (a rebuilt report)
+    if conf.tracking.enabled and not conf.tracking.uri and recorded.get("tracking_uri"):
+        tracking = replace(conf.tracking, uri=recorded["tracking_uri"])
+    tracker = make_tracker(tracking, root)
     tracker.use_journal(sweep_dir)
     tracker.flush()
     record_lost(sweep_dir, tracker)
@@ -156,7 +161,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                 "selection.explanation": sel.explain()[:4000], "trials.total": len(statuses), "trials.failed": failed,
                 "mlflow.note.content": report.mlflow_note(
                     sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
-                    sweep_dir / "report")[:7900]}
+                    sweep_dir / "report", report.table(candidates, sel, statuses))[:7900]}
         if sel.champion:
             c = sel.champion
             tags.update({"champion.trial": c.trial, "champion.step": c.step, "champion.checkpoint": c.checkpoint,
@@ -175,16 +180,23 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
         tracker.set_tags(pid, tags)
         if not ended:
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
-    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed)
+    page = run_page(tracker.uri, sweep) if sweep and sweep["parent_run_id"] else None
+    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page)
     return sel, failed
 
 
-def _print(sweep_dir, sel, candidates, statuses, ui, failed) -> None:
+def run_page(uri: str, sweep: dict) -> str:
+    """The sweep's run page in the MLflow UI: the tracking server's own, or `mlflow ui`'s default address."""
+    host = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{host}/#/experiments/{sweep['experiment_id']}/runs/{sweep['parent_run_id']}"
+
+
+def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"sweep {sweep_dir.name}: {len(statuses)} trial(s), {failed} failed")
-    for c in report.COLUMNS:
+    for c in report.headers(sel):
         t.add_column(c)
     for row in report.table(candidates, sel, statuses):
         t.add_row(*(report._fmt(row[c]) for c in report.COLUMNS))
@@ -192,6 +204,8 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed) -> None:
     console.print(t)
     print(sel.explain())
     compare = "MLflow tracking is off (tracking.enabled=false)" if ui.endswith("disabled") else f"compare the runs: {ui}"
+    if page and not ui.endswith("disabled"):
+        compare += f"\n  then open {page}"
     print(f"report: {sweep_dir / 'report'}\n{compare}", flush=True)
 
 

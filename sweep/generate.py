@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
+
+from .logs import quiet_third_party
 
 USAGE = ("usage: python -m sweep.generate prompt=\"...\" [model=models:/sdxl-lora-champion@champion | "
          "checkpoint=<folder> base=<hub id or folder>] [out=generated.png] [steps=N] [guidance=G] [size=PX] "
@@ -85,9 +88,22 @@ def estimate(s: dict, device: str, recorded: dict | None, images: int) -> str:
     return f"about {took} s to generate (as timed in its evaluation), plus loading the model"
 
 
+def quiet() -> None:
+    """One image from a LoRA that trains only the UNet: the libraries' notes about it (no text-encoder LoRA keys,
+    mlflow's flavour passing a deprecated `torch_dtype`) are not the user's business."""
+    quiet_third_party()
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.get("out", "generated.png"))
+    quiet()
     if "checkpoint" in args:
         _from_checkpoint(args, out)
     else:

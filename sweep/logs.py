@@ -55,14 +55,25 @@ class _DropTorchvisionFallback(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
+class _DropLocalVersionLabel(logging.Filter):
+    """MLflow warns, on every registration, that torch's version carries a local label (`2.13.0+cpu`, `+cu128`)
+    and records the requirement without it: which is what a served model should install anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "contains a local version label" not in record.getMessage()
+
+
 def quiet_third_party() -> None:
     """Silence known noise: the torchvision fallback notice, mlflow's per-run "Skip logging GPU metrics" on a
-    machine without a GPU, and the weight loading/saving bars of transformers and diffusers (the project's own
+    machine without a GPU, its torch local-version-label warning at registration, and the weight loading/saving bars of transformers and diffusers (the project's own
     training and scoring bars stay). Idempotent; imports transformers and diffusers."""
     t_log = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _DropTorchvisionFallback) for f in t_log.filters):
         t_log.addFilter(_DropTorchvisionFallback())
     logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
+    req_log = logging.getLogger("mlflow.utils.requirements_utils")
+    if not any(isinstance(f, _DropLocalVersionLabel) for f in req_log.filters):
+        req_log.addFilter(_DropLocalVersionLabel())
     import diffusers.utils.logging
     import transformers.utils.logging
 

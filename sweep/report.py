@@ -17,6 +17,16 @@ COLUMNS = ["trial", "lr", "rank", "best_step", "face_similarity", "clip_t", "cli
            "objective", "status", "champion"]
 
 
+def headers(sel: Selection) -> list[str]:
+    """COLUMNS as shown: the objective column named by the rule's objective (weighted_score, face_similarity...)."""
+    return [f"best {sel.objective}" if c == "objective" else c for c in COLUMNS]
+
+
+def markdown_table(rows: list[dict], sel: Selection) -> list[str]:
+    return (["| " + " | ".join(headers(sel)) + " |", "|" + "---|" * len(COLUMNS)]
+            + ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows])
+
+
 def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str]) -> list[dict]:
     """One row per trial: its best eligible checkpoint (or, if none qualifies, its best by the objective)."""
     rank = {c.key: obj for c, obj in sel.ranked}
@@ -105,12 +115,15 @@ def champion_lines(sel: Selection, rule_text: str = "") -> list[str]:
 
 
 def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], failed: int, total: int,
-                report_dir: Path) -> str:
-    """The parent run's description (the tag `mlflow.note.content`, Markdown, shown on its run page): the champion
-    and why, with the report's images inline. The MLflow UI serves a run's artifacts at
-    get-artifact?path=<artifact path>&run_uuid=<run id>, relative to the page (its own host and prefix)."""
+                report_dir: Path, rows: list[dict] = ()) -> str:
+    """The parent run's description (the tag `mlflow.note.content`, Markdown, shown on its run page): the champion,
+    every trial's best checkpoint side by side (no clicking through the runs), why, and the report's images inline.
+    The MLflow UI serves a run's artifacts at get-artifact?path=<artifact path>&run_uuid=<run id>, relative to the
+    page (its own host and prefix)."""
     lines = champion_lines(sel, rule_text)
-    lines[1:1] = ["", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` (artifacts: `report/`)."]
+    trials = ["", *markdown_table(list(rows), sel)] if rows else []
+    lines[1:1] = [*trials, "", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` "
+                  "(artifacts: `report/`)."]
     for name in images:
         url = f"get-artifact?path=report/{name}&run_uuid={run_id}"
         lines += ["", f"[{IMAGES.get(name, name)}]({url})", "", f"![{IMAGES.get(name, name)}]({url})"]
@@ -126,15 +139,14 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         (out / stale).unlink(missing_ok=True)
     rows = table(candidates, sel, statuses)
     with open(out / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+        w = csv.writer(f)
+        w.writerow(headers(sel))
+        w.writerows([[r[c] for c in COLUMNS] for r in rows])
     plots = _plots(out, candidates, sel)
     grid = _grid(Path(sweep_dir), out, candidates, sel)
     lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *champion_lines(sel, rule_text), "", "## Trials", "",
-             f"`objective` is the rule's `{sel.objective}` of each trial's best eligible checkpoint (empty: none "
-             "qualifies).", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+             f"Each trial's best eligible checkpoint; `best {sel.objective}` is the rule's objective there (empty: "
+             "none qualifies).", "", *markdown_table(rows, sel)]
     if sel.baseline:
         lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items()))]
     if sel.pareto:
@@ -191,7 +203,8 @@ def _optuna_section(out: Path) -> list[Path]:
     ax.set_ylabel(study["objectives"][0])
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title("checkpoint scores reported to Optuna (dashed: pruned)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "optuna_intermediate.png", dpi=110)
     plt.close(fig)
@@ -219,7 +232,8 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
             ax.text(0.5, 0.5, "no value (no face detected?)", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.set_xlabel("training step")
-    axes.flat[0].legend(fontsize=7)
+    if axes.flat[0].get_legend_handles_labels()[0]:  # no trial scored anything: no legend to draw
+        axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "metrics_vs_step.png"
     fig.savefig(path, dpi=90)

@@ -93,6 +93,8 @@ class Selection:
         return self.ranked[0][1] - self.ranked[1][1] if len(self.ranked) > 1 else math.nan
 
     def explain(self) -> str:
+        if not self.champion and not self.rejected:
+            return "no checkpoint was scored: every trial failed before its first checkpoint (see the errors above)"
         if not self.champion:
             return f"no checkpoint qualifies under {self.rule}: " + "; ".join(f"{k}: {v}" for k, v in self.rejected.items())
         c, obj = self.ranked[0]

@@ -313,7 +313,8 @@ def test_prompts_are_encoded_once_per_text_encoders_and_give_the_same_images(tin
     kw = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "latent"}
     direct = pipe(prompt=[PROMPTS[1]], generator=torch.Generator().manual_seed(0), **kw).images
     cached = pipe(**gen.prompt_embeddings(pipe, [PROMPTS[1]], True), generator=torch.Generator().manual_seed(0), **kw).images
-    torch.testing.assert_close(cached, direct)
+    # the cache encoded the prompt in a batch with another, the pipeline alone: float32 rounding of a batched matmul
+    torch.testing.assert_close(cached, direct, atol=1e-4, rtol=1e-3)
     pipe.text_encoder.peft_config = {"checkpoint": object()}  # a text-encoder LoRA loaded: encode every time
     try:
         monkeypatch.setattr(pipe, "encode_prompt", lambda prompt, *a, **kw: encoded.append(prompt) or encode(prompt, *a, **kw))

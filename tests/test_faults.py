@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from sweep.finalize import read_result
 from trainer.checkpoint import verify
 
 from .services import free_port, mlflow_server, postgres
@@ -62,7 +63,7 @@ def outcome(cwd: Path) -> dict:
         ckpts = sorted((d / "checkpoints").iterdir())
         assert all(c.name.startswith("step-") for c in ckpts), ckpts  # no half-written checkpoint left behind
         assert all(verify(c) is not None for c in ckpts)
-        result = json.loads((d / "result.json").read_text())
+        result = read_result(d)  # strict JSON: NaN (no face found) is written as null and read back as NaN
         state[name] = {"checkpoints": [c.name for c in ckpts], "status": result["status"],
                        "metrics": result["metrics"], "tracked": result["tracked"],
                        "lora": load_file(ckpts[-1] / "pytorch_lora_weights.safetensors")}

@@ -136,6 +136,9 @@ def _assert_shown_without_clicks(c: MlflowClient, parent, children) -> None:
     champ = selection["champion"]
     note = parent.data.tags["mlflow.note.content"]
     assert f"Champion: `{champ['trial']}` at step {champ['step']}" in note
+    # every trial's best side by side in the description: comparing the learning rates needs no clicks
+    assert "| trial | lr | rank | best_step |" in note and "best weighted_score" in note
+    assert all(f"| {r.data.tags['trial']} |" in note for r in children), note
     assert champ["checkpoint"] in note and selection["champion_lora"] in note
     assert f"get-artifact?path=report/metrics_vs_step.png&run_uuid={parent.info.run_id}" in note
     if selection["runner_up"]:
