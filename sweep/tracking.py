@@ -223,8 +223,8 @@ class Tracker:
         self._send("end_sweep", parent_run_id, status)
 
     def _end_sweep(self, parent_run_id: str, status: str) -> None:
-        if self.client.get_run(parent_run_id).info.status != "RUNNING":  # ended already: its end time stays
-            return
+        # always set: registering the champion ends the parent as FINISHED on the way (mlflow.start_run's exit);
+        # a rebuilt report, whose parent ended long ago, does not call this at all (finalize_folder)
         self.client.set_terminated(parent_run_id, status)
 
     def run_status(self, run_id: str) -> str | None:
