@@ -115,7 +115,6 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
         log.info("registry %s: the sweep's best %s is not registered: %s", name, champion.key, decision.reason)
         return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
     base = resolve_source(conf.model, resolve_path(conf.paths, conf.paths.cache_dir))
-    ckpt = Path(champion.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:  # the LoRA and its record only, not the optimizer state
         for f in ("pytorch_lora_weights.safetensors", "checkpoint.json"):
             shutil.copy2(ckpt / f, Path(tmp) / f)
