@@ -79,13 +79,14 @@ def check_lora_file(folder: Path) -> Path:
 
 
 def verify_hash(path: Path, expected: str | None = None) -> None:
-    """The LoRA file against the sha256 its checkpoint.json (beside it) and the caller recorded: a file changed or
-    damaged after training is refused, never silently used. The file is hashed once."""
+    """The LoRA file against the sha256 recorded beside it when it was written (checkpoint.json for a checkpoint's
+    file, export.json for an exported one) and the one the caller recorded: a file changed or damaged since is
+    refused, never silently used. The file is hashed once."""
     import hashlib
-    import json
 
-    record = path.parent / "checkpoint.json"
-    wanted = [e for e in (expected, json.loads(record.read_text()).get("lora_sha256") if record.is_file() else None) if e]
+    from trainer.checkpoint import recorded_sha256
+
+    wanted = [e for e in (expected, recorded_sha256(path)) if e]
     if not wanted:
         return
     h = hashlib.sha256()

@@ -17,6 +17,7 @@ from .tracking import make_tracker, read_sweep, ui_command
 log = logging.getLogger(__name__)
 RESULT = "result.json"
 BASELINE = "baseline_metrics.json"
+CHAMPION_DIR = "champion"  # the champion exported for the web UIs and diffusers (sweep/export.py)
 
 
 def trial_dirs(sweep_dir: Path) -> list[Path]:
@@ -143,7 +144,8 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     statuses.update({job: "failed" for job in unstarted})
     sel = select(candidates, baseline, conf.selection)
     rule_text = describe_rule(conf.selection)
-    files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text)
+    exported = export_champion(sweep_dir, sel) if sel.champion else None
+    files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported)
     sweep = read_sweep(sweep_dir)
     failed = sum(s in ("failed", "diverged") for s in statuses.values())
     if tracker.waiting():  # the server is away: the records wait; the registry cannot, it is done by `sync`
@@ -161,7 +163,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                 "selection.explanation": sel.explain()[:4000], "trials.total": len(statuses), "trials.failed": failed,
                 "mlflow.note.content": report.mlflow_note(
                     sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
-                    sweep_dir / "report", report.table(candidates, sel, statuses))[:7900]}
+                    sweep_dir / "report", report.table(candidates, sel, statuses), exported)[:7900]}
         if sel.champion:
             c = sel.champion
             tags.update({"champion.trial": c.trial, "champion.step": c.step, "champion.checkpoint": c.checkpoint,
@@ -176,13 +178,31 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
             if register and conf.tracking.enabled:
                 from .registry import register_champion
 
-                tags.update(register_champion(tracker, conf, pid, c, baseline))
+                tags.update(register_champion(tracker, conf, pid, c, baseline, exported))
         tracker.set_tags(pid, tags)
         if not ended:
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     page = run_page(tracker.uri, sweep) if sweep and sweep["parent_run_id"] else None
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page)
     return sel, failed
+
+
+def export_champion(sweep_dir: Path, sel: Selection) -> Path | None:
+    """The champion for ComfyUI / A1111 / Forge and diffusers, with its model card, in <sweep>/champion/ (what
+    `python -m sweep.export <sweep>` writes); a LoRA the web-UI format cannot hold gets the diffusers file only. A
+    failure here costs the export, never the sweep's selection or registration."""
+    from .export import export, from_checkpoint
+
+    out = sweep_dir / CHAMPION_DIR
+    try:
+        src = from_checkpoint(Path(sel.champion.checkpoint), origin=str(sweep_dir))
+        src.chosen = f"The champion of sweep `{sweep_dir.name}`: {sel.explain()}."
+        export(src, out, strict=False)
+        return out
+    except (Exception, SystemExit) as exc:
+        log.warning("the champion was not exported to %s (%s); python -m sweep.export %s tries again", out, exc,
+                    sweep_dir)
+        return None
 
 
 def run_page(uri: str, sweep: dict) -> str:

@@ -168,8 +168,8 @@ def default_store() -> str:
         return cfg.uri
     db = Path("mlruns", "mlflow.db").resolve()
     if not db.is_file():
-        raise SystemExit(f"no MLflow store here: {db} does not exist. sweep.generate reads the store of the folder "
-                         "it runs in: run it from the folder you ran `python -m sweep` in, or pass "
+        raise SystemExit(f"no MLflow store here: {db} does not exist (the registered champion is read from the "
+                         "store of the folder it runs in): run it from the folder you ran `python -m sweep` in, or pass "
                          f"tracking_uri=sqlite:///<that folder>/mlruns/mlflow.db")
     return f"sqlite:///{db}"
 
@@ -249,17 +249,21 @@ def registered_version(uri: str, store: str):
 
 
 def verify_registered(uri: str, local: Path, version=None) -> None:
-    """The downloaded LoRA against the sha256 recorded on its model version (and in its checkpoint.json)."""
+    """The downloaded LoRA files against the sha256 recorded on its model version (and beside them, in
+    checkpoint.json and export.json): the diffusers file, and the web-UI file when the version has one."""
     from evaluation.generate import EvalInputError, verify_hash
 
-    files = list(local.rglob("pytorch_lora_weights.safetensors"))
-    if not files:
-        raise SystemExit(f"{uri}: no pytorch_lora_weights.safetensors in the registered model")
-    expected = version.tags.get("lora_sha256") if version is not None else None
-    try:
-        verify_hash(files[0], expected)  # against the version's tag and the checkpoint.json beside the file
-    except EvalInputError as exc:
-        raise SystemExit(f"{uri}: {exc}") from None
+    tags = version.tags if version is not None else {}
+    for name, tag in (("pytorch_lora_weights.safetensors", "lora_sha256"), (tags.get("webui_file"), "webui_sha256")):
+        if not name:
+            continue
+        files = list(local.rglob(name))
+        if not files:
+            raise SystemExit(f"{uri}: no {name} in the registered model")
+        try:
+            verify_hash(files[0], tags.get(tag))  # against the version's tag and the record beside the file
+        except EvalInputError as exc:
+            raise SystemExit(f"{uri}: {exc}") from None
 
 
 if __name__ == "__main__":

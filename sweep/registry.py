@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evaluation.config import SPEED_ONLY
-from trainer.checkpoint import CheckpointRecord
+from trainer.checkpoint import EXPORT_RECORD, CheckpointRecord
 from trainer.config import stable_hash
 from trainer.models import resolve_source
 
@@ -91,9 +91,11 @@ def judge(current: dict | None, current_version: str | None, challenger: Candida
                            "not registered: its LoRA stays in its run's best_checkpoint artifact", tags)
 
 
-def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict) -> dict:
+def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
+                      exported: Path | None = None) -> dict:
     """Register the sweep's best and give it the alias if it beats the current champion (see `judge`); returns the
-    tags for the sweep's parent run."""
+    tags for the sweep's parent run. `exported`: its export folder (sweep/export.py: the web-UI file, the model card,
+    the grids), registered with it."""
     import mlflow
 
     client, name = tracker.client, conf.tracking.registered_model
@@ -115,7 +117,13 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
         log.info("registry %s: the sweep's best %s is not registered: %s", name, champion.key, decision.reason)
         return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
     base = resolve_source(conf.model, resolve_path(conf.paths, conf.paths.cache_dir))
-    with tempfile.TemporaryDirectory() as tmp:  # the LoRA and its record only, not the optimizer state
+    webui = {}
+    with tempfile.TemporaryDirectory() as tmp:  # the LoRA and its record, not the optimizer state; its export
+        if exported is not None and (exported / EXPORT_RECORD).is_file():
+            shutil.copytree(exported, tmp, dirs_exist_ok=True)
+            record = json.loads((exported / EXPORT_RECORD).read_text())
+            if record.get("webui_file"):
+                webui = {"webui_file": record["webui_file"], "webui_sha256": record["files"][record["webui_file"]]}
         for f in ("pytorch_lora_weights.safetensors", "checkpoint.json"):
             shutil.copy2(ckpt / f, Path(tmp) / f)
         with mlflow.start_run(run_id=parent_run_id):
@@ -128,7 +136,7 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
     for k, v in {"objective": objective, "objective_name": objective_name(conf.selection), "protocol": proto,
                  "protocol_version": PROTOCOL_VERSION, "checkpoint": str(ckpt), "trial": champion.trial,
                  "step": champion.step, "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics),
-                 BASELINE_TAG: metrics_json(baseline)}.items():
+                 BASELINE_TAG: metrics_json(baseline), **webui}.items():
         client.set_model_version_tag(name, version, k, str(v))
     client.set_registered_model_alias(name, ALIAS, version)
     log.info("registry %s: version %s (%s) is the new champion: %s", name, version, champion.key, decision.reason)

@@ -91,15 +91,25 @@ def _metrics_text(m: dict) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
 
 
-def champion_lines(sel: Selection, rule_text: str = "") -> list[str]:
-    """The champion and why, in Markdown: its trial, step, metrics, checkpoint folder and LoRA file; the rule;
+def export_lines(exported: Path | None) -> list[str]:
+    """Where the champion's web-UI file and model card are (sweep/export.py wrote them), as Markdown list items."""
+    try:
+        record = json.loads((Path(exported) / "export.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return []
+    lines = [f"- ComfyUI / A1111 / Forge file: `{Path(exported) / record['webui_file']}`"] if record.get("webui_file") else []
+    return lines + [f"- model card: `{Path(exported) / 'README.md'}`"]
+
+
+def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = None) -> list[str]:
+    """The champion and why, in Markdown: its trial, step, metrics, checkpoint folder and LoRA files; the rule;
     the runner-up and the margin. Shared by report.md and the parent run's description in MLflow."""
     lines = []
     if sel.champion:
         c, obj = sel.ranked[0]
         lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {_fmt(obj)})", "",
-                  f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file: `{lora_file(c)}`",
-                  f"- metrics: {_metrics_text(c.metrics)}"]
+                  f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file (diffusers): `{lora_file(c)}`",
+                  *export_lines(exported), f"- metrics: {_metrics_text(c.metrics)}"]
         if c.params:
             lines += ["- settings: " + ", ".join(f"{k} {v}" for k, v in c.params.items())]
     else:
@@ -115,12 +125,12 @@ def champion_lines(sel: Selection, rule_text: str = "") -> list[str]:
 
 
 def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], failed: int, total: int,
-                report_dir: Path, rows: list[dict] = ()) -> str:
+                report_dir: Path, rows: list[dict] = (), exported: Path | None = None) -> str:
     """The parent run's description (the tag `mlflow.note.content`, Markdown, shown on its run page): the champion,
     every trial's best checkpoint side by side (no clicking through the runs), why, and the report's images inline.
     The MLflow UI serves a run's artifacts at get-artifact?path=<artifact path>&run_uuid=<run id>, relative to the
     page (its own host and prefix)."""
-    lines = champion_lines(sel, rule_text)
+    lines = champion_lines(sel, rule_text, exported)
     trials = ["", *markdown_table(list(rows), sel)] if rows else []
     lines[1:1] = [*trials, "", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` "
                   "(artifacts: `report/`)."]
@@ -131,7 +141,7 @@ def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], 
 
 
 def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses: dict[str, str],
-          ui: str, rule_text: str = "") -> list[Path]:
+          ui: str, rule_text: str = "", exported: Path | None = None) -> list[Path]:
     """report.md (champion, rule, table, images inline), report.csv, selection.json (strict JSON), the plots."""
     out = Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +154,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         w.writerows([[r[c] for c in COLUMNS] for r in rows])
     plots = _plots(out, candidates, sel)
     grid = _grid(Path(sweep_dir), out, candidates, sel)
-    lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *champion_lines(sel, rule_text), "", "## Trials", "",
+    lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *champion_lines(sel, rule_text, exported), "", "## Trials", "",
              f"Each trial's best eligible checkpoint; `best {sel.objective}` is the rule's objective there (empty: "
              "none qualifies).", "", *markdown_table(rows, sel)]
     if sel.baseline:
@@ -164,6 +174,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         "rule": sel.rule, "objective": sel.objective, "objective_meaning": rule_text, "explanation": sel.explain(),
         "champion": sel.champion.__dict__ if sel.champion else None,
         "champion_lora": lora_file(sel.champion) if sel.champion else None,
+        "champion_export": str(exported) if exported else None,
         "runner_up": sel.runner_up.__dict__ if sel.runner_up else None, "margin": sel.margin,
         "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2))
     files = [out / "report.md", out / "report.csv", out / "selection.json", plots]

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s", " ".join(redact("cmd", c) for c in cmd[1:]))
     log.info("workers log to it with: tracking.uri=http://%s:%d", LOOPBACK if is_loopback(a.host) else a.host, a.port)
     sys.stdout.flush()
+    # MLflow 3's server also starts job consumers (five huey processes, for GenAI jobs) that a sweep never uses: on
+    # a small machine they take CPU from the trials. MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings them back.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)  # the server is this process: stopping it stops the server
 
 

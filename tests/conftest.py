@@ -1,6 +1,13 @@
 import logging
+import os
 import shutil
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: torch's threads would only wait on each other's,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # here and in the sweeps the tests start (they inherit it)
+    import torch
+
+    torch.set_num_threads(1)
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -67,3 +74,20 @@ def save_image(path: Path, size=(128, 128), mode="RGB", color=(120, 90, 60)) -> 
 def _quiet_libs():
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per core, at most 4 (each builds the tiny model once, and the
+    end-to-end tests start sweeps and servers of their own)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns xdist_group marks into groups
+def pytest_collection_modifyitems(config, items):
+    """Tests that share a module-scoped fixture (a demo sweep, a Ray cluster, a database) go to one xdist worker, in
+    file order, so the fixture is built once; slow tests are handed out first, so that no long test starts last."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs and any(fd[-1].scope == "module" for fd in defs.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each

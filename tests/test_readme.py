@@ -57,6 +57,7 @@ COMMANDS = {
     "generate": r"^python -m sweep\.generate prompt=",
     "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-champion@champion ",
     "request": r"^curl -s http://127\.0\.0\.1:5001/invocations ",
+    "export": r"^python -m sweep\.export$",
     "search demo": r"^python -m sweep -m search=demo$",
     "search your photos": r"^python -m sweep -m experiment=sdxl search=rank_lr data\.instance_dir=\$HOME/photos/me$",
     "search space": r"^python -m sweep -m hydra/sweeper=optuna 'lr=tag\(log, interval\(",
@@ -139,7 +140,7 @@ class User:
             try:
                 if requests.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
                     return proc
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting
                 pass
             time.sleep(0.5)
         stop(proc)
@@ -238,6 +239,58 @@ def test_served_champion_answers_a_request_with_a_png(user):
     assert not strays, strays  # it read the project's store and made none of its own
 
 
+def test_export_for_comfyui_a1111_forge_loads_from_the_registry_too(user):
+    """`python -m sweep.export` writes the champion's web-UI file with its metadata and model card; the sweep wrote
+    the same tensors into its champion/ folder, which the registered version carries (its sha256 on the version);
+    loaded from the registry through mlflow.diffusers, the web-UI file gives the diffusers file's UNet output."""
+    import dataclasses
+
+    import mlflow.diffusers
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = user.run(command("export"))
+    assert p.returncode == 0 and "Traceback" not in p.output, p.output[-3000:]
+    [out] = (user.cwd / "exports").iterdir()
+    record = json.loads((out / "export.json").read_text())
+    webui = record["webui_file"]
+    assert {webui, "pytorch_lora_weights.safetensors", "README.md", "grid.png", "baseline.png"} <= {
+        f.name for f in out.iterdir()}
+    champ = user.champion()
+    assert webui.startswith("sks_woman_") and f"step{champ.tags['step']}" in webui
+    [folder] = user.sweep_folders()
+    in_sweep = json.loads((folder / "champion" / "export.json").read_text())["files"]
+    assert champ.tags["webui_file"] == webui and champ.tags["webui_sha256"] == in_sweep[webui]
+    assert in_sweep["pytorch_lora_weights.safetensors"] == record["files"]["pytorch_lora_weights.safetensors"]
+    ours, theirs = load_file(out / webui), load_file(folder / "champion" / webui)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with safe_open(str(out / webui), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4"  # the demo's rank, alpha = rank
+    assert meta["modelspec.trigger_phrase"] == "sks woman" and meta["sdxl_lora_sweep.trial"] == champ.tags["trial"]
+    assert json.loads(meta["sdxl_lora_sweep.metrics"]) == json.loads(champ.tags["metrics"])
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    card = (out / "README.md").read_text()
+    for text in ("trigger phrase: **`sks woman`**", "recommended LoRA strength: **1**", "## Metrics against the base",
+                 "![with the LoRA](grid.png)", "## How it was chosen", "## Training", "## Licence"):
+        assert text in card, text
+    assert (folder / "report" / "report.md").read_text().count(webui) == 1  # the report points at it
+
+    mlflow.set_tracking_uri(f"sqlite:///{user.cwd / 'mlruns' / 'mlflow.db'}")
+    model = mlflow.diffusers.load_model("models:/sdxl-lora-champion@champion")
+    assert (Path(model.adapter_path) / webui).is_file()
+    outputs = []
+    for m in (model, dataclasses.replace(model, weight_name=webui)):
+        pipe = m.load_pipeline(device="cpu", torch_dtype=torch.float32)
+        g = torch.Generator().manual_seed(0)
+        x, emb = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+        added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+        with torch.no_grad():
+            outputs.append(pipe.unet(x, torch.tensor([500]), emb, added_cond_kwargs=added).sample)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=2e-3, rtol=2e-3)  # fp16 export of an fp32 LoRA
+
+
 def _playwright():
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to open the MLflow UI")
@@ -262,7 +315,8 @@ def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
     image = next(a.path for a in c.list_artifacts(child.info.run_id, "images")
                  if Path(a.path).name.startswith(f"grid+step+{champ['step']}+") and a.path.endswith(".png"))
     port = free_port()
-    proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health")
+    proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health",
+                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job workers: CPU for the rest
     url = f"http://127.0.0.1:{port}"
     try:
         with sync_playwright() as pw:

@@ -19,6 +19,7 @@ from .services import free_port, postgres
 
 pytestmark = pytest.mark.slow
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SMALL = ["steps=12", "train.checkpoint_every=4", "data.resolution=64"]  # the demo's three checkpoints, smaller
 
 
 def _cmd(*args: str) -> list[str]:
@@ -53,7 +54,7 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
     url = f"sqlite:///{tmp_path}/mlruns/optuna.db"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_cmd(), cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_cmd(*SMALL), cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     victim, deadline = None, time.time() + 1200
     try:
@@ -86,7 +87,7 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
     # re-run only reports it to the study (seen once in CI) instead of resuming it from a checkpoint
     victim_had_finished = any(sweep_dir.glob(f"{victim}_*/result.json"))
 
-    p = _run(cwd=tmp_path)  # the same command again
+    p = _run(*SMALL, cwd=tmp_path)  # the same command again
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert [d.name for d in (tmp_path / "outputs" / "sweeps").iterdir()] == [sweep_dir.name]  # same folder
 
@@ -110,10 +111,10 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
     if victim_had_finished:
         assert victim_result["status"] in ("finished", "pruned") and victim_result["tracked"] is True
     else:
-        assert victim_result["resumed_from"] >= 10  # the re-run continued from the killed trial's checkpoint
+        assert victim_result["resumed_from"] >= 4  # the re-run continued from the killed trial's checkpoint
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     for t in pruned:  # a pruned trial stopped where the pruner said, before the last checkpoint
-        assert t.user_attrs["pruned_step"] < 30 and max(t.intermediate_values) == t.user_attrs["pruned_step"]
+        assert t.user_attrs["pruned_step"] < 12 and max(t.intermediate_values) == t.user_attrs["pruned_step"]
 
     # MLflow: one parent, one child run per trial folder, pruned ones marked with their step; the champion
     client, parents, children = _mlflow_children(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -158,7 +159,7 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres_url):
     every trial is run once, by one worker, and ends finished; none is lost or run twice."""
     sweep_dir = tmp_path / "outputs" / "sweeps" / "shared"
     common = [f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.study_name=pg", f"hydra.sweep.dir={sweep_dir}",
-              "hydra.sweeper.n_trials=5", "steps=20"]
+              "hydra.sweeper.n_trials=5", "steps=20", "data.resolution=64"]
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in (0, 1)]
     first = subprocess.Popen(_cmd(*common, "hydra/launcher=processes", "hydra.sweeper.n_jobs=2"), cwd=tmp_path,
                              env=_env(), stdout=logs[0], stderr=subprocess.STDOUT)

@@ -37,7 +37,7 @@ def server(args: list[str], port: int, ready_path: str, cwd: Path, env=None, tim
             try:
                 if requests.get(url + ready_path, timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             time.sleep(0.5)
         else:

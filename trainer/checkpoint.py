@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RECORD_FILE = "checkpoint.json"
 STATE_DIR = "training_state"
+EXPORT_RECORD = "export.json"  # beside files exported from a checkpoint (sweep/export.py): {"files": {name: sha256}}
 
 
 @dataclass
@@ -55,6 +56,24 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded for a LoRA file when it was written: the checkpoint's own file in checkpoint.json, an
+    exported one (or the diffusers copy in an export folder) in export.json beside it; None if nothing records it."""
+    path = Path(path)
+    try:
+        exported = json.loads((path.parent / EXPORT_RECORD).read_text()).get("files", {})
+        if path.name in exported:
+            return exported[path.name]
+    except (OSError, ValueError, AttributeError):
+        pass
+    if path.name == LORA_FILE and (path.parent / RECORD_FILE).is_file():
+        try:
+            return json.loads((path.parent / RECORD_FILE).read_text()).get("lora_sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
 
 
 def step_dir(output_dir: Path, step: int) -> Path:

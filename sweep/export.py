@@ -1,0 +1,445 @@
+"""Use a LoRA anywhere: ComfyUI, Automatic1111 and Forge (kohya's format) and diffusers, with a model card.
+
+    python -m sweep.export                                   the registered champion (models:/sdxl-lora-champion@champion)
+    python -m sweep.export outputs/sweeps/<sweep>            a sweep's champion
+    python -m sweep.export <trial>/checkpoints/step-000300   any checkpoint
+    python -m sweep.export models:/sdxl-lora-champion/3 format=webui dtype=bf16 out=my_lora
+
+writes a folder (default exports/<name>/):
+
+    <name>.safetensors                  ComfyUI (models/loras, "Load LoRA"), A1111 / Forge (models/Lora, <lora:name:1>)
+    pytorch_lora_weights.safetensors    diffusers (pipe.load_lora_weights(folder))
+    README.md                           model card: trigger phrase, strength, metrics against the base, how it was chosen
+    grid.png, baseline.png              the evaluation prompts with and without the LoRA
+    export.json                         what was exported from where, and each file's sha256
+
+A sweep exports its champion this way into <sweep>/champion/ by itself, and the registered version carries it."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("both", "webui", "diffusers")
+USAGE = ("usage: python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] "
+         "[format=both|webui|diffusers] [out=<folder>] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
+KEYS = {"format", "out", "dtype", "tracking_uri"}
+DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
+TOOL = "sdxl_lora_sweep"  # prefix of this tool's own metadata keys
+ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+
+
+@dataclass
+class Source:
+    """A LoRA to export and what is known about it."""
+
+    lora: Path  # the diffusers file (its hash verified)
+    trial: str
+    step: int
+    metrics: dict = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)
+    conf: object = None  # the trial's SweepConfig, when its folder is at hand
+    created: float | None = None  # when the checkpoint was written
+    config_hash: str = ""
+    chosen: str = ""  # how it was chosen (a sweep's champion, a registered version), Markdown
+    origin: str = ""  # what the user named: the folder or models:/ URI
+    base: str = ""  # the base model id or folder
+    grids: dict = field(default_factory=dict)  # {"grid.png": path, "baseline.png": path}
+
+
+def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    from trainer.webui import DTYPES
+
+    source, args = None, {}
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if sep and key in KEYS:
+            args[key] = value
+        elif not sep or a.startswith("models:/") or Path(a).exists():
+            if source is not None:
+                raise SystemExit(f"two sources given ({source!r} and {a!r}): export one at a time\n{USAGE}")
+            source = a
+        else:
+            raise SystemExit(f"unknown argument {a!r}\n{USAGE}")
+    if args.get("format", "both") not in FORMATS:
+        raise SystemExit(f"format={args['format']!r} is not one of {', '.join(FORMATS)}: webui is the file ComfyUI, "
+                         "A1111 and Forge load, diffusers the one diffusers loads, both writes the two")
+    if args.get("dtype", "fp16") not in DTYPES:
+        raise SystemExit(f"dtype={args['dtype']!r} is not one of {', '.join(DTYPES)} (fp16: what the web UIs use)")
+    return source, args
+
+
+# ---- sources -------------------------------------------------------------------------------------------------
+
+
+def from_checkpoint(folder: Path, origin: str = "") -> Source:
+    """A checkpoint folder (<trial>/checkpoints/step-NNNNNN): its LoRA (hash checked against checkpoint.json), and,
+    from its trial folder, the config, metrics, baseline and grids."""
+    from evaluation.generate import EvalInputError, check_lora_file
+    from trainer.checkpoint import CheckpointRecord
+
+    folder = Path(folder).expanduser().resolve()
+    try:
+        lora = check_lora_file(folder)
+    except EvalInputError as exc:
+        raise SystemExit(str(exc)) from None
+    rec = CheckpointRecord.read(folder) if (folder / "checkpoint.json").is_file() else None
+    step = rec.step if rec else int(folder.name.rpartition("-")[2]) if folder.name.startswith("step-") else 0
+    src = Source(lora=lora, trial=rec.trial if rec else folder.name, step=step, origin=origin or str(folder),
+                 created=rec.created if rec else None, config_hash=rec.config_hash if rec else "")
+    trial = folder.parent.parent
+    config = trial / ".hydra" / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        from .config import to_typed
+
+        src.conf = to_typed(OmegaConf.load(config))
+        src.base = base_name(src.conf)
+    if (trial / "result.json").is_file():
+        from .finalize import read_result
+
+        metrics = read_result(trial).get("metrics") or {}
+        src.metrics, src.baseline = metrics.get(folder.name) or {}, metrics.get("baseline") or {}
+    # the checkpoint's grid in its trial; the no-LoRA grid where the sweep's baseline was scored (one trial made it)
+    for name, pattern in (("grid.png", f"eval/grids/{folder.name}_*.png"), ("baseline.png", "eval/grids/baseline_*.png")):
+        found = sorted(trial.glob(pattern)) or sorted(trial.parent.glob(f"*/{pattern}"))
+        if found:
+            src.grids[name] = found[0]
+    return src
+
+
+def from_sweep(folder: Path) -> Source:
+    """A sweep folder: its champion, as its report chose it."""
+    folder = Path(folder).expanduser().resolve()
+    sel_file = folder / "report" / "selection.json"
+    if not sel_file.is_file():
+        raise SystemExit(f"{folder} has no report/selection.json: the sweep has not chosen a champion yet. Rebuild "
+                         f"it with `python -m sweep.report {folder}`, or export a checkpoint folder directly")
+    sel = json.loads(sel_file.read_text())
+    if not sel.get("champion"):
+        raise SystemExit(f"{folder}: no checkpoint qualified as champion ({sel.get('explanation', '')}); export a "
+                         "checkpoint folder directly: python -m sweep.export <trial>/checkpoints/step-NNNNNN")
+    src = from_checkpoint(Path(sel["champion"]["checkpoint"]), origin=str(folder))
+    src.chosen = f"The champion of sweep `{folder.name}`: {sel.get('explanation', '')}."
+    return src
+
+
+def from_registry(uri: str, store: str) -> Source:
+    """A registered version: its own checkpoint folder when this machine has it (same bytes, checked), else the
+    registered copy, described by the version's tags."""
+    import mlflow
+
+    from .generate import registered_version, verify_registered
+    from .registry import metrics_from_json
+
+    mlflow.set_tracking_uri(store)
+    version = registered_version(uri, store)
+    tags = version.tags if version is not None else {}
+    ckpt = Path(tags.get("checkpoint", ""))
+    if tags.get("checkpoint") and (ckpt / "pytorch_lora_weights.safetensors").is_file():
+        src = from_checkpoint(ckpt, origin=uri)
+        if tags.get("lora_sha256"):
+            from evaluation.generate import EvalInputError, verify_hash
+
+            try:
+                verify_hash(src.lora, tags["lora_sha256"])
+            except EvalInputError as exc:
+                raise SystemExit(f"{uri}: {exc}") from None
+    else:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        verify_registered(uri, local, version)
+        [lora] = list(local.rglob("pytorch_lora_weights.safetensors"))[:1]
+        src = Source(lora=lora, trial=tags.get("trial", "?"), step=int(tags.get("step", 0)), origin=uri)
+        from mlflow.models import Model
+
+        src.base = Model.load(str(local)).flavors.get("diffusers", {}).get("base_model", "")
+    if "metrics" in tags:
+        src.metrics, src.baseline = metrics_from_json(tags["metrics"]), metrics_from_json(tags.get("baseline", "{}"))
+    if version is not None:
+        src.chosen = (f"Registered as `{version.name}` version {version.version}"
+                      + (f" ({tags['registry.decision']})" if tags.get("registry.decision") else "")
+                      + (f"; objective `{tags['objective_name']}` = {tags['objective']}" if tags.get("objective") else ""))
+    return src
+
+
+def resolve(source: str | None, store: str | None) -> Source:
+    if source is None or source.startswith("models:/"):
+        from .generate import default_store
+
+        return from_registry(source or DEFAULT_MODEL, store or default_store())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SystemExit(f"{source}: no such folder. Give a checkpoint folder (<trial>/checkpoints/step-NNNNNN), a "
+                         f"sweep folder (outputs/sweeps/<date>) or a registered model (models:/<name>@champion)")
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        return from_checkpoint(path)
+    if (path / "report" / "selection.json").is_file() or (path / "sweep.json").is_file():
+        return from_sweep(path)
+    raise SystemExit(f"{source} is neither a checkpoint folder (no pytorch_lora_weights.safetensors) nor a sweep "
+                     "folder (no report/selection.json)")
+
+
+def base_name(conf) -> str:
+    m = conf.model
+    return m.pretrained or f"{m.name} (an SDXL architecture with random weights, built locally)"
+
+
+# ---- what the file says about itself -----------------------------------------------------------------------------
+
+
+def trigger_phrase(conf) -> str:
+    """What prompts must say for the subject: the token and the class noun evaluation prompted with ("sks man")."""
+    if conf is None:
+        return ""
+    return " ".join(w for w in (conf.eval.subject_token or conf.data.subject_token, conf.eval.class_noun) if w)
+
+
+def output_name(src: Source) -> str:
+    """sks_man_lr_0.0001_step300: the name the UIs list the LoRA by (kohya's ss_output_name)."""
+    from .tracking import display_name
+
+    slug = lambda s: re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_")
+    parts = [trigger_phrase(src.conf), display_name(src.trial), f"step{src.step}"]
+    return "_".join(slug(p) for p in parts if slug(p)) or "lora"
+
+
+def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
+    """kohya's ss_* keys and Stability's modelspec.* keys (what A1111's and ComfyUI's LoRA browsers show), and this
+    tool's own: the trial, its config hash, the checkpoint's metrics and the selection rule."""
+    from .registry import metrics_json
+
+    unet = configs.get("unet", {})
+    rank = int(unet.get("r") or 0)
+    alpha = float(unet.get("lora_alpha") or rank)
+    conf = src.conf
+    res = conf.data.resolution if conf else 1024
+    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(src.created or time.time()))
+    meta = {
+        "ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": name, "ss_steps": src.step,
+        "ss_network_train_unet_only": "text_encoder" not in configs, "ss_sd_model_name": src.base,
+        "ss_training_comment": f"trained by {TOOL} (trial {src.trial}, step {src.step})",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": name, "modelspec.resolution": f"{res}x{res}", "modelspec.date": date,
+        "modelspec.prediction_type": "epsilon",
+        f"{TOOL}.trial": src.trial, f"{TOOL}.step": src.step, f"{TOOL}.config_hash": src.config_hash,
+        f"{TOOL}.metrics": metrics_json(src.metrics), f"{TOOL}.baseline": metrics_json(src.baseline),
+    }
+    if conf is not None:
+        phrase = trigger_phrase(conf)
+        meta.update({
+            "ss_learning_rate": conf.train.lr, "ss_unet_lr": conf.train.lr,
+            "ss_text_encoder_lr": conf.train.text_encoder_lr or conf.train.lr if conf.lora.train_text_encoder else 0,
+            "ss_max_train_steps": conf.train.max_steps, "ss_resolution": f"({res}, {res})",
+            "ss_seed": conf.train.seed, "ss_network_dropout": conf.lora.dropout, "ss_batch_size_per_device":
+            conf.train.batch_size, "modelspec.trigger_phrase": phrase,
+            "modelspec.description": f"DreamBooth LoRA of {phrase} on SDXL, step {src.step} of trial {src.trial}",
+            f"{TOOL}.selection_rule": conf.selection.rule, f"{TOOL}.lora_scale": conf.eval.lora_scale})
+        from .selection import describe_rule
+
+        meta[f"{TOOL}.selection"] = describe_rule(conf.selection)
+    return {k: str(v) for k, v in meta.items()}
+
+
+def licence(base: str) -> tuple[str | None, str]:
+    """(licence id, the card's line): from the base model's own model card (README.md front matter), local or in the
+    Hugging Face cache."""
+    text = None
+    try:
+        folder = Path(base)
+        if (folder / "README.md").is_file():
+            text = (folder / "README.md").read_text()
+        elif base and not folder.exists():
+            from huggingface_hub import hf_hub_download
+
+            text = Path(hf_hub_download(base, "README.md", local_files_only=True)).read_text()
+    except Exception:
+        text = None
+    m = re.match(r"^---\s*\n(.*?)\n---", text or "", re.DOTALL)
+    if m:
+        import yaml
+
+        front = yaml.safe_load(m[1]) or {}
+        lic = front.get("license")
+        if lic:
+            link = front.get("license_link")
+            return str(lic), (f"This LoRA is derived from `{base}` and is under its licence: **{lic}**"
+                              + (f" ({link})." if link else " (see the base model's card)."))
+    return None, (f"This LoRA is derived from `{base or 'its base model'}`, whose licence applies; its model card was "
+                  "not found here, so check the licence there before sharing.")
+
+
+def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, str], configs: dict,
+               note: str = "") -> str:
+    """README.md in the Hugging Face model-card style."""
+    from .report import _fmt
+
+    conf = src.conf
+    phrase = trigger_phrase(conf)
+    lic, lic_line = licence(src.base)
+    strength = conf.eval.lora_scale if conf else 1.0
+    front = {"base_model": src.base if src.base and not src.base.startswith("/") and "(" not in src.base else None,
+             "license": lic, "instance_prompt": conf.data.instance_prompt if conf else None,
+             "library_name": "diffusers",
+             "tags": ["text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "lora", "dreambooth",
+                      TOOL]}
+    import yaml
+
+    lines = ["---", yaml.safe_dump({k: v for k, v in front.items() if v is not None}, sort_keys=False).strip(), "---",
+             "", f"# {name}", "",
+             f"An SDXL DreamBooth LoRA of **{phrase or 'the subject'}**: step {src.step} of trial `{src.trial}`, "
+             f"exported by {TOOL}.", ""]
+    if phrase:
+        example = next((p for p in (conf.eval.prompts or []) if phrase in p), f"a photo of {phrase}")
+        lines += [f"- trigger phrase: **`{phrase}`** (e.g. \"{example}\")"]
+    lines += [f"- recommended LoRA strength: **{strength:g}** (what it was evaluated and chosen at)",
+              f"- base model: `{src.base or '?'}`", ""]
+    if note:
+        lines += [f"> {note}", ""]
+    lines += ["## Files", "", "| file | load it in | sha256 |", "|---|---|---|"]
+    for f, sha in files.items():
+        where = {"pytorch_lora_weights.safetensors": "diffusers: `pipe.load_lora_weights(\"<this folder>\")`"}.get(
+            f, f"ComfyUI (`models/loras/`, Load LoRA node, strength {strength:g}); Automatic1111 / Forge "
+               f"(`models/Lora/`, prompt `<lora:{Path(f).stem}:{strength:g}>`)")
+        lines.append(f"| `{f}` | {where} | `{sha[:16]}...` |")
+    unet = configs.get("unet", {})
+    if any(f.endswith(".safetensors") and f != "pytorch_lora_weights.safetensors" for f in files):
+        lines += ["", f"The web-UI file names modules as kohya's SDXL trainer does and carries the adapter's own "
+                      f"alpha ({meta.get('ss_network_alpha')}, rank {meta.get('ss_network_dim')}: the UIs apply "
+                      f"alpha / rank = {float(unet.get('lora_alpha') or 1) / float(unet.get('r') or 1):g}), so "
+                      "strength 1 is the strength it was evaluated at."]
+    if src.metrics:
+        lines += ["", "## Metrics against the base model", "",
+                  "Scored on the evaluation prompts at fixed seeds; the base model is the same pipeline without the "
+                  "LoRA.", "", "| metric | this LoRA | base model |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} | {_fmt(src.baseline.get(k, math.nan))} |" for k, v in src.metrics.items()]
+    if src.grids:
+        lines += ["", "## Images", ""]
+        lines += [f"![{label}]({f})" for f, label in (("grid.png", "with the LoRA"), ("baseline.png", "base model"))
+                  if f in src.grids]
+    if src.chosen or conf is not None:
+        lines += ["", "## How it was chosen", ""]
+        if src.chosen:
+            lines += [src.chosen, ""]
+        if conf is not None:
+            from .selection import describe_rule
+
+            lines += [f"Rule `{conf.selection.rule}`: {describe_rule(conf.selection)}"]
+    if conf is not None:
+        t, lo = conf.train, conf.lora
+        settings = {"learning rate": t.lr, "steps (this checkpoint / the trial's)": f"{src.step} / {t.max_steps}",
+                    "LoRA rank / alpha": f"{lo.rank} / {lo.lora_alpha:g}", "target modules": ", ".join(lo.target_modules),
+                    "text encoders trained": lo.train_text_encoder, "resolution": conf.data.resolution,
+                    "batch size": t.batch_size, "optimizer": t.optimizer, "LR schedule": t.lr_scheduler,
+                    "prior preservation": conf.data.with_prior_preservation, "seed": t.seed,
+                    "instance prompt": conf.data.instance_prompt, "config hash": src.config_hash}
+        lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += ["", "## Licence", "", lic_line, ""]
+    return "\n".join(lines)
+
+
+# ---- writing -----------------------------------------------------------------------------------------------------
+
+
+def layers_per_block(src: Source) -> int:
+    """The UNet's layers_per_block (SGM block numbering depends on it): from the base's unet/config.json; SDXL's 2
+    when the base is not at hand."""
+    try:
+        from trainer.models import resolve_source
+
+        from .config import resolve_path
+
+        if src.conf is not None:
+            folder = Path(resolve_source(src.conf.model, resolve_path(src.conf.paths, src.conf.paths.cache_dir)))
+        else:
+            folder = Path(src.base)
+        cfg = folder / "unet" / "config.json"
+        if not cfg.is_file():
+            from huggingface_hub import hf_hub_download
+
+            cfg = Path(hf_hub_download(src.base, "unet/config.json", local_files_only=True))
+        return int(json.loads(cfg.read_text())["layers_per_block"])
+    except Exception:
+        return 2
+
+
+def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", strict: bool = True) -> dict:
+    """Write the export folder `out` (replacing one there, in one rename). strict=False: a LoRA the web-UI format
+    cannot hold (DoRA, modules outside attention) is exported for diffusers only, with a note in the card.
+    Returns export.json's content."""
+    from trainer.checkpoint import EXPORT_RECORD, LORA_FILE, sha256_file
+    from trainer.webui import WebUIExportError, adapter_config, convert, save, umask
+
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = output_name(src)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; an export folder is shared like any output
+    note = ""
+    try:
+        configs = adapter_config(src.lora)
+        if fmt in ("both", "webui"):
+            alphas = {"unet": src.conf.lora.lora_alpha} if src.conf is not None else None
+            if alphas and src.conf.lora.train_text_encoder:
+                alphas.update(text_encoder=src.conf.lora.lora_alpha, text_encoder_2=src.conf.lora.lora_alpha)
+            try:
+                tensors, configs = convert(src.lora, layers_per_block(src), dtype, alphas)
+                save(tensors, tmp / f"{name}.safetensors", metadata(src, name, configs))
+            except WebUIExportError as exc:
+                if strict:
+                    raise SystemExit(f"cannot export {src.origin} for the web UIs: {exc}") from None
+                note = f"No web-UI file: {exc}."
+                log.warning("%s: %s", src.origin, note)
+        if fmt in ("both", "diffusers"):
+            shutil.copy2(src.lora, tmp / LORA_FILE)
+        for f, path in src.grids.items():
+            shutil.copy2(path, tmp / f)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+        (tmp / "README.md").write_text(model_card(src, name, files, metadata(src, name, configs), configs, note))
+        record = {"name": name, "source": src.origin, "trial": src.trial, "step": src.step, "format": fmt,
+                  "dtype": dtype, "files": files, "webui_file": f"{name}.safetensors" if f"{name}.safetensors" in files
+                  else None}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}") if out.exists() else None
+        if old:
+            out.rename(old)
+        tmp.rename(out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**record, "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .generate import quiet
+
+    quiet()
+    source, args = parse(sys.argv[1:] if argv is None else argv)
+    src = resolve(source, args.get("tracking_uri"))
+    out = Path(args["out"]) if "out" in args else Path("exports") / output_name(src)
+    rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"))
+    print(f"exported {src.trial} step {src.step} from {src.origin} to {rec['out']}:")
+    for f, sha in rec["files"].items():
+        print(f"  {f}  sha256 {sha[:16]}...")
+    if rec["webui_file"]:
+        print(f"ComfyUI: copy {rec['webui_file']} into ComfyUI/models/loras/ and pick it in a Load LoRA node; "
+              f"A1111 / Forge: copy it into models/Lora/ and add <lora:{Path(rec['webui_file']).stem}:1> to the prompt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
