@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.single_trial import model_preset  # noqa: E402
-from trainer import LoraSettings, compiling, packed  # noqa: E402
+from common import compiling  # noqa: E402
+from trainer import LoraSettings, packed  # noqa: E402
 from trainer.models import load_base_model, resolve_source  # noqa: E402
 
 FAMILIES = [  # first match wins; kernel names as CUPTI reports them

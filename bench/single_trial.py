@@ -78,13 +78,13 @@ def ours(model: ModelConfig, photos: Path, work: Path, cache: Path, steps: int, 
 def eval_speed(model_dir: str, batch: int, compiled: bool, lora: str = "") -> dict:
     """Seconds per 1024 px image (30 steps, CFG) at `batch` images per pipeline call, the way a sweep scores:
     the study's prompts, VAE decode included. `compiled`: the UNet's regions under torch.compile as a sweep
-    compiles them for generating (trainer/compiling.py), whose cost (the warm-up's extra time) is reported.
+    compiles them for generating (common/compiling.py), whose cost (the warm-up's extra time) is reported.
     `lora`: a rank-4 LoRA on the UNet's attention projections (as a checkpoint carries), applied by peft's adapter
-    layers ("peft") or merged into the weights as evaluation scores checkpoints ("merged", trainer.lora.merged)."""
+    layers ("peft") or merged into the weights as evaluation scores checkpoints ("merged", common.lorafile.merged)."""
     from evaluation import EvalConfig
     from evaluation import generate as gen
-    from trainer import lora as lora_mod
-    from trainer.compiling import compiled_for_generation
+    from common import lorafile as lora_mod
+    from common.compiling import compiled_for_generation
 
     pipe, _ = gen.load_pipeline(model_dir, torch.device("cuda"))
     if lora:

@@ -39,7 +39,7 @@ class EvalConfig:
     refiner_split: float = 0.8  # the base denoises the first 80%, the refiner the rest
     device: str = "auto"
     # torch.compile the UNet's transformer blocks while generating; None: auto, on CUDA when a call (or a sweep's
-    # trial) generates enough images to repay compiling (trainer/compiling.py). Not part of what scores mean.
+    # trial) generates enough images to repay compiling (common/compiling.py). Not part of what scores mean.
     compile: Optional[bool] = None
 
     def images_per_checkpoint(self) -> int:

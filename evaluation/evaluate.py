@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from trainer import compiling, faults
+from common import compiling, faults
+from common.device import resolve_device
 
 from . import generate as gen
 from . import grid
@@ -48,7 +49,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         raise EvalInputError("evaluate(applied=True) scores the one checkpoint already on `pipeline`, without baseline")
     refs, face = preflight(cfg, instance_dir, ckpts)
     out_dir = Path(out_dir)
-    device = gen.resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "eval.device")
     clip = _scorer(cfg.clip_model, device)
     if pipeline is None:
         pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)

@@ -39,8 +39,8 @@ class FaceBackend(Protocol):
 
 def _need(module: str, extra: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise FaceBackendMissing(f"eval.face_backend={what} needs the `{module}` package: "
-                                 f"pip install 'sdxl-lora-sweep[{extra}]' (or eval.face_backend=dlib / none)")
+        raise FaceBackendMissing(f"eval.face_backend={what} needs the `{module}` package: pip install "
+                                 f"'sdxl-lora-sweep[{extra}]' (or eval.face_backend=none: no face-identity metrics)")
 
 
 class DlibBackend:

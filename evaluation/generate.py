@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.lorafile import LORA_FILE, merged, recorded_sha256, sha256_file
+
 from .config import EvalConfig, EvalInputError
 
 log = logging.getLogger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "checkpoint"  # not "eval": peft sets the adapter name as a module attribute
 STATS: Counter = Counter()  # pipeline loads (tests assert one per process)
 _PIPES: dict[tuple, object] = {}
@@ -25,12 +26,6 @@ _PIPES: dict[tuple, object] = {}
 
 class LoraFileError(EvalInputError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_pipeline(pretrained: str, device: torch.device, refiner: str | None = None):
@@ -82,26 +77,19 @@ def verify_hash(path: Path, expected: str | None = None) -> None:
     """The LoRA file against the sha256 recorded beside it when it was written (checkpoint.json for a checkpoint's
     file, export.json for an exported one) and the one the caller recorded: a file changed or damaged since is
     refused, never silently used. The file is hashed once."""
-    import hashlib
-
-    from trainer.checkpoint import recorded_sha256
-
     wanted = [e for e in (expected, recorded_sha256(path)) if e]
     if not wanted:
         return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    bad = next((e for e in wanted if e != h.hexdigest()), None)
+    actual = sha256_file(path)
+    bad = next((e for e in wanted if e != actual), None)
     if bad is not None:
-        raise LoraFileError(f"{path}: content hash {h.hexdigest()[:16]}... does not match the recorded {bad[:16]}...: "
+        raise LoraFileError(f"{path}: content hash {actual[:16]}... does not match the recorded {bad[:16]}...: "
             "the file changed or is damaged since it was written; use another checkpoint")
 
 
 class LoraSwap:
     """Context: inside, the checkpoint's LoRA (with None: the adapter the UNet already carries, e.g. a trainer's
-    live one) merged into the UNet's weights (`trainer.lora.merged`: generating costs what the base costs and
+    live one) merged into the UNet's weights (`common.lorafile.merged`: generating costs what the base costs and
     reuses its compiled code); outside, the plain base exactly as before."""
 
     def __init__(self, pipe, checkpoint: Path | None, scale: float = 1.0):
@@ -109,8 +97,6 @@ class LoraSwap:
         self._undo = contextlib.ExitStack()
 
     def __enter__(self):
-        from trainer.lora import merged
-
         with contextlib.ExitStack() as undo:  # unwound here if anything below fails, else kept for __exit__
             if self.checkpoint is not None:
                 path = check_lora_file(self.checkpoint)

@@ -1,7 +1,17 @@
-"""Sweeps of SDXL DreamBooth-LoRA fine-tunes: Hydra entry point, trial orchestration (tracking, selection: later)."""
+"""Sweeps of SDXL DreamBooth-LoRA fine-tunes: the Hydra entry point, one trial per job, and the sweep's end (selection,
+registry, report, export). Layers, each importing only from those below (checked by import-linter, pyproject.toml):
+entry points (__main__, callbacks, generate, server, the packages' __main__) > orchestrators (job, finalize) >
+services (tracking, search, launchers, report, export) > base (results > config > selection > metrics, and logs,
+redaction, offline_models, cli)."""
+import hashlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from .launchers.resume import sweep_folder
+from .logs import drop_known_notices
+
+drop_known_notices()  # before anything imports transformers or mlflow
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
@@ -12,8 +22,6 @@ def _project_dir() -> str:
 
 
 def _sweep_folder(resume, sweeps_root, overrides, hydra_overrides=(), sweeper="") -> str:
-    from .resume import sweep_folder
-
     # an Optuna study continues when the same command runs again: its folder does too
     resume = bool(resume) or str(sweeper).endswith("OptunaSweeper")
     return sweep_folder(resume, str(sweeps_root), [str(o) for o in overrides], [str(o) for o in hydra_overrides])
@@ -23,8 +31,6 @@ def _trial_dir(num, dirname="") -> str:
     """A trial folder's name, "<job number>_<overrides>", kept within file-system limits: past 120 characters the
     overrides are cut and a hash of the whole keeps names unique (.hydra/overrides.yaml has them all). A value
     holding a path separator cannot make it a path: the trial folder stays in the sweep folder."""
-    import hashlib
-
     name = f"{num}_{dirname}".replace("/", "%2F").replace("\\", "%5C")
     if len(name) <= 120:
         return name

@@ -1,19 +1,29 @@
 """Hydra callbacks: the MLflow parent run before the first trial, selection/registry/report after the last."""
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from trainer import UserError, instance_photos
+
+from .config import resolve_path, to_typed
+from .finalize import finalize_folder
+from .launchers.resume import export_folder
+from .search import SearchSettings
+from .search.sweeper import prepare
+from .tracking import PENDING_FILE, git_commit, make_tracker
 
 log = logging.getLogger(__name__)
 
 
 def _typed(config: DictConfig):
-    from .config import to_typed
-
     cfg = OmegaConf.to_container(config, resolve=False)
     cfg.pop("hydra", None)
     return to_typed(OmegaConf.create(cfg))
@@ -21,8 +31,6 @@ def _typed(config: DictConfig):
 
 def _sweeps_data(overrides: list[str]) -> bool:
     """Whether the sweep varies a `data.*` key (then each trial checks its own photos and resolution)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     return any(o.is_sweep_override() and o.key_or_group.lstrip("+~").startswith("data") for o in parsed)
 
@@ -33,9 +41,6 @@ _HELD: list = []  # lock files held for the life of this process
 def hold_folder(folder: Path) -> None:
     """Refuse a second sweep in a folder a running one holds (e.g. two `resume=true` launches of one command):
     both would train the same trials into the same files. The lock goes with the process, even when killed."""
-    import fcntl
-    import os
-
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / ".lock", "a+")
     try:
@@ -56,21 +61,11 @@ def hold_folder(folder: Path) -> None:
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from trainer import UserError
-
-        from .config import resolve_path
-        from .tracking import git_commit, make_tracker
-
         try:
             conf = _typed(config)
             if not _sweeps_data(list(config.hydra.overrides.task)):  # every trial trains on these photos: a
-                from trainer import instance_photos  # missing or unusable folder refuses the sweep, not each trial
-
-                instance_photos(conf.data)
+                instance_photos(conf.data)  # missing or unusable folder refuses the sweep, not each trial
             if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):
-                from .optuna_sweep import prepare
-                from .search import SearchSettings
-
                 prepare(SearchSettings.from_config(config.hydra.sweeper), config, list(config.hydra.overrides.task))
             tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
             tracker.check()  # a tracking server that does not answer: refused now, not after hours of training
@@ -78,8 +73,6 @@ class SweepCallback(Callback):
             log.error("%s", exc)
             raise SystemExit(2) from None
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        from .resume import export_folder
-
         export_folder(sweep_dir.name)
         if not str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):  # Optuna workers share
             hold_folder(sweep_dir)  # a folder on purpose (their study coordinates them); a grid must not
@@ -87,9 +80,6 @@ class SweepCallback(Callback):
                             {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .finalize import finalize_folder
-        from .tracking import PENDING_FILE
-
         sel, failed = finalize_folder(Path(config.hydra.sweep.dir))
         if sel is None:  # not one trial got as far as writing its result
             log.error("no trial finished: see the errors above")
@@ -103,8 +93,6 @@ class SweepCallback(Callback):
     def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A single run is its own sweep: select, report and end its MLflow parent run. Hydra has unset its
         HydraConfig by now; the run's folder is in the config it passes (run_job wrote hydra.runtime.output_dir)."""
-        from .finalize import finalize_folder
-
         out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
         if out is None and job_return is not None:
             out = getattr(job_return, "working_dir", None)

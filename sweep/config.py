@@ -14,7 +14,15 @@ from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
 
 from .selection import SelectionConfig, config_problems
-from .tracking import TrackingConfig
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: sqlite:///<paths.root>/mlruns/mlflow.db, artifacts in <paths.root>/mlruns/artifacts
+    experiment: str = "sdxl-lora-sweep"
+    registered_model: str = "sdxl-lora-champion"
+    system_metrics: bool = True
 
 
 @dataclass
@@ -99,3 +107,14 @@ def resolve_path(paths: PathsConfig, p: str) -> Path:
     """`p` as an absolute path: relative paths are relative to `paths.root` (itself relative to the cwd)."""
     q = Path(p).expanduser()
     return q if q.is_absolute() else (Path(paths.root).expanduser() / q).resolve()
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,120 +1,42 @@
 """The end of a sweep: gather every trial's checkpoint metrics, select the champion, register it, report."""
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from . import report
-from .config import SweepConfig, resolve_path
-from .selection import Candidate, Selection, SelectionConfig, checkpoint_score, describe_rule, select
-from .tracking import make_tracker, read_sweep, ui_command
+from .config import resolve_path
+from .export import export, from_checkpoint
+from .metrics import fmt
+from .results import CHAMPION_DIR, collect, load_config, lost_before_start, lost_trials, read_sweep, trial_dirs, \
+    write_result
+from .selection import Selection, describe_rule, select
+from .tracking import make_tracker, ui_command
+from .tracking.registry import register_champion
 
 log = logging.getLogger(__name__)
-RESULT = "result.json"
-BASELINE = "baseline_metrics.json"
-CHAMPION_DIR = "champion"  # the champion exported for the web UIs and diffusers (sweep/export.py)
 
-
-def trial_dirs(sweep_dir: Path) -> list[Path]:
-    """Folders of the sweep's trials (the sweep folder itself for a single run)."""
-    if (sweep_dir / RESULT).is_file():
-        return [sweep_dir]
-    return sorted(d for d in sweep_dir.iterdir() if d.is_dir() and (d / RESULT).is_file())
-
-
-def read_result(trial_dir: Path) -> dict:
-    """A trial's result.json, its nulls (how strict JSON writes NaN) read back as NaN: objective and metrics."""
-    res = json.loads((Path(trial_dir) / RESULT).read_text())
-    if "objective" in res:
-        res["objective"] = math.nan if res["objective"] is None else res["objective"]
-    if isinstance(res.get("metrics"), dict):
-        res["metrics"] = {ck: {k: math.nan if v is None else v for k, v in m.items()} if isinstance(m, dict) else m
-                          for ck, m in res["metrics"].items()}
-    return res
-
-
-def collect(sweep_dir: Path) -> tuple[list[Candidate], dict[str, float], dict[str, str]]:
-    candidates, statuses = [], {}
-    for d in trial_dirs(sweep_dir):
-        res = read_result(d)
-        statuses[res["name"]] = res["status"]
-        for ckpt, metrics in (res.get("metrics") or {}).items():
-            if ckpt.startswith("step-"):
-                candidates.append(Candidate(res["name"], int(ckpt[5:]), metrics, str(d / "checkpoints" / ckpt),
-                                            "failed" if res["status"] == "failed" else res["status"],
-                                            res.get("params", {})))
-    base_file = sweep_dir / BASELINE
-    baseline = json.loads(base_file.read_text())["metrics"] if base_file.is_file() else {}
-    return candidates, baseline, statuses
-
-
-def trial_best(candidates: list[Candidate], baseline: dict[str, float],
-               cfg: SelectionConfig) -> tuple[float, Candidate | None]:
-    """A trial's best eligible checkpoint under the sweep's rule and its objective (NaN, None if none qualifies):
-    the value a trial reports to a sweeper."""
-    sel = select(candidates, baseline, cfg)
-    return (checkpoint_score(sel.champion, baseline, cfg), sel.champion) if sel.champion else (math.nan, None)
-
-
-def load_config(sweep_dir: Path) -> SweepConfig:
-    """The sweep's typed config, as its first trial saw it."""
-    from .config import to_typed
-
-    first = (trial_dirs(sweep_dir) or lost_trials(sweep_dir))[0]
-    return to_typed(OmegaConf.load(first / ".hydra" / "config.yaml"))
-
-
-def lost_trials(sweep_dir: Path) -> list[Path]:
-    """Trial folders whose job ended without a result: its process was killed, or its machine lost. Only in a
-    grid sweep's folder (held by its launching process: no job of it runs any more when it ends); an Optuna
-    study's workers share a folder, and re-queue their dead trials themselves."""
-    if (sweep_dir / RESULT).is_file() or not (sweep_dir / ".lock").is_file():
-        return []
-    return sorted(d for d in sweep_dir.iterdir()
-                  if d.is_dir() and (d / ".hydra").is_dir() and not (d / RESULT).is_file())
-
-
-def lost_before_start(sweep_dir: Path) -> dict[str, str]:
-    """Jobs a launcher lost (sweep/launcher.py lost_job) before they made a trial folder: {"job N": why}."""
-    from .launcher import LOST_FILE
-
-    path = sweep_dir / LOST_FILE
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if not any(sweep_dir.glob(f"{rec['job']}_*")):
-            out[f"job {rec['job']} ({' '.join(rec['overrides'])})"] = rec["why"]
-    return out
 
 
 def record_lost(sweep_dir: Path, tracker) -> None:
     """Each lost trial: a failed result.json (its checkpoints stay: `resume=true` continues it; the report and the
     failure count read it from there) and its MLflow run, if it got one, marked FAILED with the reason."""
-    from .job import write_result
-
     sweep = read_sweep(sweep_dir)
     for d in lost_trials(sweep_dir):
         reason = ("its job ended without a result (process killed or machine lost); its checkpoints are kept: "
                   "run the same command with resume=true to continue it")
         log.error("trial %s: %s", d.name, reason)
         write_result(d, {"name": d.name, "status": "failed", "error": reason, "lost": True})
-        if sweep and sweep["parent_run_id"] and hasattr(tracker, "client") and not tracker.waiting():
-            try:
-                folder = d.name.replace("'", "\\'")
-                for r in tracker.client.search_runs([sweep["experiment_id"]], max_results=1, filter_string=(
-                        f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' and attributes.status = 'RUNNING' "
-                        f"and tags.trial_folder = '{folder}'")):
-                    tracker.set_tags(r.info.run_id, {"failure_reason": reason})
-                    tracker.finish(r.info.run_id, "FAILED")
-            except Exception as exc:  # the record stays in result.json and the report
-                log.warning("could not mark the MLflow run of %s failed: %s", d.name, exc)
+        if not (sweep and sweep["parent_run_id"]) or tracker.waiting():
+            continue
+        try:
+            run_id = tracker.running_child(sweep, d.name)
+            if run_id:
+                tracker.set_tags(run_id, {"failure_reason": reason})
+                tracker.finish(run_id, "FAILED")
+        except Exception as exc:  # the record stays in result.json and the report
+            log.warning("could not mark the MLflow run of %s failed: %s", d.name, exc)
 
 
 def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:
@@ -176,8 +98,6 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
             if sel.runner_up:
                 tags["runner_up"] = sel.runner_up.key
             if register and conf.tracking.enabled:
-                from .registry import register_champion
-
                 tags.update(register_champion(tracker, conf, pid, c, baseline, exported))
         tracker.set_tags(pid, tags)
         if not ended:
@@ -191,8 +111,6 @@ def export_champion(sweep_dir: Path, sel: Selection) -> Path | None:
     """The champion for ComfyUI / A1111 / Forge and diffusers, with its model card, in <sweep>/champion/ (what
     `python -m sweep.export <sweep>` writes); a LoRA the web-UI format cannot hold gets the diffusers file only. A
     failure here costs the export, never the sweep's selection or registration."""
-    from .export import export, from_checkpoint
-
     out = sweep_dir / CHAMPION_DIR
     try:
         src = from_checkpoint(Path(sel.champion.checkpoint), origin=str(sweep_dir))
@@ -219,7 +137,7 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     for c in report.headers(sel):
         t.add_column(c)
     for row in report.table(candidates, sel, statuses):
-        t.add_row(*(report._fmt(row[c]) for c in report.COLUMNS))
+        t.add_row(*(fmt(row[c]) for c in report.COLUMNS))
     console = Console(width=200)
     console.print(t)
     print(sel.explain())
@@ -227,17 +145,3 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"
     print(f"report: {sweep_dir / 'report'}\n{compare}", flush=True)
-
-
-def folder_of_run(run_id: str) -> Path | None:
-    """The local sweep folder recorded on a parent run of the default store."""
-    try:
-        from mlflow import MlflowClient
-
-        from .tracking import TrackingConfig, store_uri
-
-        uri, _ = store_uri(TrackingConfig(), Path("."))
-        folder = MlflowClient(uri).get_run(run_id).data.tags.get("sweep_dir")
-        return Path(folder) if folder and Path(folder).is_dir() else None
-    except Exception:
-        return None

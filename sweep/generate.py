@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
-from .logs import quiet_third_party
+from evaluation.generate import EvalInputError, check_lora_file
+
+from .logs import quiet_for_generation
+from .tracking.registry import GENERATION_TAG, default_store, registered_version, verify_registered
 
 USAGE = ("usage: python -m sweep.generate prompt=\"...\" [model=models:/sdxl-lora-champion@champion | "
          "checkpoint=<folder> base=<hub id or folder>] [out=generated.png] [steps=N] [guidance=G] [size=PX] "
          "[seed=S] [tracking_uri=URI]")
 KEYS = {"prompt", "model", "checkpoint", "base", "out", "steps", "guidance", "size", "seed", "tracking_uri"}
 DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
-GENERATION_TAG = "generation"  # sweep/registry.py records it on each registered version
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -88,22 +89,10 @@ def estimate(s: dict, device: str, recorded: dict | None, images: int) -> str:
     return f"about {took} s to generate (as timed in its evaluation), plus loading the model"
 
 
-def quiet() -> None:
-    """One image from a LoRA that trains only the UNet: the libraries' notes about it (no text-encoder LoRA keys,
-    mlflow's flavour passing a deprecated `torch_dtype`) are not the user's business."""
-    quiet_third_party()
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.get("out", "generated.png"))
-    quiet()
+    quiet_for_generation()
     if "checkpoint" in args:
         _from_checkpoint(args, out)
     else:
@@ -113,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _from_checkpoint(args: dict[str, str], out: Path) -> None:
-    from evaluation.generate import EvalInputError, check_lora_file
-
     try:
         path = check_lora_file(Path(args["checkpoint"]))  # safetensors only, its recorded hash verified
     except EvalInputError as exc:
@@ -156,22 +143,6 @@ def _trial_eval_record(ckpt: Path) -> dict | None:
             "seed": (cfg.get("seeds") or [None])[0], "scheduler": None,
             "device": None if cfg.get("device") in (None, "auto") else str(cfg["device"]).split(":")[0],
             "seconds_per_image": took["generate_s"] / took["images"] if took.get("images") else None}
-
-
-def default_store() -> str:
-    """The project's store, as the sweep writes it (tracking.uri or <paths.root>/mlruns/mlflow.db, root '.'),
-    without creating it here."""
-    from .tracking import TrackingConfig
-
-    cfg = TrackingConfig()
-    if cfg.uri:
-        return cfg.uri
-    db = Path("mlruns", "mlflow.db").resolve()
-    if not db.is_file():
-        raise SystemExit(f"no MLflow store here: {db} does not exist (the registered champion is read from the "
-                         "store of the folder it runs in): run it from the folder you ran `python -m sweep` in, or pass "
-                         f"tracking_uri=sqlite:///<that folder>/mlruns/mlflow.db")
-    return f"sqlite:///{db}"
 
 
 def _from_registry(args: dict[str, str], out: Path) -> None:
@@ -223,47 +194,6 @@ def _from_registry(args: dict[str, str], out: Path) -> None:
     params = {k: s[k] for k in ("num_inference_steps", "guidance_scale", "height", "width") if s[k] is not None}
     [png] = model.predict(pd.DataFrame({"prompt": [args["prompt"]]}), params=params)
     out.write_bytes(png)
-
-
-def registered_version(uri: str, store: str):
-    """The model version `uri` names (models:/name@alias or models:/name/N), None for other URIs; a clear error
-    when the store has no such version."""
-    if not uri.startswith("models:/"):
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient(store)
-    name, _, alias = uri[len("models:/"):].partition("@")
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        name, _, number = uri[len("models:/"):].partition("/")
-        if number == "latest":
-            return max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-        return client.get_model_version(name, number)
-    except Exception as exc:
-        raise SystemExit(f"no registered model version {uri} in the store {store} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}). Run a sweep in this folder first (python -m sweep -m "
-                         "lr=1e-4,1e-5,5e-4 registers its champion), or pass tracking_uri=<the sweep's store> / "
-                         "model=models:/<name>/<version>") from None
-
-
-def verify_registered(uri: str, local: Path, version=None) -> None:
-    """The downloaded LoRA files against the sha256 recorded on its model version (and beside them, in
-    checkpoint.json and export.json): the diffusers file, and the web-UI file when the version has one."""
-    from evaluation.generate import EvalInputError, verify_hash
-
-    tags = version.tags if version is not None else {}
-    for name, tag in (("pytorch_lora_weights.safetensors", "lora_sha256"), (tags.get("webui_file"), "webui_sha256")):
-        if not name:
-            continue
-        files = list(local.rglob(name))
-        if not files:
-            raise SystemExit(f"{uri}: no {name} in the registered model")
-        try:
-            verify_hash(files[0], tags.get(tag))  # against the version's tag and the record beside the file
-        except EvalInputError as exc:
-            raise SystemExit(f"{uri}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -8,31 +8,50 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from common import faults, lorafile
+from common.compiling import COMPILE_IMAGES, want_compile
+from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, preflight
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
-from trainer import TrialResult, TrialSpec, UserError, checkpoint, faults, instance_photos, training_config_hash
-from trainer.compiling import COMPILE_IMAGES, want_compile
-from trainer.models import resolve_device, resolve_source, shared_pipeline
+from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
+from trainer.models import resolve_source, shared_pipeline
 
-from .config import SweepConfig, resolve_path, to_typed
-from .finalize import BASELINE, RESULT, read_result, trial_best
-from .launcher import GPU_ENV
+from .config import SweepConfig, flatten, resolve_path, to_typed
+from .launchers.packing import train
+from .launchers.process import GPU_ENV
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
 from .offline_models import build_clip
-from .packing import train
-from .report import strict_json
-from .selection import Candidate, checkpoint_score, objective_name
-from .tracking import device_name, flatten, git_commit, make_tracker, read_sweep
+from .results import BASELINE, RESULT, candidates, read_result, read_sweep, write_result
+from .search import SearchSettings, TrialLink, coordinates
+from .selection import Candidate, checkpoint_score, objective_name, trial_best
+from .tracking import device_name, git_commit, make_tracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """What a trial's job knows once its config is read: where it writes, which sweep it belongs to, its tracker."""
+
+    conf: SweepConfig
+    name: str
+    out: Path
+    sweep_dir: Path
+    multirun: bool
+    link: TrialLink | None  # its Optuna trial, in a search
+    tracker: object
+    sweep: dict  # the sweep's MLflow coordinates (sweep.json)
+    cfg_hash: str
+    tags: dict
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -71,29 +90,43 @@ def run_job(cfg: DictConfig) -> float:
     cfg_hash = training_config_hash(conf.model, conf.data, conf.lora, conf.train)
     tags = {"sweep": sweep_dir.name, "trial_key": name, "trial_folder": out.name, "git_commit": git_commit(),
             "device": device_name(), "config_hash": cfg_hash}
+    job = Job(conf, name, out, sweep_dir, multirun, link, tracker, sweep, cfg_hash, tags)
     done = _finished(out, cfg_hash, conf.train.max_steps)
     if done is not None:
         log.info("trial %s already finished in %s: skipped", name, out)
-        res = read_result(out)  # NaN written as null (strict JSON) read back as NaN
-        cands = _candidates(res["metrics"], out, name, res["status"], res["params"])
-        baseline = res["metrics"].get("baseline", {})
-        if link is not None:  # e.g. killed after the trial ended but before the study heard of it
-            link.replay(cands, baseline)  # its re-run trial has heard nothing yet
-            if res["status"] == "pruned":
-                link.set_attrs({"pruned_step": res["steps"]})
-            link.finish(res["status"], cands, baseline)
-        if not res.get("tracked", True):  # killed while recording it: MLflow gets the rest now, nothing twice
-            run_id = tracker.child_run(sweep, name, tags)
-            _, best = trial_best(cands, baseline, conf.selection)
-            _record(tracker, run_id, out, res, res["metrics"], best, res["objective"], selection=conf.selection)
-            write_result(out, {**res, "tracked": True})
-            tracker.flush()
+        _catch_up(job)
         return done
+    return _train_and_record(job, cfg)
+
+
+def _catch_up(job: Job) -> None:
+    """A trial that finished before: whatever its study or MLflow run has not heard yet (it was killed after the
+    trial ended but before they were told), told now, nothing twice."""
+    res = read_result(job.out)  # NaN written as null (strict JSON) read back as NaN
+    cands = candidates(res["metrics"], job.out, job.name, res["status"], res["params"])
+    baseline = res["metrics"].get("baseline", {})
+    if job.link is not None:
+        job.link.replay(cands, baseline)  # its re-run trial has heard nothing yet
+        if res["status"] == "pruned":
+            job.link.set_attrs({"pruned_step": res["steps"]})
+        job.link.finish(res["status"], cands, baseline)
+    if not res.get("tracked", True):  # killed while recording it: MLflow gets the rest now, nothing twice
+        run_id = job.tracker.child_run(job.sweep, job.name, job.tags)
+        _, best = trial_best(cands, baseline, job.conf.selection)
+        _record(job.tracker, run_id, job.out, res, res["metrics"], best, res["objective"],
+                selection=job.conf.selection)
+        write_result(job.out, {**res, "tracked": True})
+        job.tracker.flush()
+
+
+def _train_and_record(job: Job, cfg: DictConfig) -> float:
+    """The trial trained and scored under its MLflow run; result.json written before and after recording it."""
+    conf, out, name, link, tracker, tags = job.conf, job.out, job.name, job.link, job.tracker, job.tags
     if os.environ.get(GPU_ENV):  # pinned by hydra/launcher=processes with hydra.launcher.gpus
         tags["gpu"] = os.environ[GPU_ENV]
     if link is not None:
         tags.update({"optuna.study": link.study.study_name, "optuna.trial": conf.optuna_trial})
-    run_id = tracker.child_run(sweep, name, tags)
+    run_id = tracker.child_run(job.sweep, name, tags)
     tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
     params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
     if link is not None:
@@ -102,20 +135,20 @@ def run_job(cfg: DictConfig) -> float:
     started_at = time.time()
     try:
         with tracker.active(run_id):
-            result, metrics = run_trial(conf, name, out, sweep_dir / BASELINE, live)
+            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live)
     except (UserError, EvalInputError) as exc:
-        _record_failure(tracker, run_id, sweep, exc, multirun, link)
-        return _fail(out, name, exc, multirun)
+        _record_failure(tracker, run_id, job.sweep, exc, job.multirun, link)
+        return _fail(out, name, exc, job.multirun)
     except Exception as exc:  # a bug or out of memory: this trial fails, the sweep goes on
-        _record_failure(tracker, run_id, sweep, exc, multirun, link, f"{type(exc).__name__}: {exc}")
-        if not multirun:
+        _record_failure(tracker, run_id, job.sweep, exc, job.multirun, link, f"{type(exc).__name__}: {exc}")
+        if not job.multirun:
             raise
         log.error("trial %s failed:\n%s", name, traceback.format_exc())
-        return _fail(out, name, exc, multirun)
-    payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": cfg_hash,
+        return _fail(out, name, exc, job.multirun)
+    payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": job.cfg_hash,
                "gpu": os.environ.get(GPU_ENV), "device": tags["device"], "started_at": started_at,
                "ended_at": time.time()}
-    cands = _candidates(metrics, out, name, result.status, params)
+    cands = candidates(metrics, out, name, result.status, params)
     baseline = metrics.get("baseline", {})
     objective, best = trial_best(cands, baseline, conf.selection)
     payload["objective"] = objective
@@ -131,19 +164,12 @@ def run_job(cfg: DictConfig) -> float:
     write_result(out, {**payload, "tracked": True})  # recorded, or waiting in the journal for the server
     tracker.flush()
     _summary(result, objective)
-    if result.status == "failed" and not multirun:
+    if result.status == "failed" and not job.multirun:
         sys.exit(1)
     return objective
 
 
-def _candidates(metrics: dict, out: Path, name: str, status: str, params: dict) -> list[Candidate]:
-    return [Candidate(name, int(k[5:]), v, str(out / "checkpoints" / k), status, params)
-            for k, v in metrics.items() if k.startswith("step-")]
-
-
 def _optuna_link(conf: SweepConfig, hc, sweep_dir: Path, root: Path):
-    from .search import SearchSettings, TrialLink, coordinates
-
     s = SearchSettings.from_config(hc.sweeper)
     url, study = coordinates(s, sweep_dir, root)
     return TrialLink(s, url, study, conf.optuna_trial, conf.selection)
@@ -185,8 +211,6 @@ class LiveScores:
 
 def trial_name(hc, sweep_dir: Path) -> str:
     """The trial's key: only the values the sweep varies ("lr=0.0001"), not every fixed override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     mr = sweep_dir / "multirun.yaml"
     swept = set()
     if mr.is_file():
@@ -258,7 +282,7 @@ def _compile_setting(settings: EvalConfig, conf: SweepConfig) -> EvalConfig:
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     images = (checkpoints + 1) * settings.images_per_checkpoint()
-    on = want_compile(None, resolve_device(settings.device), images, COMPILE_IMAGES)
+    on = want_compile(None, resolve_device(settings.device, "eval.device"), images, COMPILE_IMAGES)
     return replace(settings, compile=on)
 
 
@@ -331,8 +355,8 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
 
 
 def _lora_hash(folder: Path) -> str | None:
-    rec = Path(folder) / checkpoint.RECORD_FILE
-    return checkpoint.CheckpointRecord.read(Path(folder)).lora_sha256 if rec.is_file() else None
+    rec = Path(folder) / lorafile.RECORD_FILE
+    return lorafile.CheckpointRecord.read(Path(folder)).lora_sha256 if rec.is_file() else None
 
 
 def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:
@@ -354,13 +378,6 @@ def _fail(out: Path, name: str, exc: BaseException, multirun: bool) -> float:
     if multirun:
         return math.nan
     sys.exit(2)
-
-
-def write_result(out: Path, payload: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "result.json.tmp"
-    tmp.write_text(strict_json(payload, indent=2))  # strict JSON: NaN (failed trial, no face found) as null
-    tmp.replace(out / RESULT)
 
 
 def _summary(r: TrialResult, objective: float) -> None:

@@ -1,10 +1,11 @@
 """The console a user reads: each trial's log lines say which trial they belong to (jobs of a multirun run in
-threads, sweep/packing.py), and known third-party noise is silenced where it starts."""
+threads, sweep/launchers/packing.py), and known third-party noise is silenced where it starts."""
 from __future__ import annotations
 
 import contextvars
 import functools
 import logging
+import warnings
 from typing import Any, Callable, TypeVar
 
 _TRIAL: contextvars.ContextVar[str] = contextvars.ContextVar("sweep_trial", default="")
@@ -63,10 +64,10 @@ class _DropLocalVersionLabel(logging.Filter):
         return "contains a local version label" not in record.getMessage()
 
 
-def quiet_third_party() -> None:
-    """Silence known noise: the torchvision fallback notice, mlflow's per-run "Skip logging GPU metrics" on a
-    machine without a GPU, its torch local-version-label warning at registration, and the weight loading/saving bars of transformers and diffusers (the project's own
-    training and scoring bars stay). Idempotent; imports transformers and diffusers."""
+def drop_known_notices() -> None:
+    """Filters for known noise, installed before anything imports transformers or mlflow (`import sweep` does): the
+    torchvision fallback notice, mlflow's per-run "Skip logging GPU metrics" on a machine without a GPU, and its
+    torch local-version-label warning at registration. Idempotent; imports nothing."""
     t_log = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _DropTorchvisionFallback) for f in t_log.filters):
         t_log.addFilter(_DropTorchvisionFallback())
@@ -74,8 +75,27 @@ def quiet_third_party() -> None:
     req_log = logging.getLogger("mlflow.utils.requirements_utils")
     if not any(isinstance(f, _DropLocalVersionLabel) for f in req_log.filters):
         req_log.addFilter(_DropLocalVersionLabel())
+
+
+def quiet_third_party() -> None:
+    """The known notices dropped (drop_known_notices), and the weight loading/saving bars of transformers and
+    diffusers off (the project's own training and scoring bars stay). Idempotent; imports transformers and
+    diffusers."""
+    drop_known_notices()
     import diffusers.utils.logging
     import transformers.utils.logging
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+
+
+def quiet_for_generation() -> None:
+    """One image from a LoRA that trains only the UNet: the libraries' notes about it (no text-encoder LoRA keys,
+    mlflow's flavour passing a deprecated `torch_dtype`) are not the user's business."""
+    quiet_third_party()
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)

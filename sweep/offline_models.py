@@ -3,7 +3,6 @@
 Offline tests and the demo score with it; its numbers carry no meaning (the folder says so)."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -16,41 +16,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .metrics import METRICS, WEIGHTED_SCORE, close_matches, metric
+
 RULES = ("identity_within_prompt_budget", "weighted")
-WEIGHTED_SCORE = "weighted_score"  # the weighted rule's objective
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A scored metric: what it measures, the fixed unit the weighted rule divides it by, its direction."""
-
-    name: str
-    meaning: str
-    unit: float  # value / unit is on a 0..1-like scale, the same for every metric
-    higher_is_better: bool = True
-
-
-METRICS: Dict[str, Metric] = {m.name: m for m in (
-    Metric("clip_t", "CLIPScore of image vs prompt: 100 x cosine, 0..100", 100.0),
-    Metric("clip_i", "CLIP image vs reference photos: 100 x cosine, 0..100", 100.0),
-    Metric("pairwise_clip_i", "CLIP image vs image within a set: 100 x cosine, 0..100 (high: low diversity)", 100.0,
-           higher_is_better=False),
-    Metric("face_similarity", "face embedding cosine to the subject, -1..1", 1.0),
-    Metric("face_detection_rate", "fraction of images with a detected face, 0..1", 1.0),
-    Metric("prior_face_similarity", "face cosine of the class-prior images to the subject, -1..1", 1.0,
-           higher_is_better=False),
-)}
-
-
-def metric(name: str) -> Metric:
-    """The table entry of a metric; an arm's variant (clip_t_<arm>) shares its base metric's unit and direction."""
-    if name in METRICS:
-        return METRICS[name]
-    for base in sorted(METRICS, key=len, reverse=True):
-        if name.startswith(base + "_"):
-            return METRICS[base]
-    raise ValueError(f"selection.weights names {name!r}, which is not a known metric: use one of "
-                     f"{sorted(METRICS)} (an arm's variant, e.g. clip_t_<arm>, is accepted too)")
 
 
 @dataclass
@@ -117,7 +85,8 @@ def config_problems(cfg: SelectionConfig) -> List[str]:
         try:
             metric(cfg.objective)
         except ValueError:
-            problems.append(f"selection.objective={cfg.objective!r} is not a known metric: use one of {sorted(METRICS)}")
+            problems.append(f"selection.objective={cfg.objective!r} is not a known metric: use one of {sorted(METRICS)}"
+                            + close_matches(cfg.objective))
     else:
         for name, w in cfg.weights.items():
             try:
@@ -142,6 +111,17 @@ def objective_name(cfg: SelectionConfig) -> str:
     """The name of the number the rule ranks by: `weighted_score` for the weighted rule, else cfg.objective."""
     _check(cfg)
     return WEIGHTED_SCORE if cfg.rule == "weighted" else cfg.objective
+
+
+def trial_best(candidates: List[Candidate], baseline: Dict[str, float], cfg: SelectionConfig,
+               or_last: bool = False) -> tuple[float, Optional[Candidate]]:
+    """A trial's best eligible checkpoint under the rule and its objective: the value a trial reports (console,
+    result.json, MLflow, a sweeper). None qualifies: (NaN, None), or with `or_last` (NaN, its last checkpoint),
+    whose raw metrics a multi-objective study still takes."""
+    sel = select(candidates, baseline, cfg)
+    if sel.champion:
+        return checkpoint_score(sel.champion, baseline, cfg), sel.champion
+    return math.nan, (max(candidates, key=lambda c: c.step) if or_last and candidates else None)
 
 
 def _fmt_num(x: float) -> str:

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .tracking import redact
+from .redaction import redact
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"

@@ -196,7 +196,7 @@ def test_a_lora_file_changed_after_training_is_refused(tmp_path):
     folder.mkdir()
     path = folder / "pytorch_lora_weights.safetensors"
     save_file({"unet.down.lora_A.weight": torch.ones(4, 8)}, str(path))
-    from trainer.checkpoint import sha256_file
+    from common.lorafile import sha256_file
 
     (folder / "checkpoint.json").write_text(json.dumps({"lora_sha256": sha256_file(path)}))
     assert check_lora_file(folder) == path
@@ -207,7 +207,8 @@ def test_a_lora_file_changed_after_training_is_refused(tmp_path):
 
 def test_secrets_never_reach_mlflow(tmp_path):
     """Passwords in URLs and values of secret-named keys are masked in params and tags of a real MLflow store."""
-    from sweep.tracking import TrackingConfig, make_tracker
+    from sweep.config import TrackingConfig
+    from sweep.tracking import make_tracker
 
     tracker = make_tracker(TrackingConfig(), tmp_path)
     sweep = tracker.start_sweep(tmp_path / "sweep", "s", {"overrides": "hydra.sweeper.storage=postgresql://u:pw1@h/db"})

@@ -134,7 +134,7 @@ def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
     import torch
 
     import sweep.job
-    from trainer.compiling import COMPILE_IMAGES, COMPILE_TRIAL_STEPS, want_compile
+    from common.compiling import COMPILE_IMAGES, COMPILE_TRIAL_STEPS, want_compile
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not want_compile(None, cpu, 10**9, 1)
@@ -154,7 +154,7 @@ def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
 def test_speed_only_settings_keep_the_champion_protocol():
     """A champion registered by a sweep is only challenged on the same evaluation protocol: how fast images come
     (eval.compile, eval.batch_size, the device) does not make two sweeps incomparable; what is scored does."""
-    from sweep.registry import protocol
+    from sweep.tracking.registry import protocol
 
     base = protocol(typed())
     assert protocol(typed("eval.compile=false")) == protocol(typed("eval.compile=true")) == base

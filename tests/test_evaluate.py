@@ -126,7 +126,7 @@ def test_adapters_that_do_not_merge_into_a_weight_update_apply_themselves():
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    from trainer.lora import merged
+    from common.lorafile import merged
 
     torch.manual_seed(0)
     model = torch.nn.Sequential()

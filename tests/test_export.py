@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 from evaluation.generate import LoraFileError, check_lora_file
 from sweep import PROJECT_DIR
-from sweep.export import Source, export, licence, main
+from sweep.export import Source, export, licence
+from sweep.export.__main__ import main
 from trainer import lora
-from trainer.checkpoint import LORA_FILE
+from common.lorafile import LORA_FILE
 from trainer.models import load_base_model, resolve_source
 from trainer.webui import WebUIExportError, convert, sgm_path
 
@@ -177,7 +178,7 @@ def test_exported_files_are_guarded_by_their_sha256(tmp_path):
     webui.write_bytes(bytes(data))
     with pytest.raises(LoraFileError, match="content hash"):
         check_lora_file(webui)
-    from sweep.generate import verify_registered
+    from sweep.tracking.registry import verify_registered
 
     class Version:
         tags = {"webui_file": rec["webui_file"], "webui_sha256": rec["files"][rec["webui_file"]],

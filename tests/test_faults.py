@@ -1,5 +1,5 @@
 """Faults injected into real sweeps (CPU, tiny model, the CLI as users run it), then what is left is read back:
-checkpoints, results, MLflow runs and metrics. Fault points: trainer/faults.py. The count of what was lost
+checkpoints, results, MLflow runs and metrics. Fault points: common/faults.py. The count of what was lost
 must be 0 every time: each test compares against an uninterrupted sweep, or checks every record is there."""
 import json
 import os
@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from sweep.finalize import read_result
+from sweep.results import read_result
 from trainer.checkpoint import verify
 
 from .services import free_port, mlflow_server, postgres

@@ -163,7 +163,7 @@ def test_compiled_generation_agrees_with_eager_and_puts_the_blocks_back(demo, ca
     after, so that training and later eager calls see the plain modules, and blocks a training run compiled get
     their compiled code back."""
     from evaluation import generate as gen
-    from trainer.compiling import GENERATION, blocks_of, compile_for_training, compiled_for_generation, uncompile
+    from common.compiling import GENERATION, blocks_of, compile_for_training, compiled_for_generation, uncompile
 
     pipe, _ = gen.load_pipeline(resolve_source(demo.model, cache_dir), torch.device("cuda"))
 
@@ -205,7 +205,7 @@ def test_checkpoints_generate_through_the_baselines_compiled_code(demo, tmp_path
 
     from evaluation import generate as gen
     from trainer import LoraSettings
-    from trainer.compiling import compiled_for_generation
+    from common.compiling import compiled_for_generation
     from trainer.packed import Pack
 
     spec = TrialSpec("gpu", demo.lora, replace(demo.train, device="cuda", max_steps=2, checkpoint_every=2), tmp_path / "t")

@@ -194,7 +194,8 @@ def test_a_pack_scores_each_trial_with_its_own_adapter_and_prunes_one_alone(demo
     """Checkpoint hooks in a pack: each sees the UNet with its own trial's adapter on every sample (its output
     equals that of the trial's saved LoRA), and a trial its hook stops ends there while the others train on
     to the weights they get alone."""
-    from trainer.models import load_base_model, resolve_device
+    from common.device import resolve_device
+    from trainer.models import load_base_model
 
     from trainer import lora
 

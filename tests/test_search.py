@@ -67,6 +67,8 @@ def test_unknown_parameter_names_close_matches():
           pruner={"name": "none"}), "cmaes handles one objective"),
     (dict(objectives=["score"], directions=["maximize", "minimize"]), "must pair up one to one"),
     (dict(pruner={"name": "mediam"}), "pruner.name='mediam' is not one of"),
+    (dict(objectives=["face_similarty"]), "'face_similarty' is neither 'score' (the selection rule's objective) nor a "
+                                          "metric (did you mean face_similarity"),
 ])
 def test_inconsistent_settings_are_refused(settings, needle):
     space = {"lr": FloatDistribution(1e-5, 1e-3, log=True)}

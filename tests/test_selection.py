@@ -128,7 +128,8 @@ def test_a_checkpoint_worse_on_every_metric_never_wins_across_sweeps():
     """The case that used to fail: min-max normalisation within each sweep scores the second sweep's best (worse
     than the first's on both CLIP scores) above the first's; on fixed units it loses, in select and in the
     registry's decision, and is not registered."""
-    from sweep.registry import judge, metrics_json
+    from sweep.metrics import metrics_json
+    from sweep.tracking.registry import judge
 
     first = [clip("lr=0.0001", 4, 30.0, 60.0), clip("lr=1e-05", 4, 31.0, 40.0), clip("lr=0.0005", 4, 20.0, 65.0)]
     second = [clip("trial_0", 4, 29.0, 59.0), clip("trial_1", 4, 10.0, 10.0)]
@@ -154,7 +155,7 @@ def test_a_checkpoint_worse_on_every_metric_never_wins_across_sweeps():
 
 
 def test_nan_metrics_are_never_scored_and_survive_the_registry_tags():
-    from sweep.registry import metrics_from_json, metrics_json
+    from sweep.metrics import metrics_from_json, metrics_json
 
     rows = [clip("ok", 2, 30.0, 60.0), clip("nan_i", 2, 99.0, math.nan), clip("no_i", 2, 99.0, 0.0)]
     del rows[2].metrics["clip_i"]

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from trainer import DeviceError, ModelConfig, ModelSourceError
-from trainer.models import resolve_device, resolve_precision, resolve_source
+from common.device import resolve_device
+from trainer.models import resolve_precision, resolve_source
 
 
 def test_unknown_hub_id_offline_says_to_pass_a_folder_or_use_the_demo(tmp_path, monkeypatch):

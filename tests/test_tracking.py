@@ -151,7 +151,7 @@ def _assert_shown_without_clicks(c: MlflowClient, parent, children) -> None:
 
 
 def test_run_names_are_the_swept_values_rounded_for_reading():
-    from sweep.tracking import display_name
+    from sweep.results import display_name
 
     assert display_name("lr=0.00018662266976517952") == "lr=0.000187"
     assert display_name("lora.rank=8,lr=1.8662266976517952e-04") == "lora.rank=8,lr=0.000187"
@@ -161,7 +161,7 @@ def test_run_names_are_the_swept_values_rounded_for_reading():
 
 
 def test_only_real_secrets_are_masked():
-    from sweep.tracking import redact
+    from sweep.redaction import redact
 
     assert redact("data.subject_token", "sks") == "sks" and redact("eval.subject_token", "sks") == "sks"
     for key in ("hf_token", "token", "auth_token", "MLFLOW_TRACKING_TOKEN", "db.password", "tracking.api_key",
@@ -244,7 +244,7 @@ def test_one_process_per_gpu_each_pinned_to_a_free_one(tmp_path):
 
 
 def test_bad_gpu_lists_are_refused():
-    from sweep.launcher import ProcessPoolLauncher
+    from sweep.launchers.process import ProcessPoolLauncher
 
     for gpus, needle in (([0, 0], "distinct"), ([], "distinct"), ([-1], ">= 0")):
         with pytest.raises(ValueError, match=needle):

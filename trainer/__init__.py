@@ -1,6 +1,8 @@
 """DreamBooth-LoRA training of SDXL (diffusers + peft + accelerate). Knows nothing of Hydra or MLflow."""
+from common.errors import (ConfigError, DataError, DeviceError, DiskFullError, ModelSourceError, NonFiniteLossError,
+                           UserError)
+
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash, validate
-from .errors import ConfigError, DataError, DeviceError, DiskFullError, ModelSourceError, NonFiniteLossError, UserError
 from .loop import TrialResult, TrialSpec, instance_photos, train
 
 __all__ = [

@@ -10,70 +10,26 @@ half-written checkpoint that looks finished."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import faults
-from .errors import DiskFullError
+from common import faults
+from common.errors import DiskFullError
+from common.lorafile import LORA_FILE, RECORD_FILE, CheckpointRecord, sha256_file
 
 log = logging.getLogger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-RECORD_FILE = "checkpoint.json"
 STATE_DIR = "training_state"
-EXPORT_RECORD = "export.json"  # beside files exported from a checkpoint (sweep/export.py): {"files": {name: sha256}}
-
-
-@dataclass
-class CheckpointRecord:
-    step: int
-    loss: float
-    config_hash: str
-    lora_sha256: str
-    trial: str
-    lr: float
-    created: float
-
-    @classmethod
-    def read(cls, folder: Path) -> "CheckpointRecord":
-        return cls(**json.loads((folder / RECORD_FILE).read_text()))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def recorded_sha256(path: Path) -> str | None:
-    """The sha256 recorded for a LoRA file when it was written: the checkpoint's own file in checkpoint.json, an
-    exported one (or the diffusers copy in an export folder) in export.json beside it; None if nothing records it."""
-    path = Path(path)
-    try:
-        exported = json.loads((path.parent / EXPORT_RECORD).read_text()).get("files", {})
-        if path.name in exported:
-            return exported[path.name]
-    except (OSError, ValueError, AttributeError):
-        pass
-    if path.name == LORA_FILE and (path.parent / RECORD_FILE).is_file():
-        try:
-            return json.loads((path.parent / RECORD_FILE).read_text()).get("lora_sha256")
-        except (OSError, ValueError, AttributeError):
-            return None
-    return None
 
 
 def step_dir(output_dir: Path, step: int) -> Path:

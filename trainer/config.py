@@ -98,7 +98,7 @@ class TrainConfig:
     max_pack: int = 8  # trials that train in one pass of the base at most (memory grows ~5 GiB per trial at 1024 px)
     cuda_graphs: bool = True  # capture a packed step as a CUDA graph (CUDA only)
     # torch.compile the UNet's transformer blocks (cost reported as setup_seconds); None: auto, on CUDA when a
-    # pack's trials x steps repay compiling (trainer/compiling.py), never with gradient checkpointing
+    # pack's trials x steps repay compiling (common/compiling.py), never with gradient checkpointing
     compile: Optional[bool] = None
     channels_last: bool = False  # UNet convolutions in NHWC memory format
 

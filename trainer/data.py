@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
+from common.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,9 @@
 """LoRA adapters through peft on the shared base, saved and restored in the diffusers LoRA format."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
 from diffusers import StableDiffusionXLPipeline
 from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -15,7 +12,8 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from .checkpoint import LORA_FILE
+from common.lorafile import LORA_FILE
+
 from .config import LoraSettings
 from .models import BaseModel
 
@@ -88,73 +86,3 @@ def load_lora_into(base: BaseModel, folder: Path, train_text_encoder: bool) -> N
     if train_text_encoder:
         _set_state_dict_into_text_encoder(sd, prefix="text_encoder.", text_encoder=base.text_encoder)
         _set_state_dict_into_text_encoder(sd, prefix="text_encoder_2.", text_encoder=base.text_encoder_2)
-
-
-# (parent module, attribute, adapter wrapper, its base Linear, the wrapper's weight update W' - W in fp32)
-MergeSite = tuple[nn.Module, str, nn.Module, nn.Linear, Callable[[], torch.Tensor]]
-
-
-@contextlib.contextmanager
-def merged_into_base(sites: list[MergeSite]):
-    """Inside: each adapter wrapper is replaced, in its parent, by its own base Linear carrying W + update (summed
-    in fp32, rounded once to W's dtype, as diffusers' fuse_lora does). Generating then costs what the plain base
-    costs (through peft's adapter layers a 1024 px image took 1.270 s against 1.098, H200, batch 20) and runs the
-    very modules, so the very compiled code, that the base runs. On exit the wrappers are back and every base
-    weight is restored bit for bit from a copy (subtracting the update again would not give bf16 weights back
-    exactly); the copy waits in CPU memory when the GPU has no room for it. Merging does not nest."""
-    if len({id(base) for *_, base, _ in sites}) < len(sites):
-        raise ValueError("merged_into_base: a base Linear is listed twice (its restore would not be exact)")
-    if any(getattr(parent, attr) is not wrapper for parent, attr, wrapper, *_ in sites):
-        raise RuntimeError("merged_into_base: an adapter is not in its place (already merged?): merging does not nest")
-    if not sites:
-        yield
-        return
-    weights = [base.weight for *_, base, _ in sites]
-    device = weights[0].device
-    need = sum(w.numel() * w.element_size() for w in weights)
-    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 2 * need:
-        device = torch.device("cpu")
-    done: list[tuple[MergeSite, torch.Tensor]] = []
-    try:
-        with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):  # the update in fp32, always
-            for site in sites:
-                parent, attr, _, base, update = site
-                done.append((site, base.weight.to(device, copy=True)))
-                base.weight.copy_(base.weight.float() + update())
-                setattr(parent, attr, base)
-        yield
-    finally:
-        with torch.no_grad():
-            for (parent, attr, wrapper, base, _), orig in reversed(done):
-                base.weight.copy_(orig)
-                setattr(parent, attr, wrapper)
-
-
-def peft_sites(module: nn.Module) -> list[MergeSite]:
-    """Every peft LoRA Linear in `module` whose active adapters merge into a plain weight update W + scale B A (no
-    variant such as DoRA, no LoRA bias, not merged already); any other adapter layer stays as it is and applies
-    itself."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    sites = []
-    for name, layer in module.named_modules():
-        if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters:
-            continue
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if (not active or not isinstance(layer.base_layer, nn.Linear)
-                or any(a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a) or layer.lora_bias.get(a)
-                       for a in active)):
-            continue
-
-        def update(layer=layer, active=active) -> torch.Tensor:
-            d = sum((layer.lora_B[a].weight.float() * layer.scaling[a]) @ layer.lora_A[a].weight.float() for a in active)
-            return d.T if layer.fan_in_fan_out else d
-
-        parent_name, _, attr = name.rpartition(".")
-        sites.append((module.get_submodule(parent_name), attr, layer, layer.base_layer, update))
-    return sites
-
-
-def merged(module: nn.Module):
-    """Inside: the peft LoRA adapters active on `module` (a UNet) merged into its weights (`merged_into_base`)."""
-    return merged_into_base(peft_sites(module))

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from common.device import resolve_device
+from common.errors import DeviceError, ModelSourceError
+
 from .config import ModelConfig, stable_hash
-from .errors import DeviceError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,6 @@ class BaseModel:
             tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
             scheduler=EulerDiscreteScheduler.from_config(self.noise_scheduler.config),
         )
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("train.device=cuda but no CUDA GPU is visible to PyTorch (torch "
-                          f"{torch.__version__}); use train.device=cpu (tiny/demo models only) or install a CUDA build of torch")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import lorafile
+from common.errors import ConfigError
+
 from . import lora
 from .config import TrainConfig
-from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,10 @@ class Pack:
 
     def use(self, k: int):
         """Inside: trial k's adapter applies to every sample (scoring that trial's checkpoint with a pipeline):
-        merged into the base weights, the packed wrappers out of the UNet (`lora.merged_into_base`), so the
+        merged into the base weights, the packed wrappers out of the UNet (`lorafile.merged_into_base`), so the
         UNet is the plain base's, and generation compiled for the baseline serves every checkpoint unchanged."""
         r = self.ranks[k]
-        return lora.merged_into_base([
+        return lorafile.merged_into_base([
             (parent, attr, m, m.base,
              lambda m=m: (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float())
             for _, parent, attr, m in self.layers])

@@ -1,4 +1,4 @@
-"""`hydra/sweeper=optuna`: Optuna search over the sweep's config (the work is in sweep/optuna_sweep.py)."""
+"""`hydra/sweeper=optuna`: Optuna search over the sweep's config (the work is in sweep/search/sweeper.py)."""
 # no `from __future__ import annotations`: Hydra imports plugin modules outside sys.modules, where dataclasses
 # cannot resolve string annotations
 
@@ -32,8 +32,8 @@ ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSw
 
 class OptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        from sweep.optuna_sweep import OptunaSweep
-        from sweep.search import SearchSettings
+        from sweep.search.sweeper import OptunaSweep
+        from sweep.search.study import SearchSettings
 
         self.impl = OptunaSweep(SearchSettings.from_config(settings))
 

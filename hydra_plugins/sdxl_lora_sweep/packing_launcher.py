@@ -1,4 +1,4 @@
-"""`hydra/launcher=packed` (the default): the jobs of a batch train together as packs (work in sweep/packing.py)."""
+"""`hydra/launcher=packed` (the default): the jobs of a batch train together as packs (work in sweep/launchers/packing.py)."""
 
 from dataclasses import dataclass
 
@@ -19,6 +19,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="packed", node=Packing
 
 class PackingLauncher(DelegatingLauncher):
     def __init__(self, pack_size: int = 8) -> None:
-        from sweep.packing import PackingLauncher as Impl
+        from sweep.launchers.packing import PackingLauncher as Impl
 
         self.impl = Impl(pack_size)

@@ -1,4 +1,4 @@
-"""`hydra/launcher=processes`: every job in a fresh process, several at a time (the work is in sweep/launcher.py)."""
+"""`hydra/launcher=processes`: every job in a fresh process, several at a time (the work is in sweep/launchers/process.py)."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="processes", node=Proc
 
 class ProcessLauncher(DelegatingLauncher):
     def __init__(self, n_workers: int = 2, gpus: Any = None) -> None:
-        from sweep.launcher import ProcessPoolLauncher
+        from sweep.launchers.process import ProcessPoolLauncher
 
         self.impl = ProcessPoolLauncher(n_workers, gpus)

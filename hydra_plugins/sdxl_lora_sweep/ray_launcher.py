@@ -1,5 +1,5 @@
 """`hydra/launcher=ray`: every job a Ray task, on a cluster or a local Ray instance (the work is in
-sweep/ray_launcher.py; Ray is imported only when this launcher is used)."""
+sweep/launchers/ray.py; Ray is imported only when this launcher is used)."""
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -26,6 +26,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="ray", node=RayLaunche
 class RayLauncher(DelegatingLauncher):
     def __init__(self, address: Optional[str] = None, num_gpus: Optional[float] = None, num_cpus: float = 1,
                  max_retries: int = 1, runtime_env: Any = None, init: Any = None) -> None:
-        from sweep.ray_launcher import RayLauncher as Impl
+        from sweep.launchers.ray import RayLauncher as Impl
 
         self.impl = Impl(address, num_gpus, num_cpus, max_retries, runtime_env, init)

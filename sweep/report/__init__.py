@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .selection import Candidate, Selection
+from ..metrics import fmt
+from ..results import lora_file, strict_json
+from ..selection import Candidate, Selection
 
 COLUMNS = ["trial", "lr", "rank", "best_step", "face_similarity", "clip_t", "clip_i", "face_detection_rate",
            "objective", "status", "champion"]
@@ -24,7 +25,7 @@ def headers(sel: Selection) -> list[str]:
 
 def markdown_table(rows: list[dict], sel: Selection) -> list[str]:
     return (["| " + " | ".join(headers(sel)) + " |", "|" + "---|" * len(COLUMNS)]
-            + ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows])
+            + ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows])
 
 
 def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str]) -> list[dict]:
@@ -51,48 +52,16 @@ def _num(v) -> float:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
 IMAGES = {"metrics_vs_step.png": "metrics vs step", "champion_vs_baseline.png": "champion vs baseline",
           "optuna_intermediate.png": "checkpoint scores reported to Optuna"}
 
 
-def _clean(obj):
-    """obj with every non-finite float (NaN, inf) as None, recursively: what strict JSON can hold."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalars
-        try:
-            obj = obj.item()
-        except (TypeError, ValueError):
-            return obj
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def strict_json(obj, **kw) -> str:
-    """Strict JSON (RFC 8259: no NaN/Infinity tokens): non-finite numbers are written as null."""
-    return json.dumps(_clean(obj), allow_nan=False, default=str, **kw)
-
-
-def lora_file(c: Candidate) -> str:
-    return str(Path(c.checkpoint) / LORA_FILE)
-
-
 def _metrics_text(m: dict) -> str:
-    return ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
+    return ", ".join(f"{k} {fmt(v)}" for k, v in m.items())
 
 
 def export_lines(exported: Path | None) -> list[str]:
-    """Where the champion's web-UI file and model card are (sweep/export.py wrote them), as Markdown list items."""
+    """Where the champion's web-UI file and model card are (sweep/export/ wrote them), as Markdown list items."""
     try:
         record = json.loads((Path(exported) / "export.json").read_text())
     except (OSError, TypeError, ValueError):
@@ -107,7 +76,7 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
     lines = []
     if sel.champion:
         c, obj = sel.ranked[0]
-        lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {_fmt(obj)})", "",
+        lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {fmt(obj)})", "",
                   f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file (diffusers): `{lora_file(c)}`",
                   *export_lines(exported), f"- metrics: {_metrics_text(c.metrics)}"]
         if c.params:
@@ -116,8 +85,8 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
         lines += ["**No champion**: no checkpoint qualifies under the rule."]
     lines += ["", "### Why", "", f"Rule `{sel.rule}`" + (f": {rule_text}" if rule_text else ".")]
     if sel.champion and sel.runner_up:
-        lines += ["", f"Runner-up `{sel.runner_up.key}` ({sel.objective} {_fmt(sel.ranked[1][1])}): the champion "
-                      f"leads by {_fmt(sel.margin)}."]
+        lines += ["", f"Runner-up `{sel.runner_up.key}` ({sel.objective} {fmt(sel.ranked[1][1])}): the champion "
+                      f"leads by {fmt(sel.margin)}."]
     elif sel.champion:
         lines += ["", "No runner-up: the champion is the only eligible checkpoint."]
     lines += ["", sel.explain()]
@@ -158,7 +127,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
              f"Each trial's best eligible checkpoint; `best {sel.objective}` is the rule's objective there (empty: "
              "none qualifies).", "", *markdown_table(rows, sel)]
     if sel.baseline:
-        lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(sel.baseline.items()))]
+        lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {fmt(v)}" for k, v in sorted(sel.baseline.items()))]
     if sel.pareto:
         lines += ["", "Pareto front (identity metric vs CLIP-T: no other checkpoint is better in both): "
                   + ", ".join(c.key for c in sel.pareto)]
@@ -199,7 +168,7 @@ def _optuna_section(out: Path) -> list[Path]:
              f"Objectives: {', '.join(f'{o} ({d})' for o, d in zip(study['objectives'], study['directions']))}"]
     if front:
         lines += ["", f"{title}:", ""]
-    lines += [f"- trial {r['trial']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k != "trial")
+    lines += [f"- trial {r['trial']}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r.items() if k != "trial")
               for r in front]
     lines += ["", f"![{IMAGES['optuna_intermediate.png']}](optuna_intermediate.png)"]
     with open(out / "report.md", "a") as f:
@@ -208,7 +177,7 @@ def _optuna_section(out: Path) -> list[Path]:
     for t in study["trials"]:
         pts = sorted((int(k), v) for k, v in t["intermediate"].items())
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if t["state"] == "PRUNED" else "-", marker="o",
+            ax.plot([p[0] for p in pts], [math.nan if p[1] is None else p[1] for p in pts], "--" if t["state"] == "PRUNED" else "-", marker="o",
                     label=f"{t['number']} {t['state'].lower()}")
     ax.set_xlabel("step")
     ax.set_ylabel(study["objectives"][0])
@@ -279,23 +248,3 @@ def _grid(sweep_dir: Path, out: Path, candidates: list[Candidate], sel: Selectio
     path = out / "champion_vs_baseline.png"
     sheet.save(path)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .finalize import finalize_folder, folder_of_run
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m sweep.report <sweep folder or parent run id>", file=sys.stderr)
-        return 2
-    target = Path(args[0])
-    folder = target if target.is_dir() else folder_of_run(args[0])
-    if folder is None:
-        print(f"{args[0]!r} is neither a sweep folder nor a parent run id in the default MLflow store", file=sys.stderr)
-        return 2
-    finalize_folder(folder, register=False)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.device import resolve_device
+from common.lorafile import EXPORT_RECORD, CheckpointRecord
 from evaluation.config import SPEED_ONLY
-from trainer.checkpoint import EXPORT_RECORD, CheckpointRecord
+from evaluation.generate import EvalInputError, verify_hash
 from trainer.config import stable_hash
 from trainer.models import resolve_source
 
-from .config import SweepConfig, resolve_path
-from .selection import Candidate, SelectionConfig, checkpoint_score, objective_name, select
+from ..config import SweepConfig, TrackingConfig, resolve_path
+from ..metrics import metrics_from_json, metrics_json
+from ..selection import Candidate, SelectionConfig, checkpoint_score, objective_name, select
 
 log = logging.getLogger(__name__)
 ALIAS = "champion"
@@ -39,16 +41,6 @@ def protocol(conf: SweepConfig) -> str:
     return stable_hash({"protocol_version": PROTOCOL_VERSION, "eval": ev,
                         "instance_dir": str(Path(conf.data.instance_dir).resolve()),
                         "model": asdict(conf.model), "selection": asdict(conf.selection)})
-
-
-def metrics_json(metrics: dict) -> str:
-    """A metrics dict as strict JSON (NaN and infinities as null), for a version tag."""
-    return json.dumps({k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None)
-                       for k, v in metrics.items()}, sort_keys=True)
-
-
-def metrics_from_json(text: str) -> dict:
-    return {k: (math.nan if v is None else float(v)) for k, v in json.loads(text).items()}
 
 
 @dataclass
@@ -94,7 +86,7 @@ def judge(current: dict | None, current_version: str | None, challenger: Candida
 def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
                       exported: Path | None = None) -> dict:
     """Register the sweep's best and give it the alias if it beats the current champion (see `judge`); returns the
-    tags for the sweep's parent run. `exported`: its export folder (sweep/export.py: the web-UI file, the model card,
+    tags for the sweep's parent run. `exported`: its export folder (sweep/export/: the web-UI file, the model card,
     the grids), registered with it."""
     import mlflow
 
@@ -150,13 +142,11 @@ def generation_settings(conf: SweepConfig, champion: Candidate, base: str) -> di
     """How the champion's images were made when it was scored (evaluation/generate.py: conf.eval's resolution,
     steps, guidance, LoRA scale and seeds, with the base pipeline's own scheduler), and how long one image took
     there (the trial's eval/metrics.json), so that generating and serving default to the same."""
-    from evaluation.generate import resolve_device
-
     ev = conf.eval
     gen = {"resolution": int(ev.resolution), "num_inference_steps": int(ev.num_inference_steps),
            "guidance_scale": float(ev.guidance_scale), "lora_scale": float(ev.lora_scale),
            "seed": int(ev.seeds[0]) if ev.seeds else None, "scheduler": _scheduler_name(base),
-           "device": resolve_device(ev.device).type, "seconds_per_image": None}
+           "device": resolve_device(ev.device, "eval.device").type, "seconds_per_image": None}
     ckpt = Path(champion.checkpoint)
     try:  # {"seconds": {"step-000030": {"images": 6, "generate_s": 1.9, ...}}} beside the trial's checkpoints
         took = json.loads((ckpt.parent.parent / "eval" / "metrics.json").read_text())["seconds"][ckpt.name]
@@ -197,3 +187,57 @@ def serving_signature(gen: dict):
             ParamSpec(name="width", dtype=DataType.integer, default=gen["resolution"]),
             ParamSpec(name="negative_prompt", dtype=DataType.string, default=""),
         ]))
+
+
+# reading it back: generate, export -----------------------------------------------------------------------
+def default_store() -> str:
+    """The project's store, as the sweep writes it (tracking.uri or <paths.root>/mlruns/mlflow.db, root '.'),
+    without creating it here."""
+    cfg = TrackingConfig()
+    if cfg.uri:
+        return cfg.uri
+    db = Path("mlruns", "mlflow.db").resolve()
+    if not db.is_file():
+        raise SystemExit(f"no MLflow store here: {db} does not exist (the registered champion is read from the "
+                         "store of the folder it runs in): run it from the folder you ran `python -m sweep` in, or pass "
+                         f"tracking_uri=sqlite:///<that folder>/mlruns/mlflow.db")
+    return f"sqlite:///{db}"
+
+
+def registered_version(uri: str, store: str):
+    """The model version `uri` names (models:/name@alias or models:/name/N), None for other URIs; a clear error
+    when the store has no such version."""
+    if not uri.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    name, _, alias = uri[len("models:/"):].partition("@")
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        name, _, number = uri[len("models:/"):].partition("/")
+        if number == "latest":
+            return max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+        return client.get_model_version(name, number)
+    except Exception as exc:
+        raise SystemExit(f"no registered model version {uri} in the store {store} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}). Run a sweep in this folder first (python -m sweep -m "
+                         "lr=1e-4,1e-5,5e-4 registers its champion), or pass tracking_uri=<the sweep's store> / "
+                         "model=models:/<name>/<version>") from None
+
+
+def verify_registered(uri: str, local: Path, version=None) -> None:
+    """The downloaded LoRA files against the sha256 recorded on its model version (and beside them, in
+    checkpoint.json and export.json): the diffusers file, and the web-UI file when the version has one."""
+    tags = version.tags if version is not None else {}
+    for name, tag in (("pytorch_lora_weights.safetensors", "lora_sha256"), (tags.get("webui_file"), "webui_sha256")):
+        if not name:
+            continue
+        files = list(local.rglob(name))
+        if not files:
+            raise SystemExit(f"{uri}: no {name} in the registered model")
+        try:
+            verify_hash(files[0], tags.get(tag))  # against the version's tag and the record beside the file
+        except EvalInputError as exc:
+            raise SystemExit(f"{uri}: {exc}") from None

@@ -3,7 +3,7 @@
     python -m sweep.export                                   the registered champion (models:/sdxl-lora-champion@champion)
     python -m sweep.export outputs/sweeps/<sweep>            a sweep's champion
     python -m sweep.export <trial>/checkpoints/step-000300   any checkpoint
-    python -m sweep.export models:/sdxl-lora-champion/3 format=webui dtype=bf16 out=my_lora
+    python -m sweep.export models:/sdxl-lora-champion/3 format=webui dtype=bf16 out=my_lora    (__main__.py)
 
 writes a folder (default exports/<name>/):
 
@@ -21,19 +21,29 @@ import logging
 import math
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from huggingface_hub import hf_hub_download
+from omegaconf import OmegaConf
+
+from common.lorafile import EXPORT_RECORD, LORA_FILE, CheckpointRecord, sha256_file
+from evaluation.generate import EvalInputError, check_lora_file
+from trainer.models import resolve_source
+from trainer.webui import WebUIExportError, adapter_config, convert, save, umask
+
+from ..config import resolve_path, to_typed
+from ..metrics import fmt as fmt_value
+from ..metrics import metrics_json
+from ..results import display_name, read_result
+from ..selection import describe_rule
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("both", "webui", "diffusers")
-USAGE = ("usage: python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] "
-         "[format=both|webui|diffusers] [out=<folder>] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
-KEYS = {"format", "out", "dtype", "tracking_uri"}
-DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
 TOOL = "sdxl_lora_sweep"  # prefix of this tool's own metadata keys
 ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
@@ -56,37 +66,12 @@ class Source:
     grids: dict = field(default_factory=dict)  # {"grid.png": path, "baseline.png": path}
 
 
-def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    from trainer.webui import DTYPES
-
-    source, args = None, {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if sep and key in KEYS:
-            args[key] = value
-        elif not sep or a.startswith("models:/") or Path(a).exists():
-            if source is not None:
-                raise SystemExit(f"two sources given ({source!r} and {a!r}): export one at a time\n{USAGE}")
-            source = a
-        else:
-            raise SystemExit(f"unknown argument {a!r}\n{USAGE}")
-    if args.get("format", "both") not in FORMATS:
-        raise SystemExit(f"format={args['format']!r} is not one of {', '.join(FORMATS)}: webui is the file ComfyUI, "
-                         "A1111 and Forge load, diffusers the one diffusers loads, both writes the two")
-    if args.get("dtype", "fp16") not in DTYPES:
-        raise SystemExit(f"dtype={args['dtype']!r} is not one of {', '.join(DTYPES)} (fp16: what the web UIs use)")
-    return source, args
-
-
 # ---- sources -------------------------------------------------------------------------------------------------
 
 
 def from_checkpoint(folder: Path, origin: str = "") -> Source:
     """A checkpoint folder (<trial>/checkpoints/step-NNNNNN): its LoRA (hash checked against checkpoint.json), and,
     from its trial folder, the config, metrics, baseline and grids."""
-    from evaluation.generate import EvalInputError, check_lora_file
-    from trainer.checkpoint import CheckpointRecord
-
     folder = Path(folder).expanduser().resolve()
     try:
         lora = check_lora_file(folder)
@@ -99,15 +84,9 @@ def from_checkpoint(folder: Path, origin: str = "") -> Source:
     trial = folder.parent.parent
     config = trial / ".hydra" / "config.yaml"
     if config.is_file():
-        from omegaconf import OmegaConf
-
-        from .config import to_typed
-
         src.conf = to_typed(OmegaConf.load(config))
         src.base = base_name(src.conf)
     if (trial / "result.json").is_file():
-        from .finalize import read_result
-
         metrics = read_result(trial).get("metrics") or {}
         src.metrics, src.baseline = metrics.get(folder.name) or {}, metrics.get("baseline") or {}
     # the checkpoint's grid in its trial; the no-LoRA grid where the sweep's baseline was scored (one trial made it)
@@ -134,61 +113,6 @@ def from_sweep(folder: Path) -> Source:
     return src
 
 
-def from_registry(uri: str, store: str) -> Source:
-    """A registered version: its own checkpoint folder when this machine has it (same bytes, checked), else the
-    registered copy, described by the version's tags."""
-    import mlflow
-
-    from .generate import registered_version, verify_registered
-    from .registry import metrics_from_json
-
-    mlflow.set_tracking_uri(store)
-    version = registered_version(uri, store)
-    tags = version.tags if version is not None else {}
-    ckpt = Path(tags.get("checkpoint", ""))
-    if tags.get("checkpoint") and (ckpt / "pytorch_lora_weights.safetensors").is_file():
-        src = from_checkpoint(ckpt, origin=uri)
-        if tags.get("lora_sha256"):
-            from evaluation.generate import EvalInputError, verify_hash
-
-            try:
-                verify_hash(src.lora, tags["lora_sha256"])
-            except EvalInputError as exc:
-                raise SystemExit(f"{uri}: {exc}") from None
-    else:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        verify_registered(uri, local, version)
-        [lora] = list(local.rglob("pytorch_lora_weights.safetensors"))[:1]
-        src = Source(lora=lora, trial=tags.get("trial", "?"), step=int(tags.get("step", 0)), origin=uri)
-        from mlflow.models import Model
-
-        src.base = Model.load(str(local)).flavors.get("diffusers", {}).get("base_model", "")
-    if "metrics" in tags:
-        src.metrics, src.baseline = metrics_from_json(tags["metrics"]), metrics_from_json(tags.get("baseline", "{}"))
-    if version is not None:
-        src.chosen = (f"Registered as `{version.name}` version {version.version}"
-                      + (f" ({tags['registry.decision']})" if tags.get("registry.decision") else "")
-                      + (f"; objective `{tags['objective_name']}` = {tags['objective']}" if tags.get("objective") else ""))
-    return src
-
-
-def resolve(source: str | None, store: str | None) -> Source:
-    if source is None or source.startswith("models:/"):
-        from .generate import default_store
-
-        return from_registry(source or DEFAULT_MODEL, store or default_store())
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise SystemExit(f"{source}: no such folder. Give a checkpoint folder (<trial>/checkpoints/step-NNNNNN), a "
-                         f"sweep folder (outputs/sweeps/<date>) or a registered model (models:/<name>@champion)")
-    if (path / "pytorch_lora_weights.safetensors").is_file():
-        return from_checkpoint(path)
-    if (path / "report" / "selection.json").is_file() or (path / "sweep.json").is_file():
-        return from_sweep(path)
-    raise SystemExit(f"{source} is neither a checkpoint folder (no pytorch_lora_weights.safetensors) nor a sweep "
-                     "folder (no report/selection.json)")
-
-
 def base_name(conf) -> str:
     m = conf.model
     return m.pretrained or f"{m.name} (an SDXL architecture with random weights, built locally)"
@@ -206,8 +130,6 @@ def trigger_phrase(conf) -> str:
 
 def output_name(src: Source) -> str:
     """sks_man_lr_0.0001_step300: the name the UIs list the LoRA by (kohya's ss_output_name)."""
-    from .tracking import display_name
-
     slug = lambda s: re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_")
     parts = [trigger_phrase(src.conf), display_name(src.trial), f"step{src.step}"]
     return "_".join(slug(p) for p in parts if slug(p)) or "lora"
@@ -216,8 +138,6 @@ def output_name(src: Source) -> str:
 def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
     """kohya's ss_* keys and Stability's modelspec.* keys (what A1111's and ComfyUI's LoRA browsers show), and this
     tool's own: the trial, its config hash, the checkpoint's metrics and the selection rule."""
-    from .registry import metrics_json
-
     unet = configs.get("unet", {})
     rank = int(unet.get("r") or 0)
     alpha = float(unet.get("lora_alpha") or rank)
@@ -246,8 +166,6 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
             conf.train.batch_size, "modelspec.trigger_phrase": phrase,
             "modelspec.description": f"DreamBooth LoRA of {phrase} on SDXL, step {src.step} of trial {src.trial}",
             f"{TOOL}.selection_rule": conf.selection.rule, f"{TOOL}.lora_scale": conf.eval.lora_scale})
-        from .selection import describe_rule
-
         meta[f"{TOOL}.selection"] = describe_rule(conf.selection)
     return {k: str(v) for k, v in meta.items()}
 
@@ -261,15 +179,11 @@ def licence(base: str) -> tuple[str | None, str]:
         if (folder / "README.md").is_file():
             text = (folder / "README.md").read_text()
         elif base and not folder.exists():
-            from huggingface_hub import hf_hub_download
-
             text = Path(hf_hub_download(base, "README.md", local_files_only=True)).read_text()
     except Exception:
         text = None
     m = re.match(r"^---\s*\n(.*?)\n---", text or "", re.DOTALL)
     if m:
-        import yaml
-
         front = yaml.safe_load(m[1]) or {}
         lic = front.get("license")
         if lic:
@@ -283,8 +197,6 @@ def licence(base: str) -> tuple[str | None, str]:
 def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, str], configs: dict,
                note: str = "") -> str:
     """README.md in the Hugging Face model-card style."""
-    from .report import _fmt
-
     conf = src.conf
     phrase = trigger_phrase(conf)
     lic, lic_line = licence(src.base)
@@ -294,8 +206,6 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
              "library_name": "diffusers",
              "tags": ["text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "lora", "dreambooth",
                       TOOL]}
-    import yaml
-
     lines = ["---", yaml.safe_dump({k: v for k, v in front.items() if v is not None}, sort_keys=False).strip(), "---",
              "", f"# {name}", "",
              f"An SDXL DreamBooth LoRA of **{phrase or 'the subject'}**: step {src.step} of trial `{src.trial}`, "
@@ -323,7 +233,7 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
         lines += ["", "## Metrics against the base model", "",
                   "Scored on the evaluation prompts at fixed seeds; the base model is the same pipeline without the "
                   "LoRA.", "", "| metric | this LoRA | base model |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} | {_fmt(src.baseline.get(k, math.nan))} |" for k, v in src.metrics.items()]
+        lines += [f"| {k} | {fmt_value(v)} | {fmt_value(src.baseline.get(k, math.nan))} |" for k, v in src.metrics.items()]
     if src.grids:
         lines += ["", "## Images", ""]
         lines += [f"![{label}]({f})" for f, label in (("grid.png", "with the LoRA"), ("baseline.png", "base model"))
@@ -333,8 +243,6 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
         if src.chosen:
             lines += [src.chosen, ""]
         if conf is not None:
-            from .selection import describe_rule
-
             lines += [f"Rule `{conf.selection.rule}`: {describe_rule(conf.selection)}"]
     if conf is not None:
         t, lo = conf.train, conf.lora
@@ -357,10 +265,6 @@ def layers_per_block(src: Source) -> int:
     """The UNet's layers_per_block (SGM block numbering depends on it): from the base's unet/config.json; SDXL's 2
     when the base is not at hand."""
     try:
-        from trainer.models import resolve_source
-
-        from .config import resolve_path
-
         if src.conf is not None:
             folder = Path(resolve_source(src.conf.model, resolve_path(src.conf.paths, src.conf.paths.cache_dir)))
         else:
@@ -379,9 +283,6 @@ def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", stric
     """Write the export folder `out` (replacing one there, in one rename). strict=False: a LoRA the web-UI format
     cannot hold (DoRA, modules outside attention) is exported for diffusers only, with a note in the card.
     Returns export.json's content."""
-    from trainer.checkpoint import EXPORT_RECORD, LORA_FILE, sha256_file
-    from trainer.webui import WebUIExportError, adapter_config, convert, save, umask
-
     out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     name = output_name(src)
@@ -422,24 +323,3 @@ def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", stric
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**record, "out": str(out)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .generate import quiet
-
-    quiet()
-    source, args = parse(sys.argv[1:] if argv is None else argv)
-    src = resolve(source, args.get("tracking_uri"))
-    out = Path(args["out"]) if "out" in args else Path("exports") / output_name(src)
-    rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"))
-    print(f"exported {src.trial} step {src.step} from {src.origin} to {rec['out']}:")
-    for f, sha in rec["files"].items():
-        print(f"  {f}  sha256 {sha[:16]}...")
-    if rec["webui_file"]:
-        print(f"ComfyUI: copy {rec['webui_file']} into ComfyUI/models/loras/ and pick it in a Load LoRA node; "
-              f"A1111 / Forge: copy it into models/Lora/ and add <lora:{Path(rec['webui_file']).stem}:1> to the prompt")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

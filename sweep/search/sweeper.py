@@ -18,13 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import ConfigError
 
-from . import search
+from .. import results
+from ..redaction import redact
+from .space import check_keys, override_value, parse_space, suggest
+from .study import (SearchSettings, budget, check_settings, coordinates, make_pruner, make_sampler, open_storage,
+                    open_study, pareto_rows, recover, worker_attrs)
 
 log = logging.getLogger(__name__)
 
 
 class OptunaSweep:
-    def __init__(self, settings: search.SearchSettings):
+    def __init__(self, settings: SearchSettings):
         self.s = settings
         self.config: DictConfig | None = None
         self.launcher = None
@@ -49,14 +53,14 @@ class OptunaSweep:
         s, config = self.s, self.config
         space, fixed, url, storage, study = prepare(s, config, arguments)
         name = study.study_name
-        study.sampler = search.make_sampler(s, space, seed_offset=len(study.get_trials(deepcopy=False)))
+        study.sampler = make_sampler(s, space, seed_offset=len(study.get_trials(deepcopy=False)))
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         if not (sweep_dir / "multirun.yaml").is_file():
             OmegaConf.save(config, sweep_dir / "multirun.yaml")
-        search.recover(study, storage)
-        done, waiting = search.budget(study, s.n_trials)
+        recover(study, storage)
+        done, waiting = budget(study, s.n_trials)
         log.info("Optuna study %r in %s: %d of %d trials done or running, %d to re-run; search space %s", name,
-                 search.mask(url), done, s.n_trials, waiting, {k: repr(d) for k, d in space.items()})
+                 redact("storage", url), done, s.n_trials, waiting, {k: repr(d) for k, d in space.items()})
         lock = threading.Lock()
         returns: list[Any] = []
         workers = [threading.Thread(target=self._worker, args=(study, storage, space, fixed, lock, returns),
@@ -67,9 +71,9 @@ class OptunaSweep:
             w.join()
         states = [t.state for t in study.get_trials(deepcopy=False)]
         counts = {st.name.lower(): states.count(st) for st in TrialState if states.count(st)}
-        rows = search.pareto_rows(study)
-        search.write_json(sweep_dir / "report" / "optuna_study.json",
-                          {"study": name, "storage": search.mask(url), "counts": counts,
+        rows = pareto_rows(study)
+        results.write_json(sweep_dir / "report" / "optuna_study.json",
+                          {"study": name, "storage": redact("storage", url), "counts": counts,
                            "objectives": list(s.objectives), "directions": list(s.directions),
                            "pareto_front" if s.multi_objective else "best": rows,
                            "trials": [_trial_row(t) for t in study.get_trials(deepcopy=False)]})
@@ -88,20 +92,20 @@ class OptunaSweep:
         sid = storage.get_study_id_from_name(study.study_name)
         while True:
             with lock:  # one ask at a time, so the budget check and the new trial agree
-                counted, waiting = search.budget(study, self.s.n_trials)
+                counted, waiting = budget(study, self.s.n_trials)
                 if not waiting and counted >= self.s.n_trials:
                     return
                 with warnings.catch_warnings():  # we keep the heartbeat ourselves (_Heartbeat), not Study.optimize
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = study.ask()
-                for k, v in search.worker_attrs().items():
+                for k, v in worker_attrs().items():
                     trial.set_user_attr(k, v)
-                params = search.suggest(trial, space)
+                params = suggest(trial, space)
             tid = storage.get_trial_id_from_study_id_trial_number(sid, trial.number)
             origin = storage.get_trial(tid).system_attrs.get("failed_trial")
             # a re-run of a trial that died uses its folder (and MLflow run), so it resumes from its checkpoints
             idx = trial.number if origin is None else int(origin)
-            overrides = fixed + [f"{k}={search.override_value(v)}" for k, v in params.items()] + \
+            overrides = fixed + [f"{k}={override_value(v)}" for k, v in params.items()] + \
                 [f"optuna_trial={trial.number}"]
             with _Heartbeat(storage, tid, self.s.heartbeat_interval):
                 try:
@@ -116,21 +120,21 @@ class OptunaSweep:
                 returns.append(ret)
 
 
-def prepare(s: search.SearchSettings, config: DictConfig, arguments: list[str]):
+def prepare(s: SearchSettings, config: DictConfig, arguments: list[str]):
     """Everything checked and opened before a trial runs: the search space against the config, the settings,
     the storage, the study (created, or continued if it matches). The sweep's callback runs it before the MLflow
     parent run exists, so that bad input leaves nothing behind; the sweeper runs it again to get the study."""
-    space, fixed = search.parse_space(s.params, [str(a) for a in arguments])
-    search.check_keys(space, config)
-    search.check_settings(s, space)
+    space, fixed = parse_space(s.params, [str(a) for a in arguments])
+    check_keys(space, config)
+    check_settings(s, space)
     if s.n_jobs > 1 and str(config.hydra.launcher.get("_target_", "")).endswith(("BasicLauncher", "PackingLauncher")):
         raise ConfigError([f"hydra.sweeper.n_jobs={s.n_jobs} runs trials side by side, which needs each in its own "
                            "process: add hydra/launcher=processes (or use n_jobs=1)"])
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     root = Path(str(config.paths.root)).expanduser().resolve()
-    url, name = search.coordinates(s, sweep_dir, root)
-    storage = search.open_storage(url, s)
-    study = search.open_study(storage, name, s, space, pruner=search.make_pruner(s))
+    url, name = coordinates(s, sweep_dir, root)
+    storage = open_storage(url, s)
+    study = open_study(storage, name, s, space, pruner=make_pruner(s))
     study.set_user_attr("sweep_dir", str(sweep_dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return space, fixed, url, storage, study

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from trainer import train as _train_now
 
-from .logs import for_trial
+from ..logs import for_trial
 
 log = logging.getLogger(__name__)
 

@@ -18,34 +18,26 @@ import math
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from trainer.errors import UserError
+from common.errors import UserError
+
+from ..config import TrackingConfig
+from ..redaction import redact
+from ..results import SWEEP_FILE, display_name, write_json
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
 PENDING_FILE = "mlflow_pending.jsonl"
 PLACEHOLDER = "pending-"  # a run id handed out while the server was away; the real one replaces it when sent
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # not a GenAI experiment
 RETRY_AFTER_S = 30.0  # after a failed request, records go straight to the journal this long before trying again
 _journal_lock = threading.Lock()
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: str | None = None  # None: sqlite:///<paths.root>/mlruns/mlflow.db, artifacts in <paths.root>/mlruns/artifacts
-    experiment: str = "sdxl-lora-sweep"
-    registered_model: str = "sdxl-lora-champion"
-    system_metrics: bool = True
 
 
 def store_uri(cfg: TrackingConfig, root: Path) -> tuple[str, str | None]:
@@ -134,16 +126,23 @@ class Tracker:
     def _journaled(self) -> int:
         return sum(1 for _ in open(self.pending)) if self.pending and self.pending.is_file() else 0
 
-    def _send(self, op: str, *args):
-        """Do `op` now, or, with the server away (or records already waiting), journal it behind the others."""
+    def _requests(self) -> dict[str, Callable]:
+        """The requests the journal can hold, by the name each is recorded under."""
+        return {f.__name__.lstrip("_"): f for f in (
+            self._end_sweep, self._child_run, self._log_params, self._log_metrics, self._set_tags, self._log_artifacts,
+            self._log_image, self._finish)}
+
+    def _send(self, request: Callable, *args):
+        """Do `request` now, or, with the server away (or records already waiting), journal it behind the others."""
+        op = request.__name__.lstrip("_")
         if self.pending is None:
-            return getattr(self, "_" + op)(*args)
+            return request(*args)
         if self._journaled() and not self.flush():
             return self._append(op, args)
         if time.monotonic() - self._down_since < RETRY_AFTER_S:
             return self._append(op, args)
         try:
-            return getattr(self, "_" + op)(*args)
+            return request(*args)
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -171,13 +170,14 @@ class Tracker:
             entries = [json.loads(ln) for ln in self.pending.read_text().splitlines() if ln.strip()]
             ids: dict[str, str] = {}
             sent = 0
+            requests = self._requests()
             try:
                 for e in entries:
                     args = [ids.get(a, a) if isinstance(a, str) else a for a in e["args"]]
                     if e["op"] == "child_run":
                         ids[args[-1]] = self._child_run(*args[:-1])
                     else:
-                        getattr(self, "_" + e["op"])(*args)
+                        requests[e["op"]](*args)
                     sent += 1
             except Exception as exc:
                 if not is_outage(exc):
@@ -215,12 +215,11 @@ class Tracker:
         tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
         run = self.client.create_run(exp_id, run_name=name, tags=tags)
         rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(rec, indent=2))
+        write_json(record_path, rec)
         return rec
 
     def end_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None:
-        self._send("end_sweep", parent_run_id, status)
+        self._send(self._end_sweep, parent_run_id, status)
 
     def _end_sweep(self, parent_run_id: str, status: str) -> None:
         # always set: registering the champion ends the parent as FINISHED on the way (mlflow.start_run's exit);
@@ -246,7 +245,7 @@ class Tracker:
     # trial level -----------------------------------------------------------------------------------------
     def child_run(self, sweep: dict[str, str], trial: str, tags: dict[str, str]) -> str:
         """The trial's run under the sweep's parent: reopened if this trial was started before (resume)."""
-        return self._send("child_run", sweep, trial, tags)
+        return self._send(self._child_run, sweep, trial, tags)
 
     def _child_run(self, sweep: dict[str, str], trial: str, tags: dict[str, str]) -> str:
         found = self.client.search_runs([sweep["experiment_id"]],
@@ -259,6 +258,14 @@ class Tracker:
         tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
         run = self.client.create_run(sweep["experiment_id"], run_name=display_name(trial), tags=tags)
         return run.info.run_id
+
+    def running_child(self, sweep: dict[str, str], trial_folder: str) -> str | None:
+        """The RUNNING run of the trial in `trial_folder` under the sweep's parent (a lost trial's), if any."""
+        folder = trial_folder.replace("'", "\\'")
+        found = self.client.search_runs([sweep["experiment_id"]], max_results=1, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' and attributes.status = 'RUNNING' "
+            f"and tags.trial_folder = '{folder}'"))
+        return found[0].info.run_id if found else None
 
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
@@ -289,7 +296,7 @@ class Tracker:
                     monitor.finish()
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        self._send("log_params", run_id, {k: redact(k, v)[:6000] for k, v in params.items()})
+        self._send(self._log_params, run_id, {k: redact(k, v)[:6000] for k, v in params.items()})
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -304,7 +311,7 @@ class Tracker:
         now = int(time.time() * 1000)
         rows = [(k, float(v), int(s), now) for k, v, s in rows if v is not None and math.isfinite(v)]
         if rows:
-            self._send("log_metrics", run_id, rows)
+            self._send(self._log_metrics, run_id, rows)
 
     def _log_metrics(self, run_id: str, rows: list) -> None:
         from mlflow.entities import Metric
@@ -321,7 +328,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=ms[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self._send("set_tags", run_id, {k: redact(k, v) for k, v in tags.items()})
+        self._send(self._set_tags, run_id, {k: redact(k, v) for k, v in tags.items()})
 
     def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -332,7 +339,7 @@ class Tracker:
 
     def log_artifacts(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
-            self._send("log_artifacts", run_id, str(path), artifact_path)
+            self._send(self._log_artifacts, run_id, str(path), artifact_path)
 
     def _log_artifacts(self, run_id: str, path: str, artifact_path: str | None) -> None:
         path = Path(path)
@@ -345,7 +352,7 @@ class Tracker:
         """A PNG as a step-indexed image of the run (the run page and the compare view show it by step). Logged once
         per (key, step): a repeated call, e.g. for a reopened run, keeps the one it holds."""
         if Path(png).is_file():
-            self._send("log_image", run_id, str(png), key, int(step))
+            self._send(self._log_image, run_id, str(png), key, int(step))
 
     def _log_image(self, run_id: str, png: str, key: str, step: int) -> None:
         from PIL import Image
@@ -357,58 +364,42 @@ class Tracker:
             self.client.log_image(run_id, im.convert("RGB"), key=key, step=step)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self._send("finish", run_id, status)
+        self._send(self._finish, run_id, status)
 
     def _finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
 
 class NullTracker:
-    """tracking.enabled=false: the same calls, nothing recorded."""
+    """tracking.enabled=false: the Tracker's calls, nothing recorded (a misspelt call still fails)."""
 
     uri = "disabled"
+    pending = None
 
-    def start_sweep(self, sweep_dir, name, tags):
-        return {"parent_run_id": "", "experiment_id": "", "tracking_uri": ""}
-
-    def child_run(self, sweep, trial, tags):
-        return ""
+    def check(self) -> None: ...
+    def use_journal(self, sweep_dir: Path) -> None: ...
+    def flush(self) -> bool: return True
+    def waiting(self) -> int: return 0
+    def start_sweep(self, sweep_dir, name, tags): return {"parent_run_id": "", "experiment_id": "", "tracking_uri": ""}
+    def end_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None: ...
+    def run_status(self, run_id: str) -> None: return None
+    def reopen(self, run_id: str) -> None: ...
+    def child_run(self, sweep, trial, tags) -> str: return ""
+    def running_child(self, sweep, trial_folder) -> None: return None
+    def log_params(self, run_id, params) -> None: ...
+    def log_metrics(self, run_id, rows) -> None: ...
+    def set_tags(self, run_id, tags) -> None: ...
+    def log_artifacts(self, run_id, path, artifact_path=None) -> None: ...
+    def log_image(self, run_id, png, key, step) -> None: ...
+    def finish(self, run_id, status: str = "FINISHED") -> None: ...
 
     @contextmanager
     def active(self, run_id):
         yield
 
-    def flush(self) -> bool:
-        return True
-
-    def waiting(self) -> int:
-        return 0
-
-    def __getattr__(self, name):  # check, use_journal, log_params, log_metrics, set_tags, log_artifacts, finish, ...
-        return lambda *a, **k: None
-
-
-def display_name(trial: str, digits: int = 3) -> str:
-    """A run's name: the trial key with its float values rounded for reading ("lr=0.000187", not Optuna's
-    "lr=0.00018662266976517952"); values short already stay as written ("lr=1e-05", "lr=100000000.0"). The
-    run's `trial` tag keeps the exact key."""
-    def short(part: str) -> str:
-        key, eq, value = part.rpartition("=")
-        if not eq or not re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)", value):
-            return part
-        rounded = f"{float(value):.{digits}g}"
-        return part if float(rounded) == float(value) else f"{key}={rounded}"
-
-    return ",".join(short(p) for p in trial.split(","))
-
 
 def make_tracker(cfg: TrackingConfig, root: Path):
     return Tracker(cfg, root) if cfg.enabled else NullTracker()
-
-
-def read_sweep(sweep_dir: Path) -> dict[str, str] | None:
-    p = Path(sweep_dir) / SWEEP_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def git_commit() -> str:
@@ -428,72 +419,13 @@ def device_name() -> str:
     return "cpu"
 
 
-SECRET_KEY = re.compile(r"token|password|passwd|passphrase|secret|api_?key|access_?key|private_?key|credential",
-                        re.IGNORECASE)
-# keys that say "token" but name a word of a prompt or a length, not a credential: data.subject_token ("sks")
-NOT_SECRET_KEY = re.compile(r"^(subject|class|instance|placeholder|trigger|rare|special|identifier|unique)_token$"
-                            r"|tokens$|tokeni[sz]er|^(max_)?token_(count|length|len|ids?)$", re.IGNORECASE)
+def folder_of_run(run_id: str) -> Path | None:
+    """The local sweep folder recorded on a parent run of the default store."""
+    try:
+        from mlflow import MlflowClient
 
-
-def is_secret_key(key: str) -> bool:
-    """Whether a (dotted) key names a secret: passwords, API/access keys, auth tokens (hf_token, token, ...)."""
-    leaf = key.rsplit(".", 1)[-1]
-    return bool(SECRET_KEY.search(leaf)) and not NOT_SECRET_KEY.search(leaf)
-
-
-def redact(key: str, value: Any) -> str:
-    """What may be recorded of a value: secrets in keys such as *password*/*api_key*/hf_token hidden (not the
-    subject's prompt token, data.subject_token), passwords in URLs (user:password@host) masked wherever they
-    appear, e.g. in a command line kept as a tag."""
-    text = str(value)
-    if is_secret_key(key) and text not in ("", "None", "null"):
-        return "***"
-    return re.sub(r"(\w+://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def sync(sweep_dir: Path) -> int:
-    """Send what waits in a sweep's journal, then finish the sweep (selection, registry, report) as its end would
-    have. Exit status 0 when nothing waits any more."""
-    from .config import resolve_path
-    from .finalize import finalize_folder, load_config
-
-    sweep_dir = Path(sweep_dir).resolve()
-    conf = load_config(sweep_dir)
-    tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
-    tracker.use_journal(sweep_dir)
-    waiting = tracker.waiting()
-    if not tracker.flush():
-        log.error("MLflow at %s still does not answer: %d record(s) wait in %s", redact("uri", tracker.uri),
-                  tracker.waiting(), tracker.pending)
-        return 1
-    log.info("%d waiting record(s) sent to %s", waiting, redact("uri", tracker.uri))
-    sel, _ = finalize_folder(sweep_dir)
-    return 0 if sel is not None else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m sweep.tracking")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sync", help="send the MLflow records a sweep kept while its server was away, then "
-                                    "register its champion")
-    s.add_argument("sweep_dir", type=Path)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return sync(a.sweep_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        uri, _ = store_uri(TrackingConfig(), Path("."))
+        folder = MlflowClient(uri).get_run(run_id).data.tags.get("sweep_dir")
+        return Path(folder) if folder and Path(folder).is_dir() else None
+    except Exception:
+        return None

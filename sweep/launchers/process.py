@@ -10,7 +10,9 @@ either way each job starts as soon as a worker is free. A job process ends itsel
 dies, so an interrupted sweep leaves nothing training behind."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -21,6 +23,10 @@ from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig
+
+from .. import register_resolvers
+from ..results import LOST_FILE
+from . import resume
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +121,11 @@ def prepare_launch(config: DictConfig) -> tuple[Path, dict]:
     return sweep_dir, state
 
 
-LOST_FILE = "lost_jobs.jsonl"
-
-
 def lost_job(sweep_dir: Path, idx: int, overrides: list[str], why: str):
     """A job whose process (or machine) died: named in the log and in <sweep>/lost_jobs.jsonl, which the sweep's end
     reports as a failed trial (exit status 1). It comes back as a NaN result, not a FAILED one: Hydra's grid
     sweeper would stop at a FAILED job before the others are selected and reported; the Optuna sweeper fails the
     study trial of a job that did not report either way. `resume=true` runs it again."""
-    import json
-    import math
-
     log.error("job #%d (%s) is lost: %s; the others go on, and resume=true runs it again", idx, " ".join(overrides),
               why)
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
@@ -164,8 +164,6 @@ def execute_job(idx, overrides, hydra_context, config, singleton_state, task_fun
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
     from omegaconf.omegaconf import register_default_resolvers
-
-    from . import register_resolvers, resume
 
     if gpu is not None and torch.cuda.is_available() and torch.cuda.device_count() != 1:
         raise RuntimeError(f"job #{idx} was to see GPU {gpu} alone but sees {torch.cuda.device_count()} GPUs: CUDA "

@@ -1,7 +1,7 @@
 """A Hydra launcher that runs every job as a Ray task: across the machines of a Ray cluster, one GPU per trial.
 
 We use Ray directly rather than hydra-ray-launcher, whose releases pin old dependencies (cloudpickle<3, ...).
-Each job is one task running `execute_job` (sweep/launcher.py): the worker composes the job's config as Hydra's
+Each job is one task running `execute_job` (sweep/launchers/process.py): the worker composes the job's config as Hydra's
 own launchers do, in the launching process's sweep folder and working directory, then trains the trial. Every
 task gets a fresh worker process (max_calls=1): a trial's models and CUDA state go when it ends, as with
 hydra/launcher=processes. Ray reserves `num_gpus` per task and sets CUDA_VISIBLE_DEVICES; the GPU's id is recorded
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .launcher import GPU_ENV, _job_return, execute_job, lost_job, prepare_launch
+from .process import GPU_ENV, _job_return, execute_job, lost_job, prepare_launch
 from .resume import FOLDER_ENV
 
 log = logging.getLogger(__name__)

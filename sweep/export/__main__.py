@@ -1,0 +1,106 @@
+"""python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] [format=] [dtype=] [out=]:
+the LoRA for ComfyUI / A1111 / Forge and diffusers, with its model card (see sweep/export/__init__.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from evaluation.generate import EvalInputError, verify_hash
+from trainer.webui import DTYPES
+
+from ..logs import quiet_for_generation
+from ..metrics import metrics_from_json
+from ..tracking.registry import default_store, registered_version, verify_registered
+from . import FORMATS, Source, export, from_checkpoint, from_sweep, output_name
+
+USAGE = ("usage: python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] "
+         "[format=both|webui|diffusers] [out=<folder>] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
+KEYS = {"format", "out", "dtype", "tracking_uri"}
+DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
+
+
+def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    source, args = None, {}
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if sep and key in KEYS:
+            args[key] = value
+        elif not sep or a.startswith("models:/") or Path(a).exists():
+            if source is not None:
+                raise SystemExit(f"two sources given ({source!r} and {a!r}): export one at a time\n{USAGE}")
+            source = a
+        else:
+            raise SystemExit(f"unknown argument {a!r}\n{USAGE}")
+    if args.get("format", "both") not in FORMATS:
+        raise SystemExit(f"format={args['format']!r} is not one of {', '.join(FORMATS)}: webui is the file ComfyUI, "
+                         "A1111 and Forge load, diffusers the one diffusers loads, both writes the two")
+    if args.get("dtype", "fp16") not in DTYPES:
+        raise SystemExit(f"dtype={args['dtype']!r} is not one of {', '.join(DTYPES)} (fp16: what the web UIs use)")
+    return source, args
+
+
+def from_registry(uri: str, store: str) -> Source:
+    """A registered version: its own checkpoint folder when this machine has it (same bytes, checked), else the
+    registered copy, described by the version's tags."""
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    version = registered_version(uri, store)
+    tags = version.tags if version is not None else {}
+    ckpt = Path(tags.get("checkpoint", ""))
+    if tags.get("checkpoint") and (ckpt / "pytorch_lora_weights.safetensors").is_file():
+        src = from_checkpoint(ckpt, origin=uri)
+        if tags.get("lora_sha256"):
+            try:
+                verify_hash(src.lora, tags["lora_sha256"])
+            except EvalInputError as exc:
+                raise SystemExit(f"{uri}: {exc}") from None
+    else:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        verify_registered(uri, local, version)
+        [lora] = list(local.rglob("pytorch_lora_weights.safetensors"))[:1]
+        src = Source(lora=lora, trial=tags.get("trial", "?"), step=int(tags.get("step", 0)), origin=uri)
+        from mlflow.models import Model
+
+        src.base = Model.load(str(local)).flavors.get("diffusers", {}).get("base_model", "")
+    if "metrics" in tags:
+        src.metrics, src.baseline = metrics_from_json(tags["metrics"]), metrics_from_json(tags.get("baseline", "{}"))
+    if version is not None:
+        src.chosen = (f"Registered as `{version.name}` version {version.version}"
+                      + (f" ({tags['registry.decision']})" if tags.get("registry.decision") else "")
+                      + (f"; objective `{tags['objective_name']}` = {tags['objective']}" if tags.get("objective") else ""))
+    return src
+
+
+def resolve(source: str | None, store: str | None) -> Source:
+    if source is None or source.startswith("models:/"):
+        return from_registry(source or DEFAULT_MODEL, store or default_store())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SystemExit(f"{source}: no such folder. Give a checkpoint folder (<trial>/checkpoints/step-NNNNNN), a "
+                         f"sweep folder (outputs/sweeps/<date>) or a registered model (models:/<name>@champion)")
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        return from_checkpoint(path)
+    if (path / "report" / "selection.json").is_file() or (path / "sweep.json").is_file():
+        return from_sweep(path)
+    raise SystemExit(f"{source} is neither a checkpoint folder (no pytorch_lora_weights.safetensors) nor a sweep "
+                     "folder (no report/selection.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_for_generation()
+    source, args = parse(sys.argv[1:] if argv is None else argv)
+    src = resolve(source, args.get("tracking_uri"))
+    out = Path(args["out"]) if "out" in args else Path("exports") / output_name(src)
+    rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"))
+    print(f"exported {src.trial} step {src.step} from {src.origin} to {rec['out']}:")
+    for f, sha in rec["files"].items():
+        print(f"  {f}  sha256 {sha[:16]}...")
+    if rec["webui_file"]:
+        print(f"ComfyUI: copy {rec['webui_file']} into ComfyUI/models/loras/ and pick it in a Load LoRA node; "
+              f"A1111 / Forge: copy it into models/Lora/ and add <lora:{Path(rec['webui_file']).stem}:1> to the prompt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""What a sweep leaves on disk, and reading it back: the file names, one atomic strict-JSON writer, each trial's
+result.json, the candidates (trial, checkpoint, metrics) selection ranks, lost trials, the sweep's typed config."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from common.lorafile import LORA_FILE
+
+from .config import SweepConfig, to_typed
+from .selection import Candidate
+
+RESULT = "result.json"
+BASELINE = "baseline_metrics.json"
+CHAMPION_DIR = "champion"  # the champion exported for the web UIs and diffusers (sweep/export)
+LOST_FILE = "lost_jobs.jsonl"  # jobs a launcher lost before they made a trial folder (launchers/process.py lost_job)
+SWEEP_FILE = "sweep.json"  # the sweep's MLflow experiment and parent run (tracking.Tracker.start_sweep)
+
+
+def _clean(obj):
+    """obj with every non-finite float (NaN, inf) as None, recursively: what strict JSON can hold."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalars
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            return obj
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj, **kw) -> str:
+    """Strict JSON (RFC 8259: no NaN/Infinity tokens): non-finite numbers are written as null."""
+    return json.dumps(_clean(obj), allow_nan=False, default=str, **kw)
+
+
+def lora_file(c: Candidate) -> str:
+    return str(Path(c.checkpoint) / LORA_FILE)
+
+
+def write_result(out: Path, payload: dict) -> None:
+    """A trial's result.json (NaN, e.g. of a failed trial or a checkpoint with no face found, as null)."""
+    write_json(Path(out) / RESULT, payload)
+
+
+def write_json(path: Path, payload) -> None:
+    """`payload` as strict JSON in `path`, written under a temporary name and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(strict_json(payload, indent=2))
+    tmp.replace(path)
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    """Folders of the sweep's trials (the sweep folder itself for a single run)."""
+    if (sweep_dir / RESULT).is_file():
+        return [sweep_dir]
+    return sorted(d for d in sweep_dir.iterdir() if d.is_dir() and (d / RESULT).is_file())
+
+
+def read_result(trial_dir: Path) -> dict:
+    """A trial's result.json, its nulls (how strict JSON writes NaN) read back as NaN: objective and metrics."""
+    res = json.loads((Path(trial_dir) / RESULT).read_text())
+    if "objective" in res:
+        res["objective"] = math.nan if res["objective"] is None else res["objective"]
+    if isinstance(res.get("metrics"), dict):
+        res["metrics"] = {ck: {k: math.nan if v is None else v for k, v in m.items()} if isinstance(m, dict) else m
+                          for ck, m in res["metrics"].items()}
+    return res
+
+
+def collect(sweep_dir: Path) -> tuple[list[Candidate], dict[str, float], dict[str, str]]:
+    candidates, statuses = [], {}
+    for d in trial_dirs(sweep_dir):
+        res = read_result(d)
+        statuses[res["name"]] = res["status"]
+        for ckpt, metrics in (res.get("metrics") or {}).items():
+            if ckpt.startswith("step-"):
+                candidates.append(Candidate(res["name"], int(ckpt[5:]), metrics, str(d / "checkpoints" / ckpt),
+                                            "failed" if res["status"] == "failed" else res["status"],
+                                            res.get("params", {})))
+    base_file = sweep_dir / BASELINE
+    baseline = json.loads(base_file.read_text())["metrics"] if base_file.is_file() else {}
+    return candidates, baseline, statuses
+
+
+def candidates(metrics: dict, out: Path, name: str, status: str, params: dict) -> list[Candidate]:
+    """A trial's scored checkpoints ({"step-000100": metrics, ...}) as selection candidates."""
+    return [Candidate(name, int(k[5:]), v, str(out / "checkpoints" / k), status, params)
+            for k, v in metrics.items() if k.startswith("step-")]
+
+
+def load_config(sweep_dir: Path) -> SweepConfig:
+    """The sweep's typed config, as its first trial saw it."""
+    first = (trial_dirs(sweep_dir) or lost_trials(sweep_dir))[0]
+    return to_typed(OmegaConf.load(first / ".hydra" / "config.yaml"))
+
+
+def lost_trials(sweep_dir: Path) -> list[Path]:
+    """Trial folders whose job ended without a result: its process was killed, or its machine lost. Only in a
+    grid sweep's folder (held by its launching process: no job of it runs any more when it ends); an Optuna
+    study's workers share a folder, and re-queue their dead trials themselves."""
+    if (sweep_dir / RESULT).is_file() or not (sweep_dir / ".lock").is_file():
+        return []
+    return sorted(d for d in sweep_dir.iterdir()
+                  if d.is_dir() and (d / ".hydra").is_dir() and not (d / RESULT).is_file())
+
+
+def lost_before_start(sweep_dir: Path) -> dict[str, str]:
+    """Jobs a launcher lost (launchers/process.py lost_job) before they made a trial folder: {"job N": why}."""
+    path = sweep_dir / LOST_FILE
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if not any(sweep_dir.glob(f"{rec['job']}_*")):
+            out[f"job {rec['job']} ({' '.join(rec['overrides'])})"] = rec["why"]
+    return out
+
+
+def read_sweep(sweep_dir: Path) -> dict[str, str] | None:
+    p = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def display_name(trial: str, digits: int = 3) -> str:
+    """A run's name: the trial key with its float values rounded for reading ("lr=0.000187", not Optuna's
+    "lr=0.00018662266976517952"); values short already stay as written ("lr=1e-05", "lr=100000000.0"). The
+    run's `trial` tag keeps the exact key."""
+    def short(part: str) -> str:
+        key, eq, value = part.rpartition("=")
+        if not eq or not re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)", value):
+            return part
+        rounded = f"{float(value):.{digits}g}"
+        return part if float(rounded) == float(value) else f"{key}={rounded}"
+
+    return ",".join(short(p) for p in trial.split(","))
+
+
