@@ -18,8 +18,7 @@ from .models import BaseModel, load_base_model, resolve_device, resolve_precisio
 from .objective import Sampler, Samples, instance_photos, prepare_samples
 from .recipe import PackedRecipe
 from .record import TrialRecord, TrialResult
-from .trial import TrialSpec, resume_step
-from .trial import reset_process_state as _reset_process_state
+from .trial import TrialSpec, reset_process_state, resume_step
 
 __all__ = ["Sampler", "Samples", "TrialResult", "TrialSpec", "instance_photos", "prepare_samples", "train"]
 
@@ -92,13 +91,13 @@ def _train_fitting(base, samples, group: list[TrialSpec], model, data, precision
         return _train_packed(base, samples, group, model, data, precision, progress)
     except torch.OutOfMemoryError as exc:
         if len(group) == 1:
-            _reset_process_state()
+            reset_process_state()
             return [_failed(group[0], f"out of GPU memory even alone ({exc}). Lower lora.rank or data.resolution, "
                                       "or use preset=low_memory; finished checkpoints are kept", pack_size=1)]
         half = (len(group) + 1) // 2
         log.warning("a pack of %d trials does not fit in GPU memory: packs of %d and %d instead "
                     "(train.max_pack=%d avoids trying)", len(group), half, len(group) - half, half)
-        _reset_process_state()
+        reset_process_state()
         return (_train_fitting(base, samples, group[:half], model, data, precision, progress)
                 + _train_fitting(base, samples, group[half:], model, data, precision, progress))
 
