@@ -154,6 +154,18 @@ def gemm_peak(n: int = 8192, iters: int = 20) -> dict:
     return {"n": n, "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
 
 
+@contextlib.contextmanager
+def adapters_out(pack):
+    """Inside: each packed wrapper is replaced in the UNet by its plain base Linear (the pack's adapters rest)."""
+    for _, parent, attr, m in pack.layers:
+        setattr(parent, attr, m.base)
+    try:
+        yield
+    finally:
+        for _, parent, attr, m in pack.layers:
+            setattr(parent, attr, m)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packs", type=int, nargs="*", default=[8])
@@ -332,12 +344,11 @@ def main() -> None:
         def train_row(compiled: tuple[str, ...], variant: str, io: bool = False, profile: str | None = None):
             blocks = compiling.compile_blocks(base.unet, compiled) if compiled else []
             blocks += compiling.compile_io(base.unet) if io else []
-            kernel = packed.PackedLoRALinear.kernel
-            if variant in ("bmm", "dense"):
-                packed.PackedLoRALinear.kernel = variant
-            if variant == "no_lora":
-                for m in (m for *_, m in pack.layers):
-                    m.fused = True
+            stack = contextlib.ExitStack()
+            if variant == "bmm":
+                stack.enter_context(packed.per_trial())
+            if variant == "no_lora":  # the base's floor: the wrappers out of the UNet while the pack stays
+                stack.enter_context(adapters_out(pack))
             fn = (lambda: step(x_grad=True)) if variant == "no_lora" else step
             try:
                 tic = time.perf_counter()
@@ -352,9 +363,7 @@ def main() -> None:
                 return {"trials": k, "ms_per_step_fwd_bwd": ms, "tflops": 13.5e12 * k / ms / 1e9,
                         "first_call_s": first}
             finally:
-                packed.PackedLoRALinear.kernel = kernel
-                for m in (m for *_, m in pack.layers):
-                    m.fused = False
+                stack.close()
                 for p in params:
                     p.grad = None
                 compiling.uncompile(blocks)

@@ -1,12 +1,9 @@
 """Regional torch.compile of the UNet's transformer blocks, for training and for generating, and when it pays.
 
-Measured on one H100 at 1024 px (bench/results/): compiled blocks save about 15 ms per trial and training step
-(a pack of 3: 239 -> 194 ms, of 8: 535 -> 411 ms), compiled GENERATION regions about 0.18 s per generated image
-(UNet forward at batch 40: 699 -> 581 ms), for about 25 s (training) and 45 s (generating) of compiling the first
-time on a machine;
-Inductor's on-disk cache brings a repeat down to 1-3 s. `None` ("auto") settings compile only where that pays
-back: training when trials x steps of a pack reach COMPILE_TRIAL_STEPS, generating when a process will make at
-least COMPILE_IMAGES images."""
+Compiling costs seconds once per machine (Inductor's on-disk cache makes a repeat cheap) and saves a little on
+every training step and generated image, so `None` ("auto") settings compile only where the saving pays back the
+compiling: training when trials x steps of a pack reach COMPILE_TRIAL_STEPS, generating when a process will make
+at least COMPILE_IMAGES images. The measurements behind the thresholds and the regions: docs/speed.md."""
 from __future__ import annotations
 
 import contextlib
@@ -18,22 +15,16 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-COMPILE_TRIAL_STEPS = 2000  # x ~15 ms saved = 30 s: more than a cold compile (~25 s)
-# x ~0.18 s saved = 22 s. A cold compile of the GENERATION regions took 45 s (bench, H200), but a sweep's trials
-# share the process and its compiled code (the study's 3 trials: 432 images), and Inductor's disk cache makes a
-# repeat a few seconds: counted per trial, this threshold errs towards compiling
+COMPILE_TRIAL_STEPS = 2000  # trial-steps whose saving outweighs a cold compile for training
+# images whose saving outweighs compiling the GENERATION regions; counted per trial although a sweep's trials
+# share the process and its compiled code, so it errs towards compiling
 COMPILE_IMAGES = 120
 RECOMPILE_LIMIT = 64  # graphs per block kind: training and generating shapes, block widths, pack sizes
 
 
 BLOCKS = ("BasicTransformerBlock",)
 # generating: whole Transformer2DModels (their norm, projections and layout changes fused too) and the ResNet
-# blocks and resamplers between them. UNet forward at 40 samples on an H100: 699 ms eager, 631 with the
-# transformer blocks compiled, 581 with these (first call 22 s instead of 9 s, partly warm; 45 s cold in the
-# single_trial bench; bench/results/profile_step_*.json). The blocks, their IO_METHODS, the ResNet blocks and the
-# resamplers instead: 0.938 s per image (bench, H200) against 0.927, for 51 s of compiling against 45. Measured and
-# not taken: diffusers' fused QKV projections (563 against 570 ms per 40-sample forward on an H200, 566 against 565
-# on an H100) and Inductor's coordinate-descent tuning (558 ms for 815 s of compiling).
+# blocks and resamplers between them; the fastest of the regions measured for their compile time (docs/speed.md)
 GENERATION = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
@@ -71,10 +62,9 @@ def compile_io(unet: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def compile_for_training(unet: nn.Module) -> list:
-    """The transformer blocks and each Transformer2DModel's IO_METHODS. Pack of 8, forward + backward at 1024 px
-    on an H200: 351.7 ms with the blocks compiled, 346.8 with their IO methods too (a few seconds more compiling);
-    with the ResNet blocks and resamplers as well 328.1, but for ~60 s of compiling instead of ~20, which only
-    pays beyond ~2,500 steps (bench/results/profile_step_*.json)."""
+    """The transformer blocks and each Transformer2DModel's IO_METHODS. Compiling the ResNet blocks and resamplers
+    too is faster per step but triples the compile time, which a sweep's usual step counts do not pay back
+    (docs/speed.md)."""
     return compile_blocks(unet) + compile_io(unet)
 
 

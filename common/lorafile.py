@@ -69,8 +69,7 @@ MergeSite = tuple[nn.Module, str, nn.Module, nn.Linear, Callable[[], torch.Tenso
 def merged_into_base(sites: list[MergeSite]):
     """Inside: each adapter wrapper is replaced, in its parent, by its own base Linear carrying W + update (summed
     in fp32, rounded once to W's dtype, as diffusers' fuse_lora does). Generating then costs what the plain base
-    costs (through peft's adapter layers a 1024 px image took 1.270 s against 1.098, H200, batch 20) and runs the
-    very modules, so the very compiled code, that the base runs. On exit the wrappers are back and every base
+    costs (peft's adapter layers add ~15% per image, docs/speed.md) and runs the very modules, so the very compiled code, that the base runs. On exit the wrappers are back and every base
     weight is restored bit for bit from a copy (subtracting the update again would not give bf16 weights back
     exactly); the copy waits in CPU memory when the GPU has no room for it. Merging does not nest."""
     if len({id(base) for *_, base, _ in sites}) < len(sites):

@@ -62,6 +62,26 @@ class ClipScorer:
         f = self.metric.model.get_image_features(processed["pixel_values"].to(self.device))
         return f / f.norm(p=2, dim=-1, keepdim=True)
 
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """Unit CLIP embeddings of texts, as CLIPScore makes them (its processor, padded, cut to the model's length)."""
+        processed = self.metric.processor(text=texts, return_tensors="pt", padding=True)
+        limit = self.metric.model.config.text_config.max_position_embeddings
+        ids, mask = processed["input_ids"][..., :limit], processed["attention_mask"][..., :limit]
+        f = self.metric.model.get_text_features(ids.to(self.device), mask.to(self.device))
+        return f / f.norm(p=2, dim=-1, keepdim=True)
+
+    def text_cells(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
+        """Each image's CLIP-T against its own prompt: the terms CLIPScore averages (100 x cosine)."""
+        cos = (self.image_features(images) * self.text_features(prompts)).sum(-1)
+        return [float(v) for v in 100 * cos.double()]
+
+    def ref_cells(self, images: torch.Tensor, refs: torch.Tensor) -> list[float]:
+        """Each image's CLIP-I: 100 x its mean cosine to the reference photos (their mean over images is
+        `image_to_refs` before CLIPScore's floor at 0)."""
+        cos = self.image_features(images) @ self.image_features(refs).T
+        return [float(v) for v in 100 * cos.double().mean(dim=1)]
+
     def image_to_refs(self, images: torch.Tensor, refs: torch.Tensor) -> float:
         """Every generated image against every reference photo: CLIPScore over all n x m pairs, with each image
         embedded once instead of once per pair (m + n embeddings, not 2 n m)."""

@@ -5,7 +5,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+import math
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,8 @@ from PIL import Image, ImageOps
 
 from common import compiling, faults
 from common.device import resolve_device
+from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, PAIRWISE_CLIP_I,
+                            PRIOR_FACE_SIMILARITY, aggregate)
 
 from . import generate as gen
 from . import grid
@@ -34,81 +37,133 @@ _NOTED: set[str] = set()
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
              pretrained: str | None = None, pipeline=None, baseline: bool = True,
-             baseline_cache: Path | None = None, applied: bool = False) -> dict[str, dict[str, float]]:
+             baseline_cache: Path | None = None, applied: bool = False,
+             seeds: Sequence[int] | None = None, prior: bool = True) -> dict[str, dict[str, float]]:
     """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
 
     The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
     it. With `applied=True` the one checkpoint given is already on `pipeline`'s UNet (a trainer scoring its
     adapter live) and is not loaded again. Returns {checkpoint folder name (or "baseline"): {metric: value}};
     metrics.json in `out_dir` gathers the results of every call, images and grids are saved beside it. With
-    `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls."""
+    `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls.
+
+    Every image is a cell (prompt, seed) whose scores metrics.json keeps; a checkpoint's metrics are those of all
+    its cells scored so far (common.metrics.aggregate). `seeds` (a subset of cfg.seeds, default all) are the cells
+    this call asks for: a racing round asks for one more seed per prompt, and with `prior=False` not for the
+    prior-drift prompt's images (the champion's and runner-up's full protocol does). Cells scored before with the
+    same settings are not generated again, so a call after an interruption only makes what is missing."""
     if pipeline is None and not pretrained:
         raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local SDXL folder)")
     ckpts = [Path(c) for c in checkpoints]
     if applied and (pipeline is None or len(ckpts) != 1 or baseline):
         raise EvalInputError("evaluate(applied=True) scores the one checkpoint already on `pipeline`, without baseline")
     refs, face = preflight(cfg, instance_dir, ckpts)
+    wanted = list(cfg.seeds if seeds is None else seeds)
+    if not wanted or any(s not in cfg.seeds for s in wanted):
+        raise EvalInputError(f"evaluate(seeds={wanted}): give some of eval.seeds={list(cfg.seeds)}")
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device, "eval.device")
     clip = _scorer(cfg.clip_model, device)
-    if pipeline is None:
-        pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)
-    else:
-        pipe, refiner = pipeline, None
-        pipe.set_progress_bar_config(disable=True)
-        if cfg.refiner:
-            raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
-    notes = _notes(clip, pretrained)
-    ref_tensor = _to_tensor([im.resize((224, 224)) for im in refs])
-    results: dict[str, dict[str, float]] = {}
-    seconds: dict[str, dict[str, float]] = {}  # where the time went, per entry (metrics.json)
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
-    planned = len(entries) * cfg.images_per_checkpoint()
-    fast = compiling.want_compile(cfg.compile, device, planned, compiling.COMPILE_IMAGES)
-    with grid.Writer() as writer, compiling.compiled_for_generation(pipe.unet, fast):
+    stored = earlier_cells(out_dir, cfg)
+    drift = face is not None and bool(cfg.prior_prompt)  # the prior-drift prompt is scored at all
+    prior = prior and drift
+    todo = {name: _missing(stored.get(name, {}), cfg, wanted, prior or (drift and name == BASELINE))
+            for name, _ in entries}
+    earlier = earlier_results(out_dir, cfg)  # a checkpoint with nothing left to score: its stored metrics
+    results: dict[str, dict[str, float]] = {name: earlier[name] for name, _ in entries if not any(todo[name])}
+    todo = {name: s for name, s in todo.items() if any(s)}
+    if todo:
+        if pipeline is None:
+            pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)
+        else:
+            pipe, refiner = pipeline, None
+            pipe.set_progress_bar_config(disable=True)
+            if cfg.refiner:
+                raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
+        scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
+        with grid.Writer() as writer:
+            results.update(_generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
+                                               [(n, c) for n, c in entries if n in todo], todo, stored, earlier))
+    if cached:
+        results = {BASELINE: cached, **results}
+    elif baseline and baseline_cache and BASELINE in results:
+        _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
+    _checkpoint_grid(out_dir, cfg, list(_gather(out_dir, cfg, {})))
+    return results
+
+
+def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tuple[list[int], list[int]]:
+    """(seeds whose prompt images are not all scored, seeds whose prior-drift image is not, if it is asked for)."""
+    prompts = [s for s in seeds if not all(cell_key(p, s) in cells for p in range(len(cfg.prompts)))]
+    return prompts, [s for s in seeds if prior and f"prior_s{s}" not in cells]
+
+
+def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, applied: bool,
+                        entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
+                        earlier: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
+    metrics.json updated after each entry (so an interruption loses at most the entry in progress)."""
+    results, seconds, cells = {}, {}, {}
+    planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
+    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES)
+    with compiling.compiled_for_generation(pipe.unet, fast):
         for name, ckpt in entries:
             tic = time.perf_counter()
+            prompt_seeds, prior_seeds = todo[name]
+            sub = replace(cfg, seeds=prompt_seeds)
             with gen.LoraSwap(pipe, None if applied else ckpt, cfg.lora_scale):
-                images, prior = _generate(pipe, refiner, cfg, name, cfg.prior_prompt if face is not None else None)
+                images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds)
             generated = time.perf_counter()
             if ckpt is not None:
                 faults.hit("evaluate", str(out_dir))  # images generated, not yet scored (tests/test_faults.py)
             for arm, ims in images.items():  # written while the next images are scored and generated
-                labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
-                writer.save(grid.grid(ims, len(cfg.prompts), len(cfg.seeds), labels),
-                            out_dir / "grids" / f"{name}_{arm}.png")
                 for k, im in enumerate(ims):  # every image, for people who want to look closer (fast PNG level)
-                    p, s = divmod(k, len(cfg.seeds))
-                    writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{cfg.seeds[s]}.png", compress_level=1)
-            results[name] = _score(images, prior, cfg, clip, face, ref_tensor)
+                    p, s = divmod(k, len(sub.seeds))
+                    writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{sub.seeds[s]}.png", compress_level=1)
+            cells[name] = {**stored.get(name, {}), **scorer.cells(images, prior, sub, prior_seeds)}
+            fresh = {(arm, p, s): im for arm, ims in images.items()
+                     for k, im in enumerate(ims) for p, s in [(k // len(sub.seeds), sub.seeds[k % len(sub.seeds)])]}
+            results[name] = {**earlier.get(name, {}), **aggregate(cells[name].values()),
+                             **_set_metrics(scorer, cfg, out_dir, name, [a for a, ims in images.items() if ims],
+                                            cells[name], fresh, writer)}
             done = time.perf_counter()
             count = sum(map(len, images.values())) + len(prior or [])
             seconds[name] = {"images": count, "generate_s": generated - tic, "score_s": done - generated}
             log.info("eval %s: %s (%d images generated in %.1f s, scored in %.1f s)", name,
                      {k: round(v, 4) for k, v in results[name].items()}, count, generated - tic, done - generated)
-    if cached:
-        results = {BASELINE: cached, **results}
-    elif baseline and baseline_cache:
-        _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
-    gathered = _gather(out_dir, cfg, results)
-    seconds = {**_read_json(out_dir / "metrics.json").get("seconds", {}), **seconds}
-    _write_json(out_dir / "metrics.json", {"metrics": gathered, "notes": notes, "config": _settings(cfg),
-                                           "seconds": seconds})
-    _checkpoint_grid(out_dir, cfg, list(gathered))
+            _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells[name]}, {name: seconds[name]})
     return results
 
 
-def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | None):
-    """The prompts' images ({"base": [...]}, with a refiner also {"refined": [...]}) and the prior-drift images
-    (None without a prior prompt). Without a refiner the prior prompt rides in the same batches as the others
-    (a batch of its own ran at two-thirds the speed)."""
-    if prior_prompt and refiner is None:
+def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict) -> None:
+    """metrics.json: earlier entries (same settings only) updated with these; times add up over calls."""
+    old = _read_json(out_dir / "metrics.json")
+    same = old.get("config") == json.loads(json.dumps(_settings(cfg), default=str))
+    before = old.get("seconds", {})
+    for name, s in seconds.items():
+        if same and name in before:
+            s = {k: before[name].get(k, 0) + v for k, v in s.items()}
+        before[name] = s
+    _write_json(out_dir / "metrics.json", {"metrics": _gather(out_dir, cfg, results), "notes": notes,
+                                           "config": _settings(cfg), "seconds": before,
+                                           "cells": {**(old.get("cells", {}) if same else {}), **cells}})
+
+
+def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | None, prior_seeds: list[int]):
+    """The prompts' images at cfg.seeds ({"base": [...]}, with a refiner also {"refined": [...]}) and the
+    prior-drift prompt's at `prior_seeds` (a list, empty when none is asked for). Without a refiner, when both
+    are asked for the same seeds, the prior prompt rides in the same batches as the others (a batch of its own ran
+    at two-thirds the speed)."""
+    prior_seeds = list(prior_seeds) if prior_prompt else []
+    if prior_seeds and prior_seeds == list(cfg.seeds) and refiner is None:
         both = gen.generate(pipe, None, [*cfg.prompts, prior_prompt], cfg, desc=f"eval {name}")["base"]
         n = len(cfg.prompts) * len(cfg.seeds)
         return {"base": both[:n]}, both[n:]
-    images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}")
-    prior = gen.generate(pipe, None, [prior_prompt], cfg, desc=f"prior {name}")["base"] if prior_prompt else None
+    images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}") if cfg.seeds else {"base": []}
+    prior = gen.generate(pipe, None, [prior_prompt], replace(cfg, seeds=prior_seeds),
+                         desc=f"prior {name}")["base"] if prior_seeds else []
     return images, prior
 
 
@@ -116,6 +171,12 @@ def earlier_results(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str,
     """What earlier calls with the same settings wrote to `out_dir`/metrics.json (a resumed trial's scores)."""
     rec = _read_json(Path(out_dir) / "metrics.json")
     return rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(_settings(cfg), default=str)) else {}
+
+
+def earlier_cells(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """{checkpoint: {cell: {metric: value}}} that earlier calls with the same settings scored in `out_dir`."""
+    rec = _read_json(Path(out_dir) / "metrics.json")
+    return rec.get("cells", {}) if rec.get("config") == json.loads(json.dumps(_settings(cfg), default=str)) else {}
 
 
 def _settings(cfg: EvalConfig) -> dict:
@@ -130,15 +191,13 @@ def _gather(out_dir: Path, cfg: EvalConfig, new: dict[str, dict[str, float]]) ->
 
 
 def _checkpoint_grid(out_dir: Path, cfg: EvalConfig, names: list[str]) -> None:
-    """First prompt x seeds for every checkpoint scored so far (rows), from the saved images."""
-    rows = [n for n in names if (out_dir / "images" / n / f"base_p0_s{cfg.seeds[0]}.png").is_file()]
+    """First prompt x seeds for every checkpoint scored so far (rows), from the saved images (a raced-out
+    checkpoint's seeds it was not generated at are left gray)."""
+    rows = [n for n in names if any((out_dir / "images" / n / f"base_p0_s{s}.png").is_file() for s in cfg.seeds)]
     if len(rows) < 2:
         return
-    ims = []
-    for n in rows:
-        for s in cfg.seeds:
-            with Image.open(out_dir / "images" / n / f"base_p0_s{s}.png") as im:
-                ims.append(im.convert("RGB"))
+    ims = [_load(out_dir / "images" / n / f"base_p0_s{s}.png") for n in rows for s in cfg.seeds]
+    ims = [_blank() if im is None else im for im in ims]
     grid.save(grid.grid(ims, len(rows), len(cfg.seeds), rows), out_dir / "grids" / "checkpoints_prompt0.png")
 
 
@@ -208,28 +267,79 @@ def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
-def _score(images, prior, cfg: EvalConfig, clip: ClipScorer, face: FaceSimilarity | None, refs) -> dict[str, float]:
-    scoring = [cfg.scoring_prompt(p) for p in cfg.prompts for _ in cfg.seeds]
-    m: dict[str, float] = {}
-    for arm, ims in images.items():
-        suffix = "" if arm == "base" else f"_{arm}"
-        t = _to_tensor(ims)
-        m["clip_t" + suffix] = clip.text(t, scoring)
-        m["clip_i" + suffix] = clip.image_to_refs(t, refs)
-        m["pairwise_clip_i" + suffix] = clip.pairwise(t)
-        if face is not None:
-            face.reset()
-            face.update(ims)
-            f = face.compute()
-            m["face_similarity" + suffix] = float(f["similarity"])
-            m["face_detection_rate" + suffix] = float(f["detection_rate"])
-            if face.reason:
-                log.warning("face similarity is NaN: %s", face.reason)
-    if prior is not None:
-        face.reset()
-        face.update(prior)
-        m["prior_face_similarity"] = float(face.compute()["similarity"])
-    return m
+class _Scorer:
+    """What scores a call's images: CLIP, the face metric (None when off) and the reference photos."""
+
+    def __init__(self, cfg: EvalConfig, clip: ClipScorer, face: FaceSimilarity | None, refs: torch.Tensor,
+                 notes: list[str]):
+        self.clip, self.face, self.refs, self.notes = clip, face, refs, notes
+        self.scoring = {p: cfg.scoring_prompt(p) for p in cfg.prompts}
+
+    def cells(self, images: dict[str, list[Image.Image]], prior, cfg: EvalConfig,
+              prior_seeds: list[int]) -> dict[str, dict[str, float]]:
+        """{"p<prompt>_s<seed>": {metric: value}, "prior_s<seed>": {...}} for the images of `cfg.seeds` and the
+        prior-drift images of `prior_seeds`: each image's CLIP-T, CLIP-I, face similarity (NaN without a face)
+        and detection (1 or 0), per arm."""
+        keys = [cell_key(p, s) for p in range(len(cfg.prompts)) for s in cfg.seeds]
+        out: dict[str, dict[str, float]] = {k: {} for k in keys}
+        for arm, ims in images.items():
+            if not ims:
+                continue
+            suffix = "" if arm == "base" else f"_{arm}"
+            t = _to_tensor(ims)
+            texts = [self.scoring[p] for p in cfg.prompts for _ in cfg.seeds]
+            columns = {CLIP_T: self.clip.text_cells(t, texts), CLIP_I: self.clip.ref_cells(t, self.refs)}
+            if self.face is not None:
+                sims = self._faces(ims)
+                columns[FACE_SIMILARITY] = sims
+                columns[FACE_DETECTION_RATE] = [0.0 if math.isnan(v) else 1.0 for v in sims]
+            for name, values in columns.items():
+                for k, v in zip(keys, values):
+                    out[k][name + suffix] = v
+        if prior:
+            for s, v in zip(prior_seeds, self._faces(prior)):
+                out[f"prior_s{s}"] = {PRIOR_FACE_SIMILARITY: v}
+        return out
+
+    def _faces(self, images) -> list[float]:
+        self.face.reset()
+        self.face.update(images)
+        if not self.face.compute()["detection_rate"] and images:
+            log.warning("face similarity is NaN: %s", self.face.reason)
+        return self.face.per_image()
+
+
+def cell_key(prompt: int, seed: int) -> str:
+    return f"p{prompt}_s{seed}"
+
+
+def _set_metrics(scorer: _Scorer, cfg: EvalConfig, out_dir: Path, name: str, arms: list[str], cells: dict,
+                 fresh: dict, writer) -> dict[str, float]:
+    """What needs the images together: each arm's pairwise CLIP-I and its prompts x seeds grid, over every cell
+    scored so far (earlier ones read back from their PNGs)."""
+    seeds = [s for s in cfg.seeds if cell_key(0, s) in cells]
+    out = {}
+    for arm in arms:
+        ims = [fresh[(arm, p, s)] if (arm, p, s) in fresh else _load(out_dir / "images" / name / f"{arm}_p{p}_s{s}.png")
+               for p in range(len(cfg.prompts)) for s in seeds]
+        present = [im for im in ims if im is not None]
+        out[PAIRWISE_CLIP_I + ("" if arm == "base" else f"_{arm}")] = scorer.clip.pairwise(_to_tensor(present))
+        labels = [cfg.scoring_prompt(p) for p in cfg.prompts]
+        writer.save(grid.grid([_blank() if im is None else im for im in ims], len(cfg.prompts), len(seeds), labels),
+                    out_dir / "grids" / f"{name}_{arm}.png")
+    return out
+
+
+def _load(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        return None
+
+
+def _blank() -> Image.Image:
+    return Image.new("RGB", (64, 64), "lightgray")
 
 
 def _notes(clip: ClipScorer, pretrained: str | None) -> list[str]:

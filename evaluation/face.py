@@ -220,6 +220,7 @@ class FaceSimilarity(Metric):
         self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("detected", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("cells", default=[], dist_reduce_fx="cat")  # each image's similarity, NaN without a face
         self.reason: str | None = None
 
     def update(self, images: Images) -> None:
@@ -227,9 +228,16 @@ class FaceSimilarity(Metric):
         many = getattr(self.backend, "embed_many", None)
         for emb in (many(arrays) if many else map(self.backend.embed, arrays)):
             self.total += 1
+            sim = math.nan
             if emb is not None:
+                sim = _cos(emb, self.identity.vector)
                 self.detected += 1
-                self.similarity_sum += _cos(emb, self.identity.vector)
+                self.similarity_sum += sim
+            self.cells.append(torch.tensor([sim], dtype=torch.float64))
+
+    def per_image(self) -> list[float]:
+        """Each image's similarity since the last reset, in update order (NaN where no face was found)."""
+        return [float(v) for v in torch.cat(self.cells)] if len(self.cells) else []
 
     def compute(self) -> dict[str, torch.Tensor]:
         n, total = int(self.detected), int(self.total)

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import offload_models
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -167,14 +168,8 @@ def prompt_embeddings(pipe, prompts: list[str], guidance: bool) -> dict[str, tor
     pair = tuple(id(m) for m in encoders)  # a refiner shares text_encoder_2 but has no first encoder
     missing = [p for p in dict.fromkeys(prompts) if (p, guidance, device, pair) not in cache]
     if missing:
-        homes = [next(m.parameters()).device for m in encoders]
-        for m in encoders:
-            m.to(device)
-        try:
+        with offload_models(*encoders, device=device):
             rows = pipe.encode_prompt(missing, device=device, do_classifier_free_guidance=guidance)
-        finally:
-            for m, home in zip(encoders, homes):
-                m.to(home)
         for i, p in enumerate(missing):
             cache[(p, guidance, device, pair)] = tuple(None if t is None else t[i:i + 1] for t in rows)
     got = [cache[(p, guidance, device, pair)] for p in prompts]

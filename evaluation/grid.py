@@ -17,11 +17,12 @@ def grid(images: list[Image.Image], rows: int, cols: int, labels: list[str] | No
         r, c = divmod(k, cols)
         out.paste(im.convert("RGB").resize((cell, cell)), (lw + c * cell, r * cell))
     for r, text in enumerate(labels or []):
-        draw.multiline_text((6, r * cell + 6), _wrap(text, 26), fill="black")
+        draw.multiline_text((6, r * cell + 6), wrap(text, 26), fill="black")
     return out
 
 
-def _wrap(text: str, width: int) -> str:
+def wrap(text: str, width: int) -> str:
+    """Words on lines of at most `width` characters (a longer word gets a line of its own)."""
     words, lines, line = text.split(), [], ""
     for w in words:
         if len(line) + len(w) + 1 > width and line:

@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
 
+from .offline_models import build_clip
 from .selection import SelectionConfig, config_problems
 
 
@@ -32,16 +33,29 @@ class PathsConfig:
     cache_dir: str = ".cache/sdxl-lora-sweep"
 
 
+BUDGETS = ("auto", "race", "full")
+
+
 @dataclass
 class EvalSection(EvalConfig):
     """Evaluation as configured: evaluation's own settings plus how the sweep provides them."""
 
     enabled: bool = True
     clip_architecture: Optional[Dict[str, Any]] = None  # build a random-weight CLIP instead of loading clip_model
+    # race: checkpoints get one seed per prompt as they are written, the sweep's end gives more only to those that
+    # can still win (sweep/racing.py); full: every seed for every checkpoint; auto: race in a multirun
+    budget: str = "auto"
+    race_alpha: float = 0.05  # racing drops the best checkpoint with probability at most this
 
     def settings(self, clip_model: str) -> EvalConfig:
         names = EvalConfig.__dataclass_fields__
         return EvalConfig(**{**{k: getattr(self, k) for k in names}, "clip_model": clip_model})
+
+    def races(self, multirun: bool) -> bool:
+        """Whether checkpoints are raced: eval.budget=race, or auto in a multirun; never with one seed (nothing to
+        save) nor with a refiner (its checkpoints are scored after training, all seeds at once)."""
+        wanted = self.budget == "race" or (self.budget == "auto" and multirun)
+        return self.enabled and wanted and len(self.seeds) > 1 and not self.refiner
 
 
 @dataclass
@@ -83,12 +97,25 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
     problems = validate(typed.model, typed.data, typed.lora, typed.train)
     if typed.eval.enabled:
         problems += validate_eval(typed.eval)
+        if typed.eval.budget not in BUDGETS:
+            problems.append(f"eval.budget={typed.eval.budget!r} is not one of {BUDGETS}")
+        if not 0.0 < typed.eval.race_alpha < 1.0:
+            problems.append(f"eval.race_alpha={typed.eval.race_alpha} must be between 0 and 1 (e.g. 0.05)")
         if not (typed.eval.clip_model or typed.eval.clip_architecture):
             problems.append("eval.clip_model is empty: a hub id or folder, e.g. openai/clip-vit-large-patch14")
     problems += config_problems(typed.selection)  # the rule, its objective, its weights' metric names
     if problems:
         raise ConfigError(problems)
     return typed
+
+
+def evaluation_settings(conf: SweepConfig) -> EvalConfig:
+    """What evaluation is given: the eval section with its CLIP resolved (a hub id or folder, or the random-weight
+    CLIP built from clip_architecture into the cache)."""
+    clip = conf.eval.clip_model
+    if conf.eval.clip_architecture:
+        clip = build_clip(conf.eval.clip_architecture, resolve_path(conf.paths, conf.paths.cache_dir))
+    return conf.eval.settings(clip)
 
 
 def _close_matches(key: str) -> str:

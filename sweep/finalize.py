@@ -1,17 +1,23 @@
 """The end of a sweep: gather every trial's checkpoint metrics, select the champion, register it, report."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
-from . import report
-from .config import resolve_path
+from common.compiling import COMPILE_IMAGES, want_compile
+from common.device import resolve_device
+from evaluation import evaluate
+from trainer.models import shared_pipeline
+
+from . import confidence, racing, report
+from .config import evaluation_settings, resolve_path
 from .export import export, from_checkpoint
 from .metrics import fmt
-from .results import CHAMPION_DIR, collect, load_config, lost_before_start, lost_trials, read_sweep, trial_dirs, \
-    write_result
-from .selection import Selection, describe_rule, select
+from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, collect, load_config, lost_before_start, lost_trials,
+                      read_scores, read_sweep, trial_dirs, write_json, write_result)
+from .selection import Candidate, Selection, describe_rule, select
 from .tracking import make_tracker, ui_command
 from .tracking.registry import register_champion
 
@@ -64,7 +70,10 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     record_lost(sweep_dir, tracker)
     candidates, baseline, statuses = collect(sweep_dir)
     statuses.update({job: "failed" for job in unstarted})
+    candidates, race = run_race(sweep_dir, conf, candidates, baseline)
     sel = select(candidates, baseline, conf.selection)
+    sel.confidence = assess(sel, candidates, baseline, conf.selection)
+    sel.race = race
     rule_text = describe_rule(conf.selection)
     exported = export_champion(sweep_dir, sel) if sel.champion else None
     files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported)
@@ -97,6 +106,9 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                                     * (sel.objective not in c.metrics) + [("selection_margin", sel.margin, 0)])
             if sel.runner_up:
                 tags["runner_up"] = sel.runner_up.key
+            tags.update(_confidence_tags(sel))
+            if not ended:
+                tracker.log_metrics(pid, _confidence_rows(sel))
             if register and conf.tracking.enabled:
                 tags.update(register_champion(tracker, conf, pid, c, baseline, exported))
         tracker.set_tags(pid, tags)
@@ -105,6 +117,86 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     page = run_page(tracker.uri, sweep) if sweep and sweep["parent_run_id"] else None
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page)
     return sel, failed
+
+
+def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict) -> tuple[list[Candidate], dict | None]:
+    """Racing evaluation's later rounds (sweep/racing.py): the checkpoints that can still win get more seeds, the
+    champion and the runner-up all of them. Runs wherever candidates lack seeds (a raced sweep; one interrupted
+    here continues, scoring only what is missing); returns the candidates with their new scores and the race's
+    record (None when every checkpoint had every seed already: nothing was raced). Each trial's result.json stays
+    what its job wrote (racing's first round); the race's scores are in its eval/metrics.json, which the report,
+    selection and registry read."""
+    seeds = list(conf.eval.seeds)
+    if not conf.eval.enabled or conf.eval.refiner or not baseline or \
+            all(racing.rounds_of(c, seeds) == len(seeds) for c in candidates):
+        return candidates, None
+    settings = evaluation_settings(conf)
+    # compiling for generation pays for the race as a whole (each call scores one seed of a few checkpoints)
+    device = resolve_device(settings.device, "eval.device")
+    settings = replace(settings, compile=want_compile(settings.compile, device, len(candidates) * len(settings.prompts),
+                                                      COMPILE_IMAGES))
+    cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
+    pipe = []  # loaded on first use: a race that is over scores nothing
+
+    def score(todo: list[Candidate], seed: int, final: bool) -> list[Candidate]:
+        if not pipe:
+            pipe.append(shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir))
+        prior = final or racing.uses_prior(conf.selection)
+        out = []
+        for folder in sorted({Path(c.checkpoint).parent.parent for c in todo}):
+            mine = [c for c in todo if Path(c.checkpoint).parent.parent == folder]
+            log.info("racing: %s at seed %d%s", ", ".join(c.key for c in mine), seed, " (full protocol)" * final)
+            evaluate([Path(c.checkpoint) for c in mine], settings, instance_dir=conf.data.instance_dir,
+                     out_dir=folder / EVAL_DIR, pipeline=pipe[0], baseline=False, seeds=[seed], prior=prior)
+            scored = read_scores(folder)
+            out += [replace(c, metrics=scored[Path(c.checkpoint).name][0], cells=scored[Path(c.checkpoint).name][1])
+                    for c in mine]
+        return out
+
+    def complete(c: Candidate) -> set:
+        drift = conf.eval.face_backend != "none" and conf.eval.prior_prompt
+        return {s for s in racing.seeds_of(c) if not drift or f"prior_s{s}" in c.cells}
+
+    done, race = racing.run(candidates, seeds, baseline, conf.selection, score, conf.eval.race_alpha, complete)
+    images = sum(_images(d) for d in {Path(c.checkpoint).parent.parent for c in done})
+    full = len(done) * settings.images_per_checkpoint()
+    record = {"alpha": conf.eval.race_alpha, "seeds": seeds, "checkpoints": len(done),
+              "dropped": [d.__dict__ for d in race.dropped], "images": images, "full_protocol_images": full}
+    write_json(sweep_dir / "report" / "race.json", record)
+    log.info("racing: %d checkpoint(s), %d dropped before the last round; %d images generated for them, the full "
+             "protocol would have made %d", len(done), len(race.dropped), images, full)
+    return done, record
+
+
+def _images(trial_dir: Path) -> int:
+    """Images the trial's checkpoints were generated for, over every call (eval/metrics.json's times)."""
+    path = trial_dir / EVAL_DIR / EVAL_FILE
+    seconds = json.loads(path.read_text()).get("seconds", {}) if path.is_file() else {}
+    return sum(v.get("images", 0) for k, v in seconds.items() if k.startswith("step-"))
+
+
+def assess(sel: Selection, candidates: list, baseline: dict, cfg) -> confidence.Assessment:
+    """Intervals for each trial's best checkpoint (the report's rows), the champion and the runner-up, and the
+    champion's paired comparison with the runner-up."""
+    keys = {r["trial"]: r["best_step"] for r in report.table(candidates, sel, {})}
+    shown = [c for c in candidates if keys.get(c.trial) == c.step or c in (sel.champion, sel.runner_up)]
+    return confidence.assess(shown, sel.champion, sel.runner_up, baseline, cfg)
+
+
+def _confidence_tags(sel: Selection) -> dict:
+    c = getattr(sel.confidence, "comparison", None)
+    if c is None:
+        return {}
+    return {"selection.decisive": str(c.decisive).lower(), "selection.verdict": c.verdict[:4000]}
+
+
+def _confidence_rows(sel: Selection) -> list[tuple[str, float, int]]:
+    """The pick's certainty as parent-run metrics: P(champion better than the runner-up), the margin's interval."""
+    c = getattr(sel.confidence, "comparison", None)
+    if c is None:
+        return []
+    return [("selection_p_champion_better", c.p_better, 0), ("selection_margin_low", c.margin.low, 0),
+            ("selection_margin_high", c.margin.high, 0)]
 
 
 def export_champion(sweep_dir: Path, sel: Selection) -> Path | None:
@@ -141,6 +233,9 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     console = Console(width=200)
     console.print(t)
     print(sel.explain())
+    comparison = getattr(sel.confidence, "comparison", None)
+    if comparison is not None:
+        print(f"how sure: {comparison.verdict}")
     compare = "MLflow tracking is off (tracking.enabled=false)" if ui.endswith("disabled") else f"compare the runs: {ui}"
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"

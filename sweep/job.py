@@ -25,11 +25,11 @@ from evaluation.evaluate import earlier_results
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
 from trainer.models import resolve_source, shared_pipeline
 
-from .config import SweepConfig, flatten, resolve_path, to_typed
+from . import racing
+from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_typed
 from .launchers.packing import train
 from .launchers.process import GPU_ENV
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
-from .offline_models import build_clip
 from .results import BASELINE, RESULT, candidates, read_result, read_sweep, write_result
 from .search import SearchSettings, TrialLink, coordinates
 from .selection import Candidate, checkpoint_score, objective_name, trial_best
@@ -135,7 +135,7 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
     started_at = time.time()
     try:
         with tracker.active(run_id):
-            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live)
+            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live, conf.eval.races(job.multirun))
     except (UserError, EvalInputError) as exc:
         _record_failure(tracker, run_id, job.sweep, exc, job.multirun, link)
         return _fail(out, name, exc, job.multirun)
@@ -221,9 +221,10 @@ def trial_name(hc, sweep_dir: Path) -> str:
 
 
 def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
-              on_scored=None) -> tuple[TrialResult, dict]:
+              on_scored=None, race: bool = False) -> tuple[TrialResult, dict]:
     """Train, scoring every checkpoint as it is written (the trainer's loaded base generates; nothing is loaded
-    twice). Returns the training result and {checkpoint: metrics} (with "baseline").
+    twice). Returns the training result and {checkpoint: metrics} (with "baseline"). With `race`, a checkpoint's
+    scoring here is racing's first round (one seed per prompt); the sweep's end scores more where it decides.
 
     `on_scored(checkpoint name, metrics, baseline metrics) -> stop?` hears each score as it comes; True stops
     the trial there (an Optuna pruner). With a refiner, checkpoints are scored after training instead (the
@@ -235,14 +236,14 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     pretrained = resolve_source(conf.model, cache_dir)
     settings = None
     if conf.eval.enabled:
-        clip = build_clip(conf.eval.clip_architecture, cache_dir) if conf.eval.clip_architecture else conf.eval.clip_model
-        settings = _compile_setting(conf.eval.settings(clip), conf)
+        settings = _compile_setting(evaluation_settings(conf), conf, race)
         preflight(settings, conf.data.instance_dir)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
     if settings is None:
         [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
         return result, {}
     kw = dict(instance_dir=conf.data.instance_dir, out_dir=out / "eval", pretrained=pretrained)
+    first = dict(seeds=settings.seeds[:1], prior=racing.uses_prior(conf.selection)) if race else {}
     metrics: dict[str, dict[str, float]] = {}
     pipe = None
     if not settings.refiner:
@@ -255,7 +256,7 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
                 on_scored(ckpt, metrics[ckpt], metrics[BASELINE_KEY])
 
         def score(step: int, folder: Path) -> bool:
-            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw)[folder.name]
+            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first)[folder.name]
             metrics[folder.name] = m
             return bool(on_scored and on_scored(folder.name, m, metrics.get(BASELINE_KEY, {})))
 
@@ -267,7 +268,7 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
         if pipe is not None:  # again: the trainer keeps the VAE and text encoders off the GPU between uses
             pipe = shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir)
         metrics.update(evaluate(missing, settings, pipeline=pipe, baseline=pipe is None or BASELINE_KEY not in metrics,
-                                baseline_cache=baseline, **kw))
+                                baseline_cache=baseline, **kw, **first))
         for c in missing:
             if on_scored is not None and c.name in metrics:
                 on_scored(c.name, metrics[c.name], metrics.get(BASELINE_KEY, {}))
@@ -275,13 +276,14 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in scored}
 
 
-def _compile_setting(settings: EvalConfig, conf: SweepConfig) -> EvalConfig:
+def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False) -> EvalConfig:
     """eval.compile=auto decided for the trial's whole scoring (baseline and every checkpoint), not per call: each
     call scores one checkpoint, too few images to repay compiling on its own; together they do."""
     if settings.compile is not None:
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
-    images = (checkpoints + 1) * settings.images_per_checkpoint()
+    per_checkpoint = len(settings.prompts) if race else settings.images_per_checkpoint()  # racing's first round
+    images = checkpoints * per_checkpoint + settings.images_per_checkpoint()
     on = want_compile(None, resolve_device(settings.device, "eval.device"), images, COMPILE_IMAGES)
     return replace(settings, compile=on)
 

@@ -18,6 +18,7 @@ RESULT = "result.json"
 BASELINE = "baseline_metrics.json"
 CHAMPION_DIR = "champion"  # the champion exported for the web UIs and diffusers (sweep/export)
 LOST_FILE = "lost_jobs.jsonl"  # jobs a launcher lost before they made a trial folder (launchers/process.py lost_job)
+EVAL_DIR, EVAL_FILE = "eval", "metrics.json"  # a trial's scores: metrics and cells (evaluation.evaluate writes it)
 SWEEP_FILE = "sweep.json"  # the sweep's MLflow experiment and parent run (tracking.Tracker.start_sweep)
 
 
@@ -79,18 +80,32 @@ def read_result(trial_dir: Path) -> dict:
 
 
 def collect(sweep_dir: Path) -> tuple[list[Candidate], dict[str, float], dict[str, str]]:
+    """Every scored checkpoint of the sweep, the baseline's metrics and each trial's status. A checkpoint's metrics
+    and cells are its latest scoring's (eval/metrics.json: a racing round after the trial ended adds cells)."""
     candidates, statuses = [], {}
     for d in trial_dirs(sweep_dir):
         res = read_result(d)
         statuses[res["name"]] = res["status"]
+        scored = read_scores(d)
         for ckpt, metrics in (res.get("metrics") or {}).items():
             if ckpt.startswith("step-"):
+                metrics, cells = scored.get(ckpt, (metrics, {}))
                 candidates.append(Candidate(res["name"], int(ckpt[5:]), metrics, str(d / "checkpoints" / ckpt),
                                             "failed" if res["status"] == "failed" else res["status"],
-                                            res.get("params", {})))
+                                            res.get("params", {}), cells))
     base_file = sweep_dir / BASELINE
     baseline = json.loads(base_file.read_text())["metrics"] if base_file.is_file() else {}
     return candidates, baseline, statuses
+
+
+def read_scores(trial_dir: Path) -> dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]:
+    """{checkpoint: (metrics, cells)} as the trial's evaluation last wrote them (eval/metrics.json)."""
+    path = Path(trial_dir) / EVAL_DIR / EVAL_FILE
+    if not path.is_file():
+        return {}
+    rec = json.loads(path.read_text())  # written by evaluation: NaN as NaN
+    cells = rec.get("cells", {})
+    return {k: (m, cells.get(k, {})) for k, m in rec.get("metrics", {}).items() if k.startswith("step-")}
 
 
 def candidates(metrics: dict, out: Path, name: str, status: str, params: dict) -> list[Candidate]:

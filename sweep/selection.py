@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .metrics import METRICS, WEIGHTED_SCORE, close_matches, metric
+from common.metrics import CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, METRICS, WEIGHTED_SCORE, close_matches, metric
 
 RULES = ("identity_within_prompt_budget", "weighted")
 
@@ -24,11 +24,11 @@ RULES = ("identity_within_prompt_budget", "weighted")
 @dataclass
 class SelectionConfig:
     rule: str = "identity_within_prompt_budget"
-    objective: str = "face_similarity"
+    objective: str = FACE_SIMILARITY
     clip_t_tolerance: float = 2.0  # CLIP-T points (0-100 scale) below the baseline still accepted
     min_detection_rate: float = 0.5
     # rule=weighted: weighted_score = sum of weight x metric / its METRICS unit (sign by its direction)
-    weights: Dict[str, float] = field(default_factory=lambda: {"face_similarity": 1.0, "clip_t": 1.0})
+    weights: Dict[str, float] = field(default_factory=lambda: {FACE_SIMILARITY: 1.0, CLIP_T: 1.0})
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Candidate:
     checkpoint: str = ""
     trial_status: str = "finished"  # checkpoints of a trial that failed outright are never candidates
     params: Dict[str, object] = field(default_factory=dict)
+    cells: Dict[str, Dict[str, float]] = field(default_factory=dict)  # each image's scores: {"p0_s1": {metric: v}}
 
     @property
     def key(self) -> str:
@@ -55,6 +56,8 @@ class Selection:
     pareto: List[Candidate]  # not dominated in (objective, clip_t)
     baseline: Dict[str, float]
     objective: str = "objective"  # objective_name(cfg): what the numbers in `ranked` are
+    confidence: Optional[object] = None  # sweep.confidence.Assessment, when the sweep's end has assessed the pick
+    race: Optional[dict] = None  # racing evaluation's record (report/race.json), when checkpoints were raced
 
     @property
     def margin(self) -> float:
@@ -177,7 +180,7 @@ def select(candidates: List[Candidate], baseline: Dict[str, float], cfg: Selecti
 
 
 def _clip_t(c: Candidate) -> float:
-    v = c.metrics.get("clip_t")
+    v = c.metrics.get(CLIP_T)
     return v if _finite(v) else -math.inf
 
 
@@ -214,10 +217,10 @@ def _reject(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> s
     obj = c.metrics.get(cfg.objective)
     if cfg.rule == "identity_within_prompt_budget" and not _finite(obj):
         return f"{cfg.objective} is NaN or missing"
-    rate = c.metrics.get("face_detection_rate")
-    if "face_detection_rate" in c.metrics and not (_finite(rate) and rate >= cfg.min_detection_rate):
+    rate = c.metrics.get(FACE_DETECTION_RATE)
+    if FACE_DETECTION_RATE in c.metrics and not (_finite(rate) and rate >= cfg.min_detection_rate):
         return f"face detection rate {rate} < {cfg.min_detection_rate}"
-    clip_t, base = c.metrics.get("clip_t"), baseline.get("clip_t")
+    clip_t, base = c.metrics.get(CLIP_T), baseline.get(CLIP_T)
     if cfg.rule == "identity_within_prompt_budget" and _finite(base):
         if not _finite(clip_t):
             return "clip_t is NaN or missing"
@@ -226,13 +229,13 @@ def _reject(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> s
     return None
 
 
-def pareto_front(candidates: List[Candidate], objective: str = "face_similarity") -> List[Candidate]:
+def pareto_front(candidates: List[Candidate], objective: str = FACE_SIMILARITY) -> List[Candidate]:
     pts = [c for c in candidates if c.trial_status != "failed"
-           and _finite(c.metrics.get(objective)) and _finite(c.metrics.get("clip_t"))]
+           and _finite(c.metrics.get(objective)) and _finite(c.metrics.get(CLIP_T))]
 
     def dominated(a: Candidate) -> bool:
-        return any(b.metrics[objective] >= a.metrics[objective] and b.metrics["clip_t"] >= a.metrics["clip_t"]
-                   and (b.metrics[objective], b.metrics["clip_t"]) != (a.metrics[objective], a.metrics["clip_t"])
+        return any(b.metrics[objective] >= a.metrics[objective] and b.metrics[CLIP_T] >= a.metrics[CLIP_T]
+                   and (b.metrics[objective], b.metrics[CLIP_T]) != (a.metrics[objective], a.metrics[CLIP_T])
                    for b in pts)
 
     return sorted((c for c in pts if not dominated(c)), key=lambda c: (-c.metrics[objective], c.trial, c.step))

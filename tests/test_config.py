@@ -72,6 +72,8 @@ def test_sdxl_preset_without_photos_says_which_key_is_missing():
     ("train.device=tpu", "train.device='tpu' is not one of"),
     ("eval.face_backend=opencv", "eval.face_backend='opencv' is not one of"),
     ("eval.seeds=[]", "eval.seeds is empty"),
+    ("eval.budget=fast", "eval.budget='fast' is not one of ('auto', 'race', 'full')"),
+    ("eval.race_alpha=1.5", "eval.race_alpha=1.5 must be between 0 and 1"),
     ("eval.prompts=['a picture of a woman']", "eval.prompts without the subject token"),
     ("lr=fast", "lr"),
     ("+train.max_step=10", "Key 'max_step' not in 'TrainConfig'; did you mean train.max_steps"),
@@ -160,3 +162,12 @@ def test_speed_only_settings_keep_the_champion_protocol():
     assert protocol(typed("eval.compile=false")) == protocol(typed("eval.compile=true")) == base
     assert protocol(typed("eval.batch_size=2")) == base
     assert protocol(typed("eval.seeds=[0,1,2]")) != base
+
+
+def test_racing_is_the_default_of_a_multirun_and_needs_two_seeds():
+    conf = typed()
+    assert conf.eval.budget == "auto" and conf.eval.races(multirun=True) and not conf.eval.races(multirun=False)
+    assert typed("eval.budget=race").eval.races(multirun=False)
+    assert not typed("eval.budget=full").eval.races(multirun=True)
+    assert not typed("eval.seeds=[0]").eval.races(multirun=True)  # one seed: nothing to save
+    assert not typed("eval.enabled=false").eval.races(multirun=True)

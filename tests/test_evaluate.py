@@ -322,3 +322,71 @@ def test_prompts_are_encoded_once_per_text_encoders_and_give_the_same_images(tin
         assert encoded[-1] == [PROMPTS[0]] and len(encoded) == 2
     finally:
         del pipe.text_encoder.peft_config
+
+
+def test_each_image_is_a_cell_whose_scores_average_to_the_torchmetrics_scores(tiny, tmp_path):
+    """metrics.json keeps every (prompt, seed) image's scores; a checkpoint's metrics are their means, which are
+    torchmetrics' CLIPScore and the face metric over the same images."""
+    from evaluation.evaluate import _to_tensor
+    from evaluation.face import FaceSimilarity
+
+    out = tmp_path / "eval"
+    m = evaluate(tiny["checkpoints"][:1], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=out,
+                 pretrained=tiny["pretrained"], baseline=False)["step-000002"]
+    cells = json.loads((out / "metrics.json").read_text())["cells"]["step-000002"]
+    assert sorted(cells) == ["p0_s0", "p0_s1", "p1_s0", "p1_s1", "prior_s0", "prior_s1"]
+    assert set(cells["p0_s0"]) == {"clip_t", "clip_i", "face_similarity", "face_detection_rate"}
+    ims = [Image.open(out / "images" / "step-000002" / f"base_p{p}_s{s}.png").convert("RGB")
+           for p in range(2) for s in (0, 1)]
+    scorer = ClipScorer(tiny["clip"], torch.device("cpu"))
+    texts = [tiny["cfg"].scoring_prompt(p) for p in PROMPTS for _ in (0, 1)]
+    assert [cells[f"p{p}_s{s}"]["clip_t"] for p in range(2) for s in (0, 1)] == pytest.approx(
+        scorer.text_cells(_to_tensor(ims), texts), abs=1e-9)
+    assert m["clip_t"] == pytest.approx(max(scorer.text(_to_tensor(ims), texts), 0.0), rel=1e-5, abs=1e-4)
+    face = FaceSimilarity(gen_face_backend(), _identity())
+    face.update(ims)
+    want = face.compute()
+    assert m["face_detection_rate"] == pytest.approx(float(want["detection_rate"]))
+    assert json.dumps(m["face_similarity"]) == json.dumps(float(want["similarity"])) or \
+        m["face_similarity"] == pytest.approx(float(want["similarity"]), abs=1e-9)
+    assert [math.isnan(cells[f"p{p}_s{s}"]["face_similarity"]) for p in range(2) for s in (0, 1)] == \
+        [math.isnan(v) for v in face.per_image()]
+
+
+def test_a_checkpoint_scored_one_seed_at_a_time_gets_the_metrics_of_one_call_and_nothing_twice(tiny, tmp_path,
+                                                                                               monkeypatch):
+    """Racing rounds: seeds=[0] then seeds=[1] give the metrics of one call over both seeds; asking again for a
+    seed already scored (a resumed round) generates nothing."""
+    ckpt, cfg = tiny["checkpoints"][:1], tiny["cfg"]
+    whole = evaluate(ckpt, cfg, instance_dir=DEMO_DIR, out_dir=tmp_path / "whole", pretrained=tiny["pretrained"],
+                     baseline=False)["step-000002"]
+    made = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda pipe, ref, prompts, c, desc: made.append(list(c.seeds)) or
+                        real(pipe, ref, prompts, c, desc))
+    kw = dict(instance_dir=DEMO_DIR, out_dir=tmp_path / "race", pretrained=tiny["pretrained"], baseline=False)
+    first = evaluate(ckpt, cfg, seeds=[0], **kw)["step-000002"]
+    both = evaluate(ckpt, cfg, seeds=[0, 1], **kw)["step-000002"]
+    again = evaluate(ckpt, cfg, seeds=[1], **kw)["step-000002"]
+    assert made == [[0], [1]]  # seed 0 once, seed 1 once, the third call nothing
+    assert set(first) == set(whole)
+    for k in whole:
+        assert both[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-4, nan_ok=True), k
+        assert json.dumps(again[k]) == json.dumps(both[k])
+    saved = json.loads((tmp_path / "race" / "metrics.json").read_text())
+    assert saved["seconds"]["step-000002"]["images"] == 6  # 3 + 3: the times of both rounds add up
+    assert Image.open(tmp_path / "race" / "grids" / "step-000002_base.png").size[0] == 180 + 2 * 256
+    with pytest.raises(EvalInputError, match=r"seeds=\[7\]\): give some of eval.seeds=\[0, 1\]"):
+        evaluate(ckpt, cfg, seeds=[7], **kw)
+
+
+def gen_face_backend():
+    from evaluation.evaluate import _BACKENDS
+
+    return _BACKENDS["dlib"]
+
+
+def _identity():
+    from evaluation.evaluate import _IDENTITIES
+
+    return next(iter(_IDENTITIES.values()))

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from sweep.results import read_result
+from sweep.results import read_result, read_scores
 from trainer.checkpoint import verify
 
 from .services import free_port, mlflow_server, postgres
@@ -66,6 +66,7 @@ def outcome(cwd: Path) -> dict:
         result = read_result(d)  # strict JSON: NaN (no face found) is written as null and read back as NaN
         state[name] = {"checkpoints": [c.name for c in ckpts], "status": result["status"],
                        "metrics": result["metrics"], "tracked": result["tracked"],
+                       "scores": {k: m for k, (m, _) in read_scores(d).items()},  # with the race's rounds
                        "lora": load_file(ckpts[-1] / "pytorch_lora_weights.safetensors")}
     [sel] = cwd.glob("outputs/sweeps/*/report/selection.json")
     champ = json.loads(sel.read_text())["champion"]
@@ -85,9 +86,11 @@ def assert_same(a: dict, b: dict) -> None:
         for t in a[k]["lora"]:  # a resumed trial ends with the weights of an uninterrupted one: a resumed trial may
             # train alone where it trained in a pack, so within 1% of the most an AdamW step can move (lr x steps)
             torch.testing.assert_close(a[k]["lora"][t], b[k]["lora"][t], rtol=0, atol=0.01 * LR[k] * 4)
-        for ck in a[k]["metrics"]:
-            for m, v in a[k]["metrics"][ck].items():
-                assert b[k]["metrics"][ck][m] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), (k, ck, m)
+        for part in ("metrics", "scores"):
+            assert a[k][part].keys() == b[k][part].keys(), (k, part)
+            for ck in a[k][part]:
+                for m, v in a[k][part][ck].items():
+                    assert b[k][part][ck][m] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), (k, part, ck, m)
 
 
 def assert_complete_in_mlflow(cwd: Path, uri: str | None = None) -> None:
@@ -128,6 +131,31 @@ def test_killed_anywhere_then_resumed_loses_nothing(tmp_path, reference, fault):
     assert len(list(tmp_path.glob("outputs/sweeps/*"))) == 1  # the same sweep folder was continued
     assert_same(reference, outcome(tmp_path))
     assert_complete_in_mlflow(tmp_path)
+
+
+def test_a_race_killed_at_the_sweeps_end_resumes_without_regenerating_scored_images(tmp_path, reference):
+    """The 4 checkpoints get racing's first round while they train (4 scoring calls); the 5th call is the race's,
+    at the sweep's end: killed there, the sweep run again continues the race where it stood. Every image already
+    scored stays as it was (not generated again), and the outcome is the uninterrupted sweep's."""
+    p = sweep(*ARGS, cwd=tmp_path, faults="evaluate:*:5=kill")
+    assert p.returncode == -9, p.stdout[-3000:] + p.stderr[-3000:]
+    scored = {}
+    for d in trial_dirs(tmp_path).values():
+        cells = json.loads((d / "eval" / "metrics.json").read_text())["cells"]
+        for ckpt, mine in cells.items():
+            for key in mine:
+                if not key.startswith("prior_"):
+                    png = d / "eval" / "images" / ckpt / f"base_{key}.png"
+                    scored[png] = png.stat().st_mtime_ns
+    # round one: 4 checkpoints x 2 prompts (and the baseline's images), nothing more was scored before the kill
+    assert len([png for png in scored if png.parent.name != "baseline"]) == 4 * 2
+    p = sweep(*ARGS, "resume=true", cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "racing:" in p.stdout + p.stderr
+    assert {png: png.stat().st_mtime_ns for png in scored} == scored
+    assert_same(reference, outcome(tmp_path))
+    [race] = tmp_path.glob("outputs/sweeps/*/report/race.json")
+    assert json.loads(race.read_text())["checkpoints"] == 4
 
 
 def test_one_trial_raises_one_runs_out_of_memory_one_diverges_and_the_other_finishes(tmp_path, reference):

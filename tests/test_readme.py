@@ -15,6 +15,7 @@ then be the best checkpoint of both sweeps)."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import os
@@ -53,6 +54,7 @@ COMMANDS = {
     "tests": r"^python -m pip install torch==\S+ && python -m pip install -e '\.\[test\]' && python -m pytest",
     "mlflow ui": r"^mlflow ui --backend-store-uri sqlite:///\$PWD/mlruns/mlflow\.db$",
     "report": r"^python -m sweep\.report outputs/sweeps/\S+$",
+    "review": r"^python -m sweep\.review outputs/sweeps/\S+$",
     "your photos": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=",
     "generate": r"^python -m sweep\.generate prompt=",
     "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-champion@champion ",
@@ -184,6 +186,20 @@ def test_demo_leaves_what_the_readme_promises(user):
         assert (folder / "report" / f).is_file(), f
     assert (user.cwd / "mlruns" / "mlflow.db").is_file()
     assert "Traceback" not in user.demo_output and "raised" not in user.demo_output
+    # how sure the pick is, and what racing (the default in a multirun) saved: in the console, report and files
+    selection = json.loads((folder / "report" / "selection.json").read_text())
+    verdict = selection["confidence"]["comparison"]["verdict"]
+    assert verdict.startswith(("decisive: ", "too close to call: ")) and f"how sure: {verdict}" in user.demo_output
+    champ = selection["champion"]
+    ival = selection["confidence"]["intervals"][f"{champ['trial']}@{champ['step']}"][selection["objective"]]
+    assert ival["low"] <= ival["value"] <= ival["high"]
+    report = (folder / "report" / "report.md").read_text()
+    assert "**How sure:**" in report and "## Racing evaluation" in report and "95% low" in report
+    race = json.loads((folder / "report" / "race.json").read_text())
+    assert race["checkpoints"] == 6 and race["images"] <= race["full_protocol_images"]
+    champion_dir = Path(champ["checkpoint"]).parent.parent
+    cells = json.loads((champion_dir / "eval" / "metrics.json").read_text())["cells"][f"step-{champ['step']:06d}"]
+    assert {k for k in cells if not k.startswith("prior_")} == {f"p{p}_s{s}" for p in (0, 1) for s in (0, 1)}
 
 
 def test_report_rebuilds_from_the_sweep_folder(user):
@@ -192,6 +208,26 @@ def test_report_rebuilds_from_the_sweep_folder(user):
     p = user.run(command("report").replace("outputs/sweeps/2026-12-01_09-30-00", f"outputs/sweeps/{folder.name}"))
     assert p.returncode == 0, p.output[-3000:]
     assert "Champion" in (folder / "report" / "report.md").read_text()
+
+
+def test_review_sheet_lays_the_candidates_side_by_side(user):
+    [folder] = user.sweep_folders()
+    p = user.run(command("review").replace("outputs/sweeps/2026-12-01_09-30-00", f"outputs/sweeps/{folder.name}"),
+                 timeout=300)
+    assert p.returncode == 0, p.output[-3000:]
+    sheet = folder / "report" / "review.png"
+    assert f"review sheet: {sheet}" in p.stdout and "the rule's pick: " in p.stdout
+    sel = json.loads((folder / "report" / "selection.json").read_text())
+    with open(folder / "report" / "report.csv") as f:
+        bests = {f"{r['trial']}@{r['best_step']}" for r in csv.DictReader(f)}
+    shown = bests | {f"{sel[k]['trial']}@{sel[k]['step']}" for k in ("champion", "runner_up")}
+    with Image.open(sheet) as im:  # 2 prompts down; champion, runner-up, each trial's best, the baseline across
+        assert im.size == (200 + (len(shown) + 1) * 256, 28 + 2 * (256 + 34))
+        header = np.asarray(im.convert("RGB").crop((200, 0, 200 + 2 * 256, 28)))
+    assert (header[..., 0] > header[..., 1] + 50).any()  # the champion and runner-up headers are marked in red
+    bad = user.run(command("review").replace("outputs/sweeps/2026-12-01_09-30-00", f"outputs/sweeps/{folder.name}")
+                   + " seed=7")
+    assert bad.returncode != 0 and "seed=7 is not one of the evaluation's seeds [0, 1]" in bad.output
 
 
 def test_generate_uses_the_champions_evaluation_settings(user):
@@ -360,8 +396,10 @@ def test_search_demo_after_the_grid_keeps_the_best_of_both_as_champion(user):
     candidates = {}  # checkpoint folder -> raw metrics, every checkpoint of every trial that did not fail
     for f in user.cwd.glob("outputs/sweeps/*/*/result.json"):
         res = json.loads(f.read_text())
+        # the scores selection ranks: eval/metrics.json, where a raced checkpoint's later rounds add to its first
+        scores = json.loads((f.parent / "eval" / "metrics.json").read_text())["metrics"]
         if res["status"] != "failed":
-            candidates.update({str(f.parent / "checkpoints" / k): m for k, m in (res.get("metrics") or {}).items()
+            candidates.update({str(f.parent / "checkpoints" / k): scores[k] for k in (res.get("metrics") or {})
                                if k.startswith("step-")})
     ok = lambda v: isinstance(v, (int, float)) and v == v  # noqa: E731
     pool = {k: m for k, m in candidates.items() if ok(m.get("clip_t")) and ok(m.get("clip_i"))}

@@ -77,6 +77,53 @@ def test_inconsistent_settings_are_refused(settings, needle):
     assert needle in str(e.value)
 
 
+def test_samplers_and_pruners_by_short_name_or_any_target():
+    space = {"lr": FloatDistribution(1e-5, 1e-3, log=True), "lora.rank": CategoricalDistribution([4, 8])}
+    s = search.SearchSettings(sampler={"name": "tpe", "seed": 1, "n_startup_trials": 4}, pruner={"name": "median"})
+    sampler = search.make_sampler(s, space, seed_offset=2)
+    assert type(sampler) is optuna.samplers.TPESampler and sampler._n_startup_trials == 4
+    assert type(search.make_pruner(s)) is optuna.pruners.MedianPruner
+    # a `_target_` wins over the `name` merged in from the defaults; the seed still moves with the worker's offset
+    s = search.SearchSettings(sampler={"name": "tpe", "_target_": "optuna.samplers.QMCSampler", "seed": 1},
+                              pruner={"_target_": "optuna.pruners.PercentilePruner", "percentile": 25.0})
+    search.check_settings(s, space)
+    sampler = search.make_sampler(s, space, seed_offset=2)
+    assert type(sampler) is optuna.samplers.QMCSampler and sampler._seed == 3
+    assert type(search.make_pruner(s)) is optuna.pruners.PercentilePruner
+    grid = search.make_sampler(search.SearchSettings(sampler={"_target_": "optuna.samplers.GridSampler"}),
+                               {"lora.rank": CategoricalDistribution([4, 8])})
+    assert grid._search_space == {"lora.rank": [4, 8]}  # the grid is the search space, given by the sweeper
+    nothing = search.make_pruner(search.SearchSettings(pruner={"name": "none", "n_startup_trials": 2}))
+    assert type(nothing) is optuna.pruners.NopPruner  # keys merged from the defaults are moot when nothing prunes
+
+
+def test_hydra_hands_the_sweeper_its_sampler_unbuilt():
+    """Hydra instantiates plugins recursively; the sweeper's node says not to, so that a sampler `_target_` reaches
+    the sweeper as settings (it adds the seed offset and the grid) rather than as a sampler built by Hydra."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.sdxl_lora_sweep.optuna_sweeper import OptunaSweeperConf
+
+    conf = OmegaConf.structured(OptunaSweeperConf(sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 3}))
+    assert instantiate(conf).impl.s.sampler == {"_target_": "optuna.samplers.RandomSampler", "seed": 3}
+
+
+@pytest.mark.parametrize("settings, needle", [
+    (dict(sampler={"name": "tpee"}), "sampler.name='tpee' is not one of ('tpe', 'random', 'grid', 'cmaes', 'nsga2') "
+                                     "(did you mean tpe?); or give any Optuna sampler as hydra.sweeper.sampler._target_="),
+    (dict(pruner={"_target_": "optuna.pruners.Median"}), "pruner._target_='optuna.pruners.Median' cannot be imported"),
+    (dict(sampler={"name": "random", "seed": 0, "n_startup_trials": 3}),
+     "optuna.samplers.RandomSampler takes no ['n_startup_trials'] (it takes ['seed']); drop them with "
+     "~hydra.sweeper.sampler.n_startup_trials"),
+    (dict(pruner={"_target_": "optuna.pruners.PercentilePruner"}), "PercentilePruner.__init__() missing 1 required"),
+])
+def test_samplers_and_pruners_that_cannot_be_built_are_refused_before_a_trial(settings, needle):
+    with pytest.raises(ConfigError) as e:
+        search.check_settings(search.SearchSettings(**settings), {"lr": FloatDistribution(1e-5, 1e-3, log=True)})
+    assert needle in str(e.value)
+
+
 def test_storage_that_cannot_be_opened_is_named_without_its_password():
     port = _free_port()  # nothing listens there
     url = f"postgresql+psycopg://me:hunter2@127.0.0.1:{port}/nothing"

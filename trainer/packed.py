@@ -33,7 +33,7 @@ class PackedLoRALinear(nn.Module):
     GEMM (N x in @ in x K*r), zeroes the other trials' columns with a per-trial mask, and applies every
     (scaled) B at once (N x K*r @ K*r x out). The K-fold extra arithmetic is negligible at rank 4,
     while the GPU's GEMM kernels serve these shapes much better than batched matmuls with an inner size of 4
-    (pack of 8 at 1024 px on an H100: 372 against 394 ms per compiled forward + backward). The masked zeros keep
+    (docs/speed.md). The masked zeros keep
     trials apart exactly while their numbers are finite; but 0 x inf is NaN, so a trial that overflows reaches
     its pack mates' gradients in that step: the trainer then undoes the step and redoes it with "bmm", which
     multiplies each trial's block by its own adapter only (see `per_trial`)."""
@@ -51,12 +51,9 @@ class PackedLoRALinear(nn.Module):
         # trial i's samples keep only columns i*r..(i+1)*r; bool, so multiplying needs no cast per call
         mask = torch.eye(k, dtype=torch.bool, device=dev).repeat_interleave(r, dim=1).unsqueeze(1)
         self.register_buffer("mask", mask, persistent=False)
-        self.fused = False  # True: the adapters rest (bench/profile_step.py measures the base's floor with it)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        if self.fused:
-            return out
         # under autocast the matmuls run in its dtype (as peft's LoRA layers do): cast the small weights,
         # never the activations; without autocast everything stays in the LoRA's fp32
         if torch.is_autocast_enabled(x.device.type):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers.training_utils import free_memory
+from diffusers.training_utils import free_memory, offload_models
 
 from common.errors import ConfigError
 
@@ -95,11 +95,10 @@ def call_paused(hook: Callable[[int, Path], bool], step: int, folder: Path, trai
         # to encode prompts not seen before (evaluation.generate.prompt_embeddings), so a sweep's fixed prompts move
         # them once, not per checkpoint
         tic = time.perf_counter()
-        base.encoders_to(base.device, text=False)
         try:
-            return bool(hook(step, folder))
+            with offload_models(base.vae, device=base.device):  # the VAE waits in CPU memory while training
+                return bool(hook(step, folder))
         finally:
-            base.encoders_to("cpu", text=False)  # where train() keeps it
             for m in modules:
                 m.train()
             log.info("checkpoint %s scored in %.1f s", folder.name, time.perf_counter() - tic)

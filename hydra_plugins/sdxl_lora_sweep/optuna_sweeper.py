@@ -12,13 +12,14 @@ from hydra.plugins.sweeper import Sweeper
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.sdxl_lora_sweep.optuna_sweeper.OptunaSweeper"
+    _recursive_: bool = False               # sampler/pruner `_target_`s are built by the sweeper (seed, grid)
     n_trials: int = 20                      # the study's budget: trials finished, pruned or failed, across re-runs
     n_jobs: int = 1                         # trials at a time (> 1 needs hydra/launcher=processes)
     study_name: Optional[str] = None        # default: the sweep folder's name (the same command continues it)
     storage: Optional[str] = None           # default: sqlite:///<paths.root>/mlruns/optuna.db; any SQLAlchemy URL
     objectives: List[str] = field(default_factory=lambda: ["score"])   # "score" (the selection rule) or metrics
     directions: List[str] = field(default_factory=lambda: ["maximize"])
-    sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})
+    sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})  # or {_target_: ...}
     pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "median", "n_startup_trials": 2,
                                                             "n_warmup_steps": 0})
     max_retry: int = 2                      # re-runs of a trial whose process died

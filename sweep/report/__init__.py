@@ -10,17 +10,25 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from common.metrics import FACE_SIMILARITY, REPORTED
+
 from ..metrics import fmt
 from ..results import lora_file, strict_json
 from ..selection import Candidate, Selection
 
-COLUMNS = ["trial", "lr", "rank", "best_step", "face_similarity", "clip_t", "clip_i", "face_detection_rate",
-           "objective", "status", "champion"]
+COLUMNS = ["trial", "lr", "rank", "best_step", *REPORTED, "objective", "low", "high", "status", "champion"]
 
 
 def headers(sel: Selection) -> list[str]:
-    """COLUMNS as shown: the objective column named by the rule's objective (weighted_score, face_similarity...)."""
-    return [f"best {sel.objective}" if c == "objective" else c for c in COLUMNS]
+    """COLUMNS as shown: the objective column named by the rule's objective (weighted_score, face_similarity...),
+    its 95% interval's ends (sweep/confidence.py) beside it."""
+    names = {"objective": f"best {sel.objective}", "low": "95% low", "high": "95% high"}
+    return [names.get(c, c) for c in COLUMNS]
+
+
+def interval(sel: Selection, key: str, name: str):
+    """The 95% interval of a candidate's metric or objective, if the sweep's end assessed it (else None)."""
+    return getattr(sel.confidence, "intervals", {}).get(key, {}).get(name)
 
 
 def markdown_table(rows: list[dict], sel: Selection) -> list[str]:
@@ -36,14 +44,15 @@ def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str])
         mine = [c for c in candidates if c.trial == trial]
         eligible = [c for c in mine if c.key in rank]
         best = min(eligible, key=lambda c: [x.key for x, _ in sel.ranked].index(c.key)) if eligible else \
-            max(mine, key=lambda c: _num(c.metrics.get("face_similarity")), default=None)
+            max(mine, key=lambda c: _num(c.metrics.get(FACE_SIMILARITY)), default=None)
         m = best.metrics if best else {}
         p = best.params if best else {}
+        ival = interval(sel, best.key, sel.objective) if best else None
         rows.append({"trial": trial, "lr": p.get("lr", ""), "rank": p.get("rank", ""),
-                     "best_step": best.step if best else "", "face_similarity": m.get("face_similarity"),
-                     "clip_t": m.get("clip_t"), "clip_i": m.get("clip_i"),
-                     "face_detection_rate": m.get("face_detection_rate"),
-                     "objective": rank.get(best.key) if best else None, "status": statuses.get(trial, ""),
+                     "best_step": best.step if best else "", **{name: m.get(name) for name in REPORTED},
+                     "objective": rank.get(best.key) if best else None,
+                     "low": ival.low if ival and best.key in rank else None,
+                     "high": ival.high if ival and best.key in rank else None, "status": statuses.get(trial, ""),
                      "champion": "*" if sel.champion and best and best.key == sel.champion.key else ""})
     return rows
 
@@ -56,8 +65,13 @@ IMAGES = {"metrics_vs_step.png": "metrics vs step", "champion_vs_baseline.png": 
           "optuna_intermediate.png": "checkpoint scores reported to Optuna"}
 
 
-def _metrics_text(m: dict) -> str:
-    return ", ".join(f"{k} {fmt(v)}" for k, v in m.items())
+def _metrics_text(m: dict, sel: Selection | None = None, key: str = "") -> str:
+    """'clip_t 31.2 [30.1, 32.3], ...': each metric, with its 95% interval where the sweep's end assessed it."""
+    shown = []
+    for k, v in m.items():
+        ival = interval(sel, key, k) if sel is not None else None
+        shown.append(f"{k} {ival.text() if ival else fmt(v)}")
+    return ", ".join(shown)
 
 
 def export_lines(exported: Path | None) -> list[str]:
@@ -76,9 +90,10 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
     lines = []
     if sel.champion:
         c, obj = sel.ranked[0]
-        lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {fmt(obj)})", "",
-                  f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file (diffusers): `{lora_file(c)}`",
-                  *export_lines(exported), f"- metrics: {_metrics_text(c.metrics)}"]
+        ival = interval(sel, c.key, sel.objective)
+        lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {ival.text() if ival else fmt(obj)})",
+                  "", f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file (diffusers): `{lora_file(c)}`",
+                  *export_lines(exported), f"- metrics: {_metrics_text(c.metrics, sel, c.key)}"]
         if c.params:
             lines += ["- settings: " + ", ".join(f"{k} {v}" for k, v in c.params.items())]
     else:
@@ -89,6 +104,10 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
                       f"leads by {fmt(sel.margin)}."]
     elif sel.champion:
         lines += ["", "No runner-up: the champion is the only eligible checkpoint."]
+    verdict = getattr(getattr(sel.confidence, "comparison", None), "verdict", None)
+    if verdict:
+        lines += ["", f"**How sure:** {verdict}. Intervals are 95%, from a bootstrap over each checkpoint's "
+                      "(prompt, seed) images; the comparison is paired on the images both were scored on."]
     lines += ["", sel.explain()]
     return lines
 
@@ -134,6 +153,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     if sel.rejected:
         lines += ["", f"{len(sel.rejected)} checkpoint(s) could not win:", ""]
         lines += [f"- `{k}`: {v}" for k, v in sel.rejected.items()]
+    lines += race_lines(sel.race)
     lines += ["", "## Images", "", f"![{IMAGES[plots.name]}]({plots.name})"]
     if grid:
         lines += ["", f"![{IMAGES[grid.name]}]({grid.name})"]
@@ -141,15 +161,39 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     (out / "report.md").write_text("\n".join(lines))
     (out / "selection.json").write_text(strict_json({
         "rule": sel.rule, "objective": sel.objective, "objective_meaning": rule_text, "explanation": sel.explain(),
-        "champion": sel.champion.__dict__ if sel.champion else None,
+        "champion": _plain(sel.champion),
         "champion_lora": lora_file(sel.champion) if sel.champion else None,
         "champion_export": str(exported) if exported else None,
-        "runner_up": sel.runner_up.__dict__ if sel.runner_up else None, "margin": sel.margin,
+        "runner_up": _plain(sel.runner_up), "margin": sel.margin,
+        "confidence": sel.confidence.as_dict() if sel.confidence is not None else None,
         "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2))
     files = [out / "report.md", out / "report.csv", out / "selection.json", plots]
     if (out / "optuna_study.json").is_file():  # written by the Optuna sweeper just before
         files += _optuna_section(out)
     return files + ([grid] if grid else [])
+
+
+def race_lines(race: dict | None) -> list[str]:
+    """Racing evaluation in the report: what it saved and which checkpoints it dropped, when and why."""
+    if not race:
+        return []
+    share = race["images"] / race["full_protocol_images"] if race["full_protocol_images"] else float("nan")
+    lines = ["", "## Racing evaluation", "",
+             f"{race['checkpoints']} checkpoint(s) got one seed per prompt as they were written; those that could "
+             f"still win got more, up to all {len(race['seeds'])} seeds, and the champion and runner-up all of them "
+             f"with the prior-drift images (`eval.budget=race`; the best checkpoint is dropped with probability at "
+             f"most {race['alpha']:g}). Images generated for checkpoints: {race['images']}, {share:.0%} of the "
+             f"{race['full_protocol_images']} the full protocol makes (`eval.budget=full`)."]
+    if race["dropped"]:
+        lines += ["", f"{len(race['dropped'])} checkpoint(s) dropped (their scores are from the seeds they got; "
+                      "their grids show only those):", ""]
+        lines += [f"- `{d['key']}` after {d['rounds']} seed(s): {d['why']}" for d in race["dropped"]]
+    return lines
+
+
+def _plain(c: Candidate | None) -> dict | None:
+    """A candidate for selection.json: its fields without the per-image cells (those stay in eval/metrics.json)."""
+    return {k: v for k, v in c.__dict__.items() if k != "cells"} if c else None
 
 
 def _optuna_section(out: Path) -> list[Path]:
@@ -197,9 +241,11 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["face_similarity", "clip_t", "clip_i", "face_detection_rate"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, name in zip(axes.flat, names):
+    fig, axes = plt.subplots(math.ceil(len(REPORTED) / 2), 2, figsize=(11, 3.5 * math.ceil(len(REPORTED) / 2)),
+                             squeeze=False)
+    for ax in axes.flat[len(REPORTED):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, REPORTED):
         for trial in sorted({c.trial for c in candidates}):
             pts = sorted((c.step, c.metrics.get(name)) for c in candidates if c.trial == trial)
             ax.plot([s for s, _ in pts], [v if v is not None else math.nan for _, v in pts], marker="o", label=trial)

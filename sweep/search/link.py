@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..metrics import WEIGHTED_SCORE
+from common.metrics import WEIGHTED_SCORE
+
 from ..selection import Candidate, SelectionConfig, checkpoint_score, trial_best
 from .study import SCORE, SearchSettings, make_pruner, open_storage
 

@@ -3,6 +3,8 @@ beside MLflow's store, or a database server several workers share), trials left 
 this package imports optuna."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 import socket
@@ -11,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.metrics import METRICS, WEIGHTED_SCORE, close_matches, metric
 from trainer import ConfigError
 
-from ..metrics import METRICS, WEIGHTED_SCORE, close_matches, metric
 from ..redaction import redact
 from .space import space_signature
 
@@ -46,7 +48,7 @@ class SearchSettings:
     def from_config(cls, node) -> "SearchSettings":
         from omegaconf import OmegaConf
 
-        d = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+        d = OmegaConf.to_container(OmegaConf.create(dict(node)), resolve=True)  # plain values all the way down
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -56,8 +58,60 @@ class SearchSettings:
 
 
 # samplers and pruners -------------------------------------------------------------------------------------
+# `name: tpe` is short for `_target_: optuna.samplers.TPESampler`; any other Optuna sampler or pruner (or one of
+# your own) is configured by its `_target_` and built by hydra.utils.instantiate with the node's other keys.
+SAMPLERS = {"tpe": "optuna.samplers.TPESampler", "random": "optuna.samplers.RandomSampler",
+            "grid": "optuna.samplers.GridSampler", "cmaes": "optuna.samplers.CmaEsSampler",
+            "nsga2": "optuna.samplers.NSGAIISampler"}
+PRUNERS = {"median": "optuna.pruners.MedianPruner", "percentile": "optuna.pruners.PercentilePruner",
+           "successive_halving": "optuna.pruners.SuccessiveHalvingPruner",
+           "hyperband": "optuna.pruners.HyperbandPruner", "threshold": "optuna.pruners.ThresholdPruner",
+           "none": "optuna.pruners.NopPruner"}
+
+
+def _node(kind: str, given: dict[str, Any], short: dict[str, str], default: str) -> dict[str, Any]:
+    """hydra.sweeper.<kind> as an instantiate node: its `_target_` if set (it wins over a `name` merged in from
+    the defaults), else the class its short `name` stands for. Raises ConfigError naming the value."""
+    d = dict(given)
+    name = d.pop("name", default)
+    if d.get("_target_"):
+        return d
+    if name not in short:
+        raise ConfigError([f"hydra.sweeper.{kind}.name={name!r} is not one of {tuple(short)}"
+                           f"{close_matches(str(name), short)}; or give any Optuna {kind} as "
+                           f"hydra.sweeper.{kind}._target_=optuna.{kind}s.<Class>"])
+    return {"_target_": short[name], **d}
+
+
+def _class(kind: str, node: dict[str, Any]) -> type:
+    module, _, name = str(node["_target_"]).rpartition(".")
+    try:  # not hydra.utils.get_class, which logs its own error before ours
+        return getattr(importlib.import_module(module), name)
+    except Exception:
+        raise ConfigError([f"hydra.sweeper.{kind}._target_={node['_target_']!r} cannot be imported; "
+                           f"e.g. optuna.{kind}s.{'TPESampler' if kind == 'sampler' else 'MedianPruner'}"]) from None
+
+
+def _build(kind: str, node: dict[str, Any], **args):
+    from hydra.utils import instantiate
+
+    takes = inspect.signature(_class(kind, node)).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+        extra = [k for k in node if not k.startswith("_") and k not in takes]
+        if extra:  # typically a key merged in from the search config, meant for the sampler it replaced
+            keys = [k for k, p in takes.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and k not in args]
+            raise ConfigError([f"hydra.sweeper.{kind}: {node['_target_']} takes no {extra} (it takes {keys}); "
+                               "drop them with " + " ".join(f"~hydra.sweeper.{kind}.{k}" for k in extra)])
+    try:
+        return instantiate(node, **args, _convert_="all")
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError([f"hydra.sweeper.{kind} ({node['_target_']}): {type(cause).__name__}: {cause}"]) from None
+
+
 def check_settings(s: SearchSettings, space: dict[str, Any]) -> None:
-    """Every setting the study depends on, checked before any trial starts."""
+    """Every setting the study depends on, checked before any trial starts (the sampler and pruner are built
+    once here, so a wrong keyword is refused now rather than when the first trial asks)."""
     problems = []
     if s.n_trials < 1:
         problems.append(f"hydra.sweeper.n_trials={s.n_trials}: needs at least 1")
@@ -75,25 +129,35 @@ def check_settings(s: SearchSettings, space: dict[str, Any]) -> None:
     bad = [d for d in s.directions if d not in ("maximize", "minimize")]
     if bad:
         problems.append(f"hydra.sweeper.directions: {bad} is not maximize or minimize")
-    name = s.sampler.get("name", "tpe")
-    if name not in SAMPLERS:
-        problems.append(f"hydra.sweeper.sampler.name={name!r} is not one of {SAMPLERS}")
-    if name == "cmaes" and s.multi_objective:
-        problems.append("hydra.sweeper.sampler.name=cmaes handles one objective: use tpe or nsga2 for several")
-    if name == "grid":
-        from optuna.distributions import CategoricalDistribution
+    classes = {}
+    for kind, short, default in (("sampler", SAMPLERS, "tpe"), ("pruner", PRUNERS, "none")):
+        try:
+            classes[kind] = _class(kind, _node(kind, getattr(s, kind), short, default))
+        except ConfigError as exc:
+            problems += exc.problems
+    problems += _fit(s, space, classes.get("sampler"), classes.get("pruner"))
+    if problems:
+        raise ConfigError(problems)
+    make_sampler(s, space)
+    make_pruner(s)
 
+
+def _fit(s: SearchSettings, space: dict[str, Any], sampler: type | None, pruner: type | None) -> list[str]:
+    """What the chosen sampler and pruner cannot do with this search."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    problems = []
+    if sampler and issubclass(sampler, optuna.samplers.CmaEsSampler) and s.multi_objective:
+        problems.append("hydra.sweeper.sampler.name=cmaes handles one objective: use tpe or nsga2 for several")
+    if sampler and issubclass(sampler, optuna.samplers.GridSampler):
         cont = [k for k, d in space.items() if not isinstance(d, CategoricalDistribution) and getattr(d, "step", None) is None]
         if cont:
             problems.append(f"sampler grid needs choice(...) or range(...) values; {cont} are continuous intervals")
-    pname = s.pruner.get("name", "none")
-    if pname not in PRUNERS:
-        problems.append(f"hydra.sweeper.pruner.name={pname!r} is not one of {PRUNERS}")
-    if pname != "none" and s.multi_objective:
+    if pruner and not issubclass(pruner, optuna.pruners.NopPruner) and s.multi_objective:
         problems.append("Optuna cannot prune multi-objective studies: set hydra.sweeper.pruner.name=none "
                         f"(objectives {s.objectives})")
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
 
 def make_sampler(s: SearchSettings, space: dict[str, Any], seed_offset: int = 0):
@@ -101,24 +165,19 @@ def make_sampler(s: SearchSettings, space: dict[str, Any], seed_offset: int = 0)
     join a running study from drawing the same "random" points as the first one; a fresh study starts at 0."""
     import optuna
 
-    kw = {k: v for k, v in s.sampler.items() if k != "name"}
-    if kw.get("seed") is not None:
-        kw["seed"] = int(kw["seed"]) + seed_offset
-    name = s.sampler.get("name", "tpe")
-    if name == "tpe":
-        return optuna.samplers.TPESampler(**kw)
-    if name == "random":
-        return optuna.samplers.RandomSampler(**kw)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(**kw)
-    if name == "cmaes":
+    node = _node("sampler", s.sampler, SAMPLERS, "tpe")
+    if node.get("seed") is not None:
+        node["seed"] = int(node["seed"]) + seed_offset
+    cls = _class("sampler", node)
+    if issubclass(cls, optuna.samplers.CmaEsSampler):
         try:
             import cmaes  # noqa: F401
         except ImportError:
             raise ConfigError(["sampler cmaes needs the cmaes package: pip install cmaes"]) from None
-        return optuna.samplers.CmaEsSampler(**kw)
-    grid = {k: (list(d.choices) if hasattr(d, "choices") else _grid_values(d)) for k, d in space.items()}
-    return optuna.samplers.GridSampler(grid, **kw)
+    if issubclass(cls, optuna.samplers.GridSampler):
+        grid = {k: (list(d.choices) if hasattr(d, "choices") else _grid_values(d)) for k, d in space.items()}
+        return _build("sampler", node, search_space=grid)
+    return _build("sampler", node)
 
 
 def _grid_values(d) -> list:
@@ -129,15 +188,10 @@ def _grid_values(d) -> list:
 def make_pruner(s: SearchSettings):
     import optuna
 
-    name = s.pruner.get("name", "none")
-    kw = {k: v for k, v in s.pruner.items() if k != "name" and name != "none"}  # none: other keys are moot
-    p = optuna.pruners
-    try:
-        return {"median": p.MedianPruner, "percentile": p.PercentilePruner, "hyperband": p.HyperbandPruner,
-                "successive_halving": p.SuccessiveHalvingPruner, "threshold": p.ThresholdPruner,
-                "none": p.NopPruner}[name](**kw)
-    except TypeError as exc:
-        raise ConfigError([f"hydra.sweeper.pruner ({name}): {exc}"]) from None
+    node = _node("pruner", s.pruner, PRUNERS, "none")
+    if issubclass(_class("pruner", node), optuna.pruners.NopPruner):  # a pruner's keys merged from the defaults
+        node = {"_target_": node["_target_"]}                          # are moot when nothing prunes
+    return _build("pruner", node)
 
 
 # storage and study ----------------------------------------------------------------------------------------

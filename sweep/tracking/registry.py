@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.device import resolve_device
 from common.lorafile import EXPORT_RECORD, CheckpointRecord
+from common.metrics import CLIP_T
 from evaluation.config import SPEED_ONLY
 from evaluation.generate import EvalInputError, verify_hash
 from trainer.config import stable_hash
@@ -74,7 +75,7 @@ def judge(current: dict | None, current_version: str | None, challenger: Candida
         return Decision(False, f"it is the champion's LoRA already (version {current_version})", tags)
     sel = select([incumbent, challenger], baseline, cfg)
     name = objective_name(cfg)
-    same = lambda c: (checkpoint_score(c, baseline, cfg), c.metrics.get("clip_t"), c.step)
+    same = lambda c: (checkpoint_score(c, baseline, cfg), c.metrics.get(CLIP_T), c.step)
     if sel.champion is challenger and same(challenger) != same(incumbent):  # not on the trial name alone
         return Decision(True, f"it beats champion version {current_version} under {cfg.rule} ({name} "
                               f"{tags['challenger_objective']:.4f} vs {tags['champion_objective']:.4f})", tags)
