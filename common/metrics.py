@@ -69,9 +69,15 @@ def aggregate(cells: Iterable[Mapping[str, float]]) -> dict[str, float]:
     for name, vs in values.items():
         finite = [float(v) for v in vs if v is not None and math.isfinite(v)]
         mean = math.fsum(finite) / len(finite) if finite else math.nan
-        try:
-            floor = metric(name).floor
-        except ValueError:  # not a metric of the table (a cell's bookkeeping): averaged as it is
-            floor = None
+        floor = floor_of(name)
         out[name] = max(mean, floor) if floor is not None and finite else mean
     return out
+
+
+def floor_of(name: str) -> Optional[float]:
+    """The least value a set of images' metric takes (CLIP scores: 0), None without one or for a name that is not
+    a metric of the table (averaged as it is)."""
+    try:
+        return metric(name).floor
+    except ValueError:
+        return None

@@ -66,12 +66,13 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     clip = _scorer(cfg.clip_model, device)
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
-    stored = earlier_cells(out_dir, cfg)
+    rec = _earlier(out_dir, cfg)
+    stored = rec.get("cells", {})
     drift = face is not None and bool(cfg.prior_prompt)  # the prior-drift prompt is scored at all
     prior = prior and drift
     todo = {name: _missing(stored.get(name, {}), cfg, wanted, prior or (drift and name == BASELINE))
             for name, _ in entries}
-    earlier = earlier_results(out_dir, cfg)  # a checkpoint with nothing left to score: its stored metrics
+    earlier = rec.get("metrics", {})  # a checkpoint with nothing left to score: its stored metrics
     results: dict[str, dict[str, float]] = {name: earlier[name] for name, _ in entries if not any(todo[name])}
     todo = {name: s for name, s in todo.items() if any(s)}
     if todo:
@@ -90,7 +91,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache and BASELINE in results:
         _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
-    _checkpoint_grid(out_dir, cfg, list(_gather(out_dir, cfg, {})))
+    _checkpoint_grid(out_dir, cfg, list(_ordered(earlier_results(out_dir, cfg))))
     return results
 
 
@@ -139,16 +140,15 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", write
 
 def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict) -> None:
     """metrics.json: earlier entries (same settings only) updated with these; times add up over calls."""
-    old = _read_json(out_dir / "metrics.json")
-    same = old.get("config") == json.loads(json.dumps(_settings(cfg), default=str))
+    old = _earlier(out_dir, cfg)
     before = old.get("seconds", {})
     for name, s in seconds.items():
-        if same and name in before:
+        if name in before:
             s = {k: before[name].get(k, 0) + v for k, v in s.items()}
         before[name] = s
-    _write_json(out_dir / "metrics.json", {"metrics": _gather(out_dir, cfg, results), "notes": notes,
+    _write_json(out_dir / "metrics.json", {"metrics": _ordered({**old.get("metrics", {}), **results}), "notes": notes,
                                            "config": _settings(cfg), "seconds": before,
-                                           "cells": {**(old.get("cells", {}) if same else {}), **cells}})
+                                           "cells": {**old.get("cells", {}), **cells}})
 
 
 def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | None, prior_seeds: list[int]):
@@ -169,14 +169,13 @@ def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | Non
 
 def earlier_results(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str, float]]:
     """What earlier calls with the same settings wrote to `out_dir`/metrics.json (a resumed trial's scores)."""
-    rec = _read_json(Path(out_dir) / "metrics.json")
-    return rec.get("metrics", {}) if rec.get("config") == json.loads(json.dumps(_settings(cfg), default=str)) else {}
+    return _earlier(out_dir, cfg).get("metrics", {})
 
 
-def earlier_cells(out_dir: Path | str, cfg: EvalConfig) -> dict[str, dict[str, dict[str, float]]]:
-    """{checkpoint: {cell: {metric: value}}} that earlier calls with the same settings scored in `out_dir`."""
+def _earlier(out_dir: Path | str, cfg: EvalConfig) -> dict:
+    """`out_dir`/metrics.json as earlier calls wrote it (metrics, cells, seconds), if they had the same settings."""
     rec = _read_json(Path(out_dir) / "metrics.json")
-    return rec.get("cells", {}) if rec.get("config") == json.loads(json.dumps(_settings(cfg), default=str)) else {}
+    return rec if rec.get("config") == json.loads(json.dumps(_settings(cfg), default=str)) else {}
 
 
 def _settings(cfg: EvalConfig) -> dict:
@@ -184,10 +183,9 @@ def _settings(cfg: EvalConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
 
 
-def _gather(out_dir: Path, cfg: EvalConfig, new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Earlier results (same settings only) updated with this call's, baseline first, then by step."""
-    merged = {**earlier_results(out_dir, cfg), **new}
-    return dict(sorted(merged.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
+def _ordered(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Baseline first, then by step."""
+    return dict(sorted(results.items(), key=lambda kv: (kv[0] != BASELINE, kv[0])))
 
 
 def _checkpoint_grid(out_dir: Path, cfg: EvalConfig, names: list[str]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from common.metrics import aggregate, metric
+from common.metrics import aggregate, floor_of
 
 from .selection import Candidate, SelectionConfig, checkpoint_score, objective_name
 
@@ -135,7 +135,7 @@ def _metrics_of(cells: Dict[str, Dict[str, float]], keys: List[str], rows: np.nd
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(finite, picked, 0.0).sum(axis=1) / count
     for j, n in enumerate(names):
-        floor = _floor(n)
+        floor = floor_of(n)
         if floor is not None:
             means[:, j] = np.where(count[:, j] > 0, np.maximum(means[:, j], floor), np.nan)
     return [dict(zip(names, row)) for row in means.tolist()]
@@ -143,13 +143,6 @@ def _metrics_of(cells: Dict[str, Dict[str, float]], keys: List[str], rows: np.nd
 
 def _float(v) -> float:
     return math.nan if v is None else float(v)
-
-
-def _floor(name: str) -> Optional[float]:
-    try:
-        return metric(name).floor
-    except ValueError:
-        return None
 
 
 def _interval(point: float, draws: np.ndarray, scale: float) -> Interval:

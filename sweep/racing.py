@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Optional
 
 from scipy.stats import t as student_t
 
-from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY, metric
+from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY
 
-from .selection import Candidate, SelectionConfig, checkpoint_score, select
+from .selection import Candidate, SelectionConfig, checkpoint_score, select, weighted_score
 
 ALPHA = 0.05
 
@@ -67,14 +67,7 @@ def cell_objective(c: Candidate, cfg: SelectionConfig) -> Dict[str, float]:
         if key.startswith("prior_"):
             continue
         if cfg.rule == "weighted":
-            total = 0.0
-            for name, w in cfg.weights.items():
-                if not w:
-                    continue
-                v = cell.get(name, math.nan)
-                m = metric(name)
-                total += (1.0 if m.higher_is_better else -1.0) * w * v / m.unit
-            out[key] = total
+            out[key] = weighted_score(cell, cfg)[0]
         else:
             out[key] = cell.get(cfg.objective, math.nan)
     return out

@@ -44,7 +44,8 @@ def columns(sweep_dir: Path) -> tuple[list[tuple[str, Candidate | None]], object
     return cols + [("baseline (no LoRA)", None)], (conf, sel, baseline)
 
 
-def write_sheet(sweep_dir: Path, seed: int | None = None) -> Path:
+def write_sheet(sweep_dir: Path, seed: int | None = None) -> tuple[Path, object]:
+    """The sheet's path, and (config, selection, baseline) it was made from."""
     sweep_dir = Path(sweep_dir).resolve()
     cols, (conf, sel, baseline) = columns(sweep_dir)
     prompts = list(conf.eval.prompts)
@@ -56,9 +57,10 @@ def write_sheet(sweep_dir: Path, seed: int | None = None) -> Path:
     base_dir = next(iter(sorted(sweep_dir.glob(f"*/{EVAL_DIR}/images/baseline"))), None)
     for j, (role, c) in enumerate(cols):
         x = PROMPT_W + j * CELL
-        draw.text((x + 6, 8), role + ("" if c is None else f"  {c.key}"), fill="darkred" if c in
-                  (sel.champion, sel.runner_up) else "black")
-        folder = base_dir if c is None else Path(c.checkpoint).parent.parent / EVAL_DIR / "images" / Path(c.checkpoint).name
+        marked = c is not None and c in (sel.champion, sel.runner_up)
+        draw.text((x + 6, 8), role + ("" if c is None else f"  {c.key}"), fill="darkred" if marked else "black")
+        ckpt = Path(c.checkpoint) if c is not None else None
+        folder = base_dir if ckpt is None else ckpt.parent.parent / EVAL_DIR / "images" / ckpt.name
         for p in range(len(prompts)):
             y = HEADER + p * (CELL + LABEL)
             png = folder / f"base_p{p}_s{seed}.png" if folder else None
@@ -68,14 +70,14 @@ def write_sheet(sweep_dir: Path, seed: int | None = None) -> Path:
             else:
                 draw.rectangle((x, y + LABEL, x + CELL - 1, y + LABEL + CELL - 1), fill="lightgray")
             draw.multiline_text((x + 4, y + 2), _label(c, p, seed, baseline), fill="black")
-            if c is not None and c in (sel.champion, sel.runner_up):
+            if marked:
                 draw.rectangle((x, y + LABEL, x + CELL - 1, y + LABEL + CELL - 1), outline="darkred", width=3)
     for p, text in enumerate(prompts):
         draw.multiline_text((6, HEADER + p * (CELL + LABEL) + LABEL + 6), wrap(text, 30), fill="black")
     out = sweep_dir / "report" / REVIEW_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    return out
+    return out, (conf, sel, baseline)
 
 
 def _label(c: Candidate | None, prompt: int, seed: int, baseline: dict) -> str:
@@ -106,9 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"seed={options['seed']!r} is not a number: give one of the evaluation's seeds", file=sys.stderr)
         return 2
-    path = write_sheet(folder, seed)
+    path, (conf, sel, baseline) = write_sheet(folder, seed)
     print(f"review sheet: {path}")
-    cols, (conf, sel, baseline) = columns(folder.resolve())
     if sel.champion and sel.runner_up:
         c = compare(sel.champion, sel.runner_up, baseline, conf.selection)
         if c is not None:

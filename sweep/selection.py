@@ -199,11 +199,17 @@ def _score(c: Candidate, baseline: Dict[str, float], cfg: SelectionConfig) -> tu
         return math.nan, why
     if cfg.rule == "identity_within_prompt_budget":
         return float(c.metrics[cfg.objective]), None
+    return weighted_score(c.metrics, cfg)
+
+
+def weighted_score(values: Dict[str, float], cfg: SelectionConfig) -> tuple[float, Optional[str]]:
+    """(the weighted rule's sum over `values`, None), or (NaN, why) when a weighted metric is missing or NaN: each
+    weight x metric / its unit, a lower-is-better metric's subtracted. For a checkpoint's metrics or one image's."""
     total = 0.0
     for name, w in cfg.weights.items():
         if not w:
             continue
-        v = c.metrics.get(name)
+        v = values.get(name)
         if not _finite(v):
             return math.nan, f"{WEIGHTED_SCORE} is NaN: {name} is {'missing' if v is None else v}"
         m = metric(name)
