@@ -92,12 +92,43 @@ def merged_into_base(sites: list[MergeSite]):
                 done.append((site, base.weight.to(device, copy=True)))
                 base.weight.copy_(base.weight.float() + update())
                 setattr(parent, attr, base)
+        _MERGES.append(done)
         yield
     finally:
+        if _MERGES and _MERGES[-1] is done:
+            _MERGES.pop()
         with torch.no_grad():
             for (parent, attr, wrapper, base, _), orig in reversed(done):
                 base.weight.copy_(orig)
                 setattr(parent, attr, wrapper)
+
+
+_MERGES: list[list] = []  # merges in progress (merged_into_base), innermost last: what `rescaled` changes
+
+
+@contextlib.contextmanager
+def rescaled(scale: float):
+    """Inside: the innermost merge in progress at another strength, W + scale x update (computed from the kept copy
+    of W, in fp32 as the merge is); after, W + update again, bit for bit as merged. Only weights change in place, so
+    the very modules and compiled code serve every strength (evaluation scores a checkpoint at several)."""
+    if scale == 1.0:
+        yield
+        return
+    if not _MERGES:
+        raise RuntimeError("rescaled: no merged adapter to scale (use it inside merged / merged_into_base)")
+    done = _MERGES[-1]
+
+    def put(factor: float) -> None:
+        with torch.no_grad():
+            for (_, _, _, base, update), orig in done:
+                with torch.autocast(base.weight.device.type, enabled=False):
+                    base.weight.copy_(orig.to(base.weight.device).float() + factor * update())
+
+    try:
+        put(scale)
+        yield
+    finally:
+        put(1.0)
 
 
 def peft_sites(module: nn.Module) -> list[MergeSite]:

@@ -31,7 +31,9 @@ class EvalConfig:
     guidance_scale: float = 5.0
     resolution: int = 1024
     batch_size: int = 10  # images per pipeline call; on a 16 GB card 2 (preset=low_memory)
-    lora_scale: float = 1.0
+    # LoRA strengths each checkpoint is scored at (users generate at 0.6-1.0): the LoRA merged at that scale, so the
+    # same compiled code; each (checkpoint, strength) is a candidate of its own (`entry_name`)
+    lora_scales: List[float] = field(default_factory=lambda: [1.0])
     clip_model: str = "openai/clip-vit-large-patch14"  # hub id or local folder
     face_backend: str = "dlib"  # dlib (offline, default) | insightface | facenet | none
     prior_prompt: Optional[str] = "a picture of a man"  # drift: faces of the class prompt should not be the subject
@@ -43,8 +45,8 @@ class EvalConfig:
     compile: Optional[bool] = None
 
     def images_per_checkpoint(self) -> int:
-        """Images one checkpoint's scoring generates: prompts x seeds, plus the prior-drift prompt's when faces are
-        scored."""
+        """Images one (checkpoint, strength)'s scoring generates: prompts x seeds, plus the prior-drift prompt's when
+        faces are scored."""
         return (len(self.prompts) + bool(self.prior_prompt and self.face_backend != "none")) * len(self.seeds)
 
     def scoring_prompt(self, prompt: str) -> str:
@@ -52,6 +54,27 @@ class EvalConfig:
         tok, noun = re.escape(self.subject_token), self.class_noun
         out = re.sub(rf"\b{tok}\s+{re.escape(noun)}\b", noun, prompt)
         return re.sub(rf"\b{tok}\b", noun, out)
+
+
+def entry_name(checkpoint: str, scale: float = 1.0) -> str:
+    """What a checkpoint scored at a LoRA strength is called in metrics.json, grids and images: the checkpoint folder's
+    name at full strength ("step-000100"), with the strength after it otherwise ("step-000100_x0.7")."""
+    return checkpoint if scale == 1.0 else f"{checkpoint}_x{scale:g}"
+
+
+def parse_entry(name: str) -> tuple[str, int, float]:
+    """entry_name's inverse: "step-000100_x0.7" -> ("step-000100", 100, 0.7)."""
+    m = _ENTRY.fullmatch(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a scored checkpoint's name (step-000100 or step-000100_x0.7)")
+    return m["folder"], int(m["step"]), float(m["scale"] or 1.0)
+
+
+def is_entry(name: str) -> bool:
+    return _ENTRY.fullmatch(name) is not None
+
+
+_ENTRY = re.compile(r"(?P<folder>step-(?P<step>\d+))(?:_x(?P<scale>[0-9.]+(?:e-?\d+)?))?")
 
 
 def validate_eval(cfg: EvalConfig) -> list[str]:
@@ -72,6 +95,11 @@ def validate_eval(cfg: EvalConfig) -> list[str]:
         errors.append(f"eval.batch_size={cfg.batch_size} must be >= 1")
     if cfg.face_backend not in FACE_BACKENDS:
         errors.append(f"eval.face_backend={cfg.face_backend!r} is not one of {FACE_BACKENDS}")
+    scales = list(cfg.lora_scales or [])
+    if not scales or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not 0.0 < x <= 2.0 for x in scales):
+        errors.append(f"eval.lora_scales={scales} must be LoRA strengths in (0, 2], e.g. [1.0] or [0.7,1.0]")
+    elif len(set(scales)) < len(scales):
+        errors.append(f"eval.lora_scales={scales} lists a strength twice: give each once, e.g. [0.7,1.0]")
     if not 0.0 < cfg.refiner_split < 1.0:
         errors.append(f"eval.refiner_split={cfg.refiner_split} must be between 0 and 1")
     return errors

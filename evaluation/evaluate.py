@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common import compiling, faults
+from common.lorafile import rescaled
 from common.device import resolve_device
 from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, PAIRWISE_CLIP_I,
                             PRIOR_FACE_SIMILARITY, aggregate)
@@ -22,7 +24,7 @@ from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY
 from . import generate as gen
 from . import grid
 from .clip import ClipScorer
-from .config import SPEED_ONLY, EvalConfig, EvalInputError, validate_eval
+from .config import SPEED_ONLY, EvalConfig, EvalInputError, entry_name, validate_eval
 from .face import FaceBackend, FaceSimilarity, Identity, make_backend
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,16 @@ _NOTED: set[str] = set()
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
              pretrained: str | None = None, pipeline=None, baseline: bool = True,
              baseline_cache: Path | None = None, applied: bool = False,
-             seeds: Sequence[int] | None = None, prior: bool = True) -> dict[str, dict[str, float]]:
+             seeds: Sequence[int] | None = None, prior: bool = True,
+             scales: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
     """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
 
     The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
     it. With `applied=True` the one checkpoint given is already on `pipeline`'s UNet (a trainer scoring its
-    adapter live) and is not loaded again. Returns {checkpoint folder name (or "baseline"): {metric: value}};
+    adapter live) and is not loaded again. Each checkpoint is scored at every LoRA strength of cfg.lora_scales (or
+    `scales`, some of them): merged at that strength (`common.lorafile.rescaled`), each (checkpoint, strength) an
+    entry of its own. Returns {entry name (`entry_name`: "step-000100", "step-000100_x0.7") or "baseline":
+    {metric: value}};
     metrics.json in `out_dir` gathers the results of every call, images and grids are saved beside it. With
     `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls.
 
@@ -61,19 +67,23 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     wanted = list(cfg.seeds if seeds is None else seeds)
     if not wanted or any(s not in cfg.seeds for s in wanted):
         raise EvalInputError(f"evaluate(seeds={wanted}): give some of eval.seeds={list(cfg.seeds)}")
+    strengths = list(cfg.lora_scales if scales is None else scales)
+    if not strengths or any(x not in cfg.lora_scales for x in strengths):
+        raise EvalInputError(f"evaluate(scales={strengths}): give some of eval.lora_scales={list(cfg.lora_scales)}")
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device, "eval.device")
     clip = _scorer(cfg.clip_model, device)
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
-    entries = ([] if (not baseline or cached) else [(BASELINE, None)]) + [(c.name, c) for c in ckpts]
+    entries = ([] if (not baseline or cached) else [(BASELINE, None, 1.0)]) + [
+        (entry_name(c.name, x), c, x) for c in ckpts for x in strengths]
     rec = _earlier(out_dir, cfg)
     stored = rec.get("cells", {})
     drift = face is not None and bool(cfg.prior_prompt)  # the prior-drift prompt is scored at all
     prior = prior and drift
     todo = {name: _missing(stored.get(name, {}), cfg, wanted, prior or (drift and name == BASELINE))
-            for name, _ in entries}
+            for name, *_ in entries}
     earlier = rec.get("metrics", {})  # a checkpoint with nothing left to score: its stored metrics
-    results: dict[str, dict[str, float]] = {name: earlier[name] for name, _ in entries if not any(todo[name])}
+    results: dict[str, dict[str, float]] = {name: earlier[name] for name, *_ in entries if not any(todo[name])}
     todo = {name: s for name, s in todo.items() if any(s)}
     if todo:
         if pipeline is None:
@@ -86,7 +96,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
         with grid.Writer() as writer:
             results.update(_generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
-                                               [(n, c) for n, c in entries if n in todo], todo, stored, earlier))
+                                               [e for e in entries if e[0] in todo], todo, stored, earlier))
     if cached:
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache and BASELINE in results:
@@ -106,36 +116,46 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", write
                         earlier: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
     metrics.json updated after each entry (so an interruption loses at most the entry in progress)."""
-    results, seconds, cells = {}, {}, {}
+    results = {}
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
     fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES)
     with compiling.compiled_for_generation(pipe.unet, fast):
-        for name, ckpt in entries:
-            tic = time.perf_counter()
-            prompt_seeds, prior_seeds = todo[name]
-            sub = replace(cfg, seeds=prompt_seeds)
-            with gen.LoraSwap(pipe, None if applied else ckpt, cfg.lora_scale):
-                images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds)
-            generated = time.perf_counter()
-            if ckpt is not None:
-                faults.hit("evaluate", str(out_dir))  # images generated, not yet scored (tests/test_faults.py)
-            for arm, ims in images.items():  # written while the next images are scored and generated
-                for k, im in enumerate(ims):  # every image, for people who want to look closer (fast PNG level)
-                    p, s = divmod(k, len(sub.seeds))
-                    writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{sub.seeds[s]}.png", compress_level=1)
-            cells[name] = {**stored.get(name, {}), **scorer.cells(images, prior, sub, prior_seeds)}
-            fresh = {(arm, p, s): im for arm, ims in images.items()
-                     for k, im in enumerate(ims) for p, s in [(k // len(sub.seeds), sub.seeds[k % len(sub.seeds)])]}
-            results[name] = {**earlier.get(name, {}), **aggregate(cells[name].values()),
-                             **_set_metrics(scorer, cfg, out_dir, name, [a for a, ims in images.items() if ims],
-                                            cells[name], fresh, writer)}
-            done = time.perf_counter()
-            count = sum(map(len, images.values())) + len(prior or [])
-            seconds[name] = {"images": count, "generate_s": generated - tic, "score_s": done - generated}
-            log.info("eval %s: %s (%d images generated in %.1f s, scored in %.1f s)", name,
-                     {k: round(v, 4) for k, v in results[name].items()}, count, generated - tic, done - generated)
-            _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells[name]}, {name: seconds[name]})
+        for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
+            with gen.LoraSwap(pipe, None if applied else ckpt):
+                for name, _, scale in group:
+                    with rescaled(scale):
+                        results[name], cells, seconds = _entry(pipe, refiner, cfg, scorer, writer, out_dir, name,
+                                                               ckpt, todo[name], stored, earlier)
+                    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds})
     return results
+
+
+def _entry(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, name: str, ckpt, todo,
+           stored: dict[str, dict], earlier: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict, dict]:
+    """One entry's missing cells generated (with what is on the UNet now) and scored, its images and grids written:
+    (its metrics over every cell it has, those cells, the time it took)."""
+    tic = time.perf_counter()
+    prompt_seeds, prior_seeds = todo
+    sub = replace(cfg, seeds=prompt_seeds)
+    images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds)
+    generated = time.perf_counter()
+    if ckpt is not None:
+        faults.hit("evaluate", str(out_dir))  # images generated, not yet scored (tests/test_faults.py)
+    for arm, ims in images.items():  # written while the next images are scored and generated
+        for k, im in enumerate(ims):  # every image, for people who want to look closer (fast PNG level)
+            p, s = divmod(k, len(sub.seeds))
+            writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{sub.seeds[s]}.png", compress_level=1)
+    cells = {**stored.get(name, {}), **scorer.cells(images, prior, sub, prior_seeds)}
+    fresh = {(arm, p, s): im for arm, ims in images.items()
+             for k, im in enumerate(ims) for p, s in [(k // len(sub.seeds), sub.seeds[k % len(sub.seeds)])]}
+    metrics = {**earlier.get(name, {}), **aggregate(cells.values()),
+               **_set_metrics(scorer, cfg, out_dir, name, [a for a, ims in images.items() if ims], cells, fresh,
+                              writer)}
+    done = time.perf_counter()
+    count = sum(map(len, images.values())) + len(prior or [])
+    log.info("eval %s: %s (%d images generated in %.1f s, scored in %.1f s)", name,
+             {k: round(v, 4) for k, v in metrics.items()}, count, generated - tic, done - generated)
+    return metrics, cells, {"images": count, "generate_s": generated - tic, "score_s": done - generated}
 
 
 def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict) -> None:

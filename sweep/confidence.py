@@ -18,7 +18,7 @@ call, and the advice says how many seeds per prompt would make the interval as n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -197,8 +197,7 @@ def compare(champion: Candidate, runner_up: Candidate, baseline: Dict[str, float
 
 def _on(c: Candidate, keys: List[str]) -> Candidate:
     """The checkpoint with its metrics recomputed on these cells only (set metrics such as pairwise kept)."""
-    return Candidate(c.trial, c.step, {**c.metrics, **aggregate(c.cells[k] for k in keys)}, c.checkpoint,
-                     c.trial_status, c.params, {k: c.cells[k] for k in keys})
+    return replace(c, metrics={**c.metrics, **aggregate(c.cells[k] for k in keys)}, cells={k: c.cells[k] for k in keys})
 
 
 def _scores(c: Candidate, keys: List[str], rows: np.ndarray, baseline, cfg) -> np.ndarray:

@@ -15,8 +15,8 @@ from . import confidence, racing, report
 from .config import evaluation_settings, resolve_path
 from .export import export, from_checkpoint
 from .metrics import fmt
-from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, collect, load_config, lost_before_start, lost_trials,
-                      read_scores, read_sweep, trial_dirs, write_json, write_result)
+from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, collect, load_config, lost_before_start,
+                      lost_trials, read_promotion, read_scores, read_sweep, trial_dirs, write_json, write_result)
 from .selection import Candidate, Selection, describe_rule, select
 from .tracking import make_tracker, ui_command
 from .tracking.registry import register_champion
@@ -74,8 +74,9 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     sel = select(candidates, baseline, conf.selection)
     sel.confidence = assess(sel, candidates, baseline, conf.selection)
     sel.race = race
+    human_review(sel, sweep_dir, candidates, tracker)
     rule_text = describe_rule(conf.selection)
-    exported = export_champion(sweep_dir, sel) if sel.champion else None
+    exported = export_champion(sweep_dir, sel) if sel.chosen else None
     files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported)
     sweep = read_sweep(sweep_dir)
     failed = sum(s in ("failed", "diverged") for s in statuses.values())
@@ -95,22 +96,9 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                 "mlflow.note.content": report.mlflow_note(
                     sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
                     sweep_dir / "report", report.table(candidates, sel, statuses), exported)[:7900]}
-        if sel.champion:
-            c = sel.champion
-            tags.update({"champion.trial": c.trial, "champion.step": c.step, "champion.checkpoint": c.checkpoint,
-                         "champion.lora": report.lora_file(c),
-                         "champion.lr": c.params.get("lr", ""), "champion.rank": c.params.get("rank", "")})
-            if not ended:
-                tracker.log_metrics(pid, [("champion_" + k, v, c.step) for k, v in c.metrics.items()]
-                                    + [(f"champion_{sel.objective}", sel.ranked[0][1], c.step)]
-                                    * (sel.objective not in c.metrics) + [("selection_margin", sel.margin, 0)])
-            if sel.runner_up:
-                tags["runner_up"] = sel.runner_up.key
-            tags.update(_confidence_tags(sel))
-            if not ended:
-                tracker.log_metrics(pid, _confidence_rows(sel))
-            if register and conf.tracking.enabled:
-                tags.update(register_champion(tracker, conf, pid, c, baseline, exported))
+        tags.update(_champion_record(tracker, pid, sel, ended))
+        if sel.chosen and register and conf.tracking.enabled:
+            tags.update(register_champion(tracker, conf, pid, sel.chosen, baseline, exported, sel.review))
         tracker.set_tags(pid, tags)
         if not ended:
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
@@ -146,11 +134,12 @@ def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict)
         for folder in sorted({Path(c.checkpoint).parent.parent for c in todo}):
             mine = [c for c in todo if Path(c.checkpoint).parent.parent == folder]
             log.info("racing: %s at seed %d%s", ", ".join(c.key for c in mine), seed, " (full protocol)" * final)
-            evaluate([Path(c.checkpoint) for c in mine], settings, instance_dir=conf.data.instance_dir,
-                     out_dir=folder / EVAL_DIR, pipeline=pipe[0], baseline=False, seeds=[seed], prior=prior)
+            for scale in sorted({c.scale for c in mine}):  # a (checkpoint, strength) still in the race
+                evaluate(sorted({Path(c.checkpoint) for c in mine if c.scale == scale}), settings,
+                         instance_dir=conf.data.instance_dir, out_dir=folder / EVAL_DIR, pipeline=pipe[0],
+                         baseline=False, seeds=[seed], prior=prior, scales=[scale])
             scored = read_scores(folder)
-            out += [replace(c, metrics=scored[Path(c.checkpoint).name][0], cells=scored[Path(c.checkpoint).name][1])
-                    for c in mine]
+            out += [replace(c, metrics=scored[c.entry][0], cells=scored[c.entry][1]) for c in mine]
         return out
 
     def complete(c: Candidate) -> set:
@@ -178,8 +167,8 @@ def _images(trial_dir: Path) -> int:
 def assess(sel: Selection, candidates: list, baseline: dict, cfg) -> confidence.Assessment:
     """Intervals for each trial's best checkpoint (the report's rows), the champion and the runner-up, and the
     champion's paired comparison with the runner-up."""
-    keys = {r["trial"]: r["best_step"] for r in report.table(candidates, sel, {})}
-    shown = [c for c in candidates if keys.get(c.trial) == c.step or c in (sel.champion, sel.runner_up)]
+    keys = {r["key"] for r in report.table(candidates, sel, {})}
+    shown = [c for c in candidates if c.key in keys or c in (sel.champion, sel.runner_up)]
     return confidence.assess(shown, sel.champion, sel.runner_up, baseline, cfg)
 
 
@@ -204,15 +193,69 @@ def export_champion(sweep_dir: Path, sel: Selection) -> Path | None:
     `python -m sweep.export <sweep>` writes); a LoRA the web-UI format cannot hold gets the diffusers file only. A
     failure here costs the export, never the sweep's selection or registration."""
     out = sweep_dir / CHAMPION_DIR
+    c = sel.chosen
     try:
-        src = from_checkpoint(Path(sel.champion.checkpoint), origin=str(sweep_dir))
+        src = from_checkpoint(Path(c.checkpoint), origin=str(sweep_dir), strength=c.scale)
         src.chosen = f"The champion of sweep `{sweep_dir.name}`: {sel.explain()}."
+        if sel.review:
+            src.chosen = (f"Promoted by {sel.review['by']} in sweep `{sweep_dir.name}` ({sel.review['reason']}); "
+                          f"the rule had picked {sel.review['rule_pick'] or 'nothing'}: {sel.explain()}.")
         export(src, out, strict=False)
         return out
     except (Exception, SystemExit) as exc:
         log.warning("the champion was not exported to %s (%s); python -m sweep.export %s tries again", out, exc,
                     sweep_dir)
         return None
+
+
+def _champion_record(tracker, pid: str, sel: Selection, ended: bool) -> dict:
+    """The rule's champion, how sure it is and a person's pick over it on the parent run: returns its tags, logs its
+    metrics (not again on a rebuilt report: `ended`)."""
+    tags = _review_tags(sel)
+    c = sel.champion
+    if c is None:
+        return tags
+    tags.update({"champion.trial": c.trial, "champion.step": c.step, "champion.lora_scale": c.scale,
+                 "champion.checkpoint": c.checkpoint, "champion.lora": report.lora_file(c),
+                 "champion.lr": c.params.get("lr", ""), "champion.rank": c.params.get("rank", ""),
+                 **_confidence_tags(sel)})
+    if sel.runner_up:
+        tags["runner_up"] = sel.runner_up.key
+    if not ended:
+        tracker.log_metrics(pid, [("champion_" + k, v, c.step) for k, v in c.metrics.items()]
+                            + [(f"champion_{sel.objective}", sel.ranked[0][1], c.step)]
+                            * (sel.objective not in c.metrics) + [("selection_margin", sel.margin, 0)]
+                            + _confidence_rows(sel))
+    return tags
+
+
+def human_review(sel: Selection, sweep_dir: Path, candidates: list[Candidate], tracker) -> None:
+    """A person's pick (python -m sweep.promote, <sweep>/promotion.json) on the selection: `promoted` is handed on
+    instead of the rule's champion, `review` says who, why, and across the reviewed sweeps (the tracking store's,
+    else the folders beside this one) how often the person kept the rule's pick."""
+    pick = read_promotion(sweep_dir)
+    if pick is None:
+        return
+    promoted = next((c for c in candidates if c.key == pick["key"]), None)
+    if promoted is None:
+        log.warning("%s names %s, which this sweep no longer scores: the rule's pick stands", PROMOTION_FILE,
+                    pick["key"])
+        return
+    verdicts = tracker.reviews() or {str(d): p["agreed"] for d in sweep_dir.parent.iterdir()
+                                     if d.is_dir() and (p := read_promotion(d))}
+    verdicts[str(sweep_dir)] = pick["agreed"]
+    sel.promoted = promoted
+    sel.review = {**pick, "agreement": [sum(verdicts.values()), len(verdicts)]}
+
+
+def _review_tags(sel: Selection) -> dict:
+    if not sel.review:
+        return {}
+    agreed, reviewed = sel.review["agreement"]
+    return {"review.promoted": sel.review["key"], "review.by": sel.review["by"],
+            "review.reason": sel.review["reason"][:4000], "review.rule_pick": sel.review["rule_pick"] or "",
+            "review.agreed": str(sel.review["agreed"]).lower(),
+            "review.rule_agreement": f"{agreed} of {reviewed} reviewed sweep(s) kept the rule's pick"}
 
 
 def run_page(uri: str, sweep: dict) -> str:
@@ -226,16 +269,22 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     from rich.table import Table
 
     t = Table(title=f"sweep {sweep_dir.name}: {len(statuses)} trial(s), {failed} failed")
-    for c in report.headers(sel):
+    rows = report.table(candidates, sel, statuses)
+    for c in report.headers(sel, rows):
         t.add_column(c)
-    for row in report.table(candidates, sel, statuses):
-        t.add_row(*(fmt(row[c]) for c in report.COLUMNS))
+    for row in rows:
+        t.add_row(*(fmt(row[c]) for c in report.columns(rows)))
     console = Console(width=200)
     console.print(t)
     print(sel.explain())
     comparison = getattr(sel.confidence, "comparison", None)
     if comparison is not None:
         print(f"how sure: {comparison.verdict}")
+    if sel.review:
+        r = sel.review
+        how = "the rule agreed" if r["agreed"] else f"over the rule: {r['rule_pick']}"
+        print(f"promoted by {r['by']}: {r['key']} ({how}); "
+              f"across reviewed sweeps the rule's pick was kept {r['agreement'][0]} of {r['agreement'][1]} time(s)")
     compare = "MLflow tracking is off (tracking.enabled=false)" if ui.endswith("disabled") else f"compare the runs: {ui}"
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"

@@ -20,6 +20,7 @@ from common import faults, lorafile
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, preflight
+from evaluation.config import entry_name, is_entry, parse_entry
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
@@ -30,7 +31,7 @@ from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_
 from .launchers.packing import train
 from .launchers.process import GPU_ENV
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
-from .results import BASELINE, RESULT, candidates, read_result, read_sweep, write_result
+from .results import BASELINE, RESULT, candidate, candidates, read_result, read_sweep, write_result
 from .search import SearchSettings, TrialLink, coordinates
 from .selection import Candidate, checkpoint_score, objective_name, trial_best
 from .tracking import device_name, git_commit, make_tracker
@@ -195,18 +196,20 @@ class LiveScores:
         self.params, self.link, self.max_steps, self.selection = params, link, max_steps, selection
         self.logged: set[str] = set()
 
-    def __call__(self, ckpt: str, metrics: dict[str, float], baseline: dict[str, float]) -> bool:
-        step = int(ckpt[5:])
-        if ckpt not in self.logged:
-            self.tracker.log_metrics(self.run_id, [(k, v, step) for k, v in metrics.items()]
-                                     + _objective_rows(ckpt, metrics, baseline, self.selection))
-            _log_grids(self.tracker, self.run_id, self.out, ckpt)
-            self.logged.add(ckpt)
-        if self.link is None:
+    def __call__(self, scored: dict[str, dict[str, float]], baseline: dict[str, float]) -> bool:
+        """`scored`: one checkpoint's entries ({"step-000100": metrics, "step-000100_x0.7": ...}, one per strength)."""
+        fresh = [e for e in scored if e not in self.logged]
+        if fresh:
+            self.tracker.log_metrics(self.run_id, [r for e in fresh for r in _entry_rows(e, scored[e], baseline,
+                                                                                         self.selection)])
+            for e in fresh:
+                _log_grids(self.tracker, self.run_id, self.out, e)
+            self.logged.update(fresh)
+        if self.link is None or not scored:
             return False
-        c = Candidate(self.name, step, metrics, str(self.out / "checkpoints" / ckpt), "running", self.params)
-        prune = self.link.report(c, baseline)
-        return prune and step < self.max_steps  # the last checkpoint ends the trial anyway: it completes
+        cands = [candidate(self.name, e, m, self.out, "running", self.params) for e, m in scored.items()]
+        prune = self.link.report(cands, baseline)
+        return prune and cands[0].step < self.max_steps  # the last checkpoint ends the trial anyway: it completes
 
 
 def trial_name(hc, sweep_dir: Path) -> str:
@@ -226,9 +229,9 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     twice). Returns the training result and {checkpoint: metrics} (with "baseline"). With `race`, a checkpoint's
     scoring here is racing's first round (one seed per prompt); the sweep's end scores more where it decides.
 
-    `on_scored(checkpoint name, metrics, baseline metrics) -> stop?` hears each score as it comes; True stops
-    the trial there (an Optuna pruner). With a refiner, checkpoints are scored after training instead (the
-    refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
+    `on_scored({entry: metrics}, baseline metrics) -> stop?` hears each checkpoint's scores (an entry per LoRA
+    strength) as they come; True stops the trial there (an Optuna pruner). With a refiner, checkpoints are scored
+    after training instead (the refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     # cheap checks first: photos, device, model source, evaluation inputs; all before any model is loaded
     instance_photos(conf.data)
@@ -250,30 +253,40 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
         pipe = shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir)
         # the no-LoRA baseline first (once per sweep, cached): live scores are judged against it
         metrics.update(evaluate([], settings, pipeline=pipe, baseline_cache=baseline, **kw))
-        metrics.update({k: v for k, v in earlier_results(out / "eval", settings).items() if k.startswith("step-")})
-        for ckpt in sorted(k for k in metrics if k.startswith("step-")):  # a resumed trial: its study hears them again
-            if on_scored is not None:
-                on_scored(ckpt, metrics[ckpt], metrics[BASELINE_KEY])
+        metrics.update({k: v for k, v in earlier_results(out / "eval", settings).items() if is_entry(k)})
+        if on_scored is not None:  # a resumed trial: its study hears them again
+            for scored in _by_checkpoint(metrics):
+                on_scored(scored, metrics[BASELINE_KEY])
 
         def score(step: int, folder: Path) -> bool:
-            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first)[folder.name]
-            metrics[folder.name] = m
-            return bool(on_scored and on_scored(folder.name, m, metrics.get(BASELINE_KEY, {})))
+            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first)
+            metrics.update(m)
+            return bool(on_scored and on_scored(m, metrics.get(BASELINE_KEY, {})))
 
         spec.on_checkpoint = for_trial(current_trial(), score)  # called from the thread training a batch
     [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
     # checkpoints not scored live: written before an interruption, or all of them with a refiner
-    missing = [c for c in result.checkpoints if c.name not in metrics]
+    entries = {c.name: [entry_name(c.name, x) for x in settings.lora_scales] for c in result.checkpoints}
+    missing = [c for c in result.checkpoints if any(e not in metrics for e in entries[c.name])]
     if missing:
         if pipe is not None:  # again: the trainer keeps the VAE and text encoders off the GPU between uses
             pipe = shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir)
-        metrics.update(evaluate(missing, settings, pipeline=pipe, baseline=pipe is None or BASELINE_KEY not in metrics,
-                                baseline_cache=baseline, **kw, **first))
-        for c in missing:
-            if on_scored is not None and c.name in metrics:
-                on_scored(c.name, metrics[c.name], metrics.get(BASELINE_KEY, {}))
-    scored = {c.name for c in result.checkpoints}
-    return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in scored}
+        new = evaluate(missing, settings, pipeline=pipe, baseline=pipe is None or BASELINE_KEY not in metrics,
+                       baseline_cache=baseline, **kw, **first)
+        metrics.update(new)
+        if on_scored is not None:
+            for scored in _by_checkpoint(new):
+                on_scored(scored, metrics.get(BASELINE_KEY, {}))
+    kept = {e for c in result.checkpoints for e in entries[c.name]}
+    return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in kept}
+
+
+def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[str, float]]]:
+    """The scored entries grouped by checkpoint, in step order: [{"step-000100": m, "step-000100_x0.7": m}, ...]."""
+    groups: dict[str, dict] = {}
+    for e in sorted(k for k in metrics if is_entry(k)):
+        groups.setdefault(parse_entry(e)[0], {})[e] = metrics[e]
+    return list(groups.values())
 
 
 def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False) -> EvalConfig:
@@ -283,32 +296,41 @@ def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     per_checkpoint = len(settings.prompts) if race else settings.images_per_checkpoint()  # racing's first round
+    per_checkpoint *= len(settings.lora_scales)
     images = checkpoints * per_checkpoint + settings.images_per_checkpoint()
     on = want_compile(None, resolve_device(settings.device, "eval.device"), images, COMPILE_IMAGES)
     return replace(settings, compile=on)
 
 
-def _objective_rows(ckpt: str, metrics: dict, baseline: dict, selection) -> list[tuple[str, float, int]]:
-    """The rule's objective of one checkpoint at its step, under its name (weighted_score), when it is not one of
-    the scored metrics already (face_similarity)."""
-    if selection is None or objective_name(selection) in metrics:
-        return []
-    score = checkpoint_score(Candidate("", int(ckpt[5:]), metrics), baseline, selection)
-    return [(objective_name(selection), score, int(ckpt[5:]))]
+def _entry_rows(entry: str, metrics: dict, baseline: dict, selection) -> list[tuple[str, float, int]]:
+    """One scored entry's metrics at its checkpoint's step, and the rule's objective under its name (weighted_score)
+    when it is not one of the scored metrics already (face_similarity). At a strength other than full, each name
+    ends in it: clip_t_x0.7."""
+    _, step, scale = parse_entry(entry)
+    suffix = "" if scale == 1.0 else f"_x{scale:g}"
+    rows = [(k + suffix, v, step) for k, v in metrics.items()]
+    if selection is not None and objective_name(selection) not in metrics:
+        rows.append((objective_name(selection) + suffix, checkpoint_score(Candidate("", step, metrics), baseline,
+                                                                          selection), step))
+    return rows
 
 
-def _log_grids(tracker, run_id, out: Path, ckpt: str) -> None:
-    """A checkpoint's prompts x seeds grids as images at its step: key `grid` (the base arm), `grid_<arm>`."""
-    for png in sorted((out / "eval" / "grids").glob(f"{ckpt}_*.png")):
-        arm = png.stem[len(ckpt) + 1:]
-        tracker.log_image(run_id, png, "grid" if arm == "base" else f"grid_{arm}", int(ckpt[5:]))
+def _log_grids(tracker, run_id, out: Path, entry: str) -> None:
+    """A scored entry's prompts x seeds grids as images at its step: key `grid` (the base arm), `grid_<arm>`, at a
+    strength other than full with it after: `grid_x0.7`."""
+    _, step, scale = parse_entry(entry)
+    suffix = "" if scale == 1.0 else f"_x{scale:g}"
+    for arm in ("base", "refined"):
+        png = out / "eval" / "grids" / f"{entry}_{arm}.png"
+        if png.is_file():
+            tracker.log_image(run_id, png, ("grid" if arm == "base" else f"grid_{arm}") + suffix, step)
 
 
 def best_rows(best: Candidate, objective: float, objective_key: str) -> list[tuple[str, float, int]]:
     """The trial's best checkpoint as summary metrics (columns of the runs table, rows of the compare view):
-    best_<metric>, best_step and best_<objective name>, logged at the best step."""
+    best_<metric>, best_step, best_lora_scale (its strength) and best_<objective name>, logged at the best step."""
     rows = [(f"best_{k}", v, best.step) for k, v in best.metrics.items()]
-    rows += [("best_step", best.step, best.step)]
+    rows += [("best_step", best.step, best.step), ("best_lora_scale", best.scale, best.step)]
     if objective_key not in best.metrics:
         rows += [(f"best_{objective_key}", objective, best.step)]
     return rows
@@ -321,9 +343,8 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
     best checkpoint's LoRA, status. `result` is the payload of result.json. Safe to repeat (a reopened run keeps
     what it holds)."""
     baseline = metrics.get("baseline", {})
-    fresh = sorted(ck for ck in metrics if ck.startswith("step-") and ck not in logged)
-    rows = [(k, v, int(ck[5:])) for ck in fresh for k, v in metrics[ck].items()]
-    rows += [r for ck in fresh for r in _objective_rows(ck, metrics[ck], baseline, selection)]
+    fresh = sorted(e for e in metrics if is_entry(e) and e not in logged)
+    rows = [r for e in fresh for r in _entry_rows(e, metrics[e], baseline, selection)]
     if best is not None:
         rows += best_rows(best, objective, objective_name(selection) if selection is not None else "objective")
     rows += [(f"baseline_{k}", v, 0) for k, v in baseline.items()]
@@ -348,7 +369,7 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
     tracker.set_tags(run_id, {k: v for k, v in hashes.items() if v})  # what each checkpoint's LoRA must hash to
     if best is not None:  # the trial's best checkpoint under the sweep's rule: the LoRA people will want
         tracker.log_artifacts(run_id, Path(best.checkpoint) / "pytorch_lora_weights.safetensors", "best_checkpoint")
-        tracker.set_tags(run_id, {"best_step": best.step,
+        tracker.set_tags(run_id, {"best_step": best.step, "best_lora_scale": best.scale,
                                   "best_lora_sha256": hashes.get(f"lora_sha256.{Path(best.checkpoint).name}", "")})
     tracker.set_tags(run_id, {"status": result["status"]})
     if result.get("error"):

@@ -23,12 +23,12 @@ always get every round (the full protocol), so the champion's numbers are those 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 from scipy.stats import t as student_t
 
-from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY
+from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY, aggregate
 
 from .selection import Candidate, SelectionConfig, checkpoint_score, select, weighted_score
 
@@ -171,21 +171,23 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
     complete = complete or seeds_of
     by_key = {c.key: c for c in candidates}
     dropped: Dict[str, Drop] = {}
-    scored = 0
+    scored, r = 0, 0
     while True:
         alive = [c for c in by_key.values() if c.key not in dropped and c.trial_status != "failed"]
-        for d in eliminate(alive, baseline, cfg, len(seeds), alpha):
-            dropped[d.key] = Drop(d.key, rounds_of(by_key[d.key], seeds), d.why)
+        while alive and min(rounds_of(c, seeds) for c in alive) <= r < len(seeds):  # every one to round r + 1
+            behind = min(rounds_of(c, seeds) for c in alive)
+            todo = [c for c in alive if rounds_of(c, seeds) == behind]
+            for c in score(todo, seeds[behind], False):
+                by_key[c.key] = c
+            scored += len(todo)
+            alive = [by_key[c.key] for c in alive]
+        r += 1
+        # judged on the first r rounds only, as they stood then: a race run again replays the same decisions
+        for d in eliminate([_upto(c, seeds[:r]) for c in alive], baseline, cfg, len(seeds), alpha):
+            dropped[d.key] = Drop(d.key, r, d.why)
         alive = [c for c in alive if c.key not in dropped]
-        if len(alive) <= 1:
+        if len(alive) <= 1 or r >= len(seeds):
             break
-        behind = min(rounds_of(c, seeds) for c in alive)
-        if behind >= len(seeds):
-            break
-        todo = [c for c in alive if rounds_of(c, seeds) == behind]
-        for c in score(todo, seeds[behind], False):
-            by_key[c.key] = c
-        scored += len(todo)
     while True:  # the champion and the runner-up get the full protocol
         sel = select(list(by_key.values()), baseline, cfg)
         top = [c for c in (sel.champion, sel.runner_up) if c is not None]
@@ -198,6 +200,14 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
             by_key[c.key] = c
         scored += len(todo)
     return list(by_key.values()), Race(list(dropped.values()), scored)
+
+
+def _upto(c: Candidate, seeds: List[int]) -> Candidate:
+    """The checkpoint as it stood after these rounds: its cells of these seeds, its metrics their means."""
+    keys = [k for k in c.cells if int(k.rsplit("_s", 1)[1]) in seeds]
+    if len(keys) == len(c.cells):
+        return c
+    return replace(c, metrics={**c.metrics, **aggregate(c.cells[k] for k in keys)}, cells={k: c.cells[k] for k in keys})
 
 
 def seeds_of(c: Candidate) -> set[int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from common.lorafile import LORA_FILE
+from evaluation.config import is_entry, parse_entry
 
 from .config import SweepConfig, to_typed
 from .selection import Candidate
@@ -19,6 +20,7 @@ BASELINE = "baseline_metrics.json"
 CHAMPION_DIR = "champion"  # the champion exported for the web UIs and diffusers (sweep/export)
 LOST_FILE = "lost_jobs.jsonl"  # jobs a launcher lost before they made a trial folder (launchers/process.py lost_job)
 EVAL_DIR, EVAL_FILE = "eval", "metrics.json"  # a trial's scores: metrics and cells (evaluation.evaluate writes it)
+PROMOTION_FILE = "promotion.json"  # a person's picks over the rule's (python -m sweep.promote), newest last
 SWEEP_FILE = "sweep.json"  # the sweep's MLflow experiment and parent run (tracking.Tracker.start_sweep)
 
 
@@ -87,12 +89,10 @@ def collect(sweep_dir: Path) -> tuple[list[Candidate], dict[str, float], dict[st
         res = read_result(d)
         statuses[res["name"]] = res["status"]
         scored = read_scores(d)
-        for ckpt, metrics in (res.get("metrics") or {}).items():
-            if ckpt.startswith("step-"):
-                metrics, cells = scored.get(ckpt, (metrics, {}))
-                candidates.append(Candidate(res["name"], int(ckpt[5:]), metrics, str(d / "checkpoints" / ckpt),
-                                            "failed" if res["status"] == "failed" else res["status"],
-                                            res.get("params", {}), cells))
+        for entry, metrics in (res.get("metrics") or {}).items():
+            if is_entry(entry):
+                metrics, cells = scored.get(entry, (metrics, {}))
+                candidates.append(candidate(res["name"], entry, metrics, d, res["status"], res.get("params"), cells))
     base_file = sweep_dir / BASELINE
     baseline = json.loads(base_file.read_text())["metrics"] if base_file.is_file() else {}
     return candidates, baseline, statuses
@@ -105,13 +105,26 @@ def read_scores(trial_dir: Path) -> dict[str, tuple[dict[str, float], dict[str, 
         return {}
     rec = json.loads(path.read_text())  # written by evaluation: NaN as NaN
     cells = rec.get("cells", {})
-    return {k: (m, cells.get(k, {})) for k, m in rec.get("metrics", {}).items() if k.startswith("step-")}
+    return {k: (m, cells.get(k, {})) for k, m in rec.get("metrics", {}).items() if is_entry(k)}
 
 
 def candidates(metrics: dict, out: Path, name: str, status: str, params: dict) -> list[Candidate]:
-    """A trial's scored checkpoints ({"step-000100": metrics, ...}) as selection candidates."""
-    return [Candidate(name, int(k[5:]), v, str(out / "checkpoints" / k), status, params)
-            for k, v in metrics.items() if k.startswith("step-")]
+    """A trial's scored checkpoints ({"step-000100": metrics, "step-000100_x0.7": ...}) as selection candidates."""
+    return [candidate(name, k, v, out, status, params) for k, v in metrics.items() if is_entry(k)]
+
+
+def candidate(name: str, entry: str, metrics: dict, out: Path, status: str = "finished", params: dict | None = None,
+              cells: dict | None = None) -> Candidate:
+    """One scored entry (a checkpoint at a strength) of the trial in `out` as a selection candidate."""
+    folder, step, scale = parse_entry(entry)
+    return Candidate(name, step, metrics, str(out / "checkpoints" / folder), status, params or {}, cells or {}, scale)
+
+
+def read_promotion(sweep_dir: Path) -> dict | None:
+    """The sweep's latest human pick (python -m sweep.promote): {"key", "by", "reason", "rule_pick", "agreed", "at"}."""
+    path = Path(sweep_dir) / PROMOTION_FILE
+    picks = json.loads(path.read_text()) if path.is_file() else []
+    return picks[-1] if picks else None
 
 
 def load_config(sweep_dir: Path) -> SweepConfig:

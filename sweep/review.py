@@ -37,7 +37,7 @@ def columns(sweep_dir: Path) -> tuple[list[tuple[str, Candidate | None]], object
         cols.append(("RUNNER-UP", sel.runner_up))
     shown = {c.key for _, c in cols}
     for row in table(candidates, sel, {}):
-        c = next((c for c in candidates if c.trial == row["trial"] and c.step == row["best_step"]), None)
+        c = next((c for c in candidates if c.key == row["key"]), None)
         if c is not None and c.key not in shown:
             cols.append(("best of its trial", c))
             shown.add(c.key)
@@ -59,8 +59,7 @@ def write_sheet(sweep_dir: Path, seed: int | None = None) -> tuple[Path, object]
         x = PROMPT_W + j * CELL
         marked = c is not None and c in (sel.champion, sel.runner_up)
         draw.text((x + 6, 8), role + ("" if c is None else f"  {c.key}"), fill="darkred" if marked else "black")
-        ckpt = Path(c.checkpoint) if c is not None else None
-        folder = base_dir if ckpt is None else ckpt.parent.parent / EVAL_DIR / "images" / ckpt.name
+        folder = base_dir if c is None else Path(c.checkpoint).parent.parent / EVAL_DIR / "images" / c.entry
         for p in range(len(prompts)):
             y = HEADER + p * (CELL + LABEL)
             png = folder / f"base_p{p}_s{seed}.png" if folder else None

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from common.metrics import CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, METRICS, WEIGHTED_SCORE, close_matches, metric
+from evaluation.config import entry_name
 
 RULES = ("identity_within_prompt_budget", "weighted")
 
@@ -40,10 +42,17 @@ class Candidate:
     trial_status: str = "finished"  # checkpoints of a trial that failed outright are never candidates
     params: Dict[str, object] = field(default_factory=dict)
     cells: Dict[str, Dict[str, float]] = field(default_factory=dict)  # each image's scores: {"p0_s1": {metric: v}}
+    scale: float = 1.0  # the LoRA strength it was scored at (eval.lora_scales): a candidate is (checkpoint, strength)
 
     @property
     def key(self) -> str:
-        return f"{self.trial}@{self.step}"
+        """"lr=0.0001@300", at a strength other than full "lr=0.0001@300x0.7" (what sweep.promote takes)."""
+        return f"{self.trial}@{self.step}" + (f"x{self.scale:g}" if self.scale != 1.0 else "")
+
+    @property
+    def entry(self) -> str:
+        """Its name in the trial's eval/metrics.json, grids and images ("step-000300", "step-000300_x0.7")."""
+        return entry_name(Path(self.checkpoint).name or f"step-{self.step:06d}", self.scale)
 
 
 @dataclass
@@ -58,6 +67,13 @@ class Selection:
     objective: str = "objective"  # objective_name(cfg): what the numbers in `ranked` are
     confidence: Optional[object] = None  # sweep.confidence.Assessment, when the sweep's end has assessed the pick
     race: Optional[dict] = None  # racing evaluation's record (report/race.json), when checkpoints were raced
+    review: Optional[dict] = None  # a person's pick over the rule's (sweep.promote): by, reason, agreed, agreement
+    promoted: Optional[Candidate] = None  # the candidate that person promoted
+
+    @property
+    def chosen(self) -> Optional[Candidate]:
+        """What the sweep hands on (exported, registered): a person's promoted pick, else the rule's champion."""
+        return self.promoted or self.champion
 
     @property
     def margin(self) -> float:

@@ -119,6 +119,48 @@ def test_a_checkpoint_generates_merged_and_the_base_comes_back_bit_for_bit(tiny)
     assert torch.equal(_unet_out(pipe.unet), plain)
 
 
+def test_a_merged_checkpoint_rescaled_computes_peft_at_that_strength_and_comes_back_bit_for_bit(tiny):
+    """eval.lora_scales: the LoRA merged once, then rescaled in place (the same modules, so the same compiled code)
+    computes what peft computes at that adapter weight; leaving the strength gives back the merge at full strength
+    bit for bit, and leaving the swap the base."""
+    from common.lorafile import rescaled
+
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    ckpt = tiny["checkpoints"][-1]
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(str(ckpt), weight_name=gen.LORA_FILE, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[2.0])
+    peft_at_2 = _unet_out(pipe.unet)
+    pipe.unload_lora_weights()
+    with gen.LoraSwap(pipe, ckpt):
+        full = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        with rescaled(2.0):
+            torch.testing.assert_close(_unet_out(pipe.unet), peft_at_2, rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in full.items())
+        assert any(not torch.equal(full[k], v) for k, v in before.items())  # merged: some weights moved
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(RuntimeError, match="no merged adapter"):
+        with rescaled(0.5):
+            pass
+
+
+def test_each_lora_strength_is_an_entry_of_its_own(tiny, tmp_path):
+    """eval.lora_scales=[0.7,1.0]: every checkpoint is scored at both, each (checkpoint, strength) with its own
+    cells, images, grid and times; the full-strength entry keeps the plain checkpoint name."""
+    cfg = replace(tiny["cfg"], seeds=[0], lora_scales=[0.7, 1.0])
+    m = evaluate(tiny["checkpoints"][-1:], cfg, instance_dir=DEMO_DIR, out_dir=tmp_path, pretrained=tiny["pretrained"],
+                 baseline=False)
+    assert set(m) == {"step-000004", "step-000004_x0.7"}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for e in m:
+        assert set(saved["cells"][e]) == {"p0_s0", "p1_s0", "prior_s0"} and saved["seconds"][e]["images"] == 3
+        assert (tmp_path / "grids" / f"{e}_base.png").is_file()
+        assert (tmp_path / "images" / e / "base_p1_s0.png").is_file()
+    with pytest.raises(EvalInputError, match=r"scales=\[0.5\]\): give some of eval.lora_scales=\[0.7, 1.0\]"):
+        evaluate(tiny["checkpoints"][-1:], cfg, instance_dir=DEMO_DIR, out_dir=tmp_path, pretrained=tiny["pretrained"],
+                 baseline=False, scales=[0.5])
+
+
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters on one model: intended
 def test_adapters_that_do_not_merge_into_a_weight_update_apply_themselves():
     """DoRA rescales the merged weight's columns, so `merged` leaves such a layer as it is (it still applies

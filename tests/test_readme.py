@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -55,6 +56,7 @@ COMMANDS = {
     "mlflow ui": r"^mlflow ui --backend-store-uri sqlite:///\$PWD/mlruns/mlflow\.db$",
     "report": r"^python -m sweep\.report outputs/sweeps/\S+$",
     "review": r"^python -m sweep\.review outputs/sweeps/\S+$",
+    "promote": r"^python -m sweep\.promote \S+@\d+ reason=",
     "your photos": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=",
     "generate": r"^python -m sweep\.generate prompt=",
     "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-champion@champion ",
@@ -423,6 +425,22 @@ def test_search_demo_after_the_grid_keeps_the_best_of_both_as_champion(user):
         if r.data.tags["champion_replaced"] != "True":
             assert float(r.data.tags["challenger_objective"]) <= float(r.data.tags["champion_objective"])
             assert "registry.version" not in r.data.tags
+
+
+def test_promote_puts_a_persons_pick_on_record(user):
+    """The README's promote command on the newest sweep (the search demo's), with a checkpoint of that sweep in place
+    of the README's example: the alias moves to it, the report and the parent run say the rule was overruled."""
+    newest = user.sweep_folders()[-1]
+    sel = json.loads((newest / "report" / "selection.json").read_text())
+    other = sel["runner_up"]
+    key = f"{other['trial']}@{other['step']}"
+    cmd = re.sub(r"lr=0\.0001@20", lambda _: shlex.quote(key), command("promote"))
+    p = user.run(cmd, timeout=600)
+    assert p.returncode == 0, p.output[-3000:]
+    rule = sel["champion"]["trial"]
+    assert f"promoted {key} in outputs/sweeps/{newest.name}: over the rule's pick {rule}@" in p.stdout
+    assert user.champion().tags["review.reason"] == "sharper face, the moon still there"
+    assert "**overrode the rule**" in (newest / "report" / "report.md").read_text()
 
 
 def test_a_changed_registered_lora_is_refused(user):

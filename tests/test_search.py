@@ -286,7 +286,8 @@ def check_trial_scores_live_and_catches_up(demo, cache_dir, tmp_path, device):
           progress=False)  # interrupted after its first checkpoint, before scoring it
     heard = []
     result, metrics = run_trial(conf, "t", out, tmp_path / "baseline_metrics.json",
-                                lambda ck, m, base: heard.append((ck, "clip_t" in m, "clip_t" in base)))
+                                lambda scored, base: heard.extend((e, "clip_t" in m, "clip_t" in base)
+                                                                  for e, m in scored.items()))
     assert result.status == "finished" and result.resumed_from == 2
     assert set(metrics) == {"baseline", "step-000002", "step-000004"}
     assert [h[0] for h in heard] == ["step-000004", "step-000002"]  # live first, then the catch-up

@@ -31,6 +31,7 @@ from huggingface_hub import hf_hub_download
 from omegaconf import OmegaConf
 
 from common.lorafile import EXPORT_RECORD, LORA_FILE, CheckpointRecord, sha256_file
+from evaluation.config import entry_name
 from evaluation.generate import EvalInputError, check_lora_file
 from trainer.models import resolve_source
 from trainer.webui import WebUIExportError, adapter_config, convert, save, umask
@@ -38,7 +39,7 @@ from trainer.webui import WebUIExportError, adapter_config, convert, save, umask
 from ..config import resolve_path, to_typed
 from ..metrics import fmt as fmt_value
 from ..metrics import metrics_json
-from ..results import display_name, read_result
+from ..results import display_name, read_result, read_scores
 from ..selection import describe_rule
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,15 @@ class Source:
     origin: str = ""  # what the user named: the folder or models:/ URI
     base: str = ""  # the base model id or folder
     grids: dict = field(default_factory=dict)  # {"grid.png": path, "baseline.png": path}
+    strength: float = 1.0  # the LoRA strength it was scored and chosen at (eval.lora_scales): the card recommends it
 
 
 # ---- sources -------------------------------------------------------------------------------------------------
 
 
-def from_checkpoint(folder: Path, origin: str = "") -> Source:
+def from_checkpoint(folder: Path, origin: str = "", strength: float = 1.0) -> Source:
     """A checkpoint folder (<trial>/checkpoints/step-NNNNNN): its LoRA (hash checked against checkpoint.json), and,
-    from its trial folder, the config, metrics, baseline and grids."""
+    from its trial folder, the config, metrics, baseline and grids, those of its scoring at `strength`."""
     folder = Path(folder).expanduser().resolve()
     try:
         lora = check_lora_file(folder)
@@ -80,7 +82,8 @@ def from_checkpoint(folder: Path, origin: str = "") -> Source:
     rec = CheckpointRecord.read(folder) if (folder / "checkpoint.json").is_file() else None
     step = rec.step if rec else int(folder.name.rpartition("-")[2]) if folder.name.startswith("step-") else 0
     src = Source(lora=lora, trial=rec.trial if rec else folder.name, step=step, origin=origin or str(folder),
-                 created=rec.created if rec else None, config_hash=rec.config_hash if rec else "")
+                 created=rec.created if rec else None, config_hash=rec.config_hash if rec else "", strength=strength)
+    entry = entry_name(folder.name, strength)
     trial = folder.parent.parent
     config = trial / ".hydra" / "config.yaml"
     if config.is_file():
@@ -88,9 +91,10 @@ def from_checkpoint(folder: Path, origin: str = "") -> Source:
         src.base = base_name(src.conf)
     if (trial / "result.json").is_file():
         metrics = read_result(trial).get("metrics") or {}
-        src.metrics, src.baseline = metrics.get(folder.name) or {}, metrics.get("baseline") or {}
+        src.metrics, src.baseline = read_scores(trial).get(entry, (metrics.get(entry) or {},))[0], \
+            metrics.get("baseline") or {}
     # the checkpoint's grid in its trial; the no-LoRA grid where the sweep's baseline was scored (one trial made it)
-    for name, pattern in (("grid.png", f"eval/grids/{folder.name}_*.png"), ("baseline.png", "eval/grids/baseline_*.png")):
+    for name, pattern in (("grid.png", f"eval/grids/{entry}_base.png"), ("baseline.png", "eval/grids/baseline_*.png")):
         found = sorted(trial.glob(pattern)) or sorted(trial.parent.glob(f"*/{pattern}"))
         if found:
             src.grids[name] = found[0]
@@ -108,7 +112,8 @@ def from_sweep(folder: Path) -> Source:
     if not sel.get("champion"):
         raise SystemExit(f"{folder}: no checkpoint qualified as champion ({sel.get('explanation', '')}); export a "
                          "checkpoint folder directly: python -m sweep.export <trial>/checkpoints/step-NNNNNN")
-    src = from_checkpoint(Path(sel["champion"]["checkpoint"]), origin=str(folder))
+    src = from_checkpoint(Path(sel["champion"]["checkpoint"]), origin=str(folder),
+                          strength=sel["champion"].get("scale", 1.0))
     src.chosen = f"The champion of sweep `{folder.name}`: {sel.get('explanation', '')}."
     return src
 
@@ -165,7 +170,7 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
             "ss_seed": conf.train.seed, "ss_network_dropout": conf.lora.dropout, "ss_batch_size_per_device":
             conf.train.batch_size, "modelspec.trigger_phrase": phrase,
             "modelspec.description": f"DreamBooth LoRA of {phrase} on SDXL, step {src.step} of trial {src.trial}",
-            f"{TOOL}.selection_rule": conf.selection.rule, f"{TOOL}.lora_scale": conf.eval.lora_scale})
+            f"{TOOL}.selection_rule": conf.selection.rule, f"{TOOL}.lora_scale": src.strength})
         meta[f"{TOOL}.selection"] = describe_rule(conf.selection)
     return {k: str(v) for k, v in meta.items()}
 
@@ -200,7 +205,7 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
     conf = src.conf
     phrase = trigger_phrase(conf)
     lic, lic_line = licence(src.base)
-    strength = conf.eval.lora_scale if conf else 1.0
+    strength = src.strength
     front = {"base_model": src.base if src.base and not src.base.startswith("/") and "(" not in src.base else None,
              "license": lic, "instance_prompt": conf.data.instance_prompt if conf else None,
              "library_name": "diffusers",
@@ -213,7 +218,7 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
     if phrase:
         example = next((p for p in (conf.eval.prompts or []) if phrase in p), f"a photo of {phrase}")
         lines += [f"- trigger phrase: **`{phrase}`** (e.g. \"{example}\")"]
-    lines += [f"- recommended LoRA strength: **{strength:g}** (what it was evaluated and chosen at)",
+    lines += [f"- recommended LoRA strength: **{strength:g}** (what it was scored and chosen at)",
               f"- base model: `{src.base or '?'}`", ""]
     if note:
         lines += [f"> {note}", ""]
@@ -228,7 +233,7 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
         lines += ["", f"The web-UI file names modules as kohya's SDXL trainer does and carries the adapter's own "
                       f"alpha ({meta.get('ss_network_alpha')}, rank {meta.get('ss_network_dim')}: the UIs apply "
                       f"alpha / rank = {float(unet.get('lora_alpha') or 1) / float(unet.get('r') or 1):g}), so "
-                      "strength 1 is the strength it was evaluated at."]
+                      "a strength in the UIs is the strength evaluation applied (1: the LoRA as trained)."]
     if src.metrics:
         lines += ["", "## Metrics against the base model", "",
                   "Scored on the evaluation prompts at fixed seeds; the base model is the same pipeline without the "

@@ -16,14 +16,20 @@ from ..metrics import fmt
 from ..results import lora_file, strict_json
 from ..selection import Candidate, Selection
 
-COLUMNS = ["trial", "lr", "rank", "best_step", *REPORTED, "objective", "low", "high", "status", "champion"]
+COLUMNS = ["trial", "lr", "rank", "best_step", "strength", *REPORTED, "objective", "low", "high", "status",
+           "champion"]
 
 
-def headers(sel: Selection) -> list[str]:
-    """COLUMNS as shown: the objective column named by the rule's objective (weighted_score, face_similarity...),
-    its 95% interval's ends (sweep/confidence.py) beside it."""
+def columns(rows: list[dict]) -> list[str]:
+    """COLUMNS, without `strength` (the LoRA strength of each trial's best) when every one is full strength."""
+    return [c for c in COLUMNS if c != "strength" or any(r["strength"] not in (1.0, "") for r in rows)]
+
+
+def headers(sel: Selection, rows: list[dict]) -> list[str]:
+    """The columns as shown: the objective column named by the rule's objective (weighted_score,
+    face_similarity...), its 95% interval's ends (sweep/confidence.py) beside it."""
     names = {"objective": f"best {sel.objective}", "low": "95% low", "high": "95% high"}
-    return [names.get(c, c) for c in COLUMNS]
+    return [names.get(c, c) for c in columns(rows)]
 
 
 def interval(sel: Selection, key: str, name: str):
@@ -32,12 +38,14 @@ def interval(sel: Selection, key: str, name: str):
 
 
 def markdown_table(rows: list[dict], sel: Selection) -> list[str]:
-    return (["| " + " | ".join(headers(sel)) + " |", "|" + "---|" * len(COLUMNS)]
-            + ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows])
+    shown = columns(rows)
+    return (["| " + " | ".join(headers(sel, rows)) + " |", "|" + "---|" * len(shown)]
+            + ["| " + " | ".join(fmt(r[c]) for c in shown) + " |" for r in rows])
 
 
 def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str]) -> list[dict]:
-    """One row per trial: its best eligible checkpoint (or, if none qualifies, its best by the objective)."""
+    """One row per trial: its best eligible checkpoint (or, if none qualifies, its best by the objective); `key`
+    names that candidate (trial@step, with its strength)."""
     rank = {c.key: obj for c, obj in sel.ranked}
     rows = []
     for trial in sorted({c.trial for c in candidates} | set(statuses)):
@@ -49,7 +57,8 @@ def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str])
         p = best.params if best else {}
         ival = interval(sel, best.key, sel.objective) if best else None
         rows.append({"trial": trial, "lr": p.get("lr", ""), "rank": p.get("rank", ""),
-                     "best_step": best.step if best else "", **{name: m.get(name) for name in REPORTED},
+                     "best_step": best.step if best else "", "strength": best.scale if best else "",
+                     "key": best.key if best else "", **{name: m.get(name) for name in REPORTED},
                      "objective": rank.get(best.key) if best else None,
                      "low": ival.low if ival and best.key in rank else None,
                      "high": ival.high if ival and best.key in rank else None, "status": statuses.get(trial, ""),
@@ -91,7 +100,8 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
     if sel.champion:
         c, obj = sel.ranked[0]
         ival = interval(sel, c.key, sel.objective)
-        lines += [f"**Champion: `{c.trial}` at step {c.step}** ({sel.objective} {ival.text() if ival else fmt(obj)})",
+        at = f"step {c.step}" + (f", LoRA strength {c.scale:g}" if c.scale != 1.0 else "")
+        lines += [f"**Champion: `{c.trial}` at {at}** ({sel.objective} {ival.text() if ival else fmt(obj)})",
                   "", f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file (diffusers): `{lora_file(c)}`",
                   *export_lines(exported), f"- metrics: {_metrics_text(c.metrics, sel, c.key)}"]
         if c.params:
@@ -108,8 +118,22 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
     if verdict:
         lines += ["", f"**How sure:** {verdict}. Intervals are 95%, from a bootstrap over each checkpoint's "
                       "(prompt, seed) images; the comparison is paired on the images both were scored on."]
-    lines += ["", sel.explain()]
+    lines += ["", sel.explain(), *review_lines(sel)]
     return lines
+
+
+def review_lines(sel: Selection) -> list[str]:
+    """A person's pick over the rule's (python -m sweep.promote), and how often, across reviewed sweeps, people kept
+    the rule's pick."""
+    r = sel.review
+    if not r:
+        return []
+    agreed, reviewed = r["agreement"]
+    what = (f"kept the rule's pick `{r['key']}`" if r["agreed"] else
+            f"**overrode the rule**: promoted `{r['key']}` over the rule's `{r['rule_pick'] or 'nothing'}`")
+    return ["", "### Human review", "", f"{r['by']} {what} on {r['at'][:16].replace('T', ' ')} UTC: \"{r['reason']}\". "
+            f"The exported and registered champion is `{r['key']}`.", "",
+            f"Across {reviewed} reviewed sweep(s), people kept the rule's pick in {agreed} ({agreed / reviewed:.0%})."]
 
 
 def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], failed: int, total: int,
@@ -138,8 +162,8 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     rows = table(candidates, sel, statuses)
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(headers(sel))
-        w.writerows([[r[c] for c in COLUMNS] for r in rows])
+        w.writerow(headers(sel, rows))
+        w.writerows([[r[c] for c in columns(rows)] for r in rows])
     plots = _plots(out, candidates, sel)
     grid = _grid(Path(sweep_dir), out, candidates, sel)
     lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *champion_lines(sel, rule_text, exported), "", "## Trials", "",
@@ -246,9 +270,10 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
     for ax in axes.flat[len(REPORTED):]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, REPORTED):
-        for trial in sorted({c.trial for c in candidates}):
-            pts = sorted((c.step, c.metrics.get(name)) for c in candidates if c.trial == trial)
-            ax.plot([s for s, _ in pts], [v if v is not None else math.nan for _, v in pts], marker="o", label=trial)
+        for trial, scale in sorted({(c.trial, c.scale) for c in candidates}):  # a line per trial and strength
+            pts = sorted((c.step, c.metrics.get(name)) for c in candidates if (c.trial, c.scale) == (trial, scale))
+            ax.plot([s for s, _ in pts], [v if v is not None else math.nan for _, v in pts], marker="o",
+                    label=trial + (f" x{scale:g}" if scale != 1.0 else ""))
         if isinstance(sel.baseline.get(name), float) and math.isfinite(sel.baseline[name]):
             ax.axhline(sel.baseline[name], color="gray", linestyle="--", label="baseline (no LoRA)")
         if sel.champion:
@@ -267,19 +292,23 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
     return path
 
 
+def grid_file(c: Candidate) -> Path:
+    """The candidate's prompts x seeds grid (evaluation writes it beside the trial's scores)."""
+    return Path(c.checkpoint).parent.parent / "eval" / "grids" / f"{c.entry}_base.png"
+
+
 def _grid(sweep_dir: Path, out: Path, candidates: list[Candidate], sel: Selection) -> Path | None:
     """Champion, baseline and each trial's best, stacked: each row is that checkpoint's prompts x seeds grid."""
     entries = []
     if sel.champion:
-        entries.append((f"CHAMPION {sel.champion.key}", Path(sel.champion.checkpoint).parent.parent / "eval" / "grids"
-                        / f"step-{sel.champion.step:06d}_base.png"))
+        entries.append((f"CHAMPION {sel.champion.key}", grid_file(sel.champion)))
     base = next(iter(sorted(sweep_dir.glob("**/eval/grids/baseline_base.png"))), None)
     if base:
         entries.append(("baseline (no LoRA)", base))
     for row in table(candidates, sel, {}):
-        c = next((c for c in candidates if c.trial == row["trial"] and c.step == row["best_step"]), None)
+        c = next((c for c in candidates if c.key == row["key"]), None)
         if c and not (sel.champion and c.key == sel.champion.key):
-            entries.append((f"best of {c.key}", Path(c.checkpoint).parent.parent / "eval" / "grids" / f"step-{c.step:06d}_base.png"))
+            entries.append((f"best of {c.key}", grid_file(c)))
     images = [(label, Image.open(p)) for label, p in entries if p.is_file()]
     if not images:
         return None

@@ -38,13 +38,18 @@ class TrialLink:
         for k, v in attrs.items():
             self.trial.set_user_attr(k, v)
 
-    def report(self, c: Candidate, baseline: dict[str, float]) -> bool:
-        """Report a checkpoint's score; True when the pruner says stop. Multi-objective studies never prune."""
+    def report(self, scored: list[Candidate], baseline: dict[str, float]) -> bool:
+        """Report a checkpoint's score (scored at several LoRA strengths: the best of them); True when the pruner
+        says stop. Multi-objective studies never prune."""
         if self.s.multi_objective:
             return False
-        value = objective_value(self.s.objectives[0], c, baseline, self.selection)
-        self.trial.report(value, c.step)  # NaN (no eligible checkpoint) is pruned by Optuna's pruners
+        self.trial.report(self._value(scored, baseline), scored[0].step)  # NaN (nothing eligible) is pruned
         return self.trial.should_prune()
+
+    def _value(self, scored: list[Candidate], baseline: dict[str, float]) -> float:
+        values = [v for v in (objective_value(self.s.objectives[0], c, baseline, self.selection) for c in scored)
+                  if math.isfinite(v)]
+        return (max if self.s.directions[0] == "maximize" else min)(values) if values else math.nan
 
     def replay(self, candidates: list[Candidate], baseline: dict[str, float]) -> None:
         """Report a finished trial's checkpoint scores, in step order, to a trial the study has not heard from: the
@@ -54,8 +59,8 @@ class TrialLink:
 
         if self.s.multi_objective or self._state() != TrialState.RUNNING:
             return
-        for c in sorted(candidates, key=lambda c: c.step):
-            self.trial.report(objective_value(self.s.objectives[0], c, baseline, self.selection), c.step)
+        for step in sorted({c.step for c in candidates}):
+            self.trial.report(self._value([c for c in candidates if c.step == step], baseline), step)
 
     def finish(self, status: str, candidates: list[Candidate], baseline: dict[str, float]) -> list[float] | None:
         """Tell the study how the trial ended. Returns the values told (None when pruned or failed)."""

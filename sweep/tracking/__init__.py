@@ -238,6 +238,22 @@ class Tracker:
                 raise
             return None
 
+    def reviews(self) -> dict[str, bool]:
+        """{sweep folder: whether the person kept the rule's pick} for every sweep in the store a person reviewed
+        (python -m sweep.promote: the parent run's tag review.agreed)."""
+        try:
+            ids = [e.experiment_id for e in self.client.search_experiments()]
+            out = {}
+            for value in ("true", "false"):
+                for r in self.client.search_runs(ids, filter_string=f"tags.`review.agreed` = '{value}'",
+                                                  max_results=5000):
+                    out[r.data.tags.get("sweep_dir", r.info.run_id)] = value == "true"
+            return out
+        except Exception as exc:  # a server that is away gives no count (the sweep's records wait in its journal)
+            if is_outage(exc):
+                return {}
+            raise
+
     def reopen(self, run_id: str) -> None:
         """Metrics logged to this run from now on skip the steps it already holds (a resumed run, a rebuilt report)."""
         self._reopened.setdefault(run_id, {})
@@ -384,6 +400,7 @@ class NullTracker:
     def end_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None: ...
     def run_status(self, run_id: str) -> None: return None
     def reopen(self, run_id: str) -> None: ...
+    def reviews(self) -> dict: return {}
     def child_run(self, sweep, trial, tags) -> str: return ""
     def running_child(self, sweep, trial_folder) -> None: return None
     def log_params(self, run_id, params) -> None: ...

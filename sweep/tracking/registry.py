@@ -69,9 +69,10 @@ def judge(current: dict | None, current_version: str | None, challenger: Candida
                               "its numbers are not comparable, so the new best takes the alias", tags)
     tags["registry.protocol_changed"] = False
     incumbent = Candidate(current.get("trial", "champion"), int(current.get("step", 0)),
-                          metrics_from_json(current[METRICS_TAG]), current.get("checkpoint", ""))
+                          metrics_from_json(current[METRICS_TAG]), current.get("checkpoint", ""),
+                          scale=float(current.get("lora_scale", 1.0)))
     tags["champion_objective"] = checkpoint_score(incumbent, baseline, cfg)  # the same scale, this baseline
-    if current.get("lora_sha256") == challenger_sha:
+    if current.get("lora_sha256") == challenger_sha and incumbent.scale == challenger.scale:
         return Decision(False, f"it is the champion's LoRA already (version {current_version})", tags)
     sel = select([incumbent, challenger], baseline, cfg)
     name = objective_name(cfg)
@@ -85,10 +86,11 @@ def judge(current: dict | None, current_version: str | None, challenger: Candida
 
 
 def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
-                      exported: Path | None = None) -> dict:
+                      exported: Path | None = None, review: dict | None = None) -> dict:
     """Register the sweep's best and give it the alias if it beats the current champion (see `judge`); returns the
     tags for the sweep's parent run. `exported`: its export folder (sweep/export/: the web-UI file, the model card,
-    the grids), registered with it."""
+    the grids), registered with it. `review`: a person's pick (sweep.promote: {"by", "reason", ...}), which takes the
+    alias whatever the rule says; its version carries who and why (tags review.*)."""
     import mlflow
 
     client, name = tracker.client, conf.tracking.registered_model
@@ -101,11 +103,17 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
     lora_sha = CheckpointRecord.read(ckpt).lora_sha256
     decision = judge(current.tags if current else None, current.version if current else None, champion, lora_sha,
                      baseline, conf.selection, proto)
+    if review is not None:
+        decision = Decision(True, f"promoted by {review['by']}: {review['reason']}", decision.tags)
     objective = decision.tags["challenger_objective"]
     tags = {"registry.model": name, "selection.objective": objective_name(conf.selection), **decision.tags,
             "registry.decision": decision.reason}
     if decision.tags.get("registry.protocol_changed"):
         log.warning("registry %s: %s", name, decision.reason)
+    if review is not None and current is not None and current.tags.get("lora_sha256") == lora_sha and \
+            float(current.tags.get("lora_scale", 1.0)) == champion.scale:  # promoted again: the version is there
+        _set_review(client, name, str(current.version), review)
+        return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
     if not decision.replace:
         log.info("registry %s: the sweep's best %s is not registered: %s", name, champion.key, decision.reason)
         return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
@@ -128,12 +136,21 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
     client.set_model_version_tag(name, version, GENERATION_TAG, json.dumps(gen, sort_keys=True))
     for k, v in {"objective": objective, "objective_name": objective_name(conf.selection), "protocol": proto,
                  "protocol_version": PROTOCOL_VERSION, "checkpoint": str(ckpt), "trial": champion.trial,
-                 "step": champion.step, "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics),
+                 "step": champion.step, "lora_scale": champion.scale, "lora_sha256": lora_sha,
+                 METRICS_TAG: metrics_json(champion.metrics),
                  BASELINE_TAG: metrics_json(baseline), **webui}.items():
         client.set_model_version_tag(name, version, k, str(v))
+    if review is not None:
+        _set_review(client, name, version, review)
     client.set_registered_model_alias(name, ALIAS, version)
     log.info("registry %s: version %s (%s) is the new champion: %s", name, version, champion.key, decision.reason)
     return {**tags, "registry.version": version, "champion_replaced": True, "registry.champion_version": version}
+
+
+def _set_review(client, name: str, version: str, review: dict) -> None:
+    """A person's pick on its version: who, why, and whether the rule had picked the same."""
+    for k in ("by", "reason", "rule_pick", "agreed"):
+        client.set_model_version_tag(name, version, f"review.{k}", str(review.get(k, ""))[:4000])
 
 
 GENERATION_TAG = "generation"  # JSON on each registered version: what the champion was evaluated with
@@ -142,15 +159,16 @@ GENERATION_TAG = "generation"  # JSON on each registered version: what the champ
 def generation_settings(conf: SweepConfig, champion: Candidate, base: str) -> dict:
     """How the champion's images were made when it was scored (evaluation/generate.py: conf.eval's resolution,
     steps, guidance, LoRA scale and seeds, with the base pipeline's own scheduler), and how long one image took
-    there (the trial's eval/metrics.json), so that generating and serving default to the same."""
+    there (the trial's eval/metrics.json), so that generating and serving default to the same: the LoRA at the
+    strength the champion was chosen at."""
     ev = conf.eval
     gen = {"resolution": int(ev.resolution), "num_inference_steps": int(ev.num_inference_steps),
-           "guidance_scale": float(ev.guidance_scale), "lora_scale": float(ev.lora_scale),
+           "guidance_scale": float(ev.guidance_scale), "lora_scale": float(champion.scale),
            "seed": int(ev.seeds[0]) if ev.seeds else None, "scheduler": _scheduler_name(base),
            "device": resolve_device(ev.device, "eval.device").type, "seconds_per_image": None}
     ckpt = Path(champion.checkpoint)
     try:  # {"seconds": {"step-000030": {"images": 6, "generate_s": 1.9, ...}}} beside the trial's checkpoints
-        took = json.loads((ckpt.parent.parent / "eval" / "metrics.json").read_text())["seconds"][ckpt.name]
+        took = json.loads((ckpt.parent.parent / "eval" / "metrics.json").read_text())["seconds"][champion.entry]
         if took["images"]:
             gen["seconds_per_image"] = round(took["generate_s"] / took["images"], 3)
     except (OSError, KeyError, TypeError, ValueError):

@@ -1,0 +1,92 @@
+"""python -m sweep.promote <trial>@<step>[x<strength>] reason="..." [sweep=<folder>] [by=<name>]: a person's pick.
+
+The original study chose its champion by eye; here the selection rule chooses, and a person who has looked
+(`python -m sweep.review`) may keep its pick or overrule it, on record. Promoting writes the pick to
+<sweep>/promotion.json (every pick kept, newest last) and finishes the sweep again with it (sweep.finalize): the
+promoted checkpoint is exported to <sweep>/champion/ and takes the registry's `champion` alias whatever the rule
+says, its model version and the sweep's parent run tagged with who (`by`, default the login name) and why; the
+report and the console say whether the person overrode the rule, and across reviewed sweeps how often people kept
+the rule's pick. Without sweep=, the newest sweep under ./outputs/sweeps."""
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import getpass
+import json
+import sys
+from pathlib import Path
+
+from .finalize import finalize_folder
+from .results import PROMOTION_FILE, collect, load_config, write_json
+from .selection import select
+
+OPTIONS = ("reason", "sweep", "by")
+USAGE = 'usage: python -m sweep.promote <trial>@<step>[x<strength>] reason="why" [sweep=<folder>] [by=<name>]'
+
+
+def newest_sweep(root: Path = Path("outputs/sweeps")) -> Path | None:
+    folders = [d for d in root.glob("*") if d.is_dir() and collect_ok(d)]
+    return max(folders, key=lambda d: d.stat().st_mtime) if folders else None
+
+
+def promote(sweep_dir: Path, key: str, reason: str, by: str) -> dict:
+    """Record the pick and finish the sweep again with it; returns the record. SystemExit names what is wrong."""
+    candidates, baseline, _ = collect(sweep_dir)
+    chosen = next((c for c in candidates if c.key == key), None)
+    if chosen is None:
+        keys = sorted(c.key for c in candidates)
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        raise SystemExit(f"{key!r} is not a scored checkpoint of {sweep_dir.name}"
+                         + (f"; did you mean {' or '.join(near)}?" if near else "")
+                         + f". It scored: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+    if chosen.trial_status == "failed":
+        raise SystemExit(f"{key}: its trial failed; promote a checkpoint of a trial that ran")
+    rule = select(candidates, baseline, load_config(sweep_dir).selection).champion
+    record = {"key": key, "by": by, "reason": reason, "rule_pick": rule.key if rule else None,
+              "agreed": bool(rule and rule.key == key), "checkpoint": chosen.checkpoint, "scale": chosen.scale,
+              "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    path = sweep_dir / PROMOTION_FILE
+    write_json(path, [*(json.loads(path.read_text()) if path.is_file() else []), record])
+    finalize_folder(sweep_dir)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in OPTIONS and "=" in a}
+    keys = [a for a in args if not ("=" in a and a.split("=", 1)[0] in OPTIONS)]
+    if len(keys) != 1:
+        print(USAGE + ("" if keys else " (name the checkpoint, e.g. lr=0.0001@300 as the report lists it)"),
+              file=sys.stderr)
+        return 2
+    if not options.get("reason", "").strip():
+        print(f'{USAGE}\nsay why, for the record: reason="sharper face, scene intact"', file=sys.stderr)
+        return 2
+    folder = Path(options["sweep"]) if "sweep" in options else newest_sweep()
+    if folder is None or not folder.is_dir() or not collect_ok(folder):
+        print(f"{folder or 'outputs/sweeps'}: no sweep folder with scored trials here; give sweep=<folder> "
+              "(outputs/sweeps/<date>)", file=sys.stderr)
+        return 2
+    try:
+        record = promote(folder.resolve(), keys[0], options["reason"].strip(), options.get("by") or _login())
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"promoted {record['key']} in {folder}: " + ("the rule's pick, confirmed" if record["agreed"] else
+                                                         f"over the rule's pick {record['rule_pick']}"))
+    return 0
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in this environment (a container)
+        return "unknown"
+
+
+def collect_ok(folder: Path) -> bool:
+    return (folder / "result.json").is_file() or any(folder.glob("*/result.json"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
