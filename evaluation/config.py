@@ -59,7 +59,12 @@ class EvalConfig:
 def entry_name(checkpoint: str, scale: float = 1.0) -> str:
     """What a checkpoint scored at a LoRA strength is called in metrics.json, grids and images: the checkpoint folder's
     name at full strength ("step-000100"), with the strength after it otherwise ("step-000100_x0.7")."""
-    return checkpoint if scale == 1.0 else f"{checkpoint}_x{scale:g}"
+    return checkpoint + strength_suffix(scale)
+
+
+def strength_suffix(scale: float) -> str:
+    """"" at full strength, else "_x0.7": what entry names, MLflow metric keys and grid keys end in."""
+    return "" if scale == 1.0 else f"_x{scale:g}"
 
 
 def parse_entry(name: str) -> tuple[str, int, float]:

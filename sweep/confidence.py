@@ -18,14 +18,14 @@ call, and the advice says how many seeds per prompt would make the interval as n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from common.metrics import aggregate, floor_of
+from common.metrics import floor_of
 
 from .selection import Candidate, SelectionConfig, checkpoint_score, objective_name
 
@@ -181,8 +181,8 @@ def compare(champion: Candidate, runner_up: Candidate, baseline: Dict[str, float
     rows, scale = _resample(keys, np.random.default_rng(seed), resamples)
     a = _scores(champion, keys, rows, baseline, cfg)
     b = _scores(runner_up, keys, rows, baseline, cfg)
-    point_a = checkpoint_score(_on(champion, keys), baseline, cfg)
-    point_b = checkpoint_score(_on(runner_up, keys), baseline, cfg)
+    point_a = checkpoint_score(champion.on(keys), baseline, cfg)
+    point_b = checkpoint_score(runner_up.on(keys), baseline, cfg)
     better = np.where(np.isfinite(a) & ~np.isfinite(b), 1.0,
                       np.where(np.isfinite(a) & np.isfinite(b), (a > b).astype(float), np.nan))
     both = np.isfinite(a) & np.isfinite(b)
@@ -193,11 +193,6 @@ def compare(champion: Candidate, runner_up: Candidate, baseline: Dict[str, float
     decisive = math.isfinite(margin.low) and margin.low > 0
     more, verdict = _verdict(decisive, margin, p, per_prompt, champion.key, runner_up.key, objective_name(cfg))
     return Comparison(champion.key, runner_up.key, len(prompt_cells), per_prompt, p, margin, decisive, verdict, more)
-
-
-def _on(c: Candidate, keys: List[str]) -> Candidate:
-    """The checkpoint with its metrics recomputed on these cells only (set metrics such as pairwise kept)."""
-    return replace(c, metrics={**c.metrics, **aggregate(c.cells[k] for k in keys)}, cells={k: c.cells[k] for k in keys})
 
 
 def _scores(c: Candidate, keys: List[str], rows: np.ndarray, baseline, cfg) -> np.ndarray:

@@ -20,7 +20,7 @@ from common import faults, lorafile
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, preflight
-from evaluation.config import entry_name, is_entry, parse_entry
+from evaluation.config import entry_name, is_entry, parse_entry, strength_suffix
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
@@ -307,7 +307,7 @@ def _entry_rows(entry: str, metrics: dict, baseline: dict, selection) -> list[tu
     when it is not one of the scored metrics already (face_similarity). At a strength other than full, each name
     ends in it: clip_t_x0.7."""
     _, step, scale = parse_entry(entry)
-    suffix = "" if scale == 1.0 else f"_x{scale:g}"
+    suffix = strength_suffix(scale)
     rows = [(k + suffix, v, step) for k, v in metrics.items()]
     if selection is not None and objective_name(selection) not in metrics:
         rows.append((objective_name(selection) + suffix, checkpoint_score(Candidate("", step, metrics), baseline,
@@ -319,7 +319,7 @@ def _log_grids(tracker, run_id, out: Path, entry: str) -> None:
     """A scored entry's prompts x seeds grids as images at its step: key `grid` (the base arm), `grid_<arm>`, at a
     strength other than full with it after: `grid_x0.7`."""
     _, step, scale = parse_entry(entry)
-    suffix = "" if scale == 1.0 else f"_x{scale:g}"
+    suffix = strength_suffix(scale)
     for arm in ("base", "refined"):
         png = out / "eval" / "grids" / f"{entry}_{arm}.png"
         if png.is_file():

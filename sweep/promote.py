@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .finalize import finalize_folder
-from .results import PROMOTION_FILE, collect, load_config, write_json
+from .results import PROMOTION_FILE, collect, load_config, trial_dirs, write_json
 from .selection import select
 
 OPTIONS = ("reason", "sweep", "by")
@@ -25,7 +25,7 @@ USAGE = 'usage: python -m sweep.promote <trial>@<step>[x<strength>] reason="why"
 
 
 def newest_sweep(root: Path = Path("outputs/sweeps")) -> Path | None:
-    folders = [d for d in root.glob("*") if d.is_dir() and collect_ok(d)]
+    folders = [d for d in root.glob("*") if d.is_dir() and trial_dirs(d)]
     return max(folders, key=lambda d: d.stat().st_mtime) if folders else None
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'{USAGE}\nsay why, for the record: reason="sharper face, scene intact"', file=sys.stderr)
         return 2
     folder = Path(options["sweep"]) if "sweep" in options else newest_sweep()
-    if folder is None or not folder.is_dir() or not collect_ok(folder):
+    if folder is None or not folder.is_dir() or not trial_dirs(folder):
         print(f"{folder or 'outputs/sweeps'}: no sweep folder with scored trials here; give sweep=<folder> "
               "(outputs/sweeps/<date>)", file=sys.stderr)
         return 2
@@ -82,10 +82,6 @@ def _login() -> str:
         return getpass.getuser()
     except (OSError, KeyError):  # no login name in this environment (a container)
         return "unknown"
-
-
-def collect_ok(folder: Path) -> bool:
-    return (folder / "result.json").is_file() or any(folder.glob("*/result.json"))
 
 
 if __name__ == "__main__":

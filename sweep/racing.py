@@ -23,12 +23,12 @@ always get every round (the full protocol), so the champion's numbers are those 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from scipy.stats import t as student_t
 
-from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY, aggregate
+from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY
 
 from .selection import Candidate, SelectionConfig, checkpoint_score, select, weighted_score
 
@@ -183,7 +183,7 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
             alive = [by_key[c.key] for c in alive]
         r += 1
         # judged on the first r rounds only, as they stood then: a race run again replays the same decisions
-        for d in eliminate([_upto(c, seeds[:r]) for c in alive], baseline, cfg, len(seeds), alpha):
+        for d in eliminate([_as_of(c, seeds[:r]) for c in alive], baseline, cfg, len(seeds), alpha):
             dropped[d.key] = Drop(d.key, r, d.why)
         alive = [c for c in alive if c.key not in dropped]
         if len(alive) <= 1 or r >= len(seeds):
@@ -202,12 +202,10 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
     return list(by_key.values()), Race(list(dropped.values()), scored)
 
 
-def _upto(c: Candidate, seeds: List[int]) -> Candidate:
-    """The checkpoint as it stood after these rounds: its cells of these seeds, its metrics their means."""
+def _as_of(c: Candidate, seeds: List[int]) -> Candidate:
+    """The checkpoint as it stood after these rounds: its cells of these seeds (Candidate.on)."""
     keys = [k for k in c.cells if int(k.rsplit("_s", 1)[1]) in seeds]
-    if len(keys) == len(c.cells):
-        return c
-    return replace(c, metrics={**c.metrics, **aggregate(c.cells[k] for k in keys)}, cells={k: c.cells[k] for k in keys})
+    return c if len(keys) == len(c.cells) else c.on(keys)
 
 
 def seeds_of(c: Candidate) -> set[int]:

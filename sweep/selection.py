@@ -13,11 +13,12 @@ fixed unit (METRICS) instead of normalising over the pool."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from common.metrics import CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, METRICS, WEIGHTED_SCORE, close_matches, metric
+from common.metrics import (CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, METRICS, WEIGHTED_SCORE, aggregate,
+                            close_matches, metric)
 from evaluation.config import entry_name
 
 RULES = ("identity_within_prompt_budget", "weighted")
@@ -48,6 +49,13 @@ class Candidate:
     def key(self) -> str:
         """"lr=0.0001@300", at a strength other than full "lr=0.0001@300x0.7" (what sweep.promote takes)."""
         return f"{self.trial}@{self.step}" + (f"x{self.scale:g}" if self.scale != 1.0 else "")
+
+    def on(self, keys) -> "Candidate":
+        """The candidate with its cells limited to `keys` and its metrics their means (set metrics such as pairwise
+        kept)."""
+        keys = list(keys)
+        return replace(self, metrics={**self.metrics, **aggregate(self.cells[k] for k in keys)},
+                       cells={k: self.cells[k] for k in keys})
 
     @property
     def entry(self) -> str:

@@ -91,8 +91,9 @@ def from_checkpoint(folder: Path, origin: str = "", strength: float = 1.0) -> So
         src.base = base_name(src.conf)
     if (trial / "result.json").is_file():
         metrics = read_result(trial).get("metrics") or {}
-        src.metrics, src.baseline = read_scores(trial).get(entry, (metrics.get(entry) or {},))[0], \
-            metrics.get("baseline") or {}
+        scored = read_scores(trial)  # a raced checkpoint's later rounds are there, not in result.json
+        src.metrics = scored[entry][0] if entry in scored else metrics.get(entry) or {}
+        src.baseline = metrics.get("baseline") or {}
     # the checkpoint's grid in its trial; the no-LoRA grid where the sweep's baseline was scored (one trial made it)
     for name, pattern in (("grid.png", f"eval/grids/{entry}_base.png"), ("baseline.png", "eval/grids/baseline_*.png")):
         found = sorted(trial.glob(pattern)) or sorted(trial.parent.glob(f"*/{pattern}"))

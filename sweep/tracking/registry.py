@@ -103,18 +103,18 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
     lora_sha = CheckpointRecord.read(ckpt).lora_sha256
     decision = judge(current.tags if current else None, current.version if current else None, champion, lora_sha,
                      baseline, conf.selection, proto)
-    if review is not None:
-        decision = Decision(True, f"promoted by {review['by']}: {review['reason']}", decision.tags)
+    already = current is not None and current.tags.get("lora_sha256") == lora_sha and \
+        float(current.tags.get("lora_scale", 1.0)) == champion.scale
+    if review is not None:  # a person's pick takes the alias, unless it holds it already
+        decision = Decision(not already, f"promoted by {review['by']}: {review['reason']}", decision.tags)
     objective = decision.tags["challenger_objective"]
     tags = {"registry.model": name, "selection.objective": objective_name(conf.selection), **decision.tags,
             "registry.decision": decision.reason}
     if decision.tags.get("registry.protocol_changed"):
         log.warning("registry %s: %s", name, decision.reason)
-    if review is not None and current is not None and current.tags.get("lora_sha256") == lora_sha and \
-            float(current.tags.get("lora_scale", 1.0)) == champion.scale:  # promoted again: the version is there
-        _set_review(client, name, str(current.version), review)
-        return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
     if not decision.replace:
+        if review is not None:  # promoted again: its version carries the latest review
+            _set_review(client, name, str(current.version), review)
         log.info("registry %s: the sweep's best %s is not registered: %s", name, champion.key, decision.reason)
         return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
     base = resolve_source(conf.model, resolve_path(conf.paths, conf.paths.cache_dir))
