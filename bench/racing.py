@@ -175,9 +175,13 @@ def latest_race(work: Path) -> Path:
 
 def fresh_copy(sweep: Path, work: Path) -> Path:
     """The sweep's trials (checkpoints, .hydra configs, result.json) copied without any evaluation output: no
-    eval/ folder, report, champion export, cached baseline or lock."""
+    eval/ folder, report, champion export, cached baseline or lock. A copy there already is kept: a full phase cut
+    short by a GPU call's time limit continues in the next call, scoring only what is missing (its seconds add up
+    over the calls in each eval/metrics.json)."""
     dest = work / FULL_DIR / sweep.name
-    shutil.rmtree(dest, ignore_errors=True)
+    if dest.is_dir():
+        print(f"continuing the full protocol in {dest}")
+        return dest
 
     def skip(folder: str, names: list[str]) -> set[str]:
         if Path(folder) == sweep:

@@ -59,7 +59,8 @@ class Comparison:
     runner_up: str
     cells: int  # shared prompt cells
     seeds_per_prompt: float
-    p_better: float  # share of resamples in which the champion is better under the rule
+    p_better: float  # share of resamples in which the champion is better under the rule (spread widened as the
+    # margin's interval is)
     margin: Interval  # champion's objective minus the runner-up's
     decisive: bool
     verdict: str  # one sentence for people
@@ -183,10 +184,12 @@ def compare(champion: Candidate, runner_up: Candidate, baseline: Dict[str, float
     b = _scores(runner_up, keys, rows, baseline, cfg)
     point_a = checkpoint_score(champion.on(keys), baseline, cfg)
     point_b = checkpoint_score(runner_up.on(keys), baseline, cfg)
-    better = np.where(np.isfinite(a) & ~np.isfinite(b), 1.0,
-                      np.where(np.isfinite(a) & np.isfinite(b), (a > b).astype(float), np.nan))
     both = np.isfinite(a) & np.isfinite(b)
     margin = _interval(point_a - point_b, (a - b)[both], scale)
+    # judged on the margins widened as the interval is: "beats it in 100% of resamples" never comes with an
+    # interval that includes 0
+    spread = (point_a - point_b) + scale * ((a - b) - (point_a - point_b)) if math.isfinite(scale) else a - b
+    better = np.where(np.isfinite(a) & ~np.isfinite(b), 1.0, np.where(both, (spread > 0).astype(float), np.nan))
     p = float(np.nanmean(better)) if np.isfinite(better).any() else math.nan
     prompts = len({k.split("_")[0] for k in prompt_cells})
     per_prompt = len(prompt_cells) / prompts

@@ -126,18 +126,19 @@ def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict)
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     pipe = []  # loaded on first use: a race that is over scores nothing
 
-    def score(todo: list[Candidate], seed: int, final: bool) -> list[Candidate]:
+    def score(todo: list[Candidate], wanted: list[int], final: bool) -> list[Candidate]:
         if not pipe:
             pipe.append(shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir))
         prior = final or racing.uses_prior(conf.selection)
         out = []
         for folder in sorted({Path(c.checkpoint).parent.parent for c in todo}):
             mine = [c for c in todo if Path(c.checkpoint).parent.parent == folder]
-            log.info("racing: %s at seed %d%s", ", ".join(c.key for c in mine), seed, " (full protocol)" * final)
+            log.info("racing: %s at seed%s %s%s", ", ".join(c.key for c in mine), "s" * (len(wanted) > 1),
+                     ", ".join(map(str, wanted)), " (full protocol)" * final)
             for scale in sorted({c.scale for c in mine}):  # a (checkpoint, strength) still in the race
                 evaluate(sorted({Path(c.checkpoint) for c in mine if c.scale == scale}), settings,
                          instance_dir=conf.data.instance_dir, out_dir=folder / EVAL_DIR, pipeline=pipe[0],
-                         baseline=False, seeds=[seed], prior=prior, scales=[scale])
+                         baseline=False, seeds=wanted, prior=prior, scales=[scale])
             scored = read_scores(folder)
             out += [replace(c, metrics=scored[c.entry][0], cells=scored[c.entry][1]) for c in mine]
         return out

@@ -153,7 +153,7 @@ class Race:
     """How a race went: who was dropped (in order) and how many (checkpoint, seed) rounds were scored."""
 
     dropped: List[Drop]
-    scored: int  # rounds scored by the race itself (its callback's calls x checkpoints)
+    scored: int  # (checkpoint, seed) pairs the race itself scored
 
 
 def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float], cfg: SelectionConfig,
@@ -162,10 +162,10 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
     """Race the checkpoints to the end: eliminate, score the alive ones that are behind on the next seed, repeat;
     then give the champion and the runner-up every seed of the full protocol.
 
-    `score(checkpoints, seed, final)` scores those checkpoints at that seed and returns them with the new cells
+    `score(checkpoints, seeds, final)` scores those checkpoints at those seeds and returns them with the new cells
     (the sweep's end: evaluation on the GPU; a test: a table); `final` is True for the full protocol's cells (the
-    champion and runner-up: with the prior-drift image), False for a racing round (only what the rule decides
-    on). `complete(c)` is the set of seeds whose full-protocol cells c has (default: its prompt cells').
+    champion and runner-up: with the prior-drift image; every seed one lacks in one call, as few LoRA swaps and as
+    full batches as can be), False for a racing round (one seed, only what the rule decides on). `complete(c)` is the set of seeds whose full-protocol cells c has (default: its prompt cells').
     Deterministic given the cells, so a race interrupted and run again continues where it stood. Returns every
     candidate (updated) and the race's record."""
     complete = complete or seeds_of
@@ -177,7 +177,7 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
         while alive and min(rounds_of(c, seeds) for c in alive) <= r < len(seeds):  # every one to round r + 1
             behind = min(rounds_of(c, seeds) for c in alive)
             todo = [c for c in alive if rounds_of(c, seeds) == behind]
-            for c in score(todo, seeds[behind], False):
+            for c in score(todo, [seeds[behind]], False):
                 by_key[c.key] = c
             scored += len(todo)
             alive = [by_key[c.key] for c in alive]
@@ -191,14 +191,14 @@ def run(candidates: List[Candidate], seeds: List[int], baseline: Dict[str, float
     while True:  # the champion and the runner-up get the full protocol
         sel = select(list(by_key.values()), baseline, cfg)
         top = [c for c in (sel.champion, sel.runner_up) if c is not None]
-        missing = [(c, s) for c in top for s in seeds if s not in complete(c)]
-        if not missing:
+        missing = {c.key: tuple(s for s in seeds if s not in complete(c)) for c in top}
+        if not any(missing.values()):
             break
-        seed = missing[0][1]
-        todo = [c for c, s in missing if s == seed]
-        for c in score(todo, seed, True):
+        wanted = next(m for m in missing.values() if m)
+        todo = [c for c in top if missing[c.key] == wanted]
+        for c in score(todo, list(wanted), True):
             by_key[c.key] = c
-        scored += len(todo)
+        scored += len(todo) * len(wanted)
     return list(by_key.values()), Race(list(dropped.values()), scored)
 
 

@@ -61,6 +61,23 @@ def test_a_clear_winner_is_decisive_and_a_tie_is_too_close_to_call_with_advice()
     assert "too close to call" in tie.verdict and "includes 0" in tie.verdict
 
 
+def test_the_chance_of_being_better_agrees_with_the_margins_interval():
+    """The verdict's "beats it in N% of resamples" and the margin's interval come from the same widened spread:
+    an interval that includes 0 never comes with ~100%, one above 0 never with less than ~97.5%."""
+    rng = np.random.default_rng(5)
+    clip = [31.0] * PROMPTS
+    for i in range(40):
+        a = draw(rng, [0.55 + 0.01 * (i % 5)] * PROMPTS, clip, seeds=1 + i % 3, name="a")
+        b = draw(rng, [0.55] * PROMPTS, clip, seeds=1 + i % 3, name="b")
+        cmp = confidence.compare(a, b, BASELINE, RULE, seed=i)
+        if cmp is None or not math.isfinite(cmp.margin.low):
+            continue
+        if cmp.margin.low > 0:
+            assert cmp.p_better >= 0.97, (i, cmp.verdict)
+        if cmp.margin.low < 0 < cmp.margin.high:
+            assert cmp.p_better <= 0.98, (i, cmp.verdict)
+
+
 def test_the_advice_names_the_seeds_that_settle_a_real_but_small_difference():
     """0.03 apart (half the per-image spread): 4 seeds per prompt rarely separate them; the advised number of
     seeds does in most draws."""

@@ -119,6 +119,38 @@ def test_a_checkpoint_generates_merged_and_the_base_comes_back_bit_for_bit(tiny)
     assert torch.equal(_unet_out(pipe.unet), plain)
 
 
+def test_a_training_checkpoint_merges_from_its_tensors_and_any_other_file_through_peft(tiny, tmp_path):
+    """A file as training writes it merges straight from its tensors (no adapter layer is built: a racing round
+    swaps checkpoints in often); the same tensors without their LoraConfig metadata go through peft's
+    load_lora_weights, and both give the UNet the same weights."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from common.lorafile import file_sites
+
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    path = tiny["checkpoints"][-1] / gen.LORA_FILE
+    tensors = load_file(path)
+    sites = file_sites(pipe.unet, path)
+    assert sites is not None and len(sites) == len(tensors) // 2
+    assert all(type(layer) is nn.Linear and wrapper is layer for _, _, wrapper, layer, _ in sites)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    save_file(tensors, bare / gen.LORA_FILE)  # no metadata: what a hand-made or older file may look like
+    assert file_sites(pipe.unet, bare / gen.LORA_FILE) is None
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    weights = []
+    for folder in (path.parent, bare):
+        with gen.LoraSwap(pipe, folder, scale=50.0):
+            weights.append({k: v.clone() for k, v in pipe.unet.state_dict().items()})
+        assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+    assert weights[0].keys() == weights[1].keys() == before.keys()
+    moved = [k for k, v in before.items() if not torch.equal(weights[0][k], v)]
+    assert len(moved) == len(sites)
+    for k in moved:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
+
+
 def test_a_merged_checkpoint_rescaled_computes_peft_at_that_strength_and_comes_back_bit_for_bit(tiny):
     """eval.lora_scales: the LoRA merged once, then rescaled in place (the same modules, so the same compiled code)
     computes what peft computes at that adapter weight; leaving the strength gives back the merge at full strength

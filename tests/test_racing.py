@@ -73,13 +73,13 @@ def complete(c: Candidate) -> set[int]:
 def scorer(truth: dict, images: list):
     """Racing's `score` over the simulated table: a racing round makes the prompts' images, the full protocol
     also the prior-drift image; `images` counts what was made."""
-    def score(todo, seed, final):
+    def score(todo, seeds, final):
         out = []
         for c in todo:
             have = racing.seeds_of(c)
             prior = {int(k.rsplit("_s", 1)[1]) for k in c.cells if k.startswith("prior_")}
-            images.append((0 if seed in have else PROMPTS) + (final and seed not in prior))
-            out.append(partial(truth[c.key], sorted(have | {seed}), prior | ({seed} if final else set())))
+            images.append(sum((0 if s in have else PROMPTS) + (final and s not in prior) for s in seeds))
+            out.append(partial(truth[c.key], sorted(have | set(seeds)), prior | (set(seeds) if final else set())))
         return out
     return score
 
