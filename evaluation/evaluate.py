@@ -7,6 +7,8 @@ import json
 import logging
 import time
 import math
+import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common import compiling, faults
-from common.lorafile import rescaled
+from common.lorafile import LORA_FILE, recorded_sha256, rescaled
 from common.device import resolve_device
 from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, PAIRWISE_CLIP_I,
                             PRIOR_FACE_SIMILARITY, aggregate)
@@ -24,7 +26,7 @@ from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY
 from . import generate as gen
 from . import grid
 from .clip import ClipScorer
-from .config import SPEED_ONLY, EvalConfig, EvalInputError, entry_name, validate_eval
+from .config import SPEED_ONLY, EvalConfig, EvalInputError, entry_name, parse_entry, validate_eval
 from .face import FaceBackend, FaceSimilarity, Identity, make_backend
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     cached = _read_baseline(baseline_cache, cfg, pretrained) if baseline else None
     entries = ([] if (not baseline or cached) else [(BASELINE, None, 1.0)]) + [
         (entry_name(c.name, x), c, x) for c in ckpts for x in strengths]
-    rec = _earlier(out_dir, cfg)
+    weights = {name: sha for name, c, _ in entries if c is not None and (sha := recorded_sha256(c / LORA_FILE))}
+    rec = _borrow(out_dir, cfg, weights, _earlier(out_dir, cfg))
     stored = rec.get("cells", {})
     drift = face is not None and bool(cfg.prior_prompt)  # the prior-drift prompt is scored at all
     prior = prior and drift
@@ -96,7 +99,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
         with grid.Writer() as writer:
             results.update(_generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
-                                               [e for e in entries if e[0] in todo], todo, stored, earlier))
+                                               [e for e in entries if e[0] in todo], todo, stored, earlier, weights))
     if cached:
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache and BASELINE in results:
@@ -113,7 +116,7 @@ def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tup
 
 def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, applied: bool,
                         entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
-                        earlier: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+                        earlier: dict[str, dict[str, float]], weights: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
     metrics.json updated after each entry (so an interruption loses at most the entry in progress)."""
     results = {}
@@ -126,7 +129,8 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", write
                     with rescaled(scale):
                         results[name], cells, seconds = _entry(pipe, refiner, cfg, scorer, writer, out_dir, name,
                                                                ckpt, todo[name], stored, earlier)
-                    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds})
+                    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds},
+                           {name: weights[name]} if name in weights else {})
     return results
 
 
@@ -158,17 +162,70 @@ def _entry(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: P
     return metrics, cells, {"images": count, "generate_s": generated - tic, "score_s": done - generated}
 
 
-def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict) -> None:
-    """metrics.json: earlier entries (same settings only) updated with these; times add up over calls."""
+def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict,
+           weights: dict | None = None, borrowed: dict | None = None) -> None:
+    """metrics.json: earlier entries (same settings only) updated with these; times add up over calls. `weights`:
+    each entry's LoRA sha256 (what another trial scoring the same file borrows, `_borrow`); `borrowed`: the
+    entries whose cells came from another trial's folder, and from where."""
     old = _earlier(out_dir, cfg)
     before = old.get("seconds", {})
     for name, s in seconds.items():
         if name in before:
             s = {k: before[name].get(k, 0) + v for k, v in s.items()}
         before[name] = s
+    extra = {k: {**old.get(k, {}), **(v or {})} for k, v in (("weights", weights), ("borrowed", borrowed))}
     _write_json(out_dir / "metrics.json", {"metrics": _ordered({**old.get("metrics", {}), **results}), "notes": notes,
                                            "config": _settings(cfg), "seconds": before,
-                                           "cells": {**old.get("cells", {}), **cells}})
+                                           "cells": {**old.get("cells", {}), **cells},
+                                           **{k: v for k, v in extra.items() if v}})
+
+
+def _borrow(out_dir: Path, cfg: EvalConfig, weights: dict[str, str], rec: dict) -> dict:
+    """Entries whose very LoRA file (by sha256) another trial of the sweep scored with the same settings, at the
+    same strength, on every cell this one has and more: its cells, metrics, images and grids copied here instead
+    of generated again (trials one training serves share their checkpoints' files, trainer/planner.py). Returns
+    this folder's record with them."""
+    mine = rec.get("cells", {})
+    wanted = {name: sha for name, sha in weights.items() if name != BASELINE}
+    if not wanted:
+        return rec
+    for donor in sorted(out_dir.parent.parent.glob(f"*/{out_dir.name}")):
+        if donor.resolve() == out_dir.resolve() or not (donor / "metrics.json").is_file():
+            continue
+        theirs = _earlier(donor, cfg)
+        by_sha = {(sha, parse_entry(e)[2]): e for e, sha in theirs.get("weights", {}).items()}
+        for name, sha in list(wanted.items()):
+            e = by_sha.get((sha, parse_entry(name)[2]))
+            cells = theirs.get("cells", {}).get(e or "", {})
+            if not e or e not in theirs.get("metrics", {}) or len(cells) <= len(mine.get(name, {})) \
+                    or not set(mine.get(name, {})) <= set(cells):
+                continue
+            _copy_tree(donor / "images" / e, out_dir / "images" / name)
+            for grid_file in (donor / "grids").glob(f"{e}_*.png"):
+                _copy_file(grid_file, out_dir / "grids" / f"{name}{grid_file.name[len(e):]}")
+            _store(out_dir, cfg, rec.get("notes", []), {name: theirs["metrics"][e]}, {name: cells}, {},
+                   {name: sha}, {name: f"{donor.parent.name}/{e}"})
+            log.info("eval %s: the same LoRA file as %s of %s, scored on %d cell(s): borrowed, not generated again",
+                     name, e, donor.parent.name, len(cells))
+            del wanted[name]
+            rec = _earlier(out_dir, cfg)
+            mine = rec.get("cells", {})
+    return rec
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    for f in sorted(src.glob("*.png")) if src.is_dir() else []:
+        _copy_file(f, dest / f.name)
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    """A hard link where the file system allows it (the same bytes, no space), else a copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | None, prior_seeds: list[int]):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer import UserError, instance_photos
 
-from .config import resolve_path, to_typed
+from .config import resolve_path, typed_job
 from .finalize import finalize_folder
 from .launchers.resume import export_folder
 from .search import SearchSettings
@@ -21,12 +21,6 @@ from .search.sweeper import prepare
 from .tracking import PENDING_FILE, git_commit, make_tracker
 
 log = logging.getLogger(__name__)
-
-
-def _typed(config: DictConfig):
-    cfg = OmegaConf.to_container(config, resolve=False)
-    cfg.pop("hydra", None)
-    return to_typed(OmegaConf.create(cfg))
 
 
 def _sweeps_data(overrides: list[str]) -> bool:
@@ -62,11 +56,13 @@ def hold_folder(folder: Path) -> None:
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            conf = _typed(config)
+            conf = typed_job(config)
             if not _sweeps_data(list(config.hydra.overrides.task)):  # every trial trains on these photos: a
                 instance_photos(conf.data)  # missing or unusable folder refuses the sweep, not each trial
             if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):
                 prepare(SearchSettings.from_config(config.hydra.sweeper), config, list(config.hydra.overrides.task))
+            if conf.plan_only:  # the launcher prints the plan; nothing is trained, tracked or held
+                return
             tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
             tracker.check()  # a tracking server that does not answer: refused now, not after hours of training
         except UserError as exc:  # refuse the whole sweep before any trial starts (and before its MLflow run)
@@ -80,6 +76,8 @@ class SweepCallback(Callback):
                             {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "plan_only", default=False):
+            return
         sel, failed = finalize_folder(Path(config.hydra.sweep.dir))
         if sel is None:  # not one trial got as far as writing its result
             log.error("no trial finished: see the errors above")
@@ -93,6 +91,8 @@ class SweepCallback(Callback):
     def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A single run is its own sweep: select, report and end its MLflow parent run. Hydra has unset its
         HydraConfig by now; the run's folder is in the config it passes (run_job wrote hydra.runtime.output_dir)."""
+        if OmegaConf.select(config, "plan_only", default=False):
+            return
         out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
         if out is None and job_return is not None:
             out = getattr(job_return, "working_dir", None)

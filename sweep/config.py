@@ -74,10 +74,19 @@ class SweepConfig:
     rank: int = 4
     progress: bool = True
     resume: bool = False  # multirun: continue the newest sweep launched with the same overrides
+    plan_only: bool = False  # print the plan (trainings, packs, estimated time; sweep/plan.py) and train nothing
     optuna_trial: Optional[int] = None  # set by the Optuna sweeper: the trial this job reports to
 
 
 MISSING_HINTS = {"data.instance_dir": "the folder of your photos, e.g. data.instance_dir=$HOME/photos/me"}
+
+
+def typed_job(config: DictConfig) -> SweepConfig:
+    """A composed job (or sweep) config, hydra section left out unresolved (it may point at runtime values such
+    as hydra.job.num), as a SweepConfig."""
+    cfg = OmegaConf.to_container(config, resolve=False)
+    cfg.pop("hydra", None)
+    return to_typed(OmegaConf.create(cfg))
 
 
 def to_typed(cfg: DictConfig) -> SweepConfig:

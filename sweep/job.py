@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +30,7 @@ from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_
 from .launchers.packing import train
 from .launchers.process import GPU_ENV
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
+from .plan import make_plan, trial_key
 from .results import BASELINE, RESULT, candidate, candidates, read_result, read_sweep, write_result
 from .search import SearchSettings, TrialLink, coordinates
 from .selection import Candidate, checkpoint_score, objective_name, trial_best
@@ -71,6 +71,9 @@ def run_job(cfg: DictConfig) -> float:
         conf = to_typed(cfg)
     except UserError as exc:
         return _fail(out, name, exc, multirun)
+    if conf.plan_only:  # a single run, or a launcher that runs each job (the packed one plans them all at once)
+        log.info("%s\nplan_only=true: nothing trained", make_plan([(name, conf)], 1).text())
+        return math.nan
     root = resolve_path(conf.paths, ".")
     try:
         link = _optuna_link(conf, hc, sweep_dir, root) if multirun and conf.optuna_trial is not None else None
@@ -214,13 +217,7 @@ class LiveScores:
 
 def trial_name(hc, sweep_dir: Path) -> str:
     """The trial's key: only the values the sweep varies ("lr=0.0001"), not every fixed override."""
-    mr = sweep_dir / "multirun.yaml"
-    swept = set()
-    if mr.is_file():
-        parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(mr).hydra.overrides.task))
-        swept = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
-    mine = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
-    return ",".join(mine) or hc.job.override_dirname or f"job{hc.job.num}"
+    return trial_key(list(hc.overrides.task), sweep_dir) or hc.job.override_dirname or f"job{hc.job.num}"
 
 
 def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
@@ -372,6 +369,8 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
         tracker.set_tags(run_id, {"best_step": best.step, "best_lora_scale": best.scale,
                                   "best_lora_sha256": hashes.get(f"lora_sha256.{Path(best.checkpoint).name}", "")})
     tracker.set_tags(run_id, {"status": result["status"]})
+    if result.get("training"):  # its checkpoints were written by another trial's training (trainer/planner.py)
+        tracker.set_tags(run_id, {"training": result["training"]})
     if result.get("error"):
         tracker.set_tags(run_id, {"failure_reason": result["error"][:4000]})
     tracker.finish(run_id, "FINISHED" if result["status"] in ("finished", "pruned") else "FAILED")
@@ -407,7 +406,8 @@ def _summary(r: TrialResult, objective: float) -> None:
     speed = f", {r.ms_per_step:.0f} ms/step" if r.ms_per_step else ""
     mem = f", peak {r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib else ""
     loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "n/a"
-    log.info("trial %s %s after %d steps (final loss %s%s%s, objective %.4f); %d checkpoint(s) in %s", r.name,
-             r.status, r.steps, loss, speed, mem, objective, len(r.checkpoints), r.output_dir / "checkpoints")
+    shared = f", written from trial {r.training}'s training" if r.training and r.training != r.name else ""
+    log.info("trial %s %s after %d steps (final loss %s%s%s, objective %.4f); %d checkpoint(s) in %s%s", r.name,
+             r.status, r.steps, loss, speed, mem, objective, len(r.checkpoints), r.output_dir / "checkpoints", shared)
     if r.error:
         log.error("%s", r.error)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from common.lorafile import LORA_FILE
+from common.lorafile import LORA_FILE, recorded_sha256
 from evaluation.config import is_entry, parse_entry
 
 from .config import SweepConfig, to_typed
@@ -117,7 +117,9 @@ def candidate(name: str, entry: str, metrics: dict, out: Path, status: str = "fi
               cells: dict | None = None) -> Candidate:
     """One scored entry (a checkpoint at a strength) of the trial in `out` as a selection candidate."""
     folder, step, scale = parse_entry(entry)
-    return Candidate(name, step, metrics, str(out / "checkpoints" / folder), status, params or {}, cells or {}, scale)
+    ckpt = out / "checkpoints" / folder
+    return Candidate(name, step, metrics, str(ckpt), status, params or {}, cells or {}, scale,
+                     recorded_sha256(ckpt / LORA_FILE) or "")
 
 
 def read_promotion(sweep_dir: Path) -> dict | None:

@@ -44,6 +44,7 @@ class Candidate:
     params: Dict[str, object] = field(default_factory=dict)
     cells: Dict[str, Dict[str, float]] = field(default_factory=dict)  # each image's scores: {"p0_s1": {metric: v}}
     scale: float = 1.0  # the LoRA strength it was scored at (eval.lora_scales): a candidate is (checkpoint, strength)
+    weights: str = ""  # its LoRA file's recorded sha256: trials one training serves (trainer/planner.py) share files
 
     @property
     def key(self) -> str:
@@ -199,8 +200,25 @@ def select(candidates: List[Candidate], baseline: Dict[str, float], cfg: Selecti
         else:
             scored.append((c, score))
     ranked = sorted(scored, key=lambda cs: (-cs[1], -_clip_t(cs[0]), cs[0].step, cs[0].trial))
+    ranked = _distinct(ranked, rejected)
     return Selection(cfg.rule, ranked[0][0] if ranked else None, ranked[1][0] if len(ranked) > 1 else None,
                      ranked, rejected, pareto_front(candidates, cfg.objective), dict(baseline), objective_name(cfg))
+
+
+def _distinct(ranked: list, rejected: Dict[str, str]) -> list:
+    """One candidate per set of identical weights (the same LoRA file at the same strength: a 300-step trial's
+    checkpoints are its 1000-step twin's, trainer/planner.py), the best-ranked; the others are rejected as its
+    twins, so that the runner-up is another LoRA and the champion's comparison means something."""
+    first: Dict[tuple, Candidate] = {}
+    out = []
+    for c, score in ranked:
+        twin = first.get((c.weights, c.scale)) if c.weights else None
+        if twin is not None:
+            rejected[c.key] = f"the same weights as {twin.key} (one training wrote both)"
+            continue
+        first.setdefault((c.weights, c.scale), c)
+        out.append((c, score))
+    return out
 
 
 def _clip_t(c: Candidate) -> float:

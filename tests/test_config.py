@@ -101,7 +101,8 @@ def test_prior_preservation_class_prompt_must_not_name_the_subject():
 def test_composed_yaml_has_no_unknown_keys_for_the_schema():
     cfg = compose_cfg()
     assert set(OmegaConf.to_container(cfg)) == {"model", "data", "lora", "train", "eval", "tracking", "selection",
-                                                "paths", "lr", "steps", "rank", "progress", "resume", "optuna_trial"}
+                                                "paths", "lr", "steps", "rank", "progress", "resume", "plan_only",
+                                                "optuna_trial"}
 
 
 def test_low_memory_preset_sets_what_a_16_gb_card_needs():

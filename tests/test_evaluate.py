@@ -72,6 +72,31 @@ def test_two_checkpoints_scored_with_one_pipeline_load(tiny, tmp_path):
     assert not (tmp_path / "eval2" / "grids" / "baseline_base.png").exists()  # not generated again
 
 
+def test_a_trial_scoring_the_very_lora_file_another_trial_scored_borrows_its_cells(tiny, tmp_path):
+    """Two trials of a sweep hold the same checkpoint file (one training serves both, trainer/planner.py): the
+    second's scoring copies the first's cells, metrics, images and grids instead of generating them; where it
+    asks for more seeds than the first scored, it generates only those."""
+    import shutil
+
+    src = tiny["checkpoints"][-1]
+    for trial in ("long", "short"):
+        shutil.copytree(src, tmp_path / trial / "checkpoints" / src.name)
+    cfg, kw = tiny["cfg"], dict(instance_dir=DEMO_DIR, pretrained=tiny["pretrained"], baseline=False)
+    first = evaluate([tmp_path / "long" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "long" / "eval",
+                     seeds=[0], **kw)
+    second = evaluate([tmp_path / "short" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "short" / "eval",
+                      seeds=[0], **kw)
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+    rec = json.loads((tmp_path / "short" / "eval" / "metrics.json").read_text())
+    assert rec["borrowed"] == {src.name: f"long/{src.name}"} and src.name not in rec.get("seconds", {})
+    assert sorted(p.name for p in (tmp_path / "short" / "eval" / "images" / src.name).iterdir()) == \
+        sorted(p.name for p in (tmp_path / "long" / "eval" / "images" / src.name).iterdir())
+    assert (tmp_path / "short" / "eval" / "grids" / f"{src.name}_base.png").is_file()
+    evaluate([tmp_path / "short" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "short" / "eval", **kw)
+    rec = json.loads((tmp_path / "short" / "eval" / "metrics.json").read_text())
+    assert rec["seconds"][src.name]["images"] == len(cfg.prompts) + 1  # seed 1's images (and its prior image) only
+
+
 def test_checkpoints_change_the_images(tiny, tmp_path):
     """The LoRA is really applied (and removed again): checkpoint images differ from the baseline's."""
     pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))

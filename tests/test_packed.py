@@ -1,5 +1,6 @@
 """Packed training: a pack of trials ends with the weights each trial gets alone, and no trial's gradient
 reaches another's weights."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -50,6 +51,71 @@ def test_a_pack_of_three_ends_with_the_weights_of_three_lone_trials(demo, tmp_pa
         assert p.final_loss == pytest.approx(a.final_loss, rel=1e-4)
         moved = any(v.abs().max() > 0 for k, v in _weights(p).items() if "lora_B" in k or "up" in k)
         assert moved  # the LoRA was trained, not left at its zero init
+
+
+def test_trials_of_different_lengths_and_intervals_pack_and_each_ends_as_it_would_alone(demo, tmp_path, cache_dir):
+    """A decaying schedule (cosine over each trial's own length): 4, 6 and 5 steps, checkpoints every 2, 3 and 5,
+    in one pack that runs 6 steps; each trial checkpoints on its own schedule, stops at its own end (its log holds
+    its own steps only) and ends with the weights it gets alone."""
+    lengths = {"a": (4, 2), "b": (6, 3), "c": (5, 5)}
+
+    def specs(root):
+        return [replace(s, train=replace(s.train, lr_scheduler="cosine", max_steps=lengths[s.name][0],
+                                         checkpoint_every=lengths[s.name][1]))
+                for s in _specs(demo, root)]
+
+    packed = train(specs(tmp_path / "pack"), demo.model, demo.data, cache_dir, progress=False)
+    assert [r.pack_size for r in packed] == [3, 3, 3] and [r.status for r in packed] == ["finished"] * 3
+    assert [r.steps for r in packed] == [4, 6, 5]
+    assert [[c.name for c in r.checkpoints] for r in packed] == [
+        ["step-000002", "step-000004"], ["step-000003", "step-000006"], ["step-000005"]]
+    for k, (p, (name, *_)) in enumerate(zip(packed, TRIALS)):
+        logged = [json.loads(ln)["step"] for ln in (p.output_dir / "train_log.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, lengths[name][0] + 1))
+        # the pack mates' rows reach a trial only through exact zeros of the masked kernel: its weights are, bit for
+        # bit, those of a pack in which every trial is as long as it
+        steps = lengths[name][0]
+        same = [replace(s, train=replace(s.train, max_steps=steps, checkpoint_every=steps))
+                for s in specs(tmp_path / f"uniform{k}")]
+        uniform = train(same, demo.model, demo.data, cache_dir, progress=False)[k]
+        assert all(torch.equal(_weights(p)[w], v) for w, v in _weights(uniform).items())
+        assert p.final_loss == uniform.final_loss  # (and a uniform pack ends as its trials do alone: test above)
+
+
+def test_shorter_runs_of_a_constant_schedule_are_written_from_the_longest_ones_training(demo, tmp_path, cache_dir):
+    """Trial a at 4 and 6 steps, b at 6 (a constant schedule, the default): two trainings, three trials. The 4-step
+    trial's checkpoints are its own files at its own steps (every 2), its LoRA is a lone 4-step run's, its log
+    holds its own 4 steps, its record names it, and its result names the training it came from."""
+    def spec(root, name, steps, every, source):
+        s = next(x for x in _specs(demo, root) if x.name == source)
+        return replace(s, name=name, output_dir=root / name,
+                       train=replace(s.train, max_steps=steps, checkpoint_every=every))
+
+    root = tmp_path / "sweep"
+    specs = [spec(root, "a4", 4, 2, "a"), spec(root, "a6", 6, 3, "a"), spec(root, "b6", 6, 3, "b")]
+    seen = []
+    specs = [replace(s, on_checkpoint=lambda step, folder, name=s.name: seen.append((name, step)) and False)
+             for s in specs]
+    results = train(specs, demo.model, demo.data, cache_dir, progress=False)
+    assert [r.status for r in results] == ["finished"] * 3 and [r.steps for r in results] == [4, 6, 6]
+    assert [r.training for r in results] == ["a6", "a6", None] and [r.pack_size for r in results] == [2, 2, 2]
+    assert [c.name for c in results[0].checkpoints] == ["step-000002", "step-000004"]
+    assert [c.name for c in results[1].checkpoints] == ["step-000003", "step-000006"]
+    assert sorted(seen) == sorted([("a4", 2), ("a4", 4), ("a6", 3), ("a6", 6), ("b6", 3), ("b6", 6)])
+    for c in results[0].checkpoints:
+        assert checkpoint.CheckpointRecord.read(c).trial == "a4" and c.parent.parent == root / "a4"
+    logged = [json.loads(ln)["step"] for ln in (root / "a4" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+    # bit for bit what a 4-step trial of its own writes in the same pack (the pack mates reach it through exact
+    # zeros only; a trial in a pack ends as it does alone: the tests above)
+    twin = [spec(tmp_path / "own", "a4", 4, 2, "a"), spec(tmp_path / "own", "b6", 6, 3, "b")]
+    [own, _] = train(twin, demo.model, demo.data, cache_dir, progress=False)
+    assert own.training is None and all(torch.equal(_weights(results[0])[w], v) for w, v in _weights(own).items())
+    assert results[0].final_loss == own.final_loss
+    # under a decaying schedule each length trains for itself (one pack)
+    cosine = [replace(s, output_dir=tmp_path / "cos" / s.name, on_checkpoint=None,
+                      train=replace(s.train, lr_scheduler="cosine")) for s in specs]
+    assert [r.training for r in train(cosine, demo.model, demo.data, cache_dir, progress=False)] == [None] * 3
 
 
 def test_a_packed_checkpoint_resumes_alone_to_the_same_weights(demo, tmp_path, cache_dir):

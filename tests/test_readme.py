@@ -57,7 +57,8 @@ COMMANDS = {
     "report": r"^python -m sweep\.report outputs/sweeps/\S+$",
     "review": r"^python -m sweep\.review outputs/sweeps/\S+$",
     "promote": r"^python -m sweep\.promote \S+@\d+ reason=",
-    "your photos": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=",
+    "your photos": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=\S+$",
+    "plan": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=\S+ steps=\S+ plan_only=true$",
     "generate": r"^python -m sweep\.generate prompt=",
     "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-champion@champion ",
     "request": r"^curl -s http://127\.0\.0\.1:5001/invocations ",
@@ -468,6 +469,24 @@ def test_your_photos_command_on_the_bundled_photos(tmp_path):
     [first] = folder.glob("0_*")
     cfg = (first / ".hydra" / "config.yaml").read_text()
     assert f"instance_dir: {u.home}/photos/me" in cfg  # $HOME expanded by the shell, as the README says
+
+
+def test_plan_only_prints_the_plan_and_trains_nothing(tmp_path):
+    """The 9 trials of 3 learning rates x 3 step counts: 3 trainings (a constant schedule), printed and written,
+    and nothing trained, tracked or scored."""
+    u = User(tmp_path)
+    p = u.run(command("plan"), *ON_TINY_MODEL, "data.resolution=64", "progress=false", timeout=300)
+    assert p.returncode == 0, p.output[-4000:]
+    assert "plan: 9 trial(s) in 3 training(s), 1 pack(s)" in p.output, p.output[-3000:]
+    assert "also writes lr=0.0001,steps=500 (its first 500 steps); lr=0.0001,steps=300 (its first 300 steps)" \
+        in p.output
+    assert "plan_only=true: nothing trained" in p.output and "Traceback" not in p.output
+    [folder] = u.sweep_folders()
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["trials"] == 9 and plan["trainings"] == 3
+    assert [t["steps"] for pack in plan["packs"] for t in pack["trainings"]] == [1000, 1000, 1000]
+    assert sorted(p.name for p in folder.iterdir()) == ["multirun.yaml", "plan.json"]  # no trial folder, no lock
+    assert not (u.cwd / "mlruns").exists()
 
 
 def test_search_space_on_the_command_line(tmp_path):

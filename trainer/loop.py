@@ -11,7 +11,7 @@ import torch
 
 from common.errors import ConfigError, DeviceError, NonFiniteLossError, UserError
 
-from . import packed
+from . import packed, planner
 from .config import DataConfig, ModelConfig
 from .lone import LoneRecipe
 from .models import BaseModel, load_base_model, resolve_device, resolve_precision, weight_dtype_for
@@ -29,10 +29,10 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
           progress: bool = True, pack: bool = True) -> list[TrialResult]:
     """Train every trial on one shared base. A diverging trial is reported in its result, not raised.
 
-    With `pack` (default), trials that can share a pass of the base (same batch shape, schedule length,
-    LoRA targets and resume step; see packed.plan) train together in packs of at most train.max_pack, a lone
-    trial as a pack of one; trials packed adapters cannot express (DoRA, text-encoder LoRA, dropout, fp16,
-    8-bit AdamW) train one after another through peft."""
+    With `pack` (default), trials that can share a pass of the base (same batch shape, LoRA targets and resume
+    step; lengths and checkpoint intervals may differ; see packed.plan) train together in packs of at most
+    train.max_pack, a lone trial as a pack of one; trials packed adapters cannot express (DoRA, text-encoder
+    LoRA, dropout, fp16, 8-bit AdamW) train one after another through peft."""
     if not trials:
         return []
     devices = {(t.train.device, t.train.mixed_precision) for t in trials}
@@ -51,12 +51,18 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
     base.encoders_to("cpu", text=not train_te)
     base.encoders_to(base.device, text=train_te, vae=False)
     if pack:
-        packs, alone = packed.plan(trials, resume_step, trials[0].train.max_pack)
+        groups = planner.trainings(trials, model, data, resume_step)
+        for g in groups:
+            if len(g) > 1:
+                log.info("trial(s) %s: the first steps of trial %s (a constant learning-rate schedule), written from "
+                         "its training", ", ".join(s.name for s in g[1:]), g[0].name)
+        packs, alone = packed.plan(groups, resume_step, trials[0].train.max_pack)
     else:
         packs, alone = [], [(spec, "packing is off") for spec in trials]
     results: dict[int, TrialResult] = {}
     for group in packs:
-        for spec, r in zip(group, _train_fitting(base, samples, group, model, data, precision, progress)):
+        specs = [s for training in group for s in training]
+        for spec, r in zip(specs, _train_fitting(base, samples, group, model, data, precision, progress)):
             results[id(spec)] = r
     for spec, why in alone:
         log.info("trial %s trains alone through peft: %s", spec.name, why)
@@ -84,16 +90,19 @@ def _failed(spec: TrialSpec, why: str, pack_size: int) -> TrialResult:
     return TrialRecord(spec.name, spec.output_dir, pack_size).untimed("failed", resume_step(spec), None, why)
 
 
-def _train_fitting(base, samples, group: list[TrialSpec], model, data, precision, progress) -> list[TrialResult]:
-    """A pack, or, if it does not fit in GPU memory, its halves (each resuming from any checkpoints the pack wrote;
-    they are all at one step), down to single trials; a trial that does not fit alone fails, and the others go on."""
+def _train_fitting(base, samples, group: list[list[TrialSpec]], model, data, precision,
+                   progress) -> list[TrialResult]:
+    """A pack of trainings (each the trials it serves), or, if it does not fit in GPU memory, its halves (each
+    resuming from any checkpoints the pack wrote; they are all at one step), down to single trainings; a training
+    that does not fit alone fails its trials, and the others go on. One result per trial, in order."""
     try:
         return _train_packed(base, samples, group, model, data, precision, progress)
     except torch.OutOfMemoryError as exc:
         if len(group) == 1:
             reset_process_state()
-            return [_failed(group[0], f"out of GPU memory even alone ({exc}). Lower lora.rank or data.resolution, "
-                                      "or use preset=low_memory; finished checkpoints are kept", pack_size=1)]
+            return [_failed(s, f"out of GPU memory even alone ({exc}). Lower lora.rank or data.resolution, "
+                               "or use preset=low_memory; finished checkpoints are kept", pack_size=1)
+                    for s in group[0]]
         half = (len(group) + 1) // 2
         log.warning("a pack of %d trials does not fit in GPU memory: packs of %d and %d instead "
                     "(train.max_pack=%d avoids trying)", len(group), half, len(group) - half, half)
@@ -102,8 +111,8 @@ def _train_fitting(base, samples, group: list[TrialSpec], model, data, precision
                 + _train_fitting(base, samples, group[half:], model, data, precision, progress))
 
 
-def _train_packed(base: BaseModel, samples: Samples, specs: list[TrialSpec], model: ModelConfig, data: DataConfig,
-                  precision: str, progress: bool) -> list[TrialResult]:
-    """All trials of `specs` in one pass of the base per step; one result per trial. (A function of its own so that
-    a test can stand in for it: tests/test_packed.py simulates a pack too big for memory.)"""
-    return PackedRecipe(base, samples, specs, model, data, precision, progress).run()
+def _train_packed(base: BaseModel, samples: Samples, trainings: list[list[TrialSpec]], model: ModelConfig,
+                  data: DataConfig, precision: str, progress: bool) -> list[TrialResult]:
+    """All trainings in one pass of the base per step; one result per trial they serve. (A function of its own so
+    that a test can stand in for it: tests/test_packed.py simulates a pack too big for memory.)"""
+    return PackedRecipe(base, samples, trainings, model, data, precision, progress).run()

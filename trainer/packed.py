@@ -266,24 +266,28 @@ def alone_reason(t) -> str | None:
 
 
 def pack_key(t, resume_step: int) -> tuple:
-    """Trials with equal keys can share a pass of the base: same batch shape, schedule length, LoRA targets,
-    and the same step to start from."""
+    """Trials with equal keys can share a pass of the base: same batch shape, LoRA targets, and the same step to
+    start from. Lengths and checkpoint intervals may differ: each trial checkpoints on its own schedule and leaves
+    the pack at its own last step (recipe.py)."""
     tc = t.train
-    return (tc.batch_size, tc.gradient_accumulation, tc.max_steps, tc.checkpoint_every, tc.device,
-            tc.mixed_precision, tc.gradient_checkpointing, tuple(t.lora.target_modules), resume_step)
+    return (tc.batch_size, tc.gradient_accumulation, tc.device, tc.mixed_precision, tc.gradient_checkpointing,
+            tuple(t.lora.target_modules), resume_step)
 
 
-def plan(trials: list, resume_step, max_pack: int) -> tuple[list[list], list[tuple[object, str]]]:
-    """Split trials into packs (each at most `max_pack`, order kept) and trials that train alone through peft,
-    each with the reason. `resume_step(trial)` is the step it would resume from (0: a fresh start)."""
+def plan(trainings: list[list], resume_step, max_pack: int) -> tuple[list[list[list]], list[tuple[object, str]]]:
+    """Split trainings (trainer/planner.py: each a list of the trials it serves, the one it trains first) into
+    packs (each at most `max_pack` trainings, order kept) and trials that train alone through peft, each with the
+    reason (each such trial trains for itself). `resume_step(trial)` is the step it would resume from (0: a fresh
+    start)."""
     packs: dict[tuple, list] = {}
     alone = []
-    for t in trials:
+    for group in trainings:
+        t = group[0]
         why = alone_reason(t)
         if why is not None:
-            alone.append((t, why))
+            alone += [(s, why) for s in group]
         else:
-            packs.setdefault(pack_key(t, resume_step(t)), []).append(t)
+            packs.setdefault(pack_key(t, resume_step(t)), []).append(group)
     chunks = [group[i:i + max_pack] for group in packs.values() for i in range(0, len(group), max_pack)]
     return chunks, alone
 

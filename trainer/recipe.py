@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -49,7 +50,8 @@ class StepInputs(NamedTuple):
 class Stop:
     """Why and at which step a trial left its pack; from then on it rides along at learning rate 0."""
 
-    status: str  # its result's status: "diverged" | "pruned" | "failed"
+    status: str  # its result's status: "finished" (its own last step, in a pack of longer trials) | "diverged" |
+    # "pruned" | "failed"
     step: int
     value: float | None = None  # diverged: the non-finite loss or gradient norm
     what: str | None = None  # diverged: "loss" or "gradient norm"
@@ -57,42 +59,82 @@ class Stop:
 
 
 @dataclass
-class PackedTrial:
-    """One trial of a pack: everything it owns besides its slice of the packed adapters and AdamW moments."""
+class Member:
+    """A trial a training serves: the one it trains (the longest), or one whose run is its first steps
+    (trainer/planner.py), with its own folder, checkpoints, loss log and result."""
 
-    index: int  # its slice of the pack's adapters, moments and batch
     spec: TrialSpec
     config_hash: str
     found: tuple[Path, checkpoint.CheckpointRecord] | None  # the checkpoint it resumes from
     record: TrialRecord
-    dummy: torch.optim.Optimizer | None = None  # drives `scheduler`; its param group is a lone trial's layout
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    gen: torch.Generator | None = None  # its noise and timesteps
-    samplers: tuple[Sampler, Sampler | None] | None = None
-    step_lr: float = 0.0  # the learning rate of its latest step (0 once it left the pack)
     stop: Stop | None = None  # None: live
 
     @property
     def live(self) -> bool:
         return self.stop is None
 
+    def due(self, step: int) -> bool:
+        """Whether it writes a checkpoint at this step: its own interval, or its last step."""
+        t = self.spec.train
+        return step % t.checkpoint_every == 0 or step == t.max_steps
+
+
+@dataclass
+class PackedTrial:
+    """One training of a pack: everything it owns besides its slice of the packed adapters and AdamW moments, and
+    the trials it serves (`members`, the one it trains first)."""
+
+    index: int  # its slice of the pack's adapters, moments and batch
+    members: list[Member]
+    dummy: torch.optim.Optimizer | None = None  # drives `scheduler`; its param group is a lone trial's layout
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    gen: torch.Generator | None = None  # its noise and timesteps
+    samplers: tuple[Sampler, Sampler | None] | None = None
+    step_lr: float = 0.0  # the learning rate of its latest step (0 once it left the pack)
+
+    @property
+    def spec(self) -> TrialSpec:
+        return self.members[0].spec
+
+    @property
+    def found(self) -> tuple[Path, checkpoint.CheckpointRecord] | None:
+        return self.members[0].found
+
+    @property
+    def live(self) -> bool:
+        """Whether any trial it serves still needs steps: it trains on while one does."""
+        return any(m.live for m in self.members)
+
     def next_lr(self) -> float:
-        return 0.0 if self.stop else self.scheduler.get_last_lr()[0]
+        return self.scheduler.get_last_lr()[0] if self.live else 0.0
+
+
+def _copy_lora(source: Path, folder: Path) -> None:
+    shutil.copyfile(source, Path(folder) / checkpoint.LORA_FILE)
 
 
 class PackedRecipe:
-    """The trials of one pack (packed.plan: same batch shape, schedule length, LoRA targets and resume step)."""
+    """The trainings of one pack (packed.plan: same batch shape, LoRA targets and resume step), each serving one
+    trial or several (trainer/planner.py: trials that are its first steps). The pack runs to its longest trial's
+    end; each trial checkpoints on its own interval and at its own last step, where it leaves; a training whose
+    trials have all left rides along at learning rate 0 (its adapter zeroed) like a pruned one."""
 
-    def __init__(self, base: BaseModel, samples: Samples, specs: list[TrialSpec], model: ModelConfig,
+    def __init__(self, base: BaseModel, samples: Samples, trainings: list[list[TrialSpec]], model: ModelConfig,
                  data: DataConfig, precision: str, progress: bool):
         self.base, self.samples, self.data, self.precision, self.progress = base, samples, data, precision, progress
+        specs = [s for group in trainings for s in group]
         self.t0 = specs[0].train  # what packed.pack_key makes every trial of the pack share
+        self.max_steps = max(s.train.max_steps for s in specs)  # the pack's end; each trial's own is its spec's
         self.names = [s.name for s in specs]  # the pack's trials, for the fault points (common/faults.py)
         self.trials: list[PackedTrial] = []
-        for k, s in enumerate(specs):  # refuses folders it would overwrite before the base is touched
-            cfg_hash = training_config_hash(model, data, s.lora, s.train)
-            self.trials.append(PackedTrial(k, s, cfg_hash, resumable(s, cfg_hash),
-                                           TrialRecord(s.name, s.output_dir, pack_size=len(specs))))
+        for k, group in enumerate(trainings):  # refuses folders it would overwrite before the base is touched
+            members = []
+            for s in group:
+                cfg_hash = training_config_hash(model, data, s.lora, s.train)
+                members.append(Member(s, cfg_hash, resumable(s, cfg_hash),
+                                      TrialRecord(s.name, s.output_dir, pack_size=len(trainings),
+                                                  training=group[0].name if len(group) > 1 else None)))
+            self.trials.append(PackedTrial(k, members))
         first = self.trials[0].found
         self.start = first[1].step if first else 0
         self.accelerator = Accelerator(mixed_precision=precision, cpu=base.device.type == "cpu")
@@ -105,16 +147,15 @@ class PackedRecipe:
     def run(self) -> list[TrialResult]:
         try:
             self.setup()
-            for step in range(self.start + 1, self.t0.max_steps + 1):
+            for step in range(self.start + 1, self.max_steps + 1):
                 self.step(step)
-                if step % self.t0.checkpoint_every == 0 or step == self.t0.max_steps:
-                    self.checkpoint(step)
+                self.checkpoint(step)
                 if not any(t.live for t in self.trials):
                     break
             self.bar.close()
         finally:
             self.finish()
-        return [self._result(t) for t in self.trials]
+        return [self._result(m) for t in self.trials for m in t.members]
 
     # -- setup
 
@@ -135,9 +176,10 @@ class PackedRecipe:
         self.opt.steps = self.start
         for t in self.trials:
             t.samplers = samplers_for(self.samples, t.spec.train.seed)
-            t.record.begin(self.start)
+            for m in t.members:
+                m.record.begin(self.start)
         self._choose_step_form()
-        self.bar = tqdm(total=self.t0.max_steps, initial=self.start, desc=f"train pack of {len(self.trials)}",
+        self.bar = tqdm(total=self.max_steps, initial=self.start, desc=f"train pack of {len(self.trials)}",
                         unit="step", disable=not self.progress)
 
     def _initial_weights(self, trial: PackedTrial) -> dict[str, torch.Tensor]:
@@ -160,10 +202,10 @@ class PackedRecipe:
         if t0.channels_last:
             self.base.unet.to(memory_format=torch.channels_last)
         # auto: when the pack's remaining trial-steps repay a cold compile; never with gradient checkpointing
-        work = 0 if t0.gradient_checkpointing else n * (t0.max_steps - self.start)
+        work = 0 if t0.gradient_checkpointing else sum(t.spec.train.max_steps - self.start for t in self.trials)
         if compiling.want_compile(t0.compile, self.base.device, work, compiling.COMPILE_TRIAL_STEPS):
-            log.info("compiling the UNet's transformer blocks for %d trial(s) x %d steps (train.compile=%s)", n,
-                     t0.max_steps - self.start, "auto" if t0.compile is None else t0.compile)
+            log.info("compiling the UNet's transformer blocks for %d trial(s), %d trial-steps (train.compile=%s)", n,
+                     work, "auto" if t0.compile is None else t0.compile)
             self.compiled = compiling.compile_for_training(self.base.unet)
 
     def _schedule(self, trial: PackedTrial) -> None:
@@ -272,43 +314,62 @@ class PackedRecipe:
             return self._eager_step(micro_inputs, lrs)
 
     def _account(self, step: int, trial: PackedTrial, loss: float, norm: float) -> None:
-        """A live trial's step: logged, or, if its loss or gradient norm is not finite, the end of it."""
+        """A live training's step: logged for each trial it serves still, or, if its loss or gradient norm is not
+        finite, the end of them."""
+        live = [m for m in trial.members if m.live]
         if math.isfinite(loss) and math.isfinite(norm):
-            trial.record.log_step(step, loss, trial.step_lr)
+            for m in live:
+                m.record.log_step(step, loss, trial.step_lr)
             return
         # its weights are lost (zeroed, at LR 0 from now on); the others never saw them
         what, bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-        trial.stop = Stop("diverged", step, value=bad, what=what)
+        for m in live:
+            m.stop = Stop("diverged", step, value=bad, what=what)
+            log.error("trial %s (in a pack): %s %s at step %d", m.spec.name, what, bad, step)
         self.opt.drop(trial.index)
-        log.error("trial %s (in a pack): %s %s at step %d", trial.spec.name, what, bad, step)
 
     # -- checkpoint
 
     def checkpoint(self, step: int) -> None:
-        """Each live trial's checkpoint, scored by its hook, which may stop the trial there."""
+        """The checkpoint of each live trial due one at this step (its interval, or its last step), each scored by
+        its hook, which may stop that trial there; a trial at its last step then leaves. A training's own trial
+        writes its checkpoint after those it serves: on disk, theirs at a step are never behind its own (from which
+        it resumes), and scores first (theirs are the same weights)."""
         for t in self.trials:
-            if not t.live:
+            due = [m for m in t.members if m.live and m.due(step)]
+            if not due:
                 continue
             # the dummy's param group is the layout a lone trial's AdamW saves
             state = self.opt.trial_state(t.index, t.dummy.state_dict()["param_groups"][0])
-            saved = save_checkpoint(t.spec, step, t.record.checkpoint_loss(), t.config_hash, t.step_lr, state, t.scheduler,
-                                    t.gen, functools.partial(self.pack.save, t.index))
-            if t.spec.on_checkpoint is not None:
-                self._score(step, t, saved)
+            saved, lora_file = {}, None
+            for m in sorted(due, key=lambda m: m is t.members[0]):
+                # one LoRA file per step, copied for the others: the same bytes, the same recorded sha256 (which is
+                # how evaluation and selection know them for one; safetensors' header order varies between saves)
+                write = (functools.partial(self.pack.save, t.index) if lora_file is None
+                         else functools.partial(_copy_lora, lora_file))
+                saved[id(m)] = save_checkpoint(m.spec, step, m.record.checkpoint_loss(), m.config_hash, t.step_lr,
+                                               state, t.scheduler, t.gen, write)
+                lora_file = lora_file or saved[id(m)] / checkpoint.LORA_FILE
+            for m in due:
+                if m.spec.on_checkpoint is not None:
+                    self._score(step, t, m, saved[id(m)])
+                if m.live and step == m.spec.train.max_steps:
+                    m.stop = Stop("finished", step)
+            if not t.live and step < self.max_steps:  # its trials have all left: it rides along, zeroed
+                self.opt.drop(t.index)
 
-    def _score(self, step: int, trial: PackedTrial, saved: Path) -> None:
+    def _score(self, step: int, trial: PackedTrial, member: Member, saved: Path) -> None:
+        name = member.spec.name
         try:
             with self.pack.use(trial.index), compiling.eager_stance(self.compiled):
-                stop = call_paused(trial.spec.on_checkpoint, step, saved, ["unet"], self.base)
+                stop = call_paused(member.spec.on_checkpoint, step, saved, ["unet"], self.base)
         except Exception as exc:  # its scoring failed: this trial stops, its pack mates go on
-            log.exception("trial %s (in a pack): its checkpoint hook failed at step %d", trial.spec.name, step)
-            trial.stop = Stop("failed", step, error=f"{type(exc).__name__}: {exc} (at step {step}; {saved} is intact)")
-            self.opt.drop(trial.index)  # its checkpoints are written; from now on it only rides along
-            return
+            log.exception("trial %s (in a pack): its checkpoint hook failed at step %d", name, step)
+            member.stop = Stop("failed", step, error=f"{type(exc).__name__}: {exc} (at step {step}; {saved} is intact)")
+            return  # its checkpoints are written; from now on it only rides along
         if stop:
-            trial.stop = Stop("pruned", step)
-            self.opt.drop(trial.index)
-            log.info("trial %s: stopped at step %d (pruned)", trial.spec.name, step)
+            member.stop = Stop("pruned", step)
+            log.info("trial %s: stopped at step %d (pruned)", name, step)
 
     # -- finish
 
@@ -325,13 +386,14 @@ class PackedRecipe:
         self.graph = None  # its memory pool goes back before the next pack
         reset_process_state()
 
-    def _result(self, trial: PackedTrial) -> TrialResult:
-        stop = trial.stop
-        if stop is None:
-            return trial.record.trained("finished", None, self.t0.max_steps, self.clock)
+    def _result(self, member: Member) -> TrialResult:
+        stop, record = member.stop, member.record
+        own = member.spec.train.max_steps
+        if stop is None or stop.status == "finished":
+            return record.trained("finished", None, own, self.clock)
         if stop.status != "diverged":
-            return trial.record.trained(stop.status, stop.step, self.t0.max_steps, self.clock, error=stop.error)
-        ckpts = trial.record.checkpoints()
+            return record.trained(stop.status, stop.step, own, self.clock, error=stop.error)
+        ckpts = record.checkpoints()
         err = str(NonFiniteLossError(stop.step, stop.value, str(ckpts[-1]) if ckpts else None, stop.what))
         # untimed, with TrialResult's default pack_size of 1: how a pack's diverged trial has always been reported
-        return trial.record.untimed("diverged", stop.step, stop.value, err, pack_size=1)
+        return record.untimed("diverged", stop.step, stop.value, err, pack_size=1)

@@ -28,8 +28,10 @@ class TrialResult:
     seconds: float = 0.0
     ms_per_step: float | None = None  # median wall time of an optimizer step, first steps excluded
     peak_memory_gib: float | None = None  # CUDA allocator peak during the trial (of the whole pack when packed)
-    pack_size: int = 1  # trials that trained in one pass of the base with this one (0: alone through peft)
+    pack_size: int = 1  # trainings that shared a pass of the base with this one's (0: alone through peft)
     setup_seconds: float = 0.0  # first step's extra cost: CUDA graph capture and, with train.compile, compiling
+    training: str | None = None  # where one training served several trials (trainer/planner.py): the trial it
+    # trained (this one's own name for that one); None: it trained for itself alone
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -75,10 +77,11 @@ class TrialRecord:
     """One trial's bookkeeping: `train_log.jsonl` in its folder, its losses by step, the losses since the last
     checkpoint (a checkpoint records their mean), and its TrialResult.
 
-    `pack_size`: trials that share its pass of the base (0: alone through peft)."""
+    `pack_size`: trainings that share its pass of the base (0: alone through peft); `training`: the trial whose
+    training serves this one (trainer/planner.py), where it serves several."""
 
-    def __init__(self, name: str, output_dir: Path, pack_size: int):
-        self.name, self.output_dir, self.pack_size = name, Path(output_dir), pack_size
+    def __init__(self, name: str, output_dir: Path, pack_size: int, training: str | None = None):
+        self.name, self.output_dir, self.pack_size, self.training = name, Path(output_dir), pack_size, training
         self.log_path = self.output_dir / "train_log.jsonl"
         self.start = 0
         self.losses: dict[int, float] = {}
@@ -121,7 +124,7 @@ class TrialRecord:
     def _result(self, status: str, steps: int, final_loss: float | None, error: str | None, pack_size: int,
                 resumed_from: int | None = None, timing: dict | None = None) -> TrialResult:
         return TrialResult(self.name, self.output_dir, status, steps, final_loss, self.checkpoints(), resumed_from,
-                           error, pack_size=pack_size, **(timing or {}))
+                           error, pack_size=pack_size, training=self.training, **(timing or {}))
 
 
 def _truncate_log(path: Path, step: int) -> None:

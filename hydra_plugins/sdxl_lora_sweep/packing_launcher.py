@@ -10,7 +10,7 @@ from . import DelegatingLauncher
 @dataclass
 class PackingLauncherConf:
     _target_: str = "hydra_plugins.sdxl_lora_sweep.packing_launcher.PackingLauncher"
-    pack_size: int = 8  # jobs handed to one training call (compatible ones share a pass of the base; see train.max_pack)
+    pack_size: int = 8  # trainings (with the trials each serves) handed to one training call (see train.max_pack)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackingLauncherConf,

@@ -1,6 +1,8 @@
 """Multirun jobs that train together: a Hydra launcher that runs a batch of jobs as one pack of trials.
 
-Each job of a batch runs in its own thread through Hydra's own `run_job` (its folder, .hydra files, callbacks,
+The jobs are planned first (sweep/plan.py): batches hold whole trainings (a 300-step trial goes with the 1000-step
+trial whose training writes it, trainer/planner.py), at most `pack_size` trainings each. Each job of a batch runs
+in its own thread through Hydra's own `run_job` (its folder, .hydra files, callbacks,
 MLflow child run, result.json), one thread at a time: everything a job does before and after training holds
 `_TURN`. Where a job would train, it hands its trial to the batch's rendezvous and gives up its turn; when every
 job of the batch has either arrived or ended without training (skipped, failed its checks), the last one trains
@@ -18,9 +20,12 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
+from common.errors import UserError
 from trainer import train as _train_now
 
+from ..config import typed_job
 from ..logs import for_trial
+from ..plan import make_plan, trial_key
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,9 @@ def train(trials, model, data, cache_dir, progress: bool = True):
 
 
 class PackingLauncher:
-    """hydra/launcher=packed: the jobs of each batch (at most `pack_size`) train as one pack where compatible."""
+    """hydra/launcher=packed: the sweep's plan first (sweep/plan.py: which trials one training serves, printed and
+    written to plan.json; plan_only=true stops there), then batches of at most `pack_size` trainings, each with
+    all the trials it serves, whose jobs train as one pack where compatible."""
 
     def __init__(self, pack_size: int = 8):
         if pack_size < 1:
@@ -113,10 +120,13 @@ class PackingLauncher:
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        log.info("Launching %d jobs, up to %d training together", len(jobs), self.pack_size)
-        returns = []
-        for first in range(0, len(jobs), self.pack_size):
-            batch = jobs[first:first + self.pack_size]
+        plan = self._plan(jobs)
+        if plan is None:  # plan_only=true
+            return []
+        log.info("Launching %d jobs, up to %d trainings together", len(jobs), self.pack_size)
+        returns: dict[int, object] = {}
+        for positions in plan.batches:
+            batch = [jobs[i] for i in positions]
             for idx, o in batch:
                 log.info("\t#%d : %s", idx, " ".join(filter_overrides(o)))
             rv = Rendezvous(len(batch))
@@ -130,8 +140,29 @@ class PackingLauncher:
             for r in out:
                 if isinstance(r, BaseException):
                     raise r
-            returns += out
-        return returns
+            returns.update(zip(positions, out))
+        return [returns[i] for i in sorted(returns)]  # in the order Hydra gave the jobs
+
+    def _plan(self, jobs: list[tuple[int, list[str]]]):
+        """The plan of these jobs (sweep/plan.py: trainings, batches of at most pack_size trainings, packs),
+        printed and written to the sweep folder; None with plan_only=true (then no job runs). A job whose config is
+        unusable is planned as a batch of its own (it fails on its own when it runs)."""
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        planned, only = [], False
+        for idx, o in jobs:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(o))
+            try:
+                conf = typed_job(cfg)
+            except UserError:
+                conf = None
+            only = only or bool(conf and conf.plan_only)
+            planned.append((trial_key(o, sweep_dir) or f"job{idx}", conf))
+        plan = make_plan(planned, self.pack_size)
+        log.info("%s\n(written to %s)", plan.text(), plan.write(sweep_dir))
+        if only:
+            log.info("plan_only=true: nothing trained; run the same command without it to train")
+            return None
+        return plan
 
     def _job(self, rv: Rendezvous, idx: int, overrides: list[str], out: list, slot: int) -> None:
         from hydra.core.hydra_config import HydraConfig

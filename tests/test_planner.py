@@ -1,0 +1,116 @@
+"""The planner through the command line: step counts under a constant schedule cost one training per learning rate,
+and every requested trial is still a trial of its own (result, MLflow run, selection candidate)."""
+import json
+import os
+import subprocess
+import sys
+
+from dataclasses import replace
+
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from sweep.config import SweepConfig
+from sweep.plan import make_plan
+from sweep.results import collect, load_config
+from sweep.selection import select
+
+
+SCALE = ["train.checkpoint_every=10", "data.resolution=64", "progress=false"]
+
+
+def short(name):
+    """A trial's name without the demo-scale overrides every trial shares."""
+    return name and name.replace("data.resolution=64,", "").replace(",train.checkpoint_every=10", "")
+
+
+def sweep(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cwd.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run([sys.executable, "-m", "sweep", *args, *SCALE], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _job(lr: float, steps: int, schedule: str = "constant"):
+    conf = SweepConfig()
+    conf.train = replace(conf.train, lr=lr, max_steps=steps, checkpoint_every=10, lr_scheduler=schedule)
+    return f"lr={lr:g},steps={steps}", conf
+
+
+def test_a_training_and_the_trials_it_serves_are_never_split_over_launcher_batches():
+    """9 jobs, batches of at most 2 trainings: each learning rate's 3 step counts in one batch, and a decaying
+    schedule's trials each a training of their own (all of them in one pack when they share a batch)."""
+    jobs = [_job(lr, steps) for steps in (10, 20, 30) for lr in (1e-4, 1e-5, 5e-4)]  # Hydra's order: steps outer
+    plan = make_plan(jobs, 2)
+    assert plan.trials == 9 and plan.trainings == 3
+    assert [[jobs[i][0] for i in b] for b in plan.batches] == [
+        ["lr=0.0001,steps=10", "lr=1e-05,steps=10", "lr=0.0001,steps=20", "lr=1e-05,steps=20", "lr=0.0001,steps=30",
+         "lr=1e-05,steps=30"], ["lr=0.0005,steps=10", "lr=0.0005,steps=20", "lr=0.0005,steps=30"]]
+    assert [(t.trial, [n for n, _ in t.serves]) for p in plan.packs for t in p.trainings] == [
+        ("lr=0.0001,steps=30", ["lr=0.0001,steps=20", "lr=0.0001,steps=10"]),
+        ("lr=1e-05,steps=30", ["lr=1e-05,steps=20", "lr=1e-05,steps=10"]),
+        ("lr=0.0005,steps=30", ["lr=0.0005,steps=20", "lr=0.0005,steps=10"])]
+    cosine = make_plan([_job(1e-4, steps, "cosine") for steps in (10, 20, 30)], 8)
+    assert cosine.trainings == 3 and len(cosine.packs) == 1 and cosine.packs[0].steps == 30
+    assert "plan: 3 trial(s) in 3 training(s), 1 pack(s)" in cosine.text()
+
+
+@pytest.mark.slow
+def test_step_counts_under_a_constant_schedule_train_once_per_learning_rate(tmp_path):
+    p = sweep("-m", "lr=1e-4,5e-4", "steps=20,30", cwd=tmp_path / "grid")
+    log = p.stdout + p.stderr
+    [folder] = (tmp_path / "grid" / "outputs" / "sweeps").iterdir()
+    results = {short(d.name.split("_", 1)[1]): json.loads((d / "result.json").read_text())
+               for d in folder.iterdir() if (d / "result.json").is_file()}
+    assert sorted(results) == ["lr=0.0001,steps=20", "lr=0.0001,steps=30", "lr=0.0005,steps=20",
+                               "lr=0.0005,steps=30"]
+    assert all(r["status"] == "finished" for r in results.values())
+    # 2 trainings (one pass of the base for both), 4 trials
+    assert {k: short(r["training"]) for k, r in results.items()} == {
+        "lr=0.0001,steps=20": "lr=0.0001,steps=30", "lr=0.0001,steps=30": "lr=0.0001,steps=30",
+        "lr=0.0005,steps=20": "lr=0.0005,steps=30", "lr=0.0005,steps=30": "lr=0.0005,steps=30"}
+    assert {r["pack_size"] for r in results.values()} == {2}
+    assert log.count("the first steps of trial") == 2, log[-3000:]
+    short20 = next(d for d in folder.iterdir() if "lr=0.0001,steps=20" in d.name)
+    assert sorted(c.name for c in (short20 / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
+    assert [json.loads(ln)["step"] for ln in (short20 / "train_log.jsonl").read_text().splitlines()] == \
+        list(range(1, 21))
+    # its checkpoints are scored without generating again: borrowed from the 30-step trial's identical files
+    assert set(json.loads((short20 / "eval" / "metrics.json").read_text())["borrowed"]) == \
+        {"step-000010", "step-000020"}
+
+    # the 20-step trial's LoRA is a lone 20-step run's: each weight within 1% of the most it can move (lr x steps;
+    # packed and lone matmuls round differently, ~1e-7, and AdamW carries that into the weights)
+    sweep("lr=1e-4", "steps=20", cwd=tmp_path / "lone")
+    [lone] = (tmp_path / "lone" / "outputs" / "runs").iterdir()
+    mine = load_file(short20 / "checkpoints" / "step-000020" / "pytorch_lora_weights.safetensors")
+    alone = load_file(lone / "checkpoints" / "step-000020" / "pytorch_lora_weights.safetensors")
+    assert mine.keys() == alone.keys()
+    assert max(float((mine[k] - alone[k]).abs().max()) for k in mine) < 0.01 * 1e-4 * 20
+
+    # its MLflow run holds its own 20 steps and names the training it came from
+    conf = load_config(folder)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'grid' / 'mlruns' / 'mlflow.db'}")
+    [run] = [r for r in client.search_runs(
+        [client.get_experiment_by_name(conf.tracking.experiment).experiment_id])
+        if "lr=0.0001,steps=20" in r.data.tags.get("trial_folder", "")]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 21))
+    assert short(run.data.tags["training"]) == "lr=0.0001,steps=30"
+
+    # twins (the same file under two trials) are one candidate: the runner-up is another LoRA
+    candidates, baseline, _ = collect(folder)
+    assert len(candidates) == 10  # 2 + 3 checkpoints per learning rate
+    sel = select(candidates, baseline, conf.selection)
+    assert sel.champion and sel.runner_up and sel.champion.weights != sel.runner_up.weights
+    assert sum("the same weights as" in why for why in sel.rejected.values()) == 4
+
+    # the plan of the next sweep on this model and resolution states its training time from these step times
+    ckpts = len(list((tmp_path / "grid" / "outputs").glob("sweeps/*/*/checkpoints/*")))
+    p = sweep("-m", "lr=1e-4,5e-4,1e-5", "steps=20,30", "plan_only=true", cwd=tmp_path / "grid")
+    out = p.stdout + p.stderr
+    assert "plan: 6 trial(s) in 3 training(s), 1 pack(s)" in out, out[-3000:]
+    assert "ms/step (scaled from packs of 2 of tiny at 64 px)" in out and "estimated training time: " in out
+    assert len(list((tmp_path / "grid" / "outputs").glob("sweeps/*/*/checkpoints/*"))) == ckpts  # nothing trained
