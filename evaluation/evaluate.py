@@ -192,6 +192,11 @@ def _borrow(out_dir: Path, cfg: EvalConfig, weights: dict[str, str], rec: dict) 
     for donor in sorted(out_dir.parent.parent.glob(f"*/{out_dir.name}")):
         if donor.resolve() == out_dir.resolve() or not (donor / "metrics.json").is_file():
             continue
+        # twins hold the same file under the same step folder: its record (a few bytes) says, before the donor's
+        # metrics.json (every cell of every checkpoint) is read; most siblings are no twins (every live scoring)
+        if not any(recorded_sha256(donor.parent / "checkpoints" / parse_entry(n)[0] / LORA_FILE) == sha
+                   for n, sha in wanted.items()):
+            continue
         theirs = _earlier(donor, cfg)
         by_sha = {(sha, parse_entry(e)[2]): e for e, sha in theirs.get("weights", {}).items()}
         for name, sha in list(wanted.items()):

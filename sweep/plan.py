@@ -23,7 +23,7 @@ from .config import SweepConfig, resolve_path
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-MEASURED = 40  # newest trial results read for measured step times
+MEASURED = 160  # newest trial results read for measured step times
 
 
 @dataclass
@@ -129,7 +129,7 @@ def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int) -> Pl
                   for g in planner.trainings([specs[i] for i in positions], conf.model, conf.data, fresh)]
     units.sort(key=min)
     batches = [sorted(i for u in units[k:k + batch_size] for i in u) for k in range(0, len(units), batch_size)]
-    packs, alone = [], []
+    packs, alone, times = [], [], {}
     for b, batch in enumerate(batches, 1):
         for positions in _by_base(jobs, batch).values():
             conf = jobs[positions[0]][1]
@@ -139,7 +139,7 @@ def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int) -> Pl
             for chunk in chunks:
                 pack = Pack(b, [Training(g[0].name, g[0].train.max_steps, [(s.name, s.train.max_steps) for s in g[1:]])
                                 for g in chunk], max(g[0].train.max_steps for g in chunk))
-                pack.ms_per_step, pack.source = _measured(conf, len(chunk))
+                pack.ms_per_step, pack.source = _measured(conf, len(chunk), times)
                 packs.append(pack)
     return Plan(len(jobs), packs, alone, batches)
 
@@ -154,15 +154,33 @@ def _by_base(jobs: list[tuple[str, SweepConfig | None]], positions) -> dict[tupl
     return out
 
 
-def _measured(conf: SweepConfig, size: int) -> tuple[float | None, str]:
+def _measured(conf: SweepConfig, size: int, cache: dict) -> tuple[float | None, str]:
     """A step's time for a pack of `size` trainings of this model at this resolution and batch, from the newest
     finished trials under the output folder: the median of those of this pack size, else scaled from the nearest
-    measured size (a step's time grows about in proportion to the trials it trains)."""
+    measured size (a step's time grows about in proportion to the trials it trains). The folder is read once per
+    plan and kind of trial (`cache`)."""
+    key = (conf.paths.root, conf.paths.output_dir, conf.model.name, conf.data.resolution, conf.train.batch_size,
+           conf.train.device)
+    if key not in cache:
+        cache[key] = _step_times(conf)
+    by_size = cache[key]
+    if not by_size:
+        return None, ""
+    near = min(by_size, key=lambda k: (abs(k - size), k))
+    ms = statistics.median(by_size[near])
+    where = f"{conf.model.name} at {conf.data.resolution} px"
+    if near == size:
+        return ms, f"measured: packs of {size} of {where}"
+    return ms * size / near, f"scaled from packs of {near} of {where}"
+
+
+def _step_times(conf: SweepConfig) -> dict[int, list[float]]:
+    """{pack size: ms per step} of the newest finished trials (sweep and single-run folders) like `conf`'s."""
     root = resolve_path(conf.paths, conf.paths.output_dir)
-    results = sorted(root.glob("*/*/result.json"), key=_mtime, reverse=True)[:MEASURED * 4]
-    results += sorted(root.glob("*/*/*/result.json"), key=_mtime, reverse=True)[:MEASURED * 4]
+    results = sorted([*root.glob("*/*/result.json"), *root.glob("*/*/*/result.json")], key=_mtime,
+                     reverse=True)[:MEASURED]
     by_size: dict[int, list[float]] = {}
-    for path in sorted(results, key=_mtime, reverse=True)[:MEASURED * 4]:
+    for path in results:
         try:
             res = json.loads(path.read_text())
             if res.get("status") != "finished" or not res.get("ms_per_step") or not res.get("pack_size"):
@@ -174,14 +192,7 @@ def _measured(conf: SweepConfig, size: int) -> tuple[float | None, str]:
             continue
         if same:
             by_size.setdefault(int(res["pack_size"]), []).append(float(res["ms_per_step"]))
-    if not by_size:
-        return None, ""
-    near = min(by_size, key=lambda k: (abs(k - size), k))
-    ms = statistics.median(by_size[near])
-    where = f"{conf.model.name} at {conf.data.resolution} px"
-    if near == size:
-        return ms, f"measured: packs of {size} of {where}"
-    return ms * size / near, f"scaled from packs of {near} of {where}"
+    return by_size
 
 
 def _mtime(p: Path) -> float:
