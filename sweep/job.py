@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from trainer.models import resolve_source, shared_pipeline
 
 from . import racing
 from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_typed
-from .launchers.packing import train
+from .launchers.packing import BATCH_ENV, train
 from .launchers.process import GPU_ENV
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
 from .plan import make_plan, trial_key
@@ -128,6 +129,9 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
     conf, out, name, link, tracker, tags = job.conf, job.out, job.name, job.link, job.tracker, job.tags
     if os.environ.get(GPU_ENV):  # pinned by hydra/launcher=processes with hydra.launcher.gpus
         tags["gpu"] = os.environ[GPU_ENV]
+    if os.environ.get(BATCH_ENV):  # the plan's batch it trained in (sweep/launchers/packing.py)
+        tags["batch"] = os.environ[BATCH_ENV]
+    tags["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # the process that ran it
     if link is not None:
         tags.update({"optuna.study": link.study.study_name, "optuna.trial": conf.optuna_trial})
     run_id = tracker.child_run(job.sweep, name, tags)

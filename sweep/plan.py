@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,30 @@ class Plan:
     packs: list[Pack]
     alone: list[tuple[str, str]]  # trials trained one by one through peft, and why
     batches: list[list[int]] = field(default_factory=list)  # the launcher's batches: positions in the job list
+    where: dict[int, str] = field(default_factory=dict)  # batch number (from 1) -> the worker that runs it
+    placement: str = ""  # how batches are given to workers
+    wall: float | None = None  # estimated seconds of training from start to end, batches running side by side
+
+    def batch_seconds(self, number: int) -> float | None:
+        known = [p.seconds for p in self.packs if p.batch == number]
+        return None if any(s is None for s in known) else sum(known)
+
+    def place_on(self, workers: list[str]) -> None:
+        """Batches handed in order to whichever of these workers frees up first (a GPU, a job process), as the
+        launcher does: where each is expected to run, from the estimated training times (equal where unknown)."""
+        free_at = [0.0] * len(workers)
+        for number in range(1, len(self.batches) + 1):
+            k = min(range(len(workers)), key=lambda w: (free_at[w], w))
+            self.where[number] = workers[k]
+            free_at[k] += self.batch_seconds(number) or 1.0
+        self.wall = max(free_at) if self.seconds() is not None and len(workers) > 1 else None
+        self.placement = (f"{len(workers)} at a time ({', '.join(workers)}); a batch goes to the first to free up, so "
+                          "the placement shown is the expected one" if len(workers) > 1 else "")
+
+    def label(self, name) -> None:
+        """Every batch its own worker, named by `name(batch number)` (a Ray task, a Slurm job)."""
+        self.where = {b: name(b) for b in range(1, len(self.batches) + 1)}
+        self.placement, self.wall = "", None
 
     @property
     def trainings(self) -> int:
@@ -67,15 +93,20 @@ class Plan:
         for k, p in enumerate(self.packs, 1):
             cost = (f", ~{_duration(p.seconds)} of training at {p.ms_per_step:.0f} ms/step ({p.source})"
                     if p.seconds is not None else "")
-            lines.append(f"  pack {k} (batch {p.batch}): {len(p.trainings)} training(s), {p.steps} steps{cost}")
+            on = f", {self.where[p.batch]}" if p.batch in self.where else ""
+            lines.append(f"  pack {k} (batch {p.batch}{on}): {len(p.trainings)} training(s), {p.steps} steps{cost}")
             for t in p.trainings:
                 also = "; ".join(f"{n} (its first {s} steps)" for n, s in t.serves)
                 lines.append(f"    {t.trial}: {t.steps} steps" + (f", also writes {also}" if also else ""))
         for name, why in self.alone:
             lines.append(f"  {name}: trains alone through peft ({why})")
+        if len(self.batches) > 1:
+            how = self.placement or ("each its own worker" if self.where else "one after another")
+            lines.append(f"{len(self.batches)} batches, {how}")
         total = self.seconds()
         if total is not None:
-            lines.append(f"estimated training time: {_duration(total)} (scoring comes on top)")
+            side = f", ~{_duration(self.wall)} from start to end side by side" if self.wall else ""
+            lines.append(f"estimated training time: {_duration(total)}{side} (scoring comes on top)")
         elif self.packs:
             lines.append("estimated training time: unknown until a step time is measured for this model, resolution "
                          "and pack size (any finished trial of it under outputs/ counts)")
@@ -83,8 +114,9 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"trials": self.trials, "trainings": self.trainings, "estimated_training_seconds": self.seconds(),
-                "packs": [{"batch": p.batch, "steps": p.steps, "ms_per_step": p.ms_per_step, "source": p.source,
-                           "estimated_seconds": p.seconds,
+                "estimated_wall_seconds": self.wall or self.seconds(), "placement": self.placement,
+                "packs": [{"batch": p.batch, "where": self.where.get(p.batch), "steps": p.steps,
+                           "ms_per_step": p.ms_per_step, "source": p.source, "estimated_seconds": p.seconds,
                            "trainings": [{"trial": t.trial, "steps": t.steps,
                                           "serves": [{"trial": n, "steps": s} for n, s in t.serves]}
                                          for t in p.trainings]} for p in self.packs],
@@ -93,7 +125,7 @@ class Plan:
     def write(self, sweep_dir: Path) -> Path:
         path = Path(sweep_dir) / PLAN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # launches may write at once
         tmp.write_text(json.dumps(self.as_dict(), indent=2))
         tmp.replace(path)
         return path

@@ -105,3 +105,31 @@ def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[
         yield server
     finally:
         server.stop()
+
+
+def trial_runs(client, experiment: str) -> list:
+    """The trials' MLflow runs (children of a sweep run) of this experiment; none before it exists."""
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags] if exp else []
+
+
+def kill_a_batch_mid_pack(proc: subprocess.Popen, cwd: Path, client, size: int,
+                          experiment: str = "sdxl-lora-sweep") -> tuple[str, int]:
+    """SIGKILL the process (a job process, a Ray worker) of the first batch of `size` trials that have all written
+    their step-2 checkpoint (mid-pack: they train on to a later step); returns (its batch number, its pid), read
+    from its trials' MLflow runs (tags `batch` and `worker` = host:pid)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        batches: dict[str, list] = {}
+        for r in trial_runs(client, experiment):
+            if "batch" in r.data.tags:
+                batches.setdefault(r.data.tags["batch"], []).append(r)
+        for batch, members in sorted(batches.items()):
+            if len(members) == size and all(
+                    list(cwd.glob(f"outputs/sweeps/*/{r.data.tags['trial_folder']}/checkpoints/step-000002"))
+                    for r in members):
+                pid = int(members[0].data.tags["worker"].rsplit(":", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                return batch, pid
+        time.sleep(0.1)
+    raise AssertionError(f"no batch of {size} reached its first checkpoints: {proc.communicate()[0][-5000:]}")

@@ -24,13 +24,14 @@ def test_cluster_presets_pick_the_launcher_and_the_shared_tracking_server(monkey
     assert local.hydra.launcher._target_.endswith("PackingLauncher") and local.tracking.uri is None
     gpus = composed("cluster=gpus")
     assert gpus.hydra.launcher._target_.endswith("ProcessLauncher") and gpus.hydra.launcher.gpus == "auto"
+    assert gpus.hydra.launcher.pack_size == 8 and gpus.hydra.launcher.max_retries == 1
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     ray = composed("cluster=ray")
     assert ray.hydra.launcher._target_.endswith("RayLauncher") and ray.hydra.launcher.num_gpus == 1
     assert ray.tracking.uri == "http://mlflow.internal:5000"
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     slurm = composed("cluster=slurm", "hydra.launcher.partition=gpu")
-    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.hydra.launcher._target_.endswith("PackedSlurmLauncher") and slurm.hydra.launcher.pack_size == 8
     assert (slurm.hydra.launcher.gpus_per_node, slurm.hydra.launcher.tasks_per_node) == (1, 1)
     assert slurm.hydra.launcher.partition == "gpu" and slurm.tracking.uri == "http://mlflow.internal:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -38,25 +39,33 @@ def test_cluster_presets_pick_the_launcher_and_the_shared_tracking_server(monkey
 
 
 @pytest.mark.slow
-def test_a_sweep_through_submitit_composes_each_job_on_its_node_into_one_sweep(tmp_path):
-    """Submitit pickles the sweep and composes every job's config again where the job runs (on a Slurm node);
-    the jobs must land in the launching command's sweep folder, under its MLflow parent run."""
+def test_a_sweep_through_submitit_trains_one_pack_per_job_composed_on_its_node_into_one_sweep(tmp_path):
+    """Submitit pickles the sweep and composes every job's config again where the batch runs (on a Slurm node);
+    three trials in packs of two are two submitit jobs, whose trials land in the launching command's sweep folder,
+    under its MLflow parent run."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("SDXL_SWEEP_FOLDER", None)
-    p = subprocess.run([sys.executable, "-m", "sweep", "-m", "lr=1e-4,5e-4", "steps=2", "train.checkpoint_every=2",
-                        "data.resolution=64", "progress=false", "tracking.system_metrics=false",
-                        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+    p = subprocess.run([sys.executable, "-m", "sweep", "-m", "lr=1e-4,5e-4,1e-5", "steps=2",
+                        "train.checkpoint_every=2", "data.resolution=64", "progress=false",
+                        "tracking.system_metrics=false", "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=10",
+                        "hydra.launcher.pack_size=2"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "pack 2 (batch 2, submitit job 2 of the array)" in p.stdout + p.stderr
     [sweep_dir] = (tmp_path / "outputs" / "sweeps").iterdir()  # one folder: the jobs did not make their own
-    assert len([d for d in sweep_dir.iterdir() if (d / "result.json").is_file()]) == 2
-    assert (sweep_dir / ".submitit").is_dir()
+    results = [json.loads((d / "result.json").read_text()) for d in sweep_dir.iterdir()
+               if (d / "result.json").is_file()]
+    assert sorted(r["pack_size"] for r in results) == [1, 2, 2]  # a pack of two, and one alone
+    jobs = [d for d in (sweep_dir / ".submitit").iterdir() if d.is_dir() and d.name != "%j"]  # %j: the array's own
+    assert len(jobs) == 2  # one submitit job per batch
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("sdxl-lora-sweep").experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["lr=0.0001", "lr=0.0005"]
+    assert sorted(r.info.run_name for r in children) == ["lr=0.0001", "lr=0.0005", "lr=1e-05"]
+    assert sorted(r.data.tags["batch"] for r in children) == ["1", "1", "2"]
+    assert len({r.data.tags["worker"] for r in children}) == 2  # a process per batch
     assert all(r.info.status == "FINISHED" for r in children) and parent.info.status == "FINISHED"
     selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
     assert c.get_model_version_by_alias("sdxl-lora-champion", "champion").tags["trial"] == \

@@ -249,7 +249,8 @@ def test_eight_trial_processes_log_to_one_server_and_lose_nothing(tmp_path):
     with postgres("mlflow") as urls, mlflow_server(tmp_path / "server", urls["mlflow"]) as srv:
         p = sweep("-m", f"lr={','.join(lrs)}", "steps=2", "train.checkpoint_every=2", "data.resolution=64",
                   "progress=false", "tracking.system_metrics=false", "hydra/launcher=processes",
-                  "hydra.launcher.n_workers=8", f"tracking.uri={srv.uri}", cwd=tmp_path, timeout=1500)
+                  "hydra.launcher.n_workers=8", "hydra.launcher.pack_size=1", f"tracking.uri={srv.uri}", cwd=tmp_path,
+                  timeout=1500)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         c = MlflowClient(srv.uri)
         exp = c.get_experiment_by_name("sdxl-lora-sweep")

@@ -16,6 +16,8 @@ from sweep.plan import make_plan
 from sweep.results import collect, load_config
 from sweep.selection import select
 
+from .services import kill_a_batch_mid_pack, trial_runs
+
 
 SCALE = ["train.checkpoint_every=10", "data.resolution=64", "progress=false"]
 
@@ -57,6 +59,29 @@ def test_a_training_and_the_trials_it_serves_are_never_split_over_launcher_batch
     assert cosine.trainings == 3 and len(cosine.packs) == 1 and cosine.packs[0].steps == 30
     assert "plan: 3 trial(s) in 3 training(s), 1 pack(s)" in cosine.text()
 
+
+
+def test_batches_go_to_the_worker_that_frees_up_first_by_their_estimated_time():
+    """Six trials of three lengths in batches of two trainings on two GPUs: the plan places each batch where the
+    launcher's queue will (the first GPU to free up), from the measured step time, and states both the GPU time
+    and the time side by side."""
+    jobs = [_job(lr, steps, "cosine") for lr, steps in ((1e-4, 300), (2e-4, 300), (1e-4, 100), (2e-4, 100),
+                                                        (1e-4, 50), (2e-4, 50))]
+    plan = make_plan(jobs, 2)
+    assert [len(b) for b in plan.batches] == [2, 2, 2]
+    for p in plan.packs:
+        p.ms_per_step, p.source = 100.0, "measured"
+    plan.place_on(["GPU 0", "GPU 1"])
+    # batch 1 (30 s) on GPU 0, batch 2 (10 s) on GPU 1, batch 3 (5 s) on GPU 1 again, which is free at 10 s
+    assert plan.where == {1: "GPU 0", 2: "GPU 1", 3: "GPU 1"}
+    assert plan.seconds() == 45 and plan.wall == 30
+    text = plan.text()
+    assert "pack 3 (batch 3, GPU 1): 2 training(s), 50 steps" in text
+    assert "estimated training time: 45 s, ~30 s from start to end side by side" in text
+    assert "3 batches, 2 at a time (GPU 0, GPU 1)" in text
+    assert [p["where"] for p in plan.as_dict()["packs"]] == ["GPU 0", "GPU 1", "GPU 1"]
+    plan.label(lambda b: f"Ray task {b}")
+    assert plan.where == {1: "Ray task 1", 2: "Ray task 2", 3: "Ray task 3"}
 
 @pytest.mark.slow
 def test_step_counts_under_a_constant_schedule_train_once_per_learning_rate(tmp_path):
@@ -114,3 +139,42 @@ def test_step_counts_under_a_constant_schedule_train_once_per_learning_rate(tmp_
     assert "plan: 6 trial(s) in 3 training(s), 1 pack(s)" in out, out[-3000:]
     assert "ms/step (scaled from packs of 2 of tiny at 64 px)" in out and "estimated training time: " in out
     assert len(list((tmp_path / "grid" / "outputs").glob("sweeps/*/*/checkpoints/*"))) == ckpts  # nothing trained
+
+
+SIX = "lr=1e-4,2e-4,3e-4,4e-4,5e-4,6e-4"
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_two_packs_of_three_at_once_and_a_killed_one_resumes(tmp_path):
+    """hydra/launcher=processes with two workers and pack_size=3: six compatible trials are two batches, each a pack
+    of three in a process of its own, both at once. One process is killed mid-pack: a new one runs its batch again,
+    its three trials resume from their checkpoints into their own MLflow runs, the other batch is untouched."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", "-m", SIX, "steps=6", "train.checkpoint_every=2",
+                             "data.resolution=64", "progress=false", "hydra/launcher=processes",
+                             "hydra.launcher.n_workers=2", "hydra.launcher.pack_size=3"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    killed, pid = kill_a_batch_mid_pack(proc, tmp_path, client, size=3)
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-5000:]
+    assert "2 batches, 2 at a time (process 1, process 2)" in out and "pack 2 (batch 2, process 2)" in out
+    assert f"batch {killed}: its process ended abnormally" in out and "retry 1 of 1" in out
+    [folder] = (tmp_path / "outputs" / "sweeps").iterdir()
+    plan = json.loads((folder / "plan.json").read_text())
+    assert [(p["batch"], p["where"], len(p["trainings"])) for p in plan["packs"]] == [
+        (1, "process 1", 3), (2, "process 2", 3)]
+    children = trial_runs(client, "sdxl-lora-sweep")
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)  # one run per trial
+    by_batch = {b: [r for r in children if r.data.tags["batch"] == b] for b in ("1", "2")}
+    assert {b: len(rs) for b, rs in by_batch.items()} == {"1": 3, "2": 3}
+    spans = {b: (min(r.info.start_time for r in rs), max(r.info.end_time for r in rs)) for b, rs in by_batch.items()}
+    assert spans["1"][0] < spans["2"][1] and spans["2"][0] < spans["1"][1]  # the two packs trained at once
+    for b, rs in by_batch.items():
+        results = [json.loads((folder / r.data.tags["trial_folder"] / "result.json").read_text()) for r in rs]
+        assert all(res["status"] == "finished" and res["pack_size"] == 3 for res in results)
+        if b == killed:  # each resumed from its own checkpoint, in a new process
+            assert all(res["resumed_from"] in (2, 4) for res in results), results
+            assert all(int(r.data.tags["worker"].rsplit(":", 1)[1]) != pid for r in rs)
+        else:
+            assert all(not res.get("resumed_from") for res in results)

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from .services import free_port, mlflow_server, postgres
+from .services import free_port, kill_a_batch_mid_pack, mlflow_server, postgres
 
 pytest.importorskip("ray", reason="hydra/launcher=ray needs Ray: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -128,7 +128,7 @@ def test_ray_cluster_runs_the_sweep_into_mlflow_and_registers_a_champion(tmp_pat
               env={"MLFLOW_TRACKING_URI": server.uri})
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-5000:]
-    assert "(sweep-job-0 pid=" in out  # the trial's output, forwarded from its Ray worker
+    assert "(sweep-batch-0-1 pid=" in out  # the trials' output, forwarded from their Ray worker: one task, one pack
     c = MlflowClient(server.uri)
     [parent], children = runs(c, "ray-grid")
     assert parent.info.status == "FINISHED"
@@ -139,6 +139,7 @@ def test_ray_cluster_runs_the_sweep_into_mlflow_and_registers_a_champion(tmp_pat
         assert [m.step for m in c.get_metric_history(r.info.run_id, "clip_t")] == [2, 4]
         assert len(c.get_metric_history(r.info.run_id, "train_loss")) == 4
         assert "gpu" not in r.data.tags  # a cluster without GPUs: none reserved
+        assert r.data.tags["batch"] == "1"
     champ = c.get_model_version_by_alias("ray-grid", "champion")
     sweep_dir = Path(parent.data.tags["sweep_dir"])
     assert sweep_dir.is_relative_to(tmp_path / "outputs" / "sweeps")
@@ -146,53 +147,58 @@ def test_ray_cluster_runs_the_sweep_into_mlflow_and_registers_a_champion(tmp_pat
     assert parent.data.tags["registry.champion_version"] == str(champ.version)
 
 
-def kill_a_worker_mid_trial(proc: subprocess.Popen, cwd: Path) -> int:
-    """SIGKILL the Ray worker of the first trial to write its first checkpoint; returns that trial's job number.
-    Ray titles a worker's process ray::<task name> while it runs the task: sweep-job-<n>."""
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        for ckpt in cwd.glob("outputs/sweeps/*/*_*/checkpoints/step-000002"):
-            n = int(ckpt.parents[1].name.split("_", 1)[0])
-            [worker] = [w for w in psutil.process_iter(["cmdline"])
-                        if (w.info["cmdline"] or [""])[0].strip() == f"ray::sweep-job-{n}"]
-            worker.send_signal(signal.SIGKILL)
-            return n
-        time.sleep(0.1)
-    raise AssertionError(f"no trial reached its first checkpoint: {proc.communicate()[0][-5000:]}")
-
-
-def test_a_killed_worker_is_retried_and_its_trial_resumes(tmp_path, cluster, server):
-    proc = sweep(GRID, *LONGER, *on_ray(cluster, server, "ray-retried"), "hydra.launcher.max_retries=1",
-                 cwd=tmp_path, wait=False)
-    killed = kill_a_worker_mid_trial(proc, tmp_path)
+def test_a_killed_worker_is_retried_and_its_pack_resumes(tmp_path, cluster, server):
+    """Six compatible trials in packs of three: two Ray tasks, both at once on the two-CPU cluster. One task's
+    worker is killed mid-pack: Ray runs the task again, and each of its three trials resumes from its checkpoint
+    into its own MLflow run; the other task's trials are untouched."""
+    proc = sweep("lr=1e-4,2e-4,3e-4,4e-4,5e-4,6e-4", *LONGER, *on_ray(cluster, server, "ray-retried"),
+                 "hydra.launcher.max_retries=1", "hydra.launcher.pack_size=3", cwd=tmp_path, wait=False)
+    c = MlflowClient(server.uri)
+    killed, pid = kill_a_batch_mid_pack(proc, tmp_path, c, size=3, experiment="ray-retried")
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-5000:]
-    [folder] = tmp_path.glob(f"outputs/sweeps/*/{killed}_*")
-    assert json.loads((folder / "result.json").read_text())["resumed_from"] in (2, 4)
-    [parent], children = runs(MlflowClient(server.uri), "ray-retried")
-    assert len(children) == 3  # the retried trial reopened its own run
+    assert "pack 2 (batch 2, Ray task sweep-batch-0-2)" in out
+    [parent], children = runs(c, "ray-retried")
+    assert len(children) == 6  # the retried trials reopened their own runs
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+    by_batch = {b: [r for r in children if r.data.tags["batch"] == b] for b in ("1", "2")}
+    spans = {b: (min(r.info.start_time for r in rs), max(r.info.end_time for r in rs)) for b, rs in by_batch.items()}
+    assert spans["1"][0] < spans["2"][1] and spans["2"][0] < spans["1"][1]  # the two packs trained at once
+    for b, rs in by_batch.items():
+        results = [json.loads(next(tmp_path.glob(f"outputs/sweeps/*/{r.data.tags['trial_folder']}/result.json"))
+                              .read_text()) for r in rs]
+        assert len(rs) == 3 and all(res["status"] == "finished" and res["pack_size"] == 3 for res in results)
+        if b == killed:
+            assert all(res["resumed_from"] in (2, 4) for res in results), results
+            assert all(int(r.data.tags["worker"].rsplit(":", 1)[1]) != pid for r in rs)  # a new worker
+        else:
+            assert all(not res.get("resumed_from") for res in results)
 
 
-def test_a_killed_worker_without_retries_is_reported_failed_by_name(tmp_path, cluster, server):
+def test_a_killed_worker_without_retries_reports_each_trial_of_its_pack_failed_by_name(tmp_path, cluster, server):
+    """Three trials in packs of two: the pack's worker is killed and not retried; both its trials are reported lost
+    by name, the third trial (the other task) finishes and is selected."""
     proc = sweep(GRID, *LONGER, *on_ray(cluster, server, "ray-lost"), "hydra.launcher.max_retries=0",
-                 cwd=tmp_path, wait=False)
-    killed = kill_a_worker_mid_trial(proc, tmp_path)
+                 "hydra.launcher.pack_size=2", cwd=tmp_path, wait=False)
+    c = MlflowClient(server.uri)
+    killed, _ = kill_a_batch_mid_pack(proc, tmp_path, c, size=2, experiment="ray-lost")
     out = proc.communicate(timeout=900)[0]
-    assert proc.returncode == 1, out[-5000:]  # the sweep ended, selected among the others, and says one failed
-    assert f"job #{killed} (" in out and "is lost: worker died" in out
-    assert "hydra.launcher.max_retries=0 retries used" in out and "1 trial(s) failed" in out
-    [folder] = tmp_path.glob(f"outputs/sweeps/*/{killed}_*")
-    result = json.loads((folder / "result.json").read_text())  # written by the sweep's end, for the lost trial
-    assert result["status"] == "failed" and result["lost"] and "resume=true" in result["error"]
-    [parent], children = runs(MlflowClient(server.uri), "ray-lost")
-    lost = [r for r in children if r.data.tags["trial_folder"] == folder.name]
-    others = [r for r in children if r.data.tags["trial_folder"] != folder.name]
-    assert len(others) == 2 and all(r.info.status == "FINISHED" for r in others)  # the rest of the batch ran
-    assert [r.info.status for r in lost] == ["FAILED"] and "process killed" in lost[0].data.tags["failure_reason"]
-    assert parent.info.status == "FAILED" and parent.data.tags["trials.failed"] == "1"
+    assert proc.returncode == 1, out[-5000:]  # the sweep ended, selected among the others, and says two failed
+    assert out.count("is lost: worker died") == 2 and "2 trial(s) failed" in out
+    assert "hydra.launcher.max_retries=0 retries used" in out
+    [parent], children = runs(c, "ray-lost")
+    lost = [r for r in children if r.data.tags["batch"] == killed]
+    [other] = [r for r in children if r.data.tags["batch"] != killed]
+    assert len(lost) == 2 and other.info.status == "FINISHED"  # the rest of the sweep ran
+    for r in lost:
+        assert f"job #{r.data.tags['trial_folder'].split('_', 1)[0]} (" in out
+        [folder] = tmp_path.glob(f"outputs/sweeps/*/{r.data.tags['trial_folder']}")
+        result = json.loads((folder / "result.json").read_text())  # written by the sweep's end, for the lost trial
+        assert result["status"] == "failed" and result["lost"] and "resume=true" in result["error"]
+        assert r.info.status == "FAILED" and "process killed" in r.data.tags["failure_reason"]
+    assert parent.info.status == "FAILED" and parent.data.tags["trials.failed"] == "2"
     selection = json.loads(next(tmp_path.glob("outputs/sweeps/*/report/selection.json")).read_text())
-    assert selection["champion"]["trial"] in {r.info.run_name for r in others}
+    assert selection["champion"]["trial"] == other.info.run_name
 
 
 def test_an_optuna_search_shares_its_study_on_postgresql_with_the_ray_workers(tmp_path, cluster, server, databases):

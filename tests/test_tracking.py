@@ -226,19 +226,23 @@ def test_killed_sweep_resumes_without_retraining_and_picks_the_same_champion(tmp
 
 
 def test_one_process_per_gpu_each_pinned_to_a_free_one(tmp_path):
-    """hydra.launcher.gpus=[0,1]: four jobs, two at a time, each in its own process pinned to a GPU taken from the
-    free ones (the devices are only named here: the trials train on the CPU). Runs that overlap in time never
-    share a GPU, both GPUs are used, and each MLflow run records its GPU."""
+    """hydra.launcher.gpus=[0,1] pack_size=2: four jobs in two batches, each batch in its own process pinned to a GPU
+    taken from the free ones (the devices are only named here: the trials train on the CPU). Batches that overlap in
+    time never share a GPU, both GPUs are used, and each MLflow run records its GPU and batch."""
     p = sweep("-m", "lr=1e-4,2e-4,3e-4,4e-4", *SMALL, "train.device=cpu", "hydra/launcher=processes",
-              "hydra.launcher.gpus=[0,1]", cwd=tmp_path)
+              "hydra.launcher.gpus=[0,1]", "hydra.launcher.pack_size=2", cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     _, children = runs(client(tmp_path))
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["gpu"] for r in children} == {"0", "1"}
-    spans = [(r.info.start_time, r.info.end_time, r.data.tags["gpu"]) for r in children]
-    for i, (s1, e1, g1) in enumerate(spans):
-        for s2, e2, g2 in spans[i + 1:]:
-            if s1 < e2 and s2 < e1:  # ran at the same time
+    assert sorted(r.data.tags["batch"] for r in children) == ["1", "1", "2", "2"]
+    for b in ("1", "2"):  # a batch: one process, one GPU
+        mine = [r for r in children if r.data.tags["batch"] == b]
+        assert len({(r.data.tags["gpu"], r.data.tags["worker"]) for r in mine}) == 1
+    spans = [(r.info.start_time, r.info.end_time, r.data.tags["gpu"], r.data.tags["batch"]) for r in children]
+    for i, (s1, e1, g1, b1) in enumerate(spans):
+        for s2, e2, g2, b2 in spans[i + 1:]:
+            if b1 != b2 and s1 < e2 and s2 < e1:  # other batches that ran at the same time
                 assert g1 != g2, spans
     assert "runs on GPU" in p.stdout + p.stderr
 

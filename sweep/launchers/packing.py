@@ -10,13 +10,16 @@ all arrived trials in one `trainer.train` call, which packs the compatible ones 
 the rest one by one. Each job then takes its turn again and records its own result. Checkpoint hooks (live
 scoring, Optuna pruning) run inside that call, each with its own trial's adapter on the UNet.
 
-Outside such a launcher (a single run, the basic or process launcher) `train` here is `trainer.train`."""
+The launchers that spread a sweep over processes, GPUs, Ray tasks or Slurm jobs plan it the same way
+(`plan_jobs`) and run each batch through `run_batch` in a process of their own. Outside a batch (a single run,
+the basic launcher) `train` here is `trainer.train`."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
@@ -25,12 +28,13 @@ from trainer import train as _train_now
 
 from ..config import typed_job
 from ..logs import for_trial
-from ..plan import make_plan, trial_key
+from ..plan import Plan, make_plan, trial_key
 
 log = logging.getLogger(__name__)
 
 _TURN = threading.RLock()  # one job thread at a time runs outside the shared training call
 _LOCAL = threading.local()
+BATCH_ENV = "SDXL_SWEEP_BATCH"  # the plan's batch a job ran in (recorded on its MLflow run)
 
 
 class Rendezvous:
@@ -103,9 +107,7 @@ class PackingLauncher:
     all the trials it serves, whose jobs train as one pack where compatible."""
 
     def __init__(self, pack_size: int = 8):
-        if pack_size < 1:
-            raise ValueError(f"hydra.launcher.pack_size={pack_size}: needs at least 1")
-        self.pack_size = pack_size
+        self.pack_size = check_pack_size(pack_size)
         self.config: DictConfig | None = None
         self.hydra_context = None
         self.task_function = None
@@ -114,74 +116,106 @@ class PackingLauncher:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        from hydra.core.utils import configure_log, filter_overrides, setup_globals
+        from hydra.core.utils import configure_log, setup_globals
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        plan = self._plan(jobs)
+        plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size)
         if plan is None:  # plan_only=true
             return []
         log.info("Launching %d jobs, up to %d trainings together", len(jobs), self.pack_size)
-        returns: dict[int, object] = {}
-        for positions in plan.batches:
-            batch = [jobs[i] for i in positions]
-            for idx, o in batch:
-                log.info("\t#%d : %s", idx, " ".join(filter_overrides(o)))
-            rv = Rendezvous(len(batch))
-            out: list = [None] * len(batch)
-            threads = [threading.Thread(target=self._job, args=(rv, idx, o, out, i), name=f"job-{idx}")
-                       for i, (idx, o) in enumerate(batch)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        outs = []
+        for number, positions in enumerate(plan.batches, 1):
+            out = run_batch(self.hydra_context, self.config, self.task_function, [jobs[i] for i in positions], number)
             for r in out:
                 if isinstance(r, BaseException):
                     raise r
-            returns.update(zip(positions, out))
-        return [returns[i] for i in sorted(returns)]  # in the order Hydra gave the jobs
+            outs.append(out)
+        return in_launch_order(plan, outs)
 
-    def _plan(self, jobs: list[tuple[int, list[str]]]):
-        """The plan of these jobs (sweep/plan.py: trainings, batches of at most pack_size trainings, packs),
-        printed and written to the sweep folder; None with plan_only=true (then no job runs). A job whose config is
-        unusable is planned as a batch of its own (it fails on its own when it runs)."""
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        planned, only = [], False
-        for idx, o in jobs:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(o))
-            try:
-                conf = typed_job(cfg)
-            except UserError:
-                conf = None
-            only = only or bool(conf and conf.plan_only)
-            planned.append((trial_key(o, sweep_dir) or f"job{idx}", conf))
-        plan = make_plan(planned, self.pack_size)
-        log.info("%s\n(written to %s)", plan.text(), plan.write(sweep_dir))
-        if only:
-            log.info("plan_only=true: nothing trained; run the same command without it to train")
-            return None
-        return plan
 
-    def _job(self, rv: Rendezvous, idx: int, overrides: list[str], out: list, slot: int) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.core.utils import run_job
-        from omegaconf import open_dict
+def check_pack_size(pack_size: int) -> int:
+    if pack_size < 1:
+        raise ValueError(f"hydra.launcher.pack_size={pack_size}: needs at least 1 (1 trains every job on its own)")
+    return pack_size
 
-        _LOCAL.rendezvous, _LOCAL.arrived = rv, False
+
+def in_launch_order(plan: Plan, outs: list[list]) -> list:
+    """One result per job, in the order Hydra gave the jobs, from one list of results per batch of the plan."""
+    returns = {i: r for positions, out in zip(plan.batches, outs) for i, r in zip(positions, out)}
+    return [returns[i] for i in sorted(returns)]
+
+
+def plan_jobs(hydra_context, config: DictConfig, jobs: list[tuple[int, list[str]]], pack_size: int,
+              place: Callable[[Plan], None] | None = None) -> Plan | None:
+    """The plan of these jobs (sweep/plan.py: trainings, batches of at most pack_size trainings, packs), placed on
+    the launcher's workers (`place`), printed and written to the sweep folder; None with plan_only=true (then no
+    job runs). A job whose config is unusable is planned as a batch of its own (it fails on its own when it runs).
+    A search's one-trial launches are planned without a word (a plan of one trial, again and again, says nothing)."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    planned, only = [], False
+    for idx, o in jobs:
+        cfg = hydra_context.config_loader.load_sweep_config(config, list(o))
         try:
-            with _TURN:  # as Hydra's basic launcher does it, one job at a time
-                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-                with open_dict(cfg):
-                    cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
-                    cfg.hydra.job.num = idx
-                HydraConfig.instance().set_config(cfg)
-                out[slot] = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
-                                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-        except BaseException as exc:  # noqa: BLE001 - handed to the launching thread, which raises it
-            out[slot] = exc
-        finally:
-            if not _LOCAL.arrived:
-                rv.leave()
-            _LOCAL.rendezvous = None
+            conf = typed_job(cfg)
+        except UserError:
+            conf = None
+        only = only or bool(conf and conf.plan_only)
+        planned.append((trial_key(o, sweep_dir) or f"job{idx}", conf))
+    plan = make_plan(planned, pack_size)
+    if place is not None:
+        place(plan)
+    searching = len(jobs) == 1 and any(o.startswith("optuna_trial=") for o in jobs[0][1])
+    if not searching or only:
+        log.info("%s\n(written to %s)", plan.text(), plan.write(sweep_dir))
+    if only:
+        log.info("plan_only=true: nothing trained; run the same command without it to train")
+        return None
+    return plan
+
+
+def run_batch(hydra_context, config: DictConfig, task_function, batch: list[tuple[int, list[str]]],
+              number: int) -> list:
+    """The jobs of one batch of the plan (number: its place in the plan, recorded on each trial's MLflow run), each
+    in a thread of this process through Hydra's `run_job`, training together where they would train. One
+    JobReturn per job, or the exception that ended its thread outside the task."""
+    from hydra.core.utils import filter_overrides
+
+    os.environ[BATCH_ENV] = str(number)
+    for idx, o in batch:
+        log.info("\t#%d : %s (batch %d)", idx, " ".join(filter_overrides(o)), number)
+    rv = Rendezvous(len(batch))
+    out: list = [None] * len(batch)
+    threads = [threading.Thread(target=_job, args=(hydra_context, config, task_function, rv, idx, o, out, i),
+                                name=f"job-{idx}") for i, (idx, o) in enumerate(batch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _job(hydra_context, config, task_function, rv: Rendezvous, idx: int, overrides: list[str], out: list,
+         slot: int) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import run_job
+    from omegaconf import open_dict
+
+    _LOCAL.rendezvous, _LOCAL.arrived = rv, False
+    try:
+        with _TURN:  # as Hydra's basic launcher does it, one job at a time
+            cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
+                cfg.hydra.job.num = idx
+            HydraConfig.instance().set_config(cfg)
+            out[slot] = run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
+                                job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises or reports it
+        out[slot] = exc
+    finally:
+        if not _LOCAL.arrived:
+            rv.leave()
+        _LOCAL.rendezvous = None

@@ -1,13 +1,18 @@
-"""A Hydra launcher that runs every job in a fresh process, up to `n_workers` at a time.
+"""A Hydra launcher that runs the sweep's batches (sweep/plan.py) each in a fresh process, up to `n_workers` at a
+time: the jobs of a batch train together as packs in their process, as in hydra/launcher=packed
+(sweep/launchers/packing.py), so every GPU trains a pack, not one trial. `pack_size=1` runs every job alone.
 
-With `gpus` (a list of device indices, or "auto" for every visible GPU), each job process is pinned to one GPU
-of its own (CUDA_VISIBLE_DEVICES), taken from a pool of free ones and given back when the job ends, so the next
-job starts on whichever GPU frees up first (not `job number % GPUs`, which collides when jobs end out of order).
+With `gpus` (a list of device indices, or "auto" for every visible GPU), each batch's process is pinned to one GPU
+of its own (CUDA_VISIBLE_DEVICES), taken from a pool of free ones and given back when the batch ends, so the next
+batch starts on whichever GPU frees up first (not `batch number % GPUs`, which collides when batches end out of
+order). The plan shows where each batch is expected to run; each trial's MLflow run records where it ran.
 
-A job's process holds its own models and accelerator state and gives all memory back when it ends; a job that
-crashes (or is killed) fails alone. The sweeper hands over one job per call (Optuna workers) or many (the grid);
-either way each job starts as soon as a worker is free. A job process ends itself if the launching process
-dies, so an interrupted sweep leaves nothing training behind."""
+A batch's process holds its own models and accelerator state and gives all memory back when it ends. A process
+that dies (killed, out of memory) is started again for its batch, up to `max_retries` times: finished trials are
+skipped and the others resume from their checkpoints; after that its trials are each reported lost by name and the
+other batches go on. The sweeper hands over one job per call (Optuna workers) or many (the grid); either way each
+batch starts as soon as a worker is free. A batch's process ends itself if the launching process dies, so an
+interrupted sweep leaves nothing training behind."""
 from __future__ import annotations
 
 import json
@@ -27,6 +32,7 @@ from omegaconf import DictConfig
 from .. import register_resolvers
 from ..results import LOST_FILE
 from . import resume
+from .packing import check_pack_size, in_launch_order, plan_jobs, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +58,16 @@ def resolve_gpus(gpus) -> list[int]:
 
 
 class ProcessPoolLauncher:
-    def __init__(self, n_workers: int = 2, gpus=None):
+    def __init__(self, n_workers: int = 2, gpus=None, pack_size: int = 8, max_retries: int = 1):
         if n_workers < 1:
             raise ValueError(f"hydra.launcher.n_workers={n_workers}: needs at least 1")
+        if max_retries < 0:
+            raise ValueError(f"hydra.launcher.max_retries={max_retries}: give 0 (the trials of a process that dies "
+                             "fail) or more (a new process runs them again; they resume from their checkpoints)")
         self.gpus = resolve_gpus(gpus)
-        self.n_workers = len(self.gpus) if self.gpus else n_workers  # one job per GPU
+        self.n_workers = len(self.gpus) if self.gpus else n_workers  # one batch per GPU
+        self.pack_size = check_pack_size(pack_size)
+        self.max_retries = max_retries
         self.config: DictConfig | None = None
         self.hydra_context = None
         self.task_function = None
@@ -69,39 +80,51 @@ class ProcessPoolLauncher:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
-        from hydra.core.utils import filter_overrides
-
         sweep_dir, state = prepare_launch(self.config)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        for idx, o in jobs:
-            log.info("\t#%d : %s (own process)", idx, " ".join(filter_overrides(o)))
-        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-            return list(pool.map(lambda job: self._one(job[0], job[1], state, sweep_dir.name), jobs))
+        workers = [f"GPU {g}" for g in self.gpus] or [f"process {k + 1}" for k in range(self.n_workers)]
+        plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size, lambda p: p.place_on(workers))
+        if plan is None:  # plan_only=true
+            return []
+        batches = [(number, [jobs[i] for i in positions]) for number, positions in enumerate(plan.batches, 1)]
+        with ThreadPoolExecutor(max_workers=max(1, len(batches))) as pool:
+            outs = list(pool.map(lambda b: self._batch(b[0], b[1], state, sweep_dir), batches))
+        return in_launch_order(plan, outs)
 
-    def _one(self, idx: int, overrides: list[str], state, sweep_name: str):
+    def _batch(self, number: int, batch: list[tuple[int, list[str]]], state, sweep_dir: Path) -> list:
+        """One batch of the plan in a process of its own (on a free GPU), run again in a new process if that one dies
+        (its trials resume from their checkpoints; finished ones are skipped), at most max_retries times."""
         with self._slots:  # at most n_workers job processes, whoever calls
             gpu = self._free.get() if self.gpus else None  # the first GPU to free up
             try:
-                if gpu is not None:
-                    log.info("job #%d runs on GPU %d", idx, gpu)
-                ctx = multiprocessing.get_context("spawn")
-                # pinned by the initializer: it runs before the job's arguments are unpickled, and unpickling them
-                # imports modules that may start CUDA, after which CUDA_VISIBLE_DEVICES no longer counts
-                with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=pin_gpu, initargs=(gpu,)) as ex:
-                    fut = ex.submit(execute_job, idx, overrides, self.hydra_context, self.config, state,
-                                    self.task_function, sweep_name, os.getpid(), self._threads(), gpu)
+                for attempt in range(self.max_retries + 1):
+                    if gpu is not None:
+                        log.info("batch %d (%d job(s)) runs on GPU %d", number, len(batch), gpu)
                     try:
-                        status, value = fut.result()
-                    except Exception as exc:  # the process died (killed, out of memory): this job is lost
-                        return lost_job(Path(str(self.config.hydra.sweep.dir)), idx, overrides,
-                                        f"its process ended abnormally ({type(exc).__name__}: {exc})")
+                        outcome = self._process(number, batch, state, sweep_dir.name, gpu)
+                        break
+                    except Exception as exc:  # the process died (killed, out of memory)
+                        why = f"its process ended abnormally ({type(exc).__name__}: {exc})"
+                        if attempt == self.max_retries:
+                            return [lost_job(sweep_dir, idx, o, f"{why}; hydra.launcher.max_retries={self.max_retries}"
+                                                                " retries used") for idx, o in batch]
+                        log.warning("batch %d: %s; a new process runs it again (retry %d of %d), its trials resume "
+                                    "from their last checkpoints", number, why, attempt + 1, self.max_retries)
             finally:
                 if gpu is not None:
                     self._free.put(gpu)
-        return _job_return(overrides, status, value)
+        return [job_return(sweep_dir, idx, o, status, value) for (idx, o), (status, value) in zip(batch, outcome)]
+
+    def _process(self, number: int, batch: list, state, sweep_name: str, gpu: int | None) -> list:
+        ctx = multiprocessing.get_context("spawn")
+        # pinned by the initializer: it runs before the job's arguments are unpickled, and unpickling them
+        # imports modules that may start CUDA, after which CUDA_VISIBLE_DEVICES no longer counts
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=pin_gpu, initargs=(gpu,)) as ex:
+            return ex.submit(execute_batch, number, batch, self.hydra_context, self.config, state, self.task_function,
+                             sweep_name, os.getpid(), self._threads(), gpu).result()
 
     def _threads(self) -> int:
-        """CPU threads per job: the cores shared out, so that parallel CPU jobs do not oversubscribe them."""
+        """CPU threads per job process: the cores shared out, so that parallel CPU jobs do not oversubscribe them."""
         return max(1, (os.cpu_count() or 1) // self.n_workers)
 
 
@@ -134,6 +157,13 @@ def lost_job(sweep_dir: Path, idx: int, overrides: list[str], why: str):
     return _job_return(overrides, "COMPLETED", math.nan)
 
 
+def job_return(sweep_dir: Path, idx: int, overrides: list[str], status: str, value):
+    """A job's outcome from its batch's process as Hydra's JobReturn; a job that broke outside its task is lost."""
+    if status == "ERROR":
+        return lost_job(sweep_dir, idx, overrides, value)
+    return _job_return(overrides, status, value)
+
+
 def _job_return(overrides: list[str], status: str, value):
     from hydra.core.utils import JobReturn, JobStatus
 
@@ -149,25 +179,24 @@ def pin_gpu(gpu: int | None) -> None:
         os.environ[GPU_ENV] = str(gpu)
 
 
-def execute_job(idx, overrides, hydra_context, config, singleton_state, task_function, sweep_name, parent_pid,
-                threads, gpu=None, cwd=None):
-    """In the job's process: the job's config composed as Hydra's own launchers do, then the task. Returns
-    (status name, return value or exception): the JobReturn itself holds config classes that do not pickle.
+def execute_batch(number, batch, hydra_context, config, singleton_state, task_function, sweep_name, parent_pid,
+                  threads, gpu=None, cwd=None) -> list[tuple[str, object]]:
+    """In the batch's process: its jobs, composed as Hydra's own launchers do, training together
+    (packing.run_batch). Returns (status name, return value or error) per job: a JobReturn holds config classes
+    that do not pickle; status "ERROR" is a job that broke outside its task (its message as value).
     parent_pid None: no watch on the launching process (a Ray worker's parent is its raylet, which ends it).
     cwd: the launching process's working directory, which relative paths (paths.root=".") are read against.
     gpu: the GPU `pin_gpu` made the only one visible (the process pool's initializer), checked here."""
     if cwd is not None:
         os.chdir(cwd)
     import torch
-    from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
-    from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
+    from hydra.core.utils import setup_globals
     from omegaconf.omegaconf import register_default_resolvers
 
     if gpu is not None and torch.cuda.is_available() and torch.cuda.device_count() != 1:
-        raise RuntimeError(f"job #{idx} was to see GPU {gpu} alone but sees {torch.cuda.device_count()} GPUs: CUDA "
-                           "started before CUDA_VISIBLE_DEVICES was set")
+        raise RuntimeError(f"batch {number} was to see GPU {gpu} alone but sees {torch.cuda.device_count()} GPUs: "
+                           "CUDA started before CUDA_VISIBLE_DEVICES was set")
     if parent_pid is not None:
         _watch_parent(parent_pid)
     torch.set_num_threads(threads)
@@ -176,17 +205,16 @@ def execute_job(idx, overrides, hydra_context, config, singleton_state, task_fun
     setup_globals()
     register_resolvers()
     resume.use_folder(sweep_name)  # the sweep folder the launching process chose, not a new timestamp
-    cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(cfg):
-        cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
-        cfg.hydra.job.num = idx
-    HydraConfig.instance().set_config(cfg)
-    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
-                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    value = ret._return_value
-    if isinstance(value, BaseException):
-        value = RuntimeError(f"{type(value).__name__}: {value}")  # picklable whatever the original held
-    return ret.status.name, value
+    outcome = []
+    for ret in run_batch(hydra_context, config, task_function, batch, number):
+        if isinstance(ret, BaseException):
+            outcome.append(("ERROR", f"{type(ret).__name__}: {ret}"))
+            continue
+        value = ret._return_value
+        if isinstance(value, BaseException):
+            value = RuntimeError(f"{type(value).__name__}: {value}")  # picklable whatever the original held
+        outcome.append((ret.status.name, value))
+    return outcome
 
 
 def _watch_parent(pid: int, every: float = 1.0) -> None:

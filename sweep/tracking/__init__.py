@@ -267,11 +267,13 @@ class Tracker:
         found = self.client.search_runs([sweep["experiment_id"]],
                                         filter_string=f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' "
                                                       f"and tags.trial = '{trial}'", max_results=1)
-        if found:
-            self.client.update_run(found[0].info.run_id, status="RUNNING")
-            self._reopened[found[0].info.run_id] = {}  # what it holds is read when metrics come
-            return found[0].info.run_id
         tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self._reopened[run_id] = {}  # what it holds is read when metrics come
+            self._set_tags(run_id, tags)  # where it runs now (worker, GPU, batch) may differ from the first time
+            return run_id
         run = self.client.create_run(sweep["experiment_id"], run_name=display_name(trial), tags=tags)
         return run.info.run_id
 
