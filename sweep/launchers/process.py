@@ -106,14 +106,14 @@ class ProcessPoolLauncher:
                     except Exception as exc:  # the process died (killed, out of memory)
                         why = f"its process ended abnormally ({type(exc).__name__}: {exc})"
                         if attempt == self.max_retries:
-                            return [lost_job(sweep_dir, idx, o, f"{why}; hydra.launcher.max_retries={self.max_retries}"
-                                                                " retries used") for idx, o in batch]
+                            return lost_batch(sweep_dir, batch,
+                                              f"{why}; hydra.launcher.max_retries={self.max_retries} retries used")
                         log.warning("batch %d: %s; a new process runs it again (retry %d of %d), its trials resume "
                                     "from their last checkpoints", number, why, attempt + 1, self.max_retries)
             finally:
                 if gpu is not None:
                     self._free.put(gpu)
-        return [job_return(sweep_dir, idx, o, status, value) for (idx, o), (status, value) in zip(batch, outcome)]
+        return batch_returns(sweep_dir, batch, outcome)
 
     def _process(self, number: int, batch: list, state, sweep_name: str, gpu: int | None) -> list:
         ctx = multiprocessing.get_context("spawn")
@@ -157,11 +157,15 @@ def lost_job(sweep_dir: Path, idx: int, overrides: list[str], why: str):
     return _job_return(overrides, "COMPLETED", math.nan)
 
 
-def job_return(sweep_dir: Path, idx: int, overrides: list[str], status: str, value):
-    """A job's outcome from its batch's process as Hydra's JobReturn; a job that broke outside its task is lost."""
-    if status == "ERROR":
-        return lost_job(sweep_dir, idx, overrides, value)
-    return _job_return(overrides, status, value)
+def batch_returns(sweep_dir: Path, batch: list[tuple[int, list[str]]], outcome: list[tuple[str, object]]) -> list:
+    """A batch's outcome (execute_batch) as one JobReturn per job; a job that broke outside its task is lost."""
+    return [lost_job(sweep_dir, idx, o, value) if status == "ERROR" else _job_return(o, status, value)
+            for (idx, o), (status, value) in zip(batch, outcome)]
+
+
+def lost_batch(sweep_dir: Path, batch: list[tuple[int, list[str]]], why: str) -> list:
+    """A batch whose process (or machine) died for good: each of its jobs lost, by name."""
+    return [lost_job(sweep_dir, idx, o, why) for idx, o in batch]
 
 
 def _job_return(overrides: list[str], status: str, value):

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from .packing import check_pack_size, in_launch_order, plan_jobs
-from .process import GPU_ENV, execute_batch, job_return, lost_job, prepare_launch
+from .process import GPU_ENV, batch_returns, execute_batch, lost_batch, prepare_launch
 from .resume import FOLDER_ENV
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,13 @@ class RayLauncher:
             outcome = ray.get(ref)
             log.info("batch %d ended: %s", number, ", ".join(f"#{idx} {status}" for (idx, _), (status, _) in
                                                               zip(batch, outcome)))
-            return [job_return(sweep_dir, idx, o, status, value) for (idx, o), (status, value) in zip(batch, outcome)]
+            return batch_returns(sweep_dir, batch, outcome)
         except RayTaskError as exc:  # raised in the batch's process outside the trials (which record their own)
             why = f"{type(exc.cause).__name__}: {exc.cause}"
         except RayError as exc:  # the process running it is gone (killed, out of memory, node lost), every time
             why = (f"worker died ({type(exc).__name__}); hydra.launcher.max_retries={self.max_retries} retries "
                    "used")
-        return [lost_job(sweep_dir, idx, o, why) for idx, o in batch]
+        return lost_batch(sweep_dir, batch, why)
 
 
 def _task_name(first_job: int, batch: int) -> str:

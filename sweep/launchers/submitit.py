@@ -19,7 +19,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import OmegaConf
 
 from .packing import check_pack_size, in_launch_order, plan_jobs
-from .process import execute_batch, job_return, lost_job, prepare_launch
+from .process import batch_returns, execute_batch, lost_batch, prepare_launch
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,9 @@ class PackedSubmititLauncher(BaseSubmititLauncher):
                 outcome = job.results()[0]
             except Exception as exc:  # the job failed outside its trials (killed, node lost, out of time)
                 why = f"its {kind} {job.job_id} ended abnormally ({type(exc).__name__}: {str(exc)[-500:]})"
-                outs.append([lost_job(sweep_dir, idx, o, why) for idx, o in batch])
+                outs.append(lost_batch(sweep_dir, batch, why))
                 continue
-            outs.append([job_return(sweep_dir, idx, o, status, value) for (idx, o), (status, value) in
-                         zip(batch, outcome)])
+            outs.append(batch_returns(sweep_dir, batch, outcome))
         return in_launch_order(plan, outs)
 
     def __call__(self, number: int, batch: list, singleton_state, sweep_name: str):  # on the node
