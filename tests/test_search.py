@@ -124,6 +124,28 @@ def test_samplers_and_pruners_that_cannot_be_built_are_refused_before_a_trial(se
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["hydra/launcher=basic", "hydra.sweeper.n_jobs=2"],
+     "hydra.sweeper.n_jobs=2 runs trials side by side, which Hydra's basic launcher cannot: drop hydra/launcher=basic"),
+    (["plan_only=true"], "plan_only=true prints the plan of a grid sweep; an Optuna search picks its trials as it "
+                         "goes, so there is none to print: drop plan_only"),
+])
+def test_a_search_no_launcher_can_run_is_refused_before_anything_is_written(overrides, needle, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from sweep.search.sweeper import prepare
+
+    from .conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
+                                           "search=demo", *overrides], return_hydra_config=True)
+    with pytest.raises(ConfigError) as e:
+        prepare(search.SearchSettings.from_config(cfg.hydra.sweeper), cfg, [])
+    assert needle in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_storage_that_cannot_be_opened_is_named_without_its_password():
     port = _free_port()  # nothing listens there
     url = f"postgresql+psycopg://me:hunter2@127.0.0.1:{port}/nothing"

@@ -148,6 +148,33 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
         dash.wait(timeout=30)
 
 
+def test_rounds_of_n_jobs_trials_train_as_one_pack_each_on_the_default_launcher(tmp_path):
+    """`hydra.sweeper.n_jobs=2` on the default (packing) launcher: the sweeper asks two trials at a time and they
+    train as one pack; the next two are asked when that pack has ended, so the pruner sees the first round."""
+    p = _run(*SMALL, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", cwd=tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    out = p.stdout + p.stderr
+    [sweep_dir] = (tmp_path / "outputs" / "sweeps").iterdir()
+    study = _study(f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state in FINISHED for t in trials), \
+        [(t.number, t.state) for t in trials]
+    packs = [line.split("together: ", 1)[1].split(", ") for line in out.splitlines()
+             if "trial(s) of this batch together: " in line]
+    assert [sorted(int(n.split("_", 1)[0]) for n in pack) for pack in packs] == [[0, 1], [2, 3]], out[-4000:]
+    first, second = trials[:2], trials[2:]
+    assert max(t.datetime_start for t in first) < min(t.datetime_complete for t in first)  # side by side
+    assert min(t.datetime_start for t in second) >= max(t.datetime_complete for t in first)  # asked after round 1
+    assert "plan" not in {f.name.rsplit(".", 1)[0] for f in sweep_dir.iterdir()}  # a search prints no plan
+    folders = sorted(d.name for d in sweep_dir.iterdir() if (d / "result.json").is_file())
+    assert [int(f.split("_", 1)[0]) for f in folders] == [0, 1, 2, 3]
+    _, parents, children = _mlflow_children(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["trial"] for r in children) == folders
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert json.loads((sweep_dir / "report" / "selection.json").read_text())["champion"]
+
+
 @pytest.fixture
 def postgres_url():
     with postgres("optuna") as urls:

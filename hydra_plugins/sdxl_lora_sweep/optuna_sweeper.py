@@ -14,7 +14,7 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.sdxl_lora_sweep.optuna_sweeper.OptunaSweeper"
     _recursive_: bool = False               # sampler/pruner `_target_`s are built by the sweeper (seed, grid)
     n_trials: int = 20                      # the study's budget: trials finished, pruned or failed, across re-runs
-    n_jobs: int = 1                         # trials at a time (> 1 needs hydra/launcher=processes)
+    n_jobs: int = 1                         # trials at a time: one pack per round (processes: one process each)
     study_name: Optional[str] = None        # default: the sweep folder's name (the same command continues it)
     storage: Optional[str] = None           # default: sqlite:///<paths.root>/mlruns/optuna.db; any SQLAlchemy URL
     objectives: List[str] = field(default_factory=lambda: ["score"])   # "score" (the selection rule) or metrics

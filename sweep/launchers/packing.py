@@ -116,12 +116,16 @@ class PackingLauncher:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        return self.launch_jobs([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)])
+
+    def launch_jobs(self, jobs: list[tuple[int, list[str]]]) -> list:
+        """`launch` of jobs numbered by the caller (the Optuna sweeper's rounds: each trial keeps its number, or
+        the number of the dead trial whose folder it resumes)."""
         from hydra.core.utils import configure_log, setup_globals
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size)
         if plan is None:  # plan_only=true
             return []
@@ -153,7 +157,8 @@ def plan_jobs(hydra_context, config: DictConfig, jobs: list[tuple[int, list[str]
     """The plan of these jobs (sweep/plan.py: trainings, batches of at most pack_size trainings, packs), placed on
     the launcher's workers (`place`), printed and written to the sweep folder; None with plan_only=true (then no
     job runs). A job whose config is unusable is planned as a batch of its own (it fails on its own when it runs).
-    A search's one-trial launches are planned without a word (a plan of one trial, again and again, says nothing)."""
+    A search's launches are planned without a word (the sweeper asks its trials round by round: a plan of each
+    round, again and again, says nothing the sweeper's own log does not)."""
     sweep_dir = Path(str(config.hydra.sweep.dir))
     planned, only = [], False
     for idx, o in jobs:
@@ -167,7 +172,7 @@ def plan_jobs(hydra_context, config: DictConfig, jobs: list[tuple[int, list[str]
     plan = make_plan(planned, pack_size)
     if place is not None:
         place(plan)
-    searching = len(jobs) == 1 and any(o.startswith("optuna_trial=") for o in jobs[0][1])
+    searching = any(a.startswith("optuna_trial=") for _, o in jobs for a in o)
     if not searching or only:
         log.info("%s\n(written to %s)", plan.text(), plan.write(sweep_dir))
     if only:
