@@ -384,8 +384,8 @@ class _Scorer:
     def _faces(self, images) -> list[float]:
         self.face.reset()
         self.face.update(images)
-        if not self.face.compute()["detection_rate"] and images:
-            log.warning("face similarity is NaN: %s", self.face.reason)
+        if not self.face.compute()["detection_rate"] and images:  # news, unless the images are known noise
+            (log.debug if NOISE_NOTE in self.notes else log.warning)("face similarity is NaN: %s", self.face.reason)
         return self.face.per_image()
 
 
@@ -422,12 +422,15 @@ def _blank() -> Image.Image:
     return Image.new("RGB", (64, 64), "lightgray")
 
 
+NOISE_NOTE = "the base model has random weights: its images are noise, with no face in them (face similarity NaN)"
+
+
 def _notes(clip: ClipScorer, pretrained: str | None) -> list[str]:
     notes = []
     if clip.random_weights:
         notes.append("CLIP has random weights (a tiny test model): CLIP-T and CLIP-I carry no meaning here")
     if pretrained and (Path(pretrained) / "RANDOM_WEIGHTS").is_file():
-        notes.append("the base model has random weights: its images are noise")
+        notes.append(NOISE_NOTE)
     for n in notes:
         if n not in _NOTED:  # once per process, not once per checkpoint
             log.warning(n)

@@ -260,9 +260,11 @@ def _review_tags(sel: Selection) -> dict:
 
 
 def run_page(uri: str, sweep: dict) -> str:
-    """The sweep's run page in the MLflow UI: the tracking server's own, or `mlflow ui`'s default address."""
+    """The sweep's run page in the MLflow UI: the tracking server's own, or `mlflow ui`'s default address. MLflow 3's
+    UI opens in its GenAI view (traces, an agent overview), whatever the experiment's kind; `workflowType` in the
+    link opens its "Model training" view (runs, metrics, the model registry)."""
     host = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{host}/#/experiments/{sweep['experiment_id']}/runs/{sweep['parent_run_id']}"
+    return f"{host}/#/experiments/{sweep['experiment_id']}/runs/{sweep['parent_run_id']}?workflowType=machine_learning"
 
 
 def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None) -> None:

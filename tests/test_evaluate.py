@@ -44,12 +44,13 @@ def test_clip_scores_self_above_unrelated_and_repeats_exactly(tiny):
     assert scorer.random_weights  # the output must say that these numbers carry no meaning
 
 
-def test_two_checkpoints_scored_with_one_pipeline_load(tiny, tmp_path):
+def test_two_checkpoints_scored_with_one_pipeline_load(tiny, tmp_path, caplog):
     gen._PIPES.clear()
     loads = gen.STATS["pipeline_loads"]
     out = tmp_path / "eval"
-    m = evaluate(tiny["checkpoints"], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=out, pretrained=tiny["pretrained"],
-                 baseline_cache=tmp_path / "baseline.json")
+    with caplog.at_level("WARNING", logger="evaluation"):
+        m = evaluate(tiny["checkpoints"], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=out, pretrained=tiny["pretrained"],
+                     baseline_cache=tmp_path / "baseline.json")
     assert list(m) == [BASELINE, "step-000002", "step-000004"]
     for metrics in m.values():
         assert set(metrics) == {"clip_t", "clip_i", "pairwise_clip_i", "face_similarity", "face_detection_rate",
@@ -57,6 +58,9 @@ def test_two_checkpoints_scored_with_one_pipeline_load(tiny, tmp_path):
         assert 0.0 <= metrics["face_detection_rate"] <= 1.0 and -100 <= metrics["clip_t"] <= 100
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"].keys() == m.keys() and any("carry no meaning" in n for n in saved["notes"])
+    # noise from a random base model has no face: said once as a note, not as a warning at every checkpoint
+    assert any("no face in them" in n for n in saved["notes"]) and math.isnan(m["step-000002"]["face_similarity"])
+    assert not [r for r in caplog.records if "face similarity is NaN" in r.getMessage()]
     # where the time went, per checkpoint: 2 prompts x 2 seeds + 2 prior-drift images each
     assert saved["seconds"].keys() == m.keys()
     assert all(e["images"] == 6 and e["generate_s"] > 0 and e["score_s"] > 0 for e in saved["seconds"].values())

@@ -364,8 +364,13 @@ def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1800})
-                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+                # the link the sweep printed, on this test's port: the sweep's run in the "Model training" view
+                [printed] = re.findall(r"then open http://127\.0\.0\.1:5000(\S+)", user.demo_output)
+                assert printed == f"/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
+                                  "?workflowType=machine_learning"
+                page.goto(url + printed)
                 page.get_by_text("Champion:").first.wait_for(timeout=180_000)
+                assert page.get_by_role("link", name="Model registry").count() == 1  # not the GenAI view
                 description = page.get_by_text("Champion:").first.locator("xpath=ancestor::*[self::div][1]")
                 assert champ["trial"] in description.inner_text()
                 page.wait_for_function(LOADED, arg="get-artifact?path=report/metrics_vs_step.png", timeout=60_000)
