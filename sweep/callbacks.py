@@ -15,6 +15,7 @@ from trainer import UserError, instance_photos
 
 from .config import resolve_path, typed_job
 from .finalize import finalize_folder
+from .launchers import check_launcher
 from .launchers.resume import export_folder
 from .search import SearchSettings
 from .search.sweeper import prepare
@@ -59,6 +60,7 @@ class SweepCallback(Callback):
             conf = typed_job(config)
             if not _sweeps_data(list(config.hydra.overrides.task)):  # every trial trains on these photos: a
                 instance_photos(conf.data)  # missing or unusable folder refuses the sweep, not each trial
+            check_launcher(config)
             if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):
                 prepare(SearchSettings.from_config(config.hydra.sweeper), config, list(config.hydra.overrides.task))
             if conf.plan_only:  # the launcher prints the plan; nothing is trained, tracked or held

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -254,6 +255,22 @@ def test_bad_gpu_lists_are_refused():
         with pytest.raises(ValueError, match=needle):
             ProcessPoolLauncher(2, gpus)
     assert ProcessPoolLauncher(5, [3, 1]).n_workers == 2
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["hydra.launcher.pack_size=0"], "hydra.launcher.pack_size=0: needs at least 1"),
+    (["hydra/launcher=processes", "hydra.launcher.n_workers=0"], "hydra.launcher.n_workers=0: needs at least 1"),
+    pytest.param(["cluster=gpus"], "hydra.launcher.gpus=auto (cluster=gpus sets it): torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+])
+def test_a_bad_launcher_setting_is_refused_before_the_sweep_exists(overrides, needle, tmp_path):
+    """Hydra builds the launcher after the sweep's callback has made its folder and MLflow run; the callback builds
+    it first, so that a bad setting leaves neither behind (a parent run left RUNNING, an empty folder)."""
+    p = sweep("-m", "lr=1e-4,5e-4", *SMALL, *overrides, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and needle in out, out[-3000:]
+    assert "Error in call to target" not in out and "Traceback" not in out
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlruns").exists()
 
 
 def test_a_second_sweep_in_a_running_sweeps_folder_is_refused(tmp_path):

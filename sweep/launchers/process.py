@@ -49,7 +49,8 @@ def resolve_gpus(gpus) -> list[int]:
 
         n = torch.cuda.device_count()
         if n == 0:
-            raise ValueError("hydra.launcher.gpus=auto: no CUDA GPU is visible; drop it (CPU jobs) or list indices")
+            raise ValueError("hydra.launcher.gpus=auto (cluster=gpus sets it): torch sees no CUDA GPU on this machine; "
+                             "leave out cluster=gpus, or use hydra/launcher=processes for several CPU processes")
         return list(range(n))
     ids = [int(g) for g in gpus]
     if not ids or len(set(ids)) != len(ids) or min(ids) < 0:

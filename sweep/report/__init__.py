@@ -264,11 +264,13 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(math.ceil(len(REPORTED) / 2), 2, figsize=(11, 3.5 * math.ceil(len(REPORTED) / 2)),
                              squeeze=False)
     for ax in axes.flat[len(REPORTED):]:
         ax.set_visible(False)
+    steps = sorted({c.step for c in candidates})
     for ax, name in zip(axes.flat, REPORTED):
         for trial, scale in sorted({(c.trial, c.scale) for c in candidates}):  # a line per trial and strength
             pts = sorted((c.step, c.metrics.get(name)) for c in candidates if (c.trial, c.scale) == (trial, scale))
@@ -281,6 +283,14 @@ def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:
                     color="gold", markeredgecolor="black", linestyle="none", label="champion")
         if all(not (isinstance(c.metrics.get(name), float) and math.isfinite(c.metrics[name])) for c in candidates):
             ax.text(0.5, 0.5, "no value (no face detected?)", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])  # no scale to read
+            ax.set_yticks([])
+        elif len(steps) <= 12:
+            ax.set_xticks(steps)  # the checkpoints' own steps
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if name.endswith("_rate"):  # a fraction: its whole range, not a zoom on (say) all zeros
+            ax.set_ylim(-0.05, 1.05)
         ax.set_title(name)
         ax.set_xlabel("training step")
     if axes.flat[0].get_legend_handles_labels()[0]:  # no trial scored anything: no legend to draw
