@@ -36,8 +36,8 @@ def preflight(argv: Sequence[str]) -> None:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """Raises CommandLineError for: -m between overrides, an override Hydra cannot parse, a key not in the config,
-    a config group option that does not exist."""
+    """Raises CommandLineError for: -m between overrides, several values without -m, an override Hydra cannot
+    parse, a key not in the config, a config group option that does not exist."""
     from hydra._internal.utils import get_args_parser
 
     _check_multirun_flag(argv)
@@ -46,7 +46,18 @@ def check_command_line(argv: list[str]) -> None:
         return
     overrides = list(args.overrides or [])
     parsed = _parse(overrides)
+    if not args.multirun:
+        _check_single_values(overrides, parsed)
     _check_keys(parsed)
+
+
+def _check_single_values(overrides: list[str], parsed: list[Override]) -> None:
+    """`lr=1e-4,1e-5` without -m: Hydra says "Ambiguous value" and offers a list or a string; a user meant a sweep."""
+    swept = [raw for raw, o in zip(overrides, parsed) if o.is_sweep_override()]
+    if swept:
+        fixed = " ".join(shlex.quote(x) for x in ["-m", *overrides])
+        raise CommandLineError(f"{', '.join(swept)} gives several values, which is a sweep: add -m first: "
+                               f"python -m sweep {fixed}")
 
 
 def _check_multirun_flag(argv: list[str]) -> None:
