@@ -32,7 +32,8 @@ from .launchers.packing import BATCH_ENV, train
 from .launchers.process import GPU_ENV
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
 from .plan import make_plan, trial_key
-from .results import BASELINE, RESULT, candidate, candidates, read_result, read_sweep, write_result
+from .results import (BASELINE, RESULT, candidate, candidates, finished_objective, read_result, read_sweep,
+                      write_result)
 from .search import SearchSettings, TrialLink, coordinates
 from .selection import Candidate, checkpoint_score, objective_name, trial_best
 from .tracking import device_name, git_commit, make_tracker
@@ -96,7 +97,7 @@ def run_job(cfg: DictConfig) -> float:
     tags = {"sweep": sweep_dir.name, "trial_key": name, "trial_folder": out.name, "git_commit": git_commit(),
             "device": device_name(), "config_hash": cfg_hash}
     job = Job(conf, name, out, sweep_dir, multirun, link, tracker, sweep, cfg_hash, tags)
-    done = _finished(out, cfg_hash, conf.train.max_steps)
+    done = finished_objective(out, cfg_hash, conf.train.max_steps)
     if done is not None:
         log.info("trial %s already finished in %s: skipped", name, out)
         _catch_up(job)
@@ -383,19 +384,6 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
 def _lora_hash(folder: Path) -> str | None:
     rec = Path(folder) / lorafile.RECORD_FILE
     return lorafile.CheckpointRecord.read(Path(folder)).lora_sha256 if rec.is_file() else None
-
-
-def _finished(out: Path, cfg_hash: str, steps: int) -> float | None:
-    """The stored objective of a trial that already finished with this configuration (resume skips it)."""
-    p = out / RESULT
-    if not p.is_file():
-        return None
-    res = read_result(out)
-    if res.get("config_hash") != cfg_hash or "objective" not in res:
-        return None
-    if (res.get("status") == "finished" and res.get("steps") == steps) or res.get("status") == "pruned":
-        return res["objective"]
-    return None
 
 
 def _fail(out: Path, name: str, exc: BaseException, multirun: bool) -> float:

@@ -3,7 +3,8 @@ share a pack (trainer/packed.py), in which launcher batch, and what the training
 been measured. Printed when a multirun starts and written to <sweep>/plan.json; `plan_only=true` stops there.
 
 The plan is computed with the very functions the trainer groups its trials with, on the jobs' composed configs,
-for trials starting from scratch (a resumed trial continues from its own step and may pack differently)."""
+for trials starting from scratch (a resumed trial continues from its own step and may pack differently); trials
+that already finished in the sweep folder (a re-run with resume=true) are listed as skipped, not planned."""
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ class Plan:
     where: dict[int, str] = field(default_factory=dict)  # batch number (from 1) -> the worker that runs it
     placement: str = ""  # how batches are given to workers
     wall: float | None = None  # estimated seconds of training from start to end, batches running side by side
+    finished: list[str] = field(default_factory=list)  # trials already finished in the sweep folder: skipped
 
     def batch_seconds(self, number: int) -> float | None:
         known = [p.seconds for p in self.packs if p.batch == number]
@@ -89,7 +91,10 @@ class Plan:
 
     def text(self) -> str:
         lines = [f"plan: {self.trials} trial(s) in {self.trainings} training(s), {len(self.packs)} pack(s)"
-                 + (f" and {len(self.alone)} trained alone" if self.alone else "")]
+                 + (f" and {len(self.alone)} trained alone" if self.alone else "")
+                 + (f"; {len(self.finished)} already finished" if self.finished else "")]
+        if self.finished:
+            lines.append(f"  already finished in this sweep folder (skipped): {', '.join(self.finished)}")
         for k, p in enumerate(self.packs, 1):
             cost = (f", ~{_duration(p.seconds)} of training at {p.ms_per_step:.0f} ms/step ({p.source})"
                     if p.seconds is not None else "")
@@ -113,7 +118,8 @@ class Plan:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"trials": self.trials, "trainings": self.trainings, "estimated_training_seconds": self.seconds(),
+        return {"trials": self.trials, "trainings": self.trainings, "finished": self.finished,
+                "estimated_training_seconds": self.seconds(),
                 "estimated_wall_seconds": self.wall or self.seconds(), "placement": self.placement,
                 "packs": [{"batch": p.batch, "where": self.where.get(p.batch), "steps": p.steps,
                            "ms_per_step": p.ms_per_step, "source": p.source, "estimated_seconds": p.seconds,
@@ -145,25 +151,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int) -> Plan:
+def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int, finished: frozenset[int] = frozenset()) -> Plan:
     """The plan for these jobs ((trial name, typed config; None for a config that cannot be used, which fails on
     its own), in launch order): their trainings (a training's trials always in one batch), the launcher's batches
     of at most `batch_size` trainings (each batch one trainer call: trials of one model and data set train in it
-    together), the packs the trainer will form in each."""
+    together), the packs the trainer will form in each. Jobs at the `finished` positions (their trial finished in
+    an earlier run) train nothing: they go with the first batch, where they report their results and leave."""
     fresh = lambda spec: 0  # noqa: E731 - planned as from scratch
     specs = [TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=Path(name)) if conf else None
              for name, conf in jobs]
-    units = [[i] for i, (_, conf) in enumerate(jobs) if conf is None]
-    for positions in _by_base(jobs, range(len(jobs))).values():
+    live = [i for i in range(len(jobs)) if i not in finished]
+    units = [[i] for i in live if jobs[i][1] is None]
+    for positions in _by_base(jobs, live).values():
         conf = jobs[positions[0]][1]
         where = {id(specs[i]): i for i in positions}
         units += [[where[id(s)] for s in g]
                   for g in planner.trainings([specs[i] for i in positions], conf.model, conf.data, fresh)]
     units.sort(key=min)
     batches = [sorted(i for u in units[k:k + batch_size] for i in u) for k in range(0, len(units), batch_size)]
+    if finished:
+        batches = [sorted([*(batches[0] if batches else []), *finished]), *batches[1:]]
     packs, alone, times = [], [], {}
     for b, batch in enumerate(batches, 1):
-        for positions in _by_base(jobs, batch).values():
+        for positions in _by_base(jobs, [i for i in batch if i not in finished]).values():
             conf = jobs[positions[0]][1]
             groups = planner.trainings([specs[i] for i in positions], conf.model, conf.data, fresh)
             chunks, lone = packed.plan(groups, fresh, conf.train.max_pack)
@@ -173,7 +183,7 @@ def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int) -> Pl
                                 for g in chunk], max(g[0].train.max_steps for g in chunk))
                 pack.ms_per_step, pack.source = _measured(conf, len(chunk), times)
                 packs.append(pack)
-    return Plan(len(jobs), packs, alone, batches)
+    return Plan(len(jobs), packs, alone, batches, finished=[jobs[i][0] for i in sorted(finished)])
 
 
 def _by_base(jobs: list[tuple[str, SweepConfig | None]], positions) -> dict[tuple, list[int]]:

@@ -70,6 +70,18 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(d for d in sweep_dir.iterdir() if d.is_dir() and (d / RESULT).is_file())
 
 
+def finished_objective(out: Path, cfg_hash: str, steps: int) -> float | None:
+    """The stored objective of a trial that already finished in `out` with this configuration (a re-run skips it)."""
+    if not (out / RESULT).is_file():
+        return None
+    res = read_result(out)
+    if res.get("config_hash") != cfg_hash or "objective" not in res:
+        return None
+    if (res.get("status") == "finished" and res.get("steps") == steps) or res.get("status") == "pruned":
+        return res["objective"]
+    return None
+
+
 def read_result(trial_dir: Path) -> dict:
     """A trial's result.json, its nulls (how strict JSON writes NaN) read back as NaN: objective and metrics."""
     res = json.loads((Path(trial_dir) / RESULT).read_text())

@@ -61,6 +61,22 @@ def test_a_training_and_the_trials_it_serves_are_never_split_over_launcher_batch
 
 
 
+def test_trials_finished_in_an_earlier_run_are_listed_not_planned():
+    """A re-run (resume=true): finished trials train nothing and cost nothing; they ride in the first batch (where
+    they report their results); a shorter trial whose longer one finished trains on its own training."""
+    jobs = [_job(lr, steps) for steps in (10, 20, 30) for lr in (1e-4, 1e-5, 5e-4)]
+    done = frozenset(i for i, (name, _) in enumerate(jobs) if name.startswith("lr=0.0001,") or name == "lr=1e-05,steps=30")
+    plan = make_plan(jobs, 2, done)
+    assert plan.finished == ["lr=0.0001,steps=10", "lr=0.0001,steps=20", "lr=0.0001,steps=30", "lr=1e-05,steps=30"]
+    assert [(t.trial, [n for n, _ in t.serves]) for p in plan.packs for t in p.trainings] == [
+        ("lr=1e-05,steps=20", ["lr=1e-05,steps=10"]), ("lr=0.0005,steps=30", ["lr=0.0005,steps=20", "lr=0.0005,steps=10"])]
+    assert sorted(i for b in plan.batches for i in b) == list(range(9)) and done <= set(plan.batches[0])
+    assert "plan: 9 trial(s) in 2 training(s), 1 pack(s); 4 already finished" in plan.text()
+    everything = make_plan(jobs, 2, frozenset(range(9)))
+    assert everything.trainings == 0 and everything.batches == [list(range(9))] and everything.seconds() is None
+    assert "estimated training time" not in everything.text()
+
+
 def test_batches_go_to_the_worker_that_frees_up_first_by_their_estimated_time():
     """Six trials of three lengths in batches of two trainings on two GPUs: the plan places each batch where the
     launcher's queue will (the first GPU to free up), from the measured step time, and states both the GPU time
@@ -139,6 +155,14 @@ def test_step_counts_under_a_constant_schedule_train_once_per_learning_rate(tmp_
     assert "plan: 6 trial(s) in 3 training(s), 1 pack(s)" in out, out[-3000:]
     assert "ms/step (scaled from packs of 2 of tiny at 64 px)" in out and "estimated training time: " in out
     assert len(list((tmp_path / "grid" / "outputs").glob("sweeps/*/*/checkpoints/*"))) == ckpts  # nothing trained
+    # the first sweep again with resume=true: its plan lists its four trials as finished and costs nothing (a newer
+    # folder holding only the plan of the same command is not the sweep to continue)
+    sweep("-m", "lr=1e-4,5e-4", "steps=20,30", "plan_only=true", cwd=tmp_path / "grid")
+    p = sweep("-m", "lr=1e-4,5e-4", "steps=20,30", "resume=true", "plan_only=true", cwd=tmp_path / "grid")
+    assert f"continuing the sweep in outputs/sweeps/{folder.name}" in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert "plan: 4 trial(s) in 0 training(s), 0 pack(s); 4 already finished" in out, out[-3000:]
+    assert "estimated training time" not in out
 
 
 SIX = "lr=1e-4,2e-4,3e-4,4e-4,5e-4,6e-4"

@@ -25,10 +25,12 @@ from omegaconf import DictConfig
 
 from common.errors import UserError
 from trainer import train as _train_now
+from trainer import training_config_hash
 
 from ..config import typed_job
 from ..logs import for_trial
 from ..plan import Plan, make_plan, trial_key
+from ..results import finished_objective
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,8 @@ def plan_jobs(hydra_context, config: DictConfig, jobs: list[tuple[int, list[str]
     A search's launches are planned without a word (the sweeper asks its trials round by round: a plan of each
     round, again and again, says nothing the sweeper's own log does not)."""
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    planned, only = [], False
-    for idx, o in jobs:
+    planned, only, finished = [], False, set()
+    for k, (idx, o) in enumerate(jobs):
         cfg = hydra_context.config_loader.load_sweep_config(config, list(o))
         try:
             conf = typed_job(cfg)
@@ -169,7 +171,9 @@ def plan_jobs(hydra_context, config: DictConfig, jobs: list[tuple[int, list[str]
             conf = None
         only = only or bool(conf and conf.plan_only)
         planned.append((trial_key(o, sweep_dir) or f"job{idx}", conf))
-    plan = make_plan(planned, pack_size)
+        if conf is not None and _already_finished(cfg, sweep_dir, idx, conf):
+            finished.add(k)
+    plan = make_plan(planned, pack_size, frozenset(finished))
     if place is not None:
         place(plan)
     searching = any(a.startswith("optuna_trial=") for _, o in jobs for a in o)
@@ -179,6 +183,17 @@ def plan_jobs(hydra_context, config: DictConfig, jobs: list[tuple[int, list[str]
         log.info("plan_only=true: nothing trained; run the same command without it to train")
         return None
     return plan
+
+
+def _already_finished(cfg: DictConfig, sweep_dir: Path, idx: int, conf) -> bool:
+    """Whether the job's trial folder holds its trial finished with this very configuration (the job will skip it)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.hydra.job.num = idx  # the trial folder's name starts with it
+    out = sweep_dir / str(cfg.hydra.sweep.subdir)
+    cfg_hash = training_config_hash(conf.model, conf.data, conf.lora, conf.train)
+    return finished_objective(out, cfg_hash, conf.train.max_steps) is not None
 
 
 def run_batch(hydra_context, config: DictConfig, task_function, batch: list[tuple[int, list[str]]],

@@ -44,18 +44,23 @@ def export_folder(name: str) -> None:
 
 
 def previous_sweep(sweeps_root: Path, overrides: list[str], hydra_overrides: list[str] = ()) -> Path | None:
-    """The newest earlier sweep folder launched with the same overrides (resume flags and how-to-run settings
-    such as the number of parallel jobs aside)."""
+    """The newest earlier sweep folder launched with the same overrides (resume and plan_only flags and how-to-run
+    settings such as the number of parallel jobs aside). A folder where only a plan was written (plan_only=true)
+    is not a sweep to continue."""
     want = _signature(overrides, hydra_overrides)
     if not sweeps_root.is_dir():
         return None
     for folder in sorted((p for p in sweeps_root.iterdir() if (p / "multirun.yaml").is_file()), reverse=True):
         o = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
-        if _signature(o.task, o.hydra) == want:
+        if _signature(o.task, o.hydra) == want and not _plan_only(o.task):
             return folder
     return None
 
 
+def _plan_only(task) -> bool:
+    return any(str(o).replace(" ", "").lower() == "plan_only=true" for o in task)
+
+
 def _signature(task, hydra) -> tuple:
-    return (sorted(str(o) for o in task if not str(o).startswith("resume=")),
+    return (sorted(str(o) for o in task if not str(o).startswith(("resume=", "plan_only="))),
             sorted(str(o) for o in hydra if not str(o).startswith(_RUN_ONLY)))
