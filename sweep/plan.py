@@ -151,7 +151,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int, finished: frozenset[int] = frozenset()) -> Plan:
+def make_plan(jobs: list[tuple[str, SweepConfig | None]], batch_size: int,
+              finished: frozenset[int] = frozenset()) -> Plan:
     """The plan for these jobs ((trial name, typed config; None for a config that cannot be used, which fails on
     its own), in launch order): their trainings (a training's trials always in one batch), the launcher's batches
     of at most `batch_size` trainings (each batch one trainer call: trials of one model and data set train in it

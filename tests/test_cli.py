@@ -112,7 +112,8 @@ def test_override_hydra_cannot_read_is_refused_with_the_form_to_type(tmp_path, a
     (["-m", "lr=1e-4,1e-5", "model=tinyy"], "Could not find 'model/tinyy'"),
     (["lr=1e-4", "-m", "rank=2,4"], "-m stands between overrides; put it first: python -m sweep -m lr=1e-4 rank=2,4"),
     (["lr=1e-4,1e-5,5e-4", "steps=20"],
-     "lr=1e-4,1e-5,5e-4 gives several values, which is a sweep: add -m first: python -m sweep -m lr=1e-4,1e-5,5e-4 steps=20"),
+     "lr=1e-4,1e-5,5e-4 gives several values, which is a sweep: add -m first: "
+     "python -m sweep -m lr=1e-4,1e-5,5e-4 steps=20"),
 ])
 def test_misspelt_key_is_refused_before_anything_is_created(tmp_path, args, needle):
     p = sweep(*args, cwd=tmp_path)

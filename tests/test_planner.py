@@ -65,11 +65,13 @@ def test_trials_finished_in_an_earlier_run_are_listed_not_planned():
     """A re-run (resume=true): finished trials train nothing and cost nothing; they ride in the first batch (where
     they report their results); a shorter trial whose longer one finished trains on its own training."""
     jobs = [_job(lr, steps) for steps in (10, 20, 30) for lr in (1e-4, 1e-5, 5e-4)]
-    done = frozenset(i for i, (name, _) in enumerate(jobs) if name.startswith("lr=0.0001,") or name == "lr=1e-05,steps=30")
+    done = frozenset(i for i, (name, _) in enumerate(jobs)
+                     if name.startswith("lr=0.0001,") or name == "lr=1e-05,steps=30")
     plan = make_plan(jobs, 2, done)
     assert plan.finished == ["lr=0.0001,steps=10", "lr=0.0001,steps=20", "lr=0.0001,steps=30", "lr=1e-05,steps=30"]
     assert [(t.trial, [n for n, _ in t.serves]) for p in plan.packs for t in p.trainings] == [
-        ("lr=1e-05,steps=20", ["lr=1e-05,steps=10"]), ("lr=0.0005,steps=30", ["lr=0.0005,steps=20", "lr=0.0005,steps=10"])]
+        ("lr=1e-05,steps=20", ["lr=1e-05,steps=10"]),
+        ("lr=0.0005,steps=30", ["lr=0.0005,steps=20", "lr=0.0005,steps=10"])]
     assert sorted(i for b in plan.batches for i in b) == list(range(9)) and done <= set(plan.batches[0])
     assert "plan: 9 trial(s) in 2 training(s), 1 pack(s); 4 already finished" in plan.text()
     everything = make_plan(jobs, 2, frozenset(range(9)))

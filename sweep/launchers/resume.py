@@ -58,7 +58,7 @@ def previous_sweep(sweeps_root: Path, overrides: list[str], hydra_overrides: lis
 
 
 def _plan_only(task) -> bool:
-    return any(str(o).replace(" ", "").lower() == "plan_only=true" for o in task)
+    return any(str(o).lower() == "plan_only=true" for o in task)
 
 
 def _signature(task, hydra) -> tuple:
