@@ -1,6 +1,7 @@
 """The LoRA file contract that training writes and evaluation reads: a checkpoint folder holds
 `pytorch_lora_weights.safetensors` (diffusers format) and `checkpoint.json` (its record, with the file's sha256);
-an export folder holds files whose sha256 are in `export.json`. And merging an adapter into the base's weights, so
+an export folder holds files whose sha256 are in `export.json`; every safetensors file this project writes has its
+header in one order (`safetensors_bytes`), so the same tensors and metadata give the same bytes. And merging an adapter into the base's weights, so
 that generating with a LoRA costs what the base costs."""
 from __future__ import annotations
 
@@ -15,9 +16,39 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from .files import write_atomic
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RECORD_FILE = "checkpoint.json"
 EXPORT_RECORD = "export.json"  # beside files exported from a checkpoint (sweep/export/): {"files": {name: sha256}}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `tensors` and `metadata`, the same bytes (and sha256) every time: safetensors itself
+    writes the header's metadata in a random order (a Rust HashMap), so a LoRA written twice got two hashes."""
+    from safetensors.torch import save
+
+    return canonical_safetensors(save({k: v.contiguous() for k, v in tensors.items()}, metadata))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file's bytes with its JSON header's keys sorted (metadata, tensor names), padded with spaces to
+    8 bytes as safetensors pads it. The tensors' bytes and offsets are untouched: the file loads the same."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def canonicalize(path: Path) -> None:
+    """Rewrite the safetensors file at `path` (one a library wrote, e.g. diffusers' `save_lora_weights`) with its
+    header in sorted order, atomically; a file already in that order is left as it is."""
+    path = Path(path)
+    data = path.read_bytes()
+    fixed = canonical_safetensors(data)
+    if fixed != data:
+        write_atomic(path, fixed)
 
 
 @dataclass

@@ -201,7 +201,7 @@ def export_champion(sweep_dir: Path, sel: Selection) -> Path | None:
         if sel.review:
             src.chosen = (f"Promoted by {sel.review['by']} in sweep `{sweep_dir.name}` ({sel.review['reason']}); "
                           f"the rule had picked {sel.review['rule_pick'] or 'nothing'}: {sel.explain()}.")
-        export(src, out, strict=False)
+        export(src, out, strict=False, own=True)  # the sweep's own folder: its latest export, file by file
         return out
     except (Exception, SystemExit) as exc:
         log.warning("the champion was not exported to %s (%s); python -m sweep.export %s tries again", out, exc,

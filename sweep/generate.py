@@ -6,12 +6,14 @@
 
 Unless steps=, guidance=, size= or seed= say otherwise, it generates as the champion was evaluated (the
 `generation` tag its sweep recorded on the registered version; for a checkpoint folder, its trial's
-eval/metrics.json), and says what it will do and about how long before it starts.
+eval/metrics.json), and says what it will do and about how long before it starts. The image goes to out=, else
+to a new file under the working folder's outputs/ (git-ignored): outputs/generated/<date>_<time>.png.
 """
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from evaluation.generate import EvalInputError, check_lora_file
@@ -20,10 +22,11 @@ from .logs import quiet_for_generation
 from .tracking.registry import GENERATION_TAG, default_store, registered_version, verify_registered
 
 USAGE = ("usage: python -m sweep.generate prompt=\"...\" [model=models:/sdxl-lora-champion@champion | "
-         "checkpoint=<folder> base=<hub id or folder>] [out=generated.png] [steps=N] [guidance=G] [size=PX] "
+         "checkpoint=<folder> base=<hub id or folder>] [out=<file>.png] [steps=N] [guidance=G] [size=PX] "
          "[seed=S] [tracking_uri=URI]")
 KEYS = {"prompt", "model", "checkpoint", "base", "out", "steps", "guidance", "size", "seed", "tracking_uri"}
 DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
+GENERATED = Path("outputs") / "generated"  # where images go without out=
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -91,7 +94,8 @@ def estimate(s: dict, device: str, recorded: dict | None, images: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    out = Path(args.get("out", "generated.png"))
+    out = Path(args["out"]) if "out" in args else default_out()
+    out.parent.mkdir(parents=True, exist_ok=True)
     quiet_for_generation()
     if "checkpoint" in args:
         _from_checkpoint(args, out)
@@ -99,6 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         _from_registry(args, out)
     print(f"written {out}")
     return 0
+
+
+def default_out() -> Path:
+    """outputs/generated/<date>_<time>.png: a new file each run, never one already there."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out, n = GENERATED / f"{stamp}.png", 1
+    while out.exists():
+        n += 1
+        out = GENERATED / f"{stamp}_{n}.png"
+    return out
 
 
 def _from_checkpoint(args: dict[str, str], out: Path) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from common import faults
 from common.errors import DiskFullError
-from common.lorafile import LORA_FILE, RECORD_FILE, CheckpointRecord, sha256_file
+from common.lorafile import LORA_FILE, RECORD_FILE, CheckpointRecord, canonicalize, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def write_checkpoint(output_dir: Path, step: int, *, save_lora, record: dict[str
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         save_lora(tmp)
+        canonicalize(tmp / LORA_FILE)  # diffusers' header order is random: the same LoRA, the same sha256
         rec = CheckpointRecord(step=step, lora_sha256=sha256_file(tmp / LORA_FILE), created=time.time(), **record)
         (tmp / STATE_DIR).mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, tmp / STATE_DIR / "state.safetensors")

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -126,24 +123,3 @@ def kohya_name(part: str, module: str) -> str:
     """lora_unet_<SGM path> / lora_te1_<path> / lora_te2_<path>, dots as underscores (kohya's rule)."""
     prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[part]
     return f"{prefix}_{module.replace('.', '_')}"
-
-
-def save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Written under a temporary name and renamed into place (a crash never leaves half a file under the name)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -4,8 +4,10 @@
     python -m sweep.export outputs/sweeps/<sweep>            a sweep's champion
     python -m sweep.export <trial>/checkpoints/step-000300   any checkpoint
     python -m sweep.export models:/sdxl-lora-champion/3 format=webui dtype=bf16 out=my_lora    (__main__.py)
+    python -m sweep.export out=~/ComfyUI/models/loras/sdxl format=webui     beside the LoRAs there
 
-writes a folder (default exports/<name>/):
+writes into a folder (default outputs/exports/<name>/), beside what is there (folder.py: it replaces only its own
+earlier export of the same checkpoint, or with overwrite=true; never a link, never a folder):
 
     <name>.safetensors                  ComfyUI (models/loras, "Load LoRA"), A1111 / Forge (models/Lora, <lora:name:1>)
     pytorch_lora_weights.safetensors    diffusers (pipe.load_lora_weights(folder))
@@ -13,15 +15,15 @@ writes a folder (default exports/<name>/):
     grid.png, baseline.png              the evaluation prompts with and without the LoRA
     export.json                         what was exported from where, and each file's sha256
 
-A sweep exports its champion this way into <sweep>/champion/ by itself, and the registered version carries it."""
+Every file is the same bytes for the same checkpoint (sorted safetensors headers), so its sha256 can be checked
+against the registry's. A sweep exports its champion this way into <sweep>/champion/ by itself (own=True: the
+folder holds its latest export only), and the registered version carries it."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +32,18 @@ import yaml
 from huggingface_hub import hf_hub_download
 from omegaconf import OmegaConf
 
-from common.lorafile import EXPORT_RECORD, LORA_FILE, CheckpointRecord, sha256_file
+from common.lorafile import EXPORT_RECORD, LORA_FILE, CheckpointRecord, safetensors_bytes, sha256_file
 from evaluation.config import entry_name
 from evaluation.generate import EvalInputError, check_lora_file
 from trainer.models import resolve_source
-from trainer.webui import WebUIExportError, adapter_config, convert, save, umask
+from trainer.webui import WebUIExportError, adapter_config, convert
 
 from ..config import resolve_path, to_typed
 from ..metrics import fmt as fmt_value
 from ..metrics import metrics_json
 from ..results import display_name, read_result, read_scores
 from ..selection import describe_rule
+from .folder import sha256_of, write_export
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,6 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
     alpha = float(unet.get("lora_alpha") or rank)
     conf = src.conf
     res = conf.data.resolution if conf else 1024
-    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(src.created or time.time()))
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": name, "ss_steps": src.step,
@@ -157,11 +159,13 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
         "ss_training_comment": f"trained by {TOOL} (trial {src.trial}, step {src.step})",
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": name, "modelspec.resolution": f"{res}x{res}", "modelspec.date": date,
+        "modelspec.title": name, "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "epsilon",
         f"{TOOL}.trial": src.trial, f"{TOOL}.step": src.step, f"{TOOL}.config_hash": src.config_hash,
         f"{TOOL}.metrics": metrics_json(src.metrics), f"{TOOL}.baseline": metrics_json(src.baseline),
     }
+    if src.created:  # when the checkpoint was written (never the export's time: the same LoRA, the same bytes)
+        meta["modelspec.date"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(src.created))
     if conf is not None:
         phrase = trigger_phrase(conf)
         meta.update({
@@ -285,47 +289,47 @@ def layers_per_block(src: Source) -> int:
         return 2
 
 
-def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", strict: bool = True) -> dict:
-    """Write the export folder `out` (replacing one there, in one rename). strict=False: a LoRA the web-UI format
-    cannot hold (DoRA, modules outside attention) is exported for diffusers only, with a note in the card.
-    Returns export.json's content."""
-    out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", strict: bool = True,
+           overwrite: bool = False, own: bool = False) -> dict:
+    """Write the export into the folder `out`, beside what is there (sweep/export/folder.py says what it may
+    replace: `overwrite`, and `own` for a sweep's champion/). strict=False: a LoRA the web-UI format cannot hold
+    (DoRA, modules outside attention) is exported for diffusers only, with a note in the card. Raises ExportError
+    (a UserError) when it may not write there. Returns export.json's content, with the folder as "out"."""
+    out = Path(out).expanduser().absolute()
     name = output_name(src)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; an export folder is shared like any output
-    note = ""
-    try:
-        configs = adapter_config(src.lora)
-        if fmt in ("both", "webui"):
-            alphas = {"unet": src.conf.lora.lora_alpha} if src.conf is not None else None
-            if alphas and src.conf.lora.train_text_encoder:
-                alphas.update(text_encoder=src.conf.lora.lora_alpha, text_encoder_2=src.conf.lora.lora_alpha)
-            try:
-                tensors, configs = convert(src.lora, layers_per_block(src), dtype, alphas)
-                save(tensors, tmp / f"{name}.safetensors", metadata(src, name, configs))
-            except WebUIExportError as exc:
-                if strict:
-                    raise SystemExit(f"cannot export {src.origin} for the web UIs: {exc}") from None
-                note = f"No web-UI file: {exc}."
-                log.warning("%s: %s", src.origin, note)
-        if fmt in ("both", "diffusers"):
-            shutil.copy2(src.lora, tmp / LORA_FILE)
-        for f, path in src.grids.items():
-            shutil.copy2(path, tmp / f)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
-        (tmp / "README.md").write_text(model_card(src, name, files, metadata(src, name, configs), configs, note))
-        record = {"name": name, "source": src.origin, "trial": src.trial, "step": src.step, "format": fmt,
-                  "dtype": dtype, "files": files, "webui_file": f"{name}.safetensors" if f"{name}.safetensors" in files
-                  else None}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}") if out.exists() else None
-        if old:
-            out.rename(old)
-        tmp.rename(out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    contents, configs, note = lora_files(src, name, fmt, dtype, strict)
+    contents.update(src.grids)
+    files = {f: sha256_of(data) for f, data in contents.items()}
+    weights = {f: sha for f, sha in files.items() if f.endswith(".safetensors")}
+    contents["README.md"] = model_card(src, name, weights, metadata(src, name, configs), configs, note).encode()
+    files["README.md"] = sha256_of(contents["README.md"])
+    lora_sha = sha256_file(src.lora)
+    record = {"name": name, "source": src.origin, "trial": src.trial, "step": src.step, "format": fmt,
+              "dtype": dtype, "tool": TOOL, "lora_sha256": lora_sha, "files": files,
+              "webui_file": f"{name}.safetensors" if f"{name}.safetensors" in files else None}
+    contents[EXPORT_RECORD] = (json.dumps(record, indent=2) + "\n").encode()
+    write_export(out, contents, lora_sha, overwrite=overwrite, own=own)
     return {**record, "out": str(out)}
+
+
+def lora_files(src: Source, name: str, fmt: str, dtype: str, strict: bool) -> tuple[dict, dict, str]:
+    """({file name: bytes or the file to copy}, the adapter configs, the card's note): the web-UI file, built here
+    (byte-identical for the same checkpoint), and the diffusers file, the checkpoint's own bytes."""
+    configs = adapter_config(src.lora)
+    contents: dict[str, bytes | Path] = {}
+    note = ""
+    if fmt in ("both", "webui"):
+        alphas = {"unet": src.conf.lora.lora_alpha} if src.conf is not None else None
+        if alphas and src.conf.lora.train_text_encoder:
+            alphas.update(text_encoder=src.conf.lora.lora_alpha, text_encoder_2=src.conf.lora.lora_alpha)
+        try:
+            tensors, configs = convert(src.lora, layers_per_block(src), dtype, alphas)
+            contents[f"{name}.safetensors"] = safetensors_bytes(tensors, metadata(src, name, configs))
+        except WebUIExportError as exc:
+            if strict:
+                raise SystemExit(f"cannot export {src.origin} for the web UIs: {exc}") from None
+            note = f"No web-UI file: {exc}."
+            log.warning("%s: %s", src.origin, note)
+    if fmt in ("both", "diffusers"):
+        contents[LORA_FILE] = src.lora
+    return contents, configs, note

@@ -12,10 +12,12 @@ from ..logs import quiet_for_generation
 from ..metrics import metrics_from_json
 from ..tracking.registry import default_store, registered_version, verify_registered
 from . import FORMATS, Source, export, from_checkpoint, from_sweep, output_name
+from .folder import ExportError
 
 USAGE = ("usage: python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] "
-         "[format=both|webui|diffusers] [out=<folder>] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
-KEYS = {"format", "out", "dtype", "tracking_uri"}
+         "[format=both|webui|diffusers] [out=<folder>] [overwrite=true] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
+KEYS = {"format", "out", "overwrite", "dtype", "tracking_uri"}
+EXPORTS = Path("outputs") / "exports"  # the default folder's parent, under the working folder's outputs/ (git-ignored)
 DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
 
 
@@ -36,6 +38,9 @@ def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
                          "A1111 and Forge load, diffusers the one diffusers loads, both writes the two")
     if args.get("dtype", "fp16") not in DTYPES:
         raise SystemExit(f"dtype={args['dtype']!r} is not one of {', '.join(DTYPES)} (fp16: what the web UIs use)")
+    if args.get("overwrite", "false") not in ("true", "false"):
+        raise SystemExit(f"overwrite={args['overwrite']!r} is not true or false (true: replace files of the same name "
+                         "in out=, whoever wrote them)")
     return source, args
 
 
@@ -91,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_for_generation()
     source, args = parse(sys.argv[1:] if argv is None else argv)
     src = resolve(source, args.get("tracking_uri"))
-    out = Path(args["out"]) if "out" in args else Path("exports") / output_name(src)
-    rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"))
+    out = Path(args["out"]) if "out" in args else EXPORTS / output_name(src)
+    try:
+        rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"),
+                     overwrite=args.get("overwrite") == "true")
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"exported {src.trial} step {src.step} from {src.origin} to {rec['out']}:")
     for f, sha in rec["files"].items():
         print(f"  {f}  sha256 {sha[:16]}...")
