@@ -1,6 +1,7 @@
 """The web-UI (kohya) export: what ComfyUI / A1111 / Forge load is what was trained and scored, at its real alpha."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -194,3 +195,199 @@ def test_export_command_refuses_bad_arguments_before_reading_anything(tmp_path, 
                       ([str(tmp_path)], "neither a checkpoint folder")):
         with pytest.raises(SystemExit, match=msg):
             main(argv)
+
+
+# ---- where an export goes: beside what is there, never over what it did not write ---------------------------------
+MODULE = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+
+
+def _checkpoint(root: Path, seed: int = 0, step: int = 6) -> Path:
+    """A checkpoint folder holding a small diffusers-format LoRA (its adapter config in the file's metadata)."""
+    folder = root / "trial" / "checkpoints" / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    save_file({f"{MODULE}.lora.down.weight": torch.randn(4, 64, generator=g),
+               f"{MODULE}.lora.up.weight": torch.randn(64, 4, generator=g)}, folder / LORA_FILE,
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8.0}),
+                        **{f"key{i}": str(i) for i in range(8)}})  # diffusers' own header order: random
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _export(capsys, *argv: str) -> tuple[int, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out + err
+
+
+def test_export_adds_its_files_beside_a_users_and_leaves_links_and_their_targets_alone(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "run")
+    loras, elsewhere = tmp_path / "loras", tmp_path / "elsewhere"
+    loras.mkdir(), elsewhere.mkdir()
+    (loras / "someone_else.safetensors").write_bytes(b"another LoRA")
+    (elsewhere / "kept.safetensors").write_bytes(b"behind a link")
+    (loras / "linked").symlink_to(elsewhere, target_is_directory=True)
+    before, behind = _files(loras), _files(elsewhere)
+    rc, text = _export(capsys, str(ckpt), f"out={loras}")
+    assert rc == 0 and "Traceback" not in text, text
+    rec = json.loads((loras / "export.json").read_text())
+    written = set(rec["files"]) | {"export.json"}
+    assert {f.name for f in loras.iterdir()} == written | {"someone_else.safetensors", "linked"}
+    assert {k: v for k, v in _files(loras).items() if k in before} == before  # every file there before, intact
+    assert (loras / "linked").is_symlink() and _files(elsewhere) == behind
+    for name, sha in rec["files"].items():
+        assert hashlib.sha256((loras / name).read_bytes()).hexdigest() == sha, name
+    assert rec["lora_sha256"] == hashlib.sha256((ckpt / LORA_FILE).read_bytes()).hexdigest()
+    # out= a link to a folder: the files go into its target, the link stays a link
+    (tmp_path / "via").symlink_to(elsewhere, target_is_directory=True)
+    rc, text = _export(capsys, str(ckpt), f"out={tmp_path / 'via'}")
+    assert rc == 0 and (tmp_path / "via").is_symlink(), text
+    assert _files(elsewhere).items() >= behind.items() and (elsewhere / "export.json").is_file()
+    assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # no temporary file left
+
+
+def test_a_same_named_file_it_did_not_write_is_refused_until_overwrite_true(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "run")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("the user's own README\n")
+    rc, text = _export(capsys, str(ckpt), f"out={out}")
+    assert rc == 2 and "Traceback" not in text
+    assert f"{out} already holds" in text and "README.md" in text and "overwrite=true" in text, text
+    assert [f.name for f in out.iterdir()] == ["README.md"]  # refused before anything was written
+    assert (out / "README.md").read_text() == "the user's own README\n"
+    rc, text = _export(capsys, str(ckpt), f"out={out}", "overwrite=true")
+    assert rc == 0, text
+    assert (out / "README.md").read_text().startswith("---") and (out / "export.json").is_file()
+    # a link of the same name is never replaced nor written through, overwrite or not
+    target = tmp_path / "notes.md"
+    target.write_text("linked notes\n")
+    (out / "README.md").unlink()
+    (out / "README.md").symlink_to(target)
+    rc, text = _export(capsys, str(ckpt), f"out={out}", "overwrite=true")
+    assert rc == 2 and "README.md (a symbolic link" in text, text
+    assert (out / "README.md").is_symlink() and target.read_text() == "linked notes\n"
+
+
+def test_exporting_one_checkpoint_twice_gives_the_same_bytes_and_replaces_only_its_own_export(tmp_path, capsys):
+    """Re-exporting into the same folder replaces the export's own files, byte for byte the same; the export of
+    another checkpoint under the same name is refused (the default folder outputs/exports/<name> of another sweep)."""
+    ckpt = _checkpoint(tmp_path / "run")
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _export(capsys, str(ckpt), f"out={first}")[0] == 0
+    exported = _files(first)
+    assert _export(capsys, str(ckpt), f"out={first}")[0] == 0  # its own files: replaced, no refusal
+    assert _export(capsys, str(ckpt), f"out={second}")[0] == 0
+    assert _files(first) == exported == _files(second)
+    other = _checkpoint(tmp_path / "other sweep", seed=1)  # same trial and step: same name, another LoRA
+    rc, text = _export(capsys, str(other), f"out={first}")
+    assert rc == 2 and "the export of another checkpoint" in text and "overwrite=true" in text, text
+    assert _files(first) == exported
+
+
+def test_a_sweeps_champion_folder_holds_its_latest_export_only(tmp_path):
+    """champion/ (own=True): a new champion replaces the previous export's files and removes those it does not write
+    again, file by file; a file a person put there stays."""
+    from sweep.export import from_checkpoint
+
+    champion = tmp_path / "sweep" / "champion"
+    rec = export(from_checkpoint(_checkpoint(tmp_path / "a", step=4)), champion, own=True)
+    (champion / "notes.txt").write_text("mine\n")
+    new = export(from_checkpoint(_checkpoint(tmp_path / "b", seed=1, step=6)), champion, own=True)
+    assert {f.name for f in champion.iterdir()} == set(new["files"]) | {"export.json", "notes.txt"}
+    assert rec["webui_file"] != new["webui_file"] and not (champion / rec["webui_file"]).exists()
+
+
+def _as_nobody():
+    """Run as an unprivileged user (root writes into a read-only folder): the effective uid, for this process."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def ctx():
+        if os.geteuid() != 0:
+            yield
+            return
+        os.setegid(65534), os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0), os.setegid(0)
+
+    return ctx()
+
+
+def test_a_read_only_or_unwritable_target_exits_2_with_the_path_and_the_fix(capsys):
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="export-ro-"))  # readable by the unprivileged user the check runs as
+    try:
+        root.chmod(0o755)
+        ckpt = _checkpoint(root / "run")
+        for p in [root / "run", *(root / "run").rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked = root / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        for out in (locked, locked / "new" / "sub"):
+            with _as_nobody():
+                rc, text = _export(capsys, str(ckpt), f"out={out}")
+            assert rc == 2 and "Traceback" not in text, text
+            assert f"cannot write the export in {locked}" in text and "chmod u+w" in text, text
+            assert not list(locked.iterdir())
+    finally:
+        os.chmod(root / "locked", 0o755)
+        shutil.rmtree(root)
+
+
+def test_defaults_go_under_outputs(tmp_path, capsys, monkeypatch):
+    """Run from a folder (the repository, for a README walk): the export and a generated image go under outputs/,
+    which git ignores; nothing else is written there."""
+    from sweep.generate import default_out
+
+    ckpt = _checkpoint(tmp_path / "elsewhere")
+    cwd = tmp_path / "repo"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc, text = _export(capsys, str(ckpt))
+    assert rc == 0, text
+    [folder] = (cwd / "outputs" / "exports").iterdir()
+    assert folder.name == "step-000006_step6" and (folder / "export.json").is_file()
+    assert [p.name for p in cwd.iterdir()] == ["outputs"]
+    assert default_out().parent == Path("outputs") / "generated" and default_out().suffix == ".png"
+
+
+def test_safetensors_files_are_the_same_bytes_for_the_same_tensors_and_metadata(tmp_path):
+    """safetensors writes its header's metadata in a random order; the project's writer sorts it, and a checkpoint's
+    diffusers file (written by diffusers' save_lora_weights) is sorted before its sha256 is recorded."""
+    from safetensors.torch import load, save
+
+    from peft import LoraConfig
+
+    from common.lorafile import canonical_safetensors, safetensors_bytes
+    from trainer.checkpoint import write_checkpoint
+
+    tensors = {"b": torch.ones(3, dtype=torch.float16), "a": torch.arange(4.0)}
+    meta = {f"k{i}": str(i) for i in range(12)}
+    assert len({save(tensors, meta) for _ in range(4)}) > 1  # the library alone: not stable
+    data = safetensors_bytes(tensors, meta)
+    assert {safetensors_bytes(tensors, meta) for _ in range(4)} == {data}
+    assert canonical_safetensors(save(tensors, meta)) == data and len(data[8:8 + int.from_bytes(data[:8], "little")]) % 8 == 0
+    got = load(data)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    peft = {f"{MODULE.removeprefix('unet.')}.lora_A.weight": torch.randn(4, 64),
+            f"{MODULE.removeprefix('unet.')}.lora_B.weight": torch.randn(64, 4)}
+    config = LoraConfig(r=4, lora_alpha=8.0, target_modules=["to_k"])
+    shas = set()
+    for i in range(3):
+        folder = write_checkpoint(tmp_path / f"t{i}", 6, save_lora=lambda d: lora.save_unet_lora(d, peft, config),
+                                  record={"loss": 0.1, "config_hash": "x", "trial": "t", "lr": 1e-4},
+                                  state_tensors={}, state_json={})
+        shas.add(json.loads((folder / "checkpoint.json").read_text())["lora_sha256"])
+        assert hashlib.sha256((folder / LORA_FILE).read_bytes()).hexdigest() in shas
+    assert len(shas) == 1

@@ -244,7 +244,9 @@ def test_generate_uses_the_champions_evaluation_settings(user):
     assert plan.startswith(f"generating 1 image, 64x64 px, 4 steps, guidance 5.0, seed 0, scheduler {gen['scheduler']}")
     assert (f"with models:/sdxl-lora-champion@champion (version {champ.version}: trial {champ.tags['trial']} "
             f"step {champ.tags['step']}) on cpu; about ") in plan, plan
-    with Image.open(user.cwd / "generated.png") as im:
+    written = Path(p.stdout.strip().splitlines()[-1].removeprefix("written "))
+    assert written.parent == Path("outputs") / "generated" and written.suffix == ".png", p.stdout[-500:]
+    with Image.open(user.cwd / written) as im:
         assert im.format == "PNG" and im.size == (64, 64)
         got = np.asarray(im.convert("RGB"), dtype=np.int16)
     # the README's prompt is the demo's first evaluation prompt: at seed 0 it is the image the champion was scored on
@@ -292,7 +294,8 @@ def test_export_for_comfyui_a1111_forge_loads_from_the_registry_too(user):
 
     p = user.run(command("export"))
     assert p.returncode == 0 and "Traceback" not in p.output, p.output[-3000:]
-    [out] = (user.cwd / "exports").iterdir()
+    [out] = (user.cwd / "outputs" / "exports").iterdir()  # under outputs/ (git-ignored): a README walk leaves
+    assert not (user.cwd / "exports").exists() and not (user.cwd / "generated.png").exists()  # the checkout clean
     record = json.loads((out / "export.json").read_text())
     webui = record["webui_file"]
     assert {webui, "pytorch_lora_weights.safetensors", "README.md", "grid.png", "baseline.png"} <= {
@@ -301,8 +304,13 @@ def test_export_for_comfyui_a1111_forge_loads_from_the_registry_too(user):
     assert webui.startswith("sks_woman_") and f"step{champ.tags['step']}" in webui
     [folder] = user.sweep_folders()
     in_sweep = json.loads((folder / "champion" / "export.json").read_text())["files"]
-    assert champ.tags["webui_file"] == webui  # (a rebuilt report re-exports champion/: its sha256 is its own)
-    assert in_sweep["pytorch_lora_weights.safetensors"] == record["files"]["pytorch_lora_weights.safetensors"]
+    assert champ.tags["webui_file"] == webui
+    # the same checkpoint gives the same bytes (sorted safetensors headers), whoever exported it and when (the
+    # rebuilt report re-exported champion/): the registry's sha256, champion/'s and this export's are one
+    assert champ.tags["webui_sha256"] == in_sweep[webui] == record["files"][webui]
+    assert hashlib.sha256((out / webui).read_bytes()).hexdigest() == champ.tags["webui_sha256"]
+    assert champ.tags["lora_sha256"] == in_sweep["pytorch_lora_weights.safetensors"] == record["files"][
+        "pytorch_lora_weights.safetensors"]
     ours, theirs = load_file(out / webui), load_file(folder / "champion" / webui)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     with safe_open(str(out / webui), framework="pt") as f:
