@@ -1,8 +1,8 @@
 """The LoRA file contract that training writes and evaluation reads: a checkpoint folder holds
 `pytorch_lora_weights.safetensors` (diffusers format) and `checkpoint.json` (its record, with the file's sha256);
 an export folder holds files whose sha256 are in `export.json`; every safetensors file this project writes has its
-header in one order (`safetensors_bytes`), so the same tensors and metadata give the same bytes. And merging an adapter into the base's weights, so
-that generating with a LoRA costs what the base costs."""
+header in one order (`safetensors_bytes`), so the same tensors and metadata give the same bytes. And merging an
+adapter into the base's weights, so that generating with a LoRA costs what the base costs."""
 from __future__ import annotations
 
 import contextlib

@@ -1,8 +1,12 @@
 """The web-UI (kohya) export: what ComfyUI / A1111 / Forge load is what was trained and scored, at its real alpha."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -301,30 +305,20 @@ def test_a_sweeps_champion_folder_holds_its_latest_export_only(tmp_path):
     assert rec["webui_file"] != new["webui_file"] and not (champion / rec["webui_file"]).exists()
 
 
+@contextlib.contextmanager
 def _as_nobody():
-    """Run as an unprivileged user (root writes into a read-only folder): the effective uid, for this process."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def ctx():
-        if os.geteuid() != 0:
-            yield
-            return
-        os.setegid(65534), os.seteuid(65534)
-        try:
-            yield
-        finally:
-            os.seteuid(0), os.setegid(0)
-
-    return ctx()
+    """As an unprivileged user (effective uid, this process) when run as root, who writes into read-only folders."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534), os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0), os.setegid(0)
 
 
 def test_a_read_only_or_unwritable_target_exits_2_with_the_path_and_the_fix(capsys):
-    import os
-    import shutil
-    import tempfile
-
     root = Path(tempfile.mkdtemp(prefix="export-ro-"))  # readable by the unprivileged user the check runs as
     try:
         root.chmod(0o755)
@@ -365,9 +359,8 @@ def test_defaults_go_under_outputs(tmp_path, capsys, monkeypatch):
 def test_safetensors_files_are_the_same_bytes_for_the_same_tensors_and_metadata(tmp_path):
     """safetensors writes its header's metadata in a random order; the project's writer sorts it, and a checkpoint's
     diffusers file (written by diffusers' save_lora_weights) is sorted before its sha256 is recorded."""
-    from safetensors.torch import load, save
-
     from peft import LoraConfig
+    from safetensors.torch import load, save
 
     from common.lorafile import canonical_safetensors, safetensors_bytes
     from trainer.checkpoint import write_checkpoint
@@ -377,7 +370,8 @@ def test_safetensors_files_are_the_same_bytes_for_the_same_tensors_and_metadata(
     assert len({save(tensors, meta) for _ in range(4)}) > 1  # the library alone: not stable
     data = safetensors_bytes(tensors, meta)
     assert {safetensors_bytes(tensors, meta) for _ in range(4)} == {data}
-    assert canonical_safetensors(save(tensors, meta)) == data and len(data[8:8 + int.from_bytes(data[:8], "little")]) % 8 == 0
+    header = int.from_bytes(data[:8], "little")
+    assert canonical_safetensors(save(tensors, meta)) == data and header % 8 == 0 and data[8:9] == b"{"
     got = load(data)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
     peft = {f"{MODULE.removeprefix('unet.')}.lora_A.weight": torch.randn(4, 64),

@@ -54,7 +54,7 @@ def from_registry(uri: str, store: str) -> Source:
     tags = version.tags if version is not None else {}
     ckpt = Path(tags.get("checkpoint", ""))
     if tags.get("checkpoint") and (ckpt / "pytorch_lora_weights.safetensors").is_file():
-        src = from_checkpoint(ckpt, origin=uri)
+        src = from_checkpoint(ckpt, origin=uri, strength=float(tags.get("lora_scale", 1.0)))  # as champion/ has it
         if tags.get("lora_sha256"):
             try:
                 verify_hash(src.lora, tags["lora_sha256"])
