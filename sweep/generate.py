@@ -95,7 +95,6 @@ def estimate(s: dict, device: str, recorded: dict | None, images: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args["out"]) if "out" in args else default_out()
-    out.parent.mkdir(parents=True, exist_ok=True)
     quiet_for_generation()
     if "checkpoint" in args:
         _from_checkpoint(args, out)
@@ -141,7 +140,9 @@ def _from_checkpoint(args: dict[str, str], out: Path) -> None:
     if s["seed"] is not None:
         torch.manual_seed(s["seed"])
     kw = {k: s[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
-    pipe(prompt=args["prompt"], **kw).images[0].save(out)
+    image = pipe(prompt=args["prompt"], **kw).images[0]
+    out.parent.mkdir(parents=True, exist_ok=True)  # only once there is an image to put in it
+    image.save(out)
 
 
 def _trial_eval_record(ckpt: Path) -> dict | None:
@@ -207,6 +208,7 @@ def _from_registry(args: dict[str, str], out: Path) -> None:
         torch.manual_seed(s["seed"])  # the pipeline draws its noise from the global generator: as eval's seed
     params = {k: s[k] for k in ("num_inference_steps", "guidance_scale", "height", "width") if s[k] is not None}
     [png] = model.predict(pd.DataFrame({"prompt": [args["prompt"]]}), params=params)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png)
 
 

@@ -99,3 +99,4 @@ def test_generate_without_a_champion_names_the_store_and_the_fix(tmp_path):
     assert g.returncode != 0 and "Traceback" not in g.stderr, g.stderr[-2000:]
     assert f"no registered model version models:/sdxl-lora-champion@champion in the store {empty}" in g.stderr
     assert "python -m sweep" in g.stderr
+    assert not (tmp_path / "outputs").exists()  # no image: no outputs/generated/ folder either
