@@ -10,13 +10,13 @@ from trainer.webui import DTYPES
 
 from ..logs import quiet_for_generation
 from ..metrics import metrics_from_json
-from ..tracking.registry import default_store, registered_version, verify_registered
+from ..tracking.registry import WhichSubject, champion_uri, default_store, registered_version, verify_registered
 from . import FORMATS, Source, export, from_checkpoint, from_sweep, output_name
 
 USAGE = ("usage: python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] "
-         "[format=both|webui|diffusers] [out=<folder>] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
-KEYS = {"format", "out", "dtype", "tracking_uri"}
-DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
+         "[subject=\"sks man\" | model=<registered name>] [format=both|webui|diffusers] [out=<folder>] "
+         "[dtype=fp16|bf16|fp32] [tracking_uri=URI]")
+KEYS = {"format", "out", "dtype", "tracking_uri", "subject", "model"}
 
 
 def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -72,9 +72,12 @@ def from_registry(uri: str, store: str) -> Source:
     return src
 
 
-def resolve(source: str | None, store: str | None) -> Source:
+def resolve(source: str | None, store: str | None, subject: str | None = None, model: str | None = None) -> Source:
+    """What to export: a folder, a models:/ URI, or (none given) the registry's champion of the one subject there
+    (or of subject= / model=: several subjects are refused with their list)."""
     if source is None or source.startswith("models:/"):
-        return from_registry(source or DEFAULT_MODEL, store or default_store())
+        store = store or default_store()
+        return from_registry(source or champion_uri(store, subject, model), store)
     path = Path(source).expanduser()
     if not path.exists():
         raise SystemExit(f"{source}: no such folder. Give a checkpoint folder (<trial>/checkpoints/step-NNNNNN), a "
@@ -90,7 +93,11 @@ def resolve(source: str | None, store: str | None) -> Source:
 def main(argv: list[str] | None = None) -> int:
     quiet_for_generation()
     source, args = parse(sys.argv[1:] if argv is None else argv)
-    src = resolve(source, args.get("tracking_uri"))
+    try:
+        src = resolve(source, args.get("tracking_uri"), args.get("subject"), args.get("model"))
+    except WhichSubject as exc:  # several subjects registered: the user names one
+        print(exc, file=sys.stderr)
+        return 2
     out = Path(args["out"]) if "out" in args else Path("exports") / output_name(src)
     rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"))
     print(f"exported {src.trial} step {src.step} from {src.origin} to {rec['out']}:")
