@@ -226,7 +226,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     lines += optuna[0]
     write_json(out / "selection.json", {
         "rule": sel.rule, "objective": sel.objective, "objective_meaning": rule_text, "explanation": sel.explain(),
-        "champion": _plain(sel.champion),
+        "champion": _plain(sel.champion), "chosen": _plain(sel.chosen),  # the rule's pick; what was handed on
         "champion_lora": lora_file(sel.champion) if sel.champion else None,
         "champion_export": str(exported) if exported else None,
         "runner_up": _plain(sel.runner_up), "margin": sel.margin,
