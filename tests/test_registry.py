@@ -86,9 +86,9 @@ def assert_agree(cwd: Path, folder: Path, model: str) -> None:
     record = json.loads((Path(chosen["checkpoint"]) / "checkpoint.json").read_text())
     assert v.tags["lora_sha256"] == record["lora_sha256"] == sha256(folder / "champion" /
                                                                      "pytorch_lora_weights.safetensors")
-    assert sel["registry"]["state"] == "done" and sel["registry"]["version"] == v.version
+    assert sel["registry"]["state"] == "done" and sel["registry"]["version"] == str(v.version)
     registry = json.loads((folder / "registry.json").read_text())
-    assert registry["state"] == "done" and registry["version"] == v.version
+    assert registry["state"] == "done" and registry["version"] == str(v.version)
     report = (folder / "report" / "report.md").read_text()
     assert f"`{model}` version {v.version}, alias `champion`" in report
     if promos:
@@ -123,7 +123,7 @@ def test_a_promote_killed_at_any_step_then_run_again_ends_in_agreement(swept, po
     [folder] = sweeps(swept)
     c = client(swept)
     now = alias(c, A).tags["checkpoint"]
-    other = next(k for k in ("lr=0.0005@2", "lr=0.0005@4") if not now.endswith(f"step-00000{k[-1]}"))
+    other = next(k for k in ranked(folder) if not now.endswith(f"step-00000{k[-1]}"))
     before = len(json.loads((folder / "promotion.json").read_text())) if (folder / "promotion.json").is_file() else 0
     cmd = (other, f"reason=killed at {point}", "by=ana", f"sweep={folder}")
     p = run("sweep.promote", *cmd, cwd=swept, faults=f"{point}:*:1=kill")
@@ -142,12 +142,12 @@ def test_two_promotes_at_once_keep_both_entries(swept):
     before = len(json.loads((folder / "promotion.json").read_text()))
     procs = [subprocess.Popen([sys.executable, "-m", "sweep.promote", key, f"reason=at once {key}", f"sweep={folder}"],
                               cwd=swept, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for key in ("lr=0.0005@2", "lr=0.0005@4")]
+             for key in ranked(folder)]
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]
     promos = json.loads((folder / "promotion.json").read_text())
-    assert sorted(p["key"] for p in promos[before:]) == ["lr=0.0005@2", "lr=0.0005@4"]
+    assert sorted(p["key"] for p in promos[before:]) == sorted(ranked(folder))
     assert_agree(swept, folder, A)  # the later of the two holds the alias, everywhere
 
 
