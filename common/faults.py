@@ -8,7 +8,12 @@ Each entry is `point:trial:hit=action`: at the hit-th time (`2+`: from the 2nd t
 `point` is reached for a trial whose name contains `trial` (`*`: any), do `action`: `kill` (SIGKILL, as the OOM killer or a lost node
 would), `raise` (an exception, as a bug would) or `oom` (torch.OutOfMemoryError, as a too-large trial would).
 Points: train_step (after a step's loss is known), checkpoint_write (the checkpoint's files written, not yet
-renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests).
+renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests); at a
+sweep's end and a promotion, in order (sweep/finalize.py, sweep/promote.py, sweep/tracking/registry.py):
+promote_recorded (the pick in promotion.json), finalize_exported (champion/ written), registry_intent (registry.json
+says what is to be registered), registry_version (the model version exists, with its tags), registry_alias (the
+alias is on it), finalize_registered (registry.json says done), finalize_reported (selection.json and report.md
+written), finalize_done (the MLflow runs told).
 Unset (always, outside tests), a point costs one dictionary lookup."""
 from __future__ import annotations
 

@@ -14,20 +14,48 @@ def umask() -> int:
     return mask
 
 
-def temp_prefix(path: Path) -> str:
-    """`.<name>.tmp-`: the prefix of `write_atomic`'s temporary files for `path` (what a killed writer leaves)."""
-    return f".{Path(path).name}.tmp-"
+def _temp_prefix(path: Path) -> str:
+    """`.<name>.<pid>.`: the temporary files of `write_atomic` for `path`; the pid tells a dead writer's apart."""
+    return f".{Path(path).name}.{os.getpid()}."
 
 
-def write_atomic(path: Path, data: bytes | Path) -> None:
-    """`data` (bytes, or a file whose bytes are copied) in `path`, written whole or not at all. `os.replace` renames
-    over the name itself: an existing symbolic link there is replaced, never followed (callers that must keep a
-    link check first). The file gets the permissions a new file gets (umask), as any output does."""
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that made this temporary file (its pid is in the name) still runs, this one aside."""
+    try:
+        pid = int(tmp.name.rsplit(".", 3)[-3])
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def remove_leftovers(path: Path) -> None:
+    """The temporary files a writer of `path` killed before its rename left (plain files only, never a link)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path))
+    for left in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if left.is_file() and not left.is_symlink() and not _writer_alive(left):
+            left.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def write_atomic(path: Path, data: bytes | str | Path) -> None:
+    """`data` (bytes, text, or a file whose bytes are copied) in `path`, written whole or not at all. `os.replace`
+    renames over the name itself: an existing symbolic link there is replaced, never followed (callers that must
+    keep a link check first). The file gets the permissions a new file gets (umask), as any output does; what a
+    killed earlier writer of `path` left is removed first."""
+    path = Path(path)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            if isinstance(data, (bytes, bytearray)):
+            if isinstance(data, str):
+                f.write(data.encode())
+            elif isinstance(data, (bytes, bytearray)):
                 f.write(data)
             else:
                 with open(data, "rb") as src:

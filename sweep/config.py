@@ -22,7 +22,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # None: sqlite:///<paths.root>/mlruns/mlflow.db, artifacts in <paths.root>/mlruns/artifacts
     experiment: str = "sdxl-lora-sweep"
-    registered_model: str = "sdxl-lora-champion"
+    registered_model: str | None = None  # None: one model per subject, sdxl-lora-<token>-<class> (tracking/registry.py)
     system_metrics: bool = True
 
 

@@ -1,11 +1,19 @@
-"""The end of a sweep: gather every trial's checkpoint metrics, select the champion, register it, report."""
+"""The end of a sweep: gather every trial's checkpoint metrics, select the champion, register it, report.
+
+Ordered so that a process killed at any point (kill -9) and the same command run again end where an uninterrupted
+run ends, with nothing left over: the champion's export (champion/), then the registry, journaled in
+<sweep>/registry.json (intent, then what the registry holds: run again, it finishes or repeats nothing), then the
+records written last from what is recorded (selection.json, report.md: atomic writes), then the MLflow runs."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
+from common import faults
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import evaluate
@@ -15,11 +23,12 @@ from . import confidence, racing, report
 from .config import evaluation_settings, resolve_path
 from .export import export, from_checkpoint
 from .metrics import fmt
-from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, collect, load_config, lost_before_start,
-                      lost_trials, read_promotion, read_scores, read_sweep, trial_dirs, write_json, write_result)
-from .selection import Candidate, Selection, describe_rule, select
+from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
+                      lost_before_start, lost_trials, read_json, read_promotion, read_promotions, read_scores,
+                      read_sweep, score_notes, trial_dirs, write_json, write_result)
+from .selection import Candidate, Selection, best_rows, checkpoint_score, describe_rule, objective_name, select
 from .tracking import make_tracker, ui_command
-from .tracking.registry import register_champion
+from .tracking.registry import CHALLENGER, model_name, register_champion, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +85,9 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     sel.race = race
     human_review(sel, sweep_dir, candidates, tracker)
     rule_text = describe_rule(conf.selection)
+    notes = score_notes(sweep_dir)
     exported = export_champion(sweep_dir, sel) if sel.chosen else None
-    files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported)
+    faults.hit("finalize_exported")  # champion/ written; the registry and the records not yet (tests/test_promote.py)
     sweep = read_sweep(sweep_dir)
     failed = sum(s in ("failed", "diverged") for s in statuses.values())
     if tracker.waiting():  # the server is away: the records wait; the registry cannot, it is done by `sync`
@@ -85,9 +95,16 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                   "registered yet. When the server is back: python -m sweep.tracking sync %s", tracker.uri,
                   tracker.waiting(), tracker.pending, sweep_dir)
         register = False
-    if sweep and sweep["parent_run_id"]:
-        pid = sweep["parent_run_id"]
-        ended = tracker.run_status(pid) not in (None, "RUNNING")  # a rebuild: nothing logged twice, no new end
+    pid = sweep["parent_run_id"] if sweep and sweep["parent_run_id"] else ""
+    ended = bool(pid) and tracker.run_status(pid) not in (None, "RUNNING")  # a rebuild: nothing twice, no new end
+    registration = read_json(sweep_dir / REGISTRY_FILE)
+    if pid and sel.chosen and conf.tracking.enabled:
+        registration = registry_step(tracker, conf, sweep_dir, pid, sel, baseline, exported, register)
+    faults.hit("finalize_registered")  # the registry done and journaled; selection.json and the report not yet
+    files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported,
+                         registration, notes)
+    faults.hit("finalize_reported")  # the records written; the MLflow runs not told yet
+    if pid:
         tracker.reopen(pid)  # a resumed sweep's parent: steps it holds are not logged again
         for f in files:
             tracker.log_artifacts(pid, f, "report")
@@ -95,16 +112,80 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                 "selection.explanation": sel.explain()[:4000], "trials.total": len(statuses), "trials.failed": failed,
                 "mlflow.note.content": report.mlflow_note(
                     sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
-                    sweep_dir / "report", report.table(candidates, sel, statuses), exported)[:7900]}
+                    sweep_dir / "report", report.table(candidates, sel, statuses), exported,
+                    registration, notes)[:7900]}
         tags.update(_champion_record(tracker, pid, sel, ended))
-        if sel.chosen and register and conf.tracking.enabled:
-            tags.update(register_champion(tracker, conf, pid, sel.chosen, baseline, exported, sel.review))
+        if registration and registration.get("state") == "done":
+            tags.update(registration.get("tags", {}))
+            if registration.get("switch"):
+                tags["registry.switch"] = registration["switch"]
         tracker.set_tags(pid, tags)
+        log_final_bests(tracker, sweep, candidates, sel, statuses, conf.selection)
         if not ended:
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
-    page = run_page(tracker.uri, sweep) if sweep and sweep["parent_run_id"] else None
-    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page)
+    faults.hit("finalize_done")
+    page = run_page(tracker.uri, sweep) if pid else None
+    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page, registration, notes)
     return sel, failed
+
+
+def registry_step(tracker, conf, sweep_dir: Path, pid: str, sel: Selection, baseline: dict, exported: Path | None,
+                  register: bool) -> dict | None:
+    """The champion's registration, journaled in <sweep>/registry.json: what is to be registered (intent), then
+    what the registry holds (done). Done for this pick already (a resumed finished sweep, a rebuilt report): nothing
+    is registered and no alias moves. Interrupted (intent): done again, idempotently (the registry finds the
+    version of the same LoRA). A person's pick moves `champion` only when it is new: promoted since the last
+    registration. register=False (sweep.report, the server away): the record as it stands."""
+    path = sweep_dir / REGISTRY_FILE
+    rec = read_json(path)
+    c = sel.chosen
+    applied = len(read_promotions(sweep_dir)) if sel.review else 0
+    want = {"key": c.key, "checkpoint": c.checkpoint, "scale": c.scale, "promotions": applied}
+    if rec and rec.get("state") == "done" and all(rec.get(k) == v for k, v in want.items()):
+        return rec
+    if not register:
+        return rec
+    fresh = bool(sel.review) and not (rec and rec.get("state") == "done" and rec.get("promotions", 0) >= applied)
+    name = (rec or {}).get("model") or model_name(conf, tracker.client, subject_of(conf))
+    intent = {**want, "state": "intent", "model": name,
+              "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_json(path, intent)
+    faults.hit("registry_intent")  # the intent journaled; the registry not touched yet
+    tags = register_champion(tracker, conf, pid, c, baseline, exported, sel.review if fresh else None, name)
+    done = {**intent, "state": "done", "alias": tags["registry.alias"], "version": tags.get("registry.version", ""),
+            "champion_version": tags.get("registry.champion_version", ""), "decision": tags["registry.decision"],
+            "lora_sha256": c.weights, "tags": tags}
+    if done["alias"] == CHALLENGER:
+        done["switch"] = switch_command(sweep_dir, c)
+        log.warning("registry %s: %s. To make it the champion: %s", name, done["decision"], done["switch"])
+    write_json(path, done)
+    return done
+
+
+def switch_command(sweep_dir: Path, c: Candidate) -> str:
+    """The command that makes a challenger the champion: a person promotes it."""
+    return (f"python -m sweep.promote {c.key} sweep={shlex.quote(str(sweep_dir))} "
+            "reason=\"<why it should replace the champion>\"")
+
+
+def log_final_bests(tracker, sweep: dict, candidates: list[Candidate], sel: Selection, statuses: dict,
+                    cfg) -> None:
+    """Each trial's best checkpoint as the report has it (after racing), on its MLflow run as best_* metrics and
+    tags, so that the runs table and the report tell one truth (a raced trial's own run has its first round's as
+    round1_best_*). Logged at the best's step; a rebuilt report logs nothing twice (reopen)."""
+    by_key = {c.key: c for c in candidates}
+    for row in report.table(candidates, sel, statuses):
+        best = by_key.get(row["key"])
+        run_id = tracker.find_child(sweep, row["trial"]) if best else None
+        if run_id is None:
+            continue
+        tracker.reopen(run_id)
+        tracker.log_metrics(run_id, best_rows(best, checkpoint_score(best, sel.baseline, cfg), objective_name(cfg)))
+        if tracker.run_tags(run_id).get("best_lora_sha256") != best.weights:
+            tracker.log_artifacts(run_id, Path(best.checkpoint) / "pytorch_lora_weights.safetensors",
+                                  "best_checkpoint")
+        tracker.set_tags(run_id, {"best_step": best.step, "best_lora_scale": best.scale,
+                                  "best_lora_sha256": best.weights})
 
 
 def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict) -> tuple[list[Candidate], dict | None]:
@@ -267,7 +348,8 @@ def run_page(uri: str, sweep: dict) -> str:
     return f"{host}/#/experiments/{sweep['experiment_id']}/runs/{sweep['parent_run_id']}?workflowType=machine_learning"
 
 
-def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None) -> None:
+def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None, registration: dict | None = None,
+           notes: list[str] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -291,4 +373,8 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     compare = "MLflow tracking is off (tracking.enabled=false)" if ui.endswith("disabled") else f"compare the runs: {ui}"
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"
+    if report.registry_text(registration):
+        print(report.registry_text(registration).replace("`", "").replace("**", ""))
     print(f"report: {sweep_dir / 'report'}\n{compare}", flush=True)
+    for line in report.meaningless_lines(notes)[:1]:  # the last word: the demo's numbers mean nothing
+        print(line.replace("**", ""), flush=True)

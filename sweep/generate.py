@@ -1,7 +1,8 @@
 """Generate with the champion (or any registered version, or a checkpoint folder).
 
     python -m sweep.generate prompt="a picture of sks man showing the thumbs up gesture on the moon"
-    python -m sweep.generate prompt="..." model=models:/sdxl-lora-champion/3 out=moon.png steps=30 seed=1
+    python -m sweep.generate prompt="..." model=models:/sdxl-lora-sks-man/3 out=moon.png steps=30 seed=1
+    python -m sweep.generate prompt="..." subject="sks woman"       (several subjects registered: say which)
     python -m sweep.generate prompt="..." checkpoint=outputs/sweeps/.../checkpoints/step-000400 base=<model>
 
 Unless steps=, guidance=, size= or seed= say otherwise, it generates as the champion was evaluated (the
@@ -19,13 +20,13 @@ from pathlib import Path
 from evaluation.generate import EvalInputError, check_lora_file
 
 from .logs import quiet_for_generation
-from .tracking.registry import GENERATION_TAG, default_store, registered_version, verify_registered
+from .tracking.registry import (GENERATION_TAG, WhichSubject, champion_uri, default_store, registered_version,
+                                verify_registered)
 
-USAGE = ("usage: python -m sweep.generate prompt=\"...\" [model=models:/sdxl-lora-champion@champion | "
+USAGE = ("usage: python -m sweep.generate prompt=\"...\" [subject=\"sks man\" | model=models:/<name>@champion | "
          "checkpoint=<folder> base=<hub id or folder>] [out=<file>.png] [steps=N] [guidance=G] [size=PX] "
          "[seed=S] [tracking_uri=URI]")
-KEYS = {"prompt", "model", "checkpoint", "base", "out", "steps", "guidance", "size", "seed", "tracking_uri"}
-DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
+KEYS = {"prompt", "subject", "model", "checkpoint", "base", "out", "steps", "guidance", "size", "seed", "tracking_uri"}
 GENERATED = Path("outputs") / "generated"  # where images go without out=
 
 
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if "checkpoint" in args:
         _from_checkpoint(args, out)
     else:
-        _from_registry(args, out)
+        try:
+            _from_registry(args, out)
+        except WhichSubject as exc:  # several subjects registered: the user names one
+            print(exc, file=sys.stderr)
+            return 2
     print(f"written {out}")
     return 0
 
@@ -165,7 +170,7 @@ def _from_registry(args: dict[str, str], out: Path) -> None:
 
     store = args.get("tracking_uri") or default_store()
     mlflow.set_tracking_uri(store)
-    uri = args.get("model", DEFAULT_MODEL)
+    uri = champion_uri(store, args.get("subject"), args.get("model"))
     version = registered_version(uri, store)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

@@ -35,7 +35,7 @@ from .plan import make_plan, trial_key
 from .results import (BASELINE, RESULT, candidate, candidates, finished_objective, read_result, read_sweep,
                       write_result)
 from .search import SearchSettings, TrialLink, coordinates
-from .selection import Candidate, checkpoint_score, objective_name, trial_best
+from .selection import ROUND1, Candidate, best_rows, checkpoint_score, objective_name, trial_best
 from .tracking import device_name, git_commit, make_tracker
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _catch_up(job: Job) -> None:
         run_id = job.tracker.child_run(job.sweep, job.name, job.tags)
         _, best = trial_best(cands, baseline, job.conf.selection)
         _record(job.tracker, run_id, job.out, res, res["metrics"], best, res["objective"],
-                selection=job.conf.selection)
+                selection=job.conf.selection, raced=job.conf.eval.races(job.multirun))
         write_result(job.out, {**res, "tracked": True})
         job.tracker.flush()
 
@@ -169,7 +169,8 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
         values = link.finish(result.status, cands, baseline)
         if values is not None:
             tracker.set_tags(run_id, {"optuna.state": "COMPLETE", "optuna.values": values})
-    _record(tracker, run_id, out, payload, metrics, best, objective, live.logged, conf.selection)
+    _record(tracker, run_id, out, payload, metrics, best, objective, live.logged, conf.selection,
+            conf.eval.races(job.multirun))
     write_result(out, {**payload, "tracked": True})  # recorded, or waiting in the journal for the server
     tracker.flush()
     _summary(result, objective)
@@ -328,27 +329,19 @@ def _log_grids(tracker, run_id, out: Path, entry: str) -> None:
             tracker.log_image(run_id, png, ("grid" if arm == "base" else f"grid_{arm}") + suffix, step)
 
 
-def best_rows(best: Candidate, objective: float, objective_key: str) -> list[tuple[str, float, int]]:
-    """The trial's best checkpoint as summary metrics (columns of the runs table, rows of the compare view):
-    best_<metric>, best_step, best_lora_scale (its strength) and best_<objective name>, logged at the best step."""
-    rows = [(f"best_{k}", v, best.step) for k, v in best.metrics.items()]
-    rows += [("best_step", best.step, best.step), ("best_lora_scale", best.scale, best.step)]
-    if objective_key not in best.metrics:
-        rows += [(f"best_{objective_key}", objective, best.step)]
-    return rows
-
-
 def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None, objective: float,
-            logged: set[str] = frozenset(), selection=None) -> None:
+            logged: set[str] = frozenset(), selection=None, raced: bool = False) -> None:
     """The trial in its MLflow run: metrics (and the rule's objective) at their steps, its best checkpoint's as
     best_* summary metrics, the loss curve, grids (files, and step-indexed images), result.json, LoRA hashes, the
     best checkpoint's LoRA, status. `result` is the payload of result.json. Safe to repeat (a reopened run keeps
-    what it holds)."""
+    what it holds). `raced`: its scores are racing's first round, so its best is logged as round1_best_* and the
+    sweep's end logs the final best_* (sweep/finalize.py: one truth with the report)."""
     baseline = metrics.get("baseline", {})
     fresh = sorted(e for e in metrics if is_entry(e) and e not in logged)
     rows = [r for e in fresh for r in _entry_rows(e, metrics[e], baseline, selection)]
     if best is not None:
-        rows += best_rows(best, objective, objective_name(selection) if selection is not None else "objective")
+        rows += best_rows(best, objective, objective_name(selection) if selection is not None else "objective",
+                          ROUND1 if raced else "")
     rows += [(f"baseline_{k}", v, 0) for k, v in baseline.items()]
     log_path = out / "train_log.jsonl"
     if log_path.is_file():
@@ -369,7 +362,7 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
     ckpts = [Path(c) for c in result.get("checkpoints", [])]
     hashes = {f"lora_sha256.{c.name}": _lora_hash(c) for c in ckpts}
     tracker.set_tags(run_id, {k: v for k, v in hashes.items() if v})  # what each checkpoint's LoRA must hash to
-    if best is not None:  # the trial's best checkpoint under the sweep's rule: the LoRA people will want
+    if best is not None and not raced:  # the trial's best checkpoint under the sweep's rule: the LoRA people want
         tracker.log_artifacts(run_id, Path(best.checkpoint) / "pytorch_lora_weights.safetensors", "best_checkpoint")
         tracker.set_tags(run_id, {"best_step": best.step, "best_lora_scale": best.scale,
                                   "best_lora_sha256": hashes.get(f"lora_sha256.{Path(best.checkpoint).name}", "")})

@@ -6,18 +6,23 @@ The original study chose its champion by eye; here the selection rule chooses, a
 promoted checkpoint is exported to <sweep>/champion/ and takes the registry's `champion` alias whatever the rule
 says, its model version and the sweep's parent run tagged with who (`by`, default the login name) and why; the
 report and the console say whether the person overrode the rule, and across reviewed sweeps how often people kept
-the rule's pick. Without sweep=, the newest sweep under ./outputs/sweeps."""
+the rule's pick. Without sweep=, the newest sweep under ./outputs/sweeps.
+
+A person's pick holds `champion`: a later sweep whose best beats it under the rule gets alias `challenger`, and
+says the command that makes it the champion (this one, on that sweep). Promotes of one sweep run one at a time
+(a lock on promotion.json: none loses its entry); one killed at any point is finished by running it again."""
 from __future__ import annotations
 
 import datetime as dt
 import difflib
 import getpass
-import json
 import sys
 from pathlib import Path
 
+from common import faults
+
 from .finalize import finalize_folder
-from .results import PROMOTION_FILE, collect, load_config, trial_dirs, write_json
+from .results import PROMOTION_FILE, collect, load_config, locked, read_promotions, trial_dirs, write_json
 from .selection import select
 
 OPTIONS = ("reason", "sweep", "by")
@@ -46,9 +51,22 @@ def promote(sweep_dir: Path, key: str, reason: str, by: str) -> dict:
               "agreed": bool(rule and rule.key == key), "checkpoint": chosen.checkpoint, "scale": chosen.scale,
               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     path = sweep_dir / PROMOTION_FILE
-    write_json(path, [*(json.loads(path.read_text()) if path.is_file() else []), record])
-    finalize_folder(sweep_dir)
-    return record
+    with locked(path):  # one promote of this sweep at a time: each keeps its entry, the last one's pick stands
+        picks = read_promotions(sweep_dir)
+        last = picks[-1] if picks else {}
+        if not (last and not last.get("applied") and _same_pick(last, record)):  # else: finish that one
+            picks.append(record)
+            write_json(path, picks)
+        faults.hit("promote_recorded")  # the pick is on record; champion/, the registry and the report not yet
+        finalize_folder(sweep_dir)
+        picks[-1] = {**picks[-1], "applied": True}
+        write_json(path, picks)
+    return picks[-1]
+
+
+def _same_pick(a: dict, b: dict) -> bool:
+    """The same command again (a promote that was killed before it finished is finished, not recorded twice)."""
+    return all(a.get(k) == b.get(k) for k in ("key", "by", "reason", "checkpoint", "scale"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,13 +2,17 @@
 result.json, the candidates (trial, checkpoint, metrics) selection ranks, lost trials, the sweep's typed config."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from omegaconf import OmegaConf
 
+from common.files import write_atomic
 from common.lorafile import LORA_FILE, recorded_sha256
 from evaluation.config import is_entry, parse_entry
 
@@ -22,6 +26,7 @@ LOST_FILE = "lost_jobs.jsonl"  # jobs a launcher lost before they made a trial f
 EVAL_DIR, EVAL_FILE = "eval", "metrics.json"  # a trial's scores: metrics and cells (evaluation.evaluate writes it)
 PROMOTION_FILE = "promotion.json"  # a person's picks over the rule's (python -m sweep.promote), newest last
 SWEEP_FILE = "sweep.json"  # the sweep's MLflow experiment and parent run (tracking.Tracker.start_sweep)
+REGISTRY_FILE = "registry.json"  # the sweep's registration: intent, then what the registry holds (finalize.py)
 
 
 def _clean(obj):
@@ -55,12 +60,45 @@ def write_result(out: Path, payload: dict) -> None:
 
 
 def write_json(path: Path, payload) -> None:
-    """`payload` as strict JSON in `path`, written under a temporary name and renamed into place."""
+    """`payload` as strict JSON in `path`, atomically (write_text)."""
+    write_text(path, strict_json(payload, indent=2))
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` in `path`, all or nothing (common.files.write_atomic): a process killed at any point leaves the old
+    file or the new one, never half of one; two writers never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(strict_json(payload, indent=2))
-    tmp.replace(path)
+    write_atomic(path, text)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (its `.lock` file beside it) across processes, for read-modify-write of a record:
+    two promotes at once both keep their entry. The lock goes with the process, even when it is killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_json(path: Path, change: Callable, empty=None):
+    """Read the JSON record at `path` (`empty` when there is none), apply `change` to it and write what it returns,
+    under the record's lock and atomically; returns the new content."""
+    with locked(path):
+        current = json.loads(Path(path).read_text()) if Path(path).is_file() else empty
+        new = change(current)
+        write_json(path, new)
+        return new
+
+
+def read_json(path: Path, default=None):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else default
 
 
 def trial_dirs(sweep_dir: Path) -> list[Path]:
@@ -134,11 +172,26 @@ def candidate(name: str, entry: str, metrics: dict, out: Path, status: str = "fi
                      recorded_sha256(ckpt / LORA_FILE) or "")
 
 
+def read_promotions(sweep_dir: Path) -> list[dict]:
+    """Every human pick of the sweep (python -m sweep.promote), oldest first."""
+    return read_json(Path(sweep_dir) / PROMOTION_FILE, [])
+
+
 def read_promotion(sweep_dir: Path) -> dict | None:
     """The sweep's latest human pick (python -m sweep.promote): {"key", "by", "reason", "rule_pick", "agreed", "at"}."""
-    path = Path(sweep_dir) / PROMOTION_FILE
-    picks = json.loads(path.read_text()) if path.is_file() else []
+    picks = read_promotions(sweep_dir)
     return picks[-1] if picks else None
+
+
+def score_notes(sweep_dir: Path) -> list[str]:
+    """What evaluation said about its own numbers (eval/metrics.json `notes`): e.g. that the base model or CLIP has
+    random weights, so the scores carry no meaning (the demo's tiny model)."""
+    notes: list[str] = []
+    for d in trial_dirs(sweep_dir):
+        for n in read_json(Path(d) / EVAL_DIR / EVAL_FILE, {}).get("notes", []):
+            if n not in notes:
+                notes.append(n)
+    return notes
 
 
 def load_config(sweep_dir: Path) -> SweepConfig:

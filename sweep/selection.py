@@ -152,6 +152,20 @@ def trial_best(candidates: List[Candidate], baseline: Dict[str, float], cfg: Sel
     return math.nan, (max(candidates, key=lambda c: c.step) if or_last and candidates else None)
 
 
+ROUND1 = "round1_"  # racing's first-round best of a trial, on its MLflow run, before the sweep's end raced on
+
+
+def best_rows(best: Candidate, objective: float, objective_key: str, prefix: str = "") -> list[tuple[str, float, int]]:
+    """A trial's best checkpoint as summary metrics (columns of the runs table, rows of the compare view):
+    best_<metric>, best_step, best_lora_scale (its strength) and best_<objective name>, logged at the best step;
+    `prefix` before each name (round1_: racing's first round, which the sweep's end may overturn)."""
+    rows = [(f"best_{k}", v, best.step) for k, v in best.metrics.items()]
+    rows += [("best_step", best.step, best.step), ("best_lora_scale", best.scale, best.step)]
+    if objective_key not in best.metrics:
+        rows += [(f"best_{objective_key}", objective, best.step)]
+    return [(prefix + k, v, s) for k, v, s in rows]
+
+
 def _fmt_num(x: float) -> str:
     return f"{x:g}"
 

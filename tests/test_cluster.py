@@ -68,7 +68,7 @@ def test_a_sweep_through_submitit_trains_one_pack_per_job_composed_on_its_node_i
     assert len({r.data.tags["worker"] for r in children}) == 2  # a process per batch
     assert all(r.info.status == "FINISHED" for r in children) and parent.info.status == "FINISHED"
     selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
-    assert c.get_model_version_by_alias("sdxl-lora-champion", "champion").tags["trial"] == \
+    assert c.get_model_version_by_alias("sdxl-lora-sks-woman", "champion").tags["trial"] == \
         selection["champion"]["trial"]
 
 

@@ -250,7 +250,7 @@ def test_export_adds_its_files_beside_a_users_and_leaves_links_and_their_targets
     rc, text = _export(capsys, str(ckpt), f"out={tmp_path / 'via'}")
     assert rc == 0 and (tmp_path / "via").is_symlink(), text
     assert _files(elsewhere).items() >= behind.items() and (elsewhere / "export.json").is_file()
-    assert not [p for p in tmp_path.rglob(".*.tmp-*")]  # no temporary file left
+    assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temporary file left
 
 
 def test_a_same_named_file_it_did_not_write_is_refused_until_overwrite_true(tmp_path, capsys):

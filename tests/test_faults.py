@@ -236,7 +236,7 @@ def test_a_tracking_server_going_away_mid_sweep_loses_no_record(tmp_path):
             assert metrics["train_loss"] == list(range(1, 7))
             assert metrics["clip_t"] == [2, 4, 6]
             assert len(hashes) == 3
-        champ = MlflowClient(srv.uri).get_model_version_by_alias("sdxl-lora-champion", "champion")
+        champ = MlflowClient(srv.uri).get_model_version_by_alias("sdxl-lora-sks-woman", "champion")
         assert Path(champ.tags["checkpoint"]).is_relative_to(sweep_dir)
     finally:
         server.__exit__(None, None, None)

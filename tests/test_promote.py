@@ -46,7 +46,7 @@ def test_lora_strengths_are_candidates_and_a_person_can_overrule_the_pick_on_rec
     p = promote(key, "reason=the face is sharper at this strength", "by=ana", cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"promoted {key}" in p.stdout and "over the rule's pick" in p.stdout
-    champ = c.get_model_version_by_alias("sdxl-lora-champion", "champion")
+    champ = c.get_model_version_by_alias("sdxl-lora-sks-woman", "champion")
     assert float(champ.tags["lora_scale"]) == other and json.loads(champ.tags["generation"])["lora_scale"] == other
     assert (champ.tags["review.by"], champ.tags["review.agreed"]) == ("ana", "False")
     assert champ.tags["review.reason"] == "the face is sharper at this strength"
@@ -60,5 +60,5 @@ def test_lora_strengths_are_candidates_and_a_person_can_overrule_the_pick_on_rec
                 cwd=tmp_path)
     assert p.returncode == 0 and "the rule's pick, confirmed" in p.stdout, p.stderr[-3000:]
     assert c.get_run(parent.info.run_id).data.tags["review.rule_agreement"].startswith("1 of 1 ")
-    assert float(c.get_model_version_by_alias("sdxl-lora-champion", "champion").tags["lora_scale"]) == rule["scale"]
+    assert float(c.get_model_version_by_alias("sdxl-lora-sks-woman", "champion").tags["lora_scale"]) == rule["scale"]
     assert len(json.loads((folder / "promotion.json").read_text())) == 2

@@ -60,7 +60,7 @@ COMMANDS = {
     "your photos": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=\S+$",
     "plan": r"^python -m sweep -m experiment=sdxl data\.instance_dir=\$HOME/photos/me lr=\S+ steps=\S+ plan_only=true$",
     "generate": r"^python -m sweep\.generate prompt=",
-    "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-champion@champion ",
+    "serve": r"^MLFLOW_TRACKING_URI=sqlite:///\$PWD/mlruns/mlflow\.db mlflow models serve -m models:/sdxl-lora-sks-woman@champion ",
     "request": r"^curl -s http://127\.0\.0\.1:5001/invocations ",
     "export": r"^python -m sweep\.export$",
     "search demo": r"^python -m sweep -m search=demo$",
@@ -158,7 +158,7 @@ class User:
         return MlflowClient(f"sqlite:///{self.cwd / 'mlruns' / 'mlflow.db'}")
 
     def champion(self):
-        return self.mlflow().get_model_version_by_alias("sdxl-lora-champion", "champion")
+        return self.mlflow().get_model_version_by_alias("sdxl-lora-sks-woman", "champion")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -242,7 +242,7 @@ def test_generate_uses_the_champions_evaluation_settings(user):
     assert p.returncode == 0, p.output[-3000:]
     plan = next(line for line in p.stdout.splitlines() if line.startswith("generating "))
     assert plan.startswith(f"generating 1 image, 64x64 px, 4 steps, guidance 5.0, seed 0, scheduler {gen['scheduler']}")
-    assert (f"with models:/sdxl-lora-champion@champion (version {champ.version}: trial {champ.tags['trial']} "
+    assert (f"with models:/sdxl-lora-sks-woman@champion (version {champ.version}: trial {champ.tags['trial']} "
             f"step {champ.tags['step']}) on cpu; about ") in plan, plan
     written = Path(p.stdout.strip().splitlines()[-1].removeprefix("written "))
     assert written.parent == Path("outputs") / "generated" and written.suffix == ".png", p.stdout[-500:]
@@ -326,7 +326,7 @@ def test_export_for_comfyui_a1111_forge_loads_from_the_registry_too(user):
     assert (folder / "report" / "report.md").read_text().count(webui) == 1  # the report points at it
 
     mlflow.set_tracking_uri(f"sqlite:///{user.cwd / 'mlruns' / 'mlflow.db'}")
-    model = mlflow.diffusers.load_model("models:/sdxl-lora-champion@champion")
+    model = mlflow.diffusers.load_model("models:/sdxl-lora-sks-woman@champion")
     registered = Path(model.adapter_path) / webui
     assert hashlib.sha256(registered.read_bytes()).hexdigest() == champ.tags["webui_sha256"]  # the copy it carries
     outputs = []
@@ -434,7 +434,7 @@ def test_search_demo_after_the_grid_keeps_the_best_of_both_as_champion(user):
                if r.data.tags.get("kind") == "sweep"]
     assert len(parents) == 2
     moves = [r for r in parents if r.data.tags["champion_replaced"] == "True"]
-    assert len(c.search_model_versions("name='sdxl-lora-champion'")) == len(moves)
+    assert len(c.search_model_versions("name='sdxl-lora-sks-woman'")) == len(moves)
     for r in parents:
         if r.data.tags["champion_replaced"] != "True":
             assert float(r.data.tags["challenger_objective"]) <= float(r.data.tags["champion_objective"])

@@ -127,7 +127,7 @@ def test_demo_search_prunes_picks_a_champion_and_resumes_after_a_kill(tmp_path):
         assert run.data.tags["optuna.state"] == "PRUNED"
         assert int(run.data.tags["pruned_at_step"]) == t.user_attrs["pruned_step"]
     assert set(by_trial) <= {t.number for t in trials}
-    champion = client.get_model_version_by_alias("sdxl-lora-champion", "champion")
+    champion = client.get_model_version_by_alias("sdxl-lora-sks-woman", "champion")
     selection = json.loads((sweep_dir / "report" / "selection.json").read_text())
     assert selection["champion"] and champion.run_id == parents[0].info.run_id
     report = json.loads((sweep_dir / "report" / "optuna_study.json").read_text())

@@ -73,7 +73,7 @@ def test_sweep_logs_to_an_mlflow_server_over_http(tmp_path):
         assert all(tags(c)["mlflow.parentRunId"] == parents[0]["info"]["run_id"] for c in children)
         assert all({"clip_t", "train_loss"} <= {m["key"] for m in c["data"]["metrics"]} for c in children)
         alias = requests.get(url + "/api/2.0/mlflow/registered-models/alias",
-                             params={"name": "sdxl-lora-champion", "alias": "champion"}).json()
+                             params={"name": "sdxl-lora-sks-woman", "alias": "champion"}).json()
         assert "model_version" in alias, (alias, [l for l in (p.stdout + p.stderr).splitlines() if "egist" in l or "rror" in l or "champion" in l])
         assert alias["model_version"]["tags"]
     assert not (tmp_path / "mlruns").exists()  # nothing went to the local default store
@@ -97,6 +97,6 @@ def test_generate_without_a_champion_names_the_store_and_the_fix(tmp_path):
     empty = f"sqlite:///{tmp_path / 'empty.db'}"  # a store with no registered champion
     g = generate(f"prompt={MOON}", f"tracking_uri={empty}", cwd=tmp_path, timeout=300)
     assert g.returncode != 0 and "Traceback" not in g.stderr, g.stderr[-2000:]
-    assert f"no registered model version models:/sdxl-lora-champion@champion in the store {empty}" in g.stderr
+    assert f"no registered champion in the store {empty}" in g.stderr
     assert "python -m sweep" in g.stderr
     assert not (tmp_path / "outputs").exists()  # no image: no outputs/generated/ folder either

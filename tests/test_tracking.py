@@ -50,7 +50,7 @@ def test_demo_sweep_is_recorded_selected_registered_and_reported(tmp_path):
         assert c.list_artifacts(r.info.run_id, "best_checkpoint")[0].path.endswith("pytorch_lora_weights.safetensors")
         assert {"lr", "train.lr", "lora.rank", "eval.num_inference_steps"} <= set(r.data.params)
         assert r.data.tags["device"] == "cpu" and r.data.tags["git_commit"]
-    champ = c.get_model_version_by_alias("sdxl-lora-champion", "champion")
+    champ = c.get_model_version_by_alias("sdxl-lora-sks-woman", "champion")
     sweep_dir = Path(parent.data.tags["sweep_dir"])
     for r in children:  # every checkpoint's content hash is on its run, as its checkpoint.json has it
         [folder] = [d for d in sweep_dir.glob("*_*") if r.info.run_name in d.name.split("_", 1)[1].split(",")]
@@ -77,7 +77,7 @@ def test_demo_sweep_is_recorded_selected_registered_and_reported(tmp_path):
     assert newest.data.tags["challenger_objective"] and newest.data.tags["champion_objective"] == champ.tags["objective"]
     replaced = newest.data.tags["champion_replaced"] == "True"
     assert replaced == (float(newest.data.tags["challenger_objective"]) > float(champ.tags["objective"]))
-    versions = c.search_model_versions("name='sdxl-lora-champion'")
+    versions = c.search_model_versions("name='sdxl-lora-sks-woman'")
     assert len(versions) == 1 + replaced  # a best that does not beat the champion is not registered (issue 18)
     # the report rebuilds from the folder alone, and rebuilding ends no run again and logs nothing twice
     before = {r.info.run_id: (r.info.end_time, r.info.status, _histories(c, r)) for r in c.search_runs(

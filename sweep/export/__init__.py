@@ -1,9 +1,9 @@
 """Use a LoRA anywhere: ComfyUI, Automatic1111 and Forge (kohya's format) and diffusers, with a model card.
 
-    python -m sweep.export                                   the registered champion (models:/sdxl-lora-champion@champion)
+    python -m sweep.export                                   the registered champion (models:/sdxl-lora-<token>-<class>@champion)
     python -m sweep.export outputs/sweeps/<sweep>            a sweep's champion
     python -m sweep.export <trial>/checkpoints/step-000300   any checkpoint
-    python -m sweep.export models:/sdxl-lora-champion/3 format=webui dtype=bf16 out=my_lora    (__main__.py)
+    python -m sweep.export models:/sdxl-lora-sks-woman/3 format=webui dtype=bf16 out=my_lora    (__main__.py)
     python -m sweep.export out=~/ComfyUI/models/loras/sdxl format=webui     beside the LoRAs there
 
 writes into a folder (default outputs/exports/<name>/), beside what is there (folder.py: it replaces only its own

@@ -10,15 +10,15 @@ from trainer.webui import DTYPES
 
 from ..logs import quiet_for_generation
 from ..metrics import metrics_from_json
-from ..tracking.registry import default_store, registered_version, verify_registered
+from ..tracking.registry import WhichSubject, champion_uri, default_store, registered_version, verify_registered
 from . import FORMATS, Source, export, from_checkpoint, from_sweep, output_name
 from .folder import ExportError
 
 USAGE = ("usage: python -m sweep.export [<checkpoint folder> | <sweep folder> | models:/<name>@<alias>] "
-         "[format=both|webui|diffusers] [out=<folder>] [overwrite=true] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
-KEYS = {"format", "out", "overwrite", "dtype", "tracking_uri"}
+         "[subject=\"sks man\" | model=<registered name>] [format=both|webui|diffusers] [out=<folder>] "
+         "[overwrite=true] [dtype=fp16|bf16|fp32] [tracking_uri=URI]")
+KEYS = {"format", "out", "overwrite", "dtype", "tracking_uri", "subject", "model"}
 EXPORTS = Path("outputs") / "exports"  # the default folder's parent, under the working folder's outputs/ (git-ignored)
-DEFAULT_MODEL = "models:/sdxl-lora-champion@champion"
 
 
 def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -77,9 +77,12 @@ def from_registry(uri: str, store: str) -> Source:
     return src
 
 
-def resolve(source: str | None, store: str | None) -> Source:
+def resolve(source: str | None, store: str | None, subject: str | None = None, model: str | None = None) -> Source:
+    """What to export: a folder, a models:/ URI, or (none given) the registry's champion of the one subject there
+    (or of subject= / model=: several subjects are refused with their list)."""
     if source is None or source.startswith("models:/"):
-        return from_registry(source or DEFAULT_MODEL, store or default_store())
+        store = store or default_store()
+        return from_registry(source or champion_uri(store, subject, model), store)
     path = Path(source).expanduser()
     if not path.exists():
         raise SystemExit(f"{source}: no such folder. Give a checkpoint folder (<trial>/checkpoints/step-NNNNNN), a "
@@ -95,7 +98,11 @@ def resolve(source: str | None, store: str | None) -> Source:
 def main(argv: list[str] | None = None) -> int:
     quiet_for_generation()
     source, args = parse(sys.argv[1:] if argv is None else argv)
-    src = resolve(source, args.get("tracking_uri"))
+    try:
+        src = resolve(source, args.get("tracking_uri"), args.get("subject"), args.get("model"))
+    except WhichSubject as exc:  # several subjects registered: the user names one
+        print(exc, file=sys.stderr)
+        return 2
     out = Path(args["out"]) if "out" in args else EXPORTS / output_name(src)
     try:
         rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"),

@@ -10,7 +10,6 @@ the previous export listed and this one does not write."""
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from common.files import temp_prefix, write_atomic
+from common.files import write_atomic
 from common.lorafile import EXPORT_RECORD, LORA_FILE, sha256_file
 
 Content = bytes | Path  # a file's bytes, or a file whose bytes are copied
@@ -62,10 +61,6 @@ def write_export(out: Path, contents: dict[str, Content], lora_sha256: str, over
     if refused:
         raise ExportError(refusal(out, refused))
     try:
-        for name in contents:
-            for left in glob.glob(glob.escape(str(out / temp_prefix(out / name))) + "*"):
-                if not os.path.islink(left) and os.path.isfile(left):  # what a killed export of this file left
-                    os.unlink(left)
         for name, data in contents.items():
             if name != EXPORT_RECORD:
                 write_atomic(out / name, data)

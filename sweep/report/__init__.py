@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image, ImageDraw
 from common.metrics import FACE_SIMILARITY, REPORTED
 
 from ..metrics import fmt
-from ..results import lora_file, strict_json
+from ..results import lora_file, write_json, write_text
 from ..selection import Candidate, Selection
 
 COLUMNS = ["trial", "lr", "rank", "best_step", "strength", *REPORTED, "objective", "low", "high", "status",
@@ -122,6 +123,38 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
     return lines
 
 
+def meaningless_lines(notes: list[str]) -> list[str]:
+    """A plain warning first thing when evaluation said its numbers mean nothing (the demo's random-weight models)."""
+    if not notes:
+        return []
+    return [f"**These scores carry no meaning**: {'; '.join(notes)}. The sweep shows how the tool works; the "
+            "champion it names is no better a LoRA than any other.", ""]
+
+
+def registry_text(reg: dict | None) -> str:
+    """One paragraph: where the champion is registered, under which alias and why, and (for a challenger) the
+    command that makes it the champion. Empty when nothing was recorded (tracking off, or not attempted)."""
+    if not reg:
+        return ""
+    if reg.get("state") != "done":
+        return (f"Registry: **not registered yet**: registering `{reg.get('key')}` in `{reg.get('model')}` was "
+                "interrupted; run the command that ended the sweep again (python -m sweep ... resume=true, or the "
+                "same python -m sweep.promote) to finish it.")
+    where = f"`{reg['model']}` version {reg['version']}" if reg.get("version") else f"`{reg.get('model')}`"
+    if reg.get("alias") == "challenger":
+        return (f"Registry: {where} with alias **`challenger`**: {reg['decision']}. Version "
+                f"{reg.get('champion_version')} is a person's pick and keeps `champion`; to make this one the "
+                f"champion: `{reg['switch']}`")
+    if reg.get("alias") == "champion":
+        return f"Registry: {where}, alias `champion` ({reg['decision']})."
+    return f"Registry: not registered in `{reg.get('model')}`: {reg.get('decision')}."
+
+
+def registry_lines(reg: dict | None) -> list[str]:
+    text = registry_text(reg)
+    return ["", "### Registry", "", text] if text else []
+
+
 def review_lines(sel: Selection) -> list[str]:
     """A person's pick over the rule's (python -m sweep.promote), and how often, across reviewed sweeps, people kept
     the rule's pick."""
@@ -137,14 +170,16 @@ def review_lines(sel: Selection) -> list[str]:
 
 
 def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], failed: int, total: int,
-                report_dir: Path, rows: list[dict] = (), exported: Path | None = None) -> str:
+                report_dir: Path, rows: list[dict] = (), exported: Path | None = None, registry: dict | None = None,
+                notes: list[str] = ()) -> str:
     """The parent run's description (the tag `mlflow.note.content`, Markdown, shown on its run page): the champion,
     every trial's best checkpoint side by side (no clicking through the runs), why, and the report's images inline.
     The MLflow UI serves a run's artifacts at get-artifact?path=<artifact path>&run_uuid=<run id>, relative to the
     page (its own host and prefix)."""
-    lines = champion_lines(sel, rule_text, exported)
+    lines = [*meaningless_lines(notes), *champion_lines(sel, rule_text, exported), *registry_lines(registry)]
     trials = ["", *markdown_table(list(rows), sel)] if rows else []
-    lines[1:1] = [*trials, "", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` "
+    at = len(meaningless_lines(notes)) + 1  # after the champion's line
+    lines[at:at] = [*trials, "", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` "
                   "(artifacts: `report/`)."]
     for name in images:
         url = f"get-artifact?path=report/{name}&run_uuid={run_id}"
@@ -153,20 +188,25 @@ def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], 
 
 
 def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses: dict[str, str],
-          ui: str, rule_text: str = "", exported: Path | None = None) -> list[Path]:
-    """report.md (champion, rule, table, images inline), report.csv, selection.json (strict JSON), the plots."""
+          ui: str, rule_text: str = "", exported: Path | None = None, registry: dict | None = None,
+          notes: list[str] = ()) -> list[Path]:
+    """report.md (champion, rule, table, images inline), report.csv, selection.json (strict JSON), the plots; each
+    written atomically. `registry`: the sweep's registration as recorded (finalize.py's registry.json), `notes`:
+    evaluation's notes on its own numbers (random weights: the scores carry no meaning)."""
     out = Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics_vs_step.png", "champion_vs_baseline.png"):  # a rebuilt report shows what it made
         (out / stale).unlink(missing_ok=True)
     rows = table(candidates, sel, statuses)
-    with open(out / "report.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(headers(sel, rows))
-        w.writerows([[r[c] for c in columns(rows)] for r in rows])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(headers(sel, rows))
+    w.writerows([[r[c] for c in columns(rows)] for r in rows])
+    write_text(out / "report.csv", buf.getvalue())
     plots = _plots(out, candidates, sel)
     grid = _grid(Path(sweep_dir), out, candidates, sel)
-    lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *champion_lines(sel, rule_text, exported), "", "## Trials", "",
+    lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *meaningless_lines(notes),
+             *champion_lines(sel, rule_text, exported), *registry_lines(registry), "", "## Trials", "",
              f"Each trial's best eligible checkpoint; `best {sel.objective}` is the rule's objective there (empty: "
              "none qualifies).", "", *markdown_table(rows, sel)]
     if sel.baseline:
@@ -182,18 +222,19 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     if grid:
         lines += ["", f"![{IMAGES[grid.name]}]({grid.name})"]
     lines += ["", f"Compare the runs: `{ui}`", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "selection.json").write_text(strict_json({
+    optuna = _optuna_section(out) if (out / "optuna_study.json").is_file() else ([], [])  # the sweeper wrote it
+    lines += optuna[0]
+    write_json(out / "selection.json", {
         "rule": sel.rule, "objective": sel.objective, "objective_meaning": rule_text, "explanation": sel.explain(),
-        "champion": _plain(sel.champion),
+        "champion": _plain(sel.champion), "chosen": _plain(sel.chosen),  # the rule's pick; what was handed on
         "champion_lora": lora_file(sel.champion) if sel.champion else None,
         "champion_export": str(exported) if exported else None,
         "runner_up": _plain(sel.runner_up), "margin": sel.margin,
         "confidence": sel.confidence.as_dict() if sel.confidence is not None else None,
-        "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline}, indent=2))
-    files = [out / "report.md", out / "report.csv", out / "selection.json", plots]
-    if (out / "optuna_study.json").is_file():  # written by the Optuna sweeper just before
-        files += _optuna_section(out)
+        "rejected": sel.rejected, "pareto": [c.key for c in sel.pareto], "baseline": sel.baseline,
+        "registry": registry or None, "scores_meaningless": list(notes)})
+    write_text(out / "report.md", "\n".join(lines) + "\n")  # last: it claims only what is recorded
+    files = [out / "report.md", out / "report.csv", out / "selection.json", plots, *optuna[1]]
     return files + ([grid] if grid else [])
 
 
@@ -220,7 +261,7 @@ def _plain(c: Candidate | None) -> dict | None:
     return {k: v for k, v in c.__dict__.items() if k != "cells"} if c else None
 
 
-def _optuna_section(out: Path) -> list[Path]:
+def _optuna_section(out: Path) -> tuple[list[str], list[Path]]:
     """The study in the report: trial states, the best trial (or the Pareto front), and a plot of every trial's
     checkpoint scores, pruned trials ending where they were stopped."""
     import matplotlib
@@ -239,8 +280,6 @@ def _optuna_section(out: Path) -> list[Path]:
     lines += [f"- trial {r['trial']}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r.items() if k != "trial")
               for r in front]
     lines += ["", f"![{IMAGES['optuna_intermediate.png']}](optuna_intermediate.png)"]
-    with open(out / "report.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in study["trials"]:
         pts = sorted((int(k), v) for k, v in t["intermediate"].items())
@@ -256,7 +295,7 @@ def _optuna_section(out: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out / "optuna_intermediate.png", dpi=110)
     plt.close(fig)
-    return [out / "optuna_study.json", out / "optuna_intermediate.png"]
+    return lines, [out / "optuna_study.json", out / "optuna_intermediate.png"]
 
 
 def _plots(out: Path, candidates: list[Candidate], sel: Selection) -> Path:

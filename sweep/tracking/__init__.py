@@ -277,6 +277,18 @@ class Tracker:
         run = self.client.create_run(sweep["experiment_id"], run_name=display_name(trial), tags=tags)
         return run.info.run_id
 
+    def find_child(self, sweep: dict[str, str], trial: str) -> str | None:
+        """The run of `trial` under the sweep's parent, None when it has none (or it cannot be read now)."""
+        if self.waiting():
+            return None
+        name = trial.replace("\\", "\\\\").replace("'", "\\'")
+        found = self.client.search_runs([sweep["experiment_id"]], max_results=1, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' and tags.trial = '{name}'"))
+        return found[0].info.run_id if found else None
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
     def running_child(self, sweep: dict[str, str], trial_folder: str) -> str | None:
         """The RUNNING run of the trial in `trial_folder` under the sweep's parent (a lost trial's), if any."""
         folder = trial_folder.replace("'", "\\'")
@@ -405,6 +417,8 @@ class NullTracker:
     def reviews(self) -> dict: return {}
     def child_run(self, sweep, trial, tags) -> str: return ""
     def running_child(self, sweep, trial_folder) -> None: return None
+    def find_child(self, sweep, trial) -> None: return None
+    def run_tags(self, run_id) -> dict: return {}
     def log_params(self, run_id, params) -> None: ...
     def log_metrics(self, run_id, rows) -> None: ...
     def set_tags(self, run_id, tags) -> None: ...

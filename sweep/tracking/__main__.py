@@ -1,5 +1,8 @@
 """python -m sweep.tracking sync <sweep folder>: send the MLflow records a sweep kept while its server was away
-(<sweep>/mlflow_pending.jsonl), then finish the sweep (selection, registry, report) as its end would have."""
+(<sweep>/mlflow_pending.jsonl), then finish the sweep (selection, registry, report) as its end would have.
+
+python -m sweep.tracking champion [--subject "sks woman" | --model NAME] [--tracking-uri URI]: the registered
+champion's models:/ URI (what `mlflow models serve -m` takes); several subjects registered: exit 2, listing them."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +15,7 @@ from ..finalize import finalize_folder
 from ..redaction import redact
 from ..results import load_config
 from . import make_tracker
+from .registry import WhichSubject, champion_uri, default_store
 
 log = logging.getLogger("sweep.tracking")
 
@@ -39,8 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sync", help="send the MLflow records a sweep kept while its server was away, then "
                                     "register its champion")
     s.add_argument("sweep_dir", type=Path)
+    c = sub.add_parser("champion", help="print the registered champion's models:/ URI (for mlflow models serve -m)")
+    c.add_argument("--subject", help='the subject as prompts name it, e.g. "sks woman"')
+    c.add_argument("--model", help="a registered model's name")
+    c.add_argument("--tracking-uri", help="the store (default: ./mlruns/mlflow.db)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.command == "champion":
+        try:
+            print(champion_uri(a.tracking_uri or default_store(), a.subject, a.model))
+        except WhichSubject as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        return 0
     return sync(a.sweep_dir)
 
 

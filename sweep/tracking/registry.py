@@ -1,22 +1,32 @@
 """The champion's LoRA in the MLflow model registry (mlflow.diffusers flavour: `mlflow models serve` generates
-from it), under the alias `champion`. A later sweep's best takes the alias only if the selection rule, applied to
-its raw metrics and to the champion's (stored as JSON tags on the champion's version), prefers it, on the same
-evaluation protocol; a best that does not win is not registered at all (its LoRA stays in its MLflow run's
-best_checkpoint artifact). Both objectives are recorded on the sweep's parent run."""
+from it): one registered model per subject, named for its token and class (`sdxl-lora-sks-woman`, or
+tracking.registered_model), the photos' fingerprint on the model and each version. Alias `champion` is the rule's
+pick until a person promotes a version (sweep.promote); from then on only a person moves it, and a later sweep's
+best that beats it under the rule gets alias `challenger` instead. A later best takes `champion` (when no person
+picked it) only if the selection rule, applied to its raw metrics and to the champion's (stored as JSON tags on the
+champion's version), prefers it, on the same evaluation protocol; a best that does not win is not registered at all
+(its LoRA stays in its MLflow run's best_checkpoint artifact). Registering is idempotent: a LoRA (its sha256 and
+strength) already registered under the model is that version, never a new one; a version is created with all its
+tags at once, before any alias moves to it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import faults
 from common.device import resolve_device
+from common.errors import UserError
 from common.lorafile import EXPORT_RECORD, CheckpointRecord
 from common.metrics import CLIP_T
 from evaluation.config import SPEED_ONLY
 from evaluation.generate import EvalInputError, verify_hash
+from trainer import instance_photos
 from trainer.config import stable_hash
 from trainer.models import resolve_source
 
@@ -25,22 +35,66 @@ from ..metrics import metrics_from_json, metrics_json
 from ..selection import Candidate, SelectionConfig, checkpoint_score, objective_name, select
 
 log = logging.getLogger(__name__)
-ALIAS = "champion"
+ALIAS, CHALLENGER = "champion", "challenger"
+SUBJECT_TAG, PHOTOS_TAG = "subject", "subject.photos_sha256"  # on the registered model and on each version
+PREFIX = "sdxl-lora-"
 
 
 # Bumped whenever an objective's definition changes, so that champions scored under the old one count as another
 # protocol. 2: objectives are pool-independent (weighted_score on fixed metric units, selection.METRICS); before,
-# the weighted rule min-max normalised each sweep's pool and its stored objectives do not compare.
-PROTOCOL_VERSION = 2
+# the weighted rule min-max normalised each sweep's pool and its stored objectives do not compare. 3: the photos
+# are their bytes' fingerprint, not their folder's path.
+PROTOCOL_VERSION = 3
 METRICS_TAG, BASELINE_TAG = "metrics", "baseline"  # JSON on each registered version: what the rule is applied to
 
 
-def protocol(conf: SweepConfig) -> str:
-    """What makes two objectives comparable: prompts, seeds, steps, scorers, the subject's photos, the base, the rule
-    and the objective's definition (PROTOCOL_VERSION)."""
+@dataclass(frozen=True)
+class Subject:
+    """Who a sweep trained on: the phrase prompts use for it ("sks woman") and its photos' fingerprint."""
+
+    phrase: str
+    photos: str  # sha256 over the sorted sha256 of each instance photo's bytes; "" when they cannot be read
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.phrase.lower()).strip("-") or "subject"
+
+
+def photos_fingerprint(conf: SweepConfig) -> str:
+    """A hash of the instance photos' bytes (order and file names do not matter); "" when they cannot be read."""
+    try:
+        shas = sorted(p.sha256 for p in instance_photos(conf.data))
+    except (UserError, OSError):
+        return ""
+    return hashlib.sha256("\n".join(shas).encode()).hexdigest()
+
+
+def subject_of(conf: SweepConfig) -> Subject:
+    token = conf.eval.subject_token or conf.data.subject_token
+    return Subject(" ".join(w for w in (token, conf.eval.class_noun) if w), photos_fingerprint(conf))
+
+
+def model_name(conf: SweepConfig, client, subject: Subject) -> str:
+    """The subject's registered model: tracking.registered_model when set; else sdxl-lora-<token>-<class>, unless
+    that name holds another set of photos (same token and class, other photos' fingerprint): then
+    sdxl-lora-<token>-<class>-<first 8 hex digits of the fingerprint>, another subject's model. Never touches the
+    store."""
+    if conf.tracking.registered_model:
+        return conf.tracking.registered_model
+    name = PREFIX + subject.slug
+    try:
+        held = client.get_registered_model(name).tags.get(PHOTOS_TAG, "")
+    except Exception:  # no such model yet
+        return name
+    return f"{name}-{subject.photos[:8]}" if held and subject.photos and held != subject.photos else name
+
+
+def protocol(conf: SweepConfig, photos: str | None = None) -> str:
+    """What makes two objectives comparable: prompts, seeds, steps, scorers, the subject's photos (their bytes), the
+    base, the rule and the objective's definition (PROTOCOL_VERSION)."""
     ev = {k: v for k, v in asdict(conf.eval).items() if k not in ("device", "batch_size", "enabled", *SPEED_ONLY)}
     return stable_hash({"protocol_version": PROTOCOL_VERSION, "eval": ev,
-                        "instance_dir": str(Path(conf.data.instance_dir).resolve()),
+                        "photos": photos if photos is not None else photos_fingerprint(conf),
                         "model": asdict(conf.model), "selection": asdict(conf.selection)})
 
 
@@ -85,44 +139,122 @@ def judge(current: dict | None, current_version: str | None, challenger: Candida
                            "not registered: its LoRA stays in its run's best_checkpoint artifact", tags)
 
 
-def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
-                      exported: Path | None = None, review: dict | None = None) -> dict:
-    """Register the sweep's best and give it the alias if it beats the current champion (see `judge`); returns the
-    tags for the sweep's parent run. `exported`: its export folder (sweep/export/: the web-UI file, the model card,
-    the grids), registered with it. `review`: a person's pick (sweep.promote: {"by", "reason", ...}), which takes the
-    alias whatever the rule says; its version carries who and why (tags review.*)."""
-    import mlflow
-
-    client, name = tracker.client, conf.tracking.registered_model
-    proto = protocol(conf)
+def alias_version(client, name: str, alias: str):
     try:
-        current = client.get_model_version_by_alias(name, ALIAS)
+        return client.get_model_version_by_alias(name, alias)
     except Exception:  # no model or no alias yet
-        current = None
-    ckpt = Path(champion.checkpoint)
-    lora_sha = CheckpointRecord.read(ckpt).lora_sha256
+        return None
+
+
+def find_version(client, name: str, lora_sha: str, scale: float):
+    """The version of `name` that holds this LoRA at this strength, if one was registered (by this sweep before it
+    was interrupted, or by another sweep of the same checkpoint): registering again reuses it."""
+    try:
+        versions = client.search_model_versions(f"name='{_quoted(name)}'")
+    except Exception:
+        return None
+    same = [v for v in versions if v.tags.get("lora_sha256") == lora_sha
+            and float(v.tags.get("lora_scale", 1.0)) == float(scale)]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def _quoted(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+def _ensure_model(client, name: str, subject: Subject) -> None:
+    """The registered model with its subject and photos' fingerprint (created once; tags kept as first set)."""
+    try:
+        model = client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, tags={SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos},
+                                       description=f"SDXL DreamBooth LoRA champions of {subject.phrase or 'a subject'}")
+        return
+    if not model.tags.get(PHOTOS_TAG) and subject.photos:  # registered before fingerprints were recorded
+        client.set_registered_model_tag(name, SUBJECT_TAG, subject.phrase)
+        client.set_registered_model_tag(name, PHOTOS_TAG, subject.photos)
+
+
+def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
+                      exported: Path | None = None, review: dict | None = None, name: str | None = None) -> dict:
+    """Register the sweep's best under its subject's model and move an alias to it as the rules in the module's
+    docstring say; returns the tags for the sweep's parent run, with what was done: registry.model,
+    registry.alias (champion, challenger or ""), registry.version, registry.decision, registry.champion_version.
+    `exported`: its export folder (sweep/export/: the web-UI file, the model card, the grids), registered with it.
+    `review`: a person's pick being applied now (sweep.promote: {"by", "reason", ...}), which takes `champion`
+    whatever the rule says; its version carries who and why (tags review.*). Safe to repeat: the same LoRA is the
+    same version, an alias already there is not moved again."""
+    client = tracker.client
+    subject = subject_of(conf)
+    name = name or model_name(conf, client, subject)
+    proto = protocol(conf, subject.photos)
+    _ensure_model(client, name, subject)
+    current = alias_version(client, name, ALIAS)
+    lora_sha = CheckpointRecord.read(Path(champion.checkpoint)).lora_sha256
+    existing = find_version(client, name, lora_sha, champion.scale)
     decision = judge(current.tags if current else None, current.version if current else None, champion, lora_sha,
                      baseline, conf.selection, proto)
-    already = current is not None and current.tags.get("lora_sha256") == lora_sha and \
-        float(current.tags.get("lora_scale", 1.0)) == champion.scale
-    if review is not None:  # a person's pick takes the alias, unless it holds it already
-        decision = Decision(not already, f"promoted by {review['by']}: {review['reason']}", decision.tags)
-    objective = decision.tags["challenger_objective"]
+    pinned = current is not None and bool(current.tags.get("review.by"))
+    is_champion = current is not None and existing is not None and existing.version == current.version
+    if review is not None:
+        alias, reason = ALIAS, f"promoted by {review['by']}: {review['reason']}"
+    elif is_champion:
+        alias, reason = ALIAS, f"it is the champion already (version {current.version})"
+    elif pinned and decision.replace:
+        alias = CHALLENGER
+        reason = (decision.reason.replace(", so the new best takes the alias", "")
+                  + f"; version {current.version} is a person's pick ({current.tags['review.by']}), which only a "
+                    "person replaces: registered with alias `challenger`")
+    else:
+        alias, reason = (ALIAS if decision.replace else ""), decision.reason
     tags = {"registry.model": name, "selection.objective": objective_name(conf.selection), **decision.tags,
-            "registry.decision": decision.reason}
-    if decision.tags.get("registry.protocol_changed"):
-        log.warning("registry %s: %s", name, decision.reason)
-    if not decision.replace:
-        if review is not None:  # promoted again: its version carries the latest review
-            _set_review(client, name, str(current.version), review)
-        log.info("registry %s: the sweep's best %s is not registered: %s", name, champion.key, decision.reason)
-        return {**tags, "champion_replaced": False, "registry.champion_version": str(current.version)}
+            "registry.decision": reason, "registry.alias": alias}
+    if decision.tags.get("registry.protocol_changed") and not is_champion:
+        log.warning("registry %s: %s", name, reason)
+    if not alias:
+        log.info("registry %s: the sweep's best %s is not registered: %s", name, champion.key, reason)
+        return {**tags, "champion_replaced": False,
+                "registry.champion_version": str(current.version) if current else ""}
+    version = existing.version if existing is not None else _create_version(
+        client, conf, name, parent_run_id, champion, baseline, exported, lora_sha, proto, subject,
+        decision.tags["challenger_objective"])
+    version = str(version)
+    faults.hit("registry_version")  # the version exists with its tags; no alias on it yet (tests/test_promote.py)
+    if review is not None:
+        _set_review(client, name, version, review)
+    moved = (alias_version(client, name, alias) or _NoVersion).version != version
+    if moved:
+        client.set_registered_model_alias(name, alias, version)
+    if alias == ALIAS and (alias_version(client, name, CHALLENGER) or _NoVersion).version == version:
+        client.delete_registered_model_alias(name, CHALLENGER)  # the challenger became the champion
+    faults.hit("registry_alias")  # the alias is on it (tests/test_promote.py)
+    champion_version = version if alias == ALIAS else str(current.version)
+    if moved:
+        log.info("registry %s: version %s (%s) has alias %s: %s", name, version, champion.key, alias, reason)
+    return {**tags, "registry.version": version, "champion_replaced": alias == ALIAS and moved,
+            "registry.champion_version": champion_version}
+
+
+class _NoVersion:
+    version = None
+
+
+def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, champion: Candidate, baseline: dict,
+                    exported: Path | None, lora_sha: str, proto: str, subject: Subject, objective: float) -> str:
+    """Log the LoRA (and its export) as a diffusers model on the sweep's parent run and register it as a new version
+    of `name`, every tag set in the same request that creates it (no version without its tags)."""
+    import mlflow
+
+    ckpt = Path(champion.checkpoint)
     base = resolve_source(conf.model, resolve_path(conf.paths, conf.paths.cache_dir))
     webui = {}
     with tempfile.TemporaryDirectory() as tmp:  # the LoRA and its record, not the optimizer state; its export
         if exported is not None and (exported / EXPORT_RECORD).is_file():
-            shutil.copytree(exported, tmp, dirs_exist_ok=True)
             record = json.loads((exported / EXPORT_RECORD).read_text())
+            for f in [*record.get("files", {}), EXPORT_RECORD]:  # what the export wrote, never a person's file
+                if (exported / f).is_file() and not (exported / f).is_symlink():
+                    (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(exported / f, Path(tmp) / f)
             if record.get("webui_file"):
                 webui = {"webui_file": record["webui_file"], "webui_sha256": record["files"][record["webui_file"]]}
         for f in ("pytorch_lora_weights.safetensors", "checkpoint.json"):
@@ -130,21 +262,15 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
         with mlflow.start_run(run_id=parent_run_id):
             gen = generation_settings(conf, champion, base)  # served and `sweep.generate` defaults (issue 18)
             info = mlflow.diffusers.log_model(adapter_path=tmp, base_model=base, adapter_type="lora",
-                                              name="champion_lora", registered_model_name=name,
-                                              signature=serving_signature(gen), metadata={"generation": gen})
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, GENERATION_TAG, json.dumps(gen, sort_keys=True))
-    for k, v in {"objective": objective, "objective_name": objective_name(conf.selection), "protocol": proto,
-                 "protocol_version": PROTOCOL_VERSION, "checkpoint": str(ckpt), "trial": champion.trial,
-                 "step": champion.step, "lora_scale": champion.scale, "lora_sha256": lora_sha,
-                 METRICS_TAG: metrics_json(champion.metrics),
-                 BASELINE_TAG: metrics_json(baseline), **webui}.items():
-        client.set_model_version_tag(name, version, k, str(v))
-    if review is not None:
-        _set_review(client, name, version, review)
-    client.set_registered_model_alias(name, ALIAS, version)
-    log.info("registry %s: version %s (%s) is the new champion: %s", name, version, champion.key, decision.reason)
-    return {**tags, "registry.version": version, "champion_replaced": True, "registry.champion_version": version}
+                                              name="champion_lora", signature=serving_signature(gen),
+                                              metadata={"generation": gen})
+    tags = {GENERATION_TAG: json.dumps(gen, sort_keys=True), "objective": objective,
+            "objective_name": objective_name(conf.selection), "protocol": proto, "protocol_version": PROTOCOL_VERSION,
+            "checkpoint": str(ckpt), "trial": champion.trial, "step": champion.step, "lora_scale": champion.scale,
+            "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics), BASELINE_TAG: metrics_json(baseline),
+            SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos, **webui}
+    mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(mv.version)
 
 
 def _set_review(client, name: str, version: str, review: dict) -> None:
@@ -221,6 +347,49 @@ def default_store() -> str:
                          "store of the folder it runs in): run it from the folder you ran `python -m sweep` in, or pass "
                          f"tracking_uri=sqlite:///<that folder>/mlruns/mlflow.db")
     return f"sqlite:///{db}"
+
+
+class WhichSubject(UserError):
+    """Several subjects have a champion in the store and the command did not say which one."""
+
+
+def subjects(store: str) -> list[tuple[str, str, str]]:
+    """(registered model, subject phrase, champion version) for every model in the store with a `champion` alias."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    out = []
+    for m in client.search_registered_models(max_results=1000):
+        if ALIAS in (m.aliases or {}):
+            out.append((m.name, m.tags.get(SUBJECT_TAG, ""), str(m.aliases[ALIAS])))
+    return sorted(out)
+
+
+def champion_uri(store: str, subject: str | None = None, model: str | None = None) -> str:
+    """The registered champion to use: `model` (a models:/ URI or a registered model's name) as given; else the one
+    whose subject phrase, model name or its slug matches `subject`; else the store's only one. Several and none
+    named: WhichSubject listing them, with how to name one."""
+    if model:
+        return model if model.startswith("models:/") else f"models:/{model}@{ALIAS}"
+    found = subjects(store)
+    if subject:
+        slug = Subject(subject, "").slug
+        found = [f for f in found if subject in (f[0], f[1]) or f[0] in (PREFIX + slug, slug)]
+        if not found:
+            raise WhichSubject(f"subject={subject!r}: no registered champion of that subject in {store}; the store "
+                               f"holds: {_listing(subjects(store)) or 'none'}")
+    if len(found) == 1:
+        return f"models:/{found[0][0]}@{ALIAS}"
+    if not found:
+        raise SystemExit(f"no registered champion in the store {store}. Run a sweep in this folder first (python -m "
+                         "sweep -m lr=1e-4,1e-5,5e-4 registers its champion), or pass tracking_uri=<the sweep's store> "
+                         "/ model=models:/<name>/<version>")
+    raise WhichSubject(f"{len(found)} subjects have a champion in {store}: {_listing(found)}. Say which one: "
+                       f"subject=\"{found[0][1] or found[0][0]}\" or model={found[0][0]}")
+
+
+def _listing(found: list[tuple[str, str, str]]) -> str:
+    return "; ".join(f"{name} ({phrase or 'subject not recorded'}, version {v})" for name, phrase, v in found)
 
 
 def registered_version(uri: str, store: str):
