@@ -8,7 +8,8 @@ Each entry is `point:trial:hit=action`: at the hit-th time (`2+`: from the 2nd t
 `point` is reached for a trial whose name contains `trial` (`*`: any), do `action`: `kill` (SIGKILL, as the OOM killer or a lost node
 would), `raise` (an exception, as a bug would) or `oom` (torch.OutOfMemoryError, as a too-large trial would).
 Points: train_step (after a step's loss is known), checkpoint_write (the checkpoint's files written, not yet
-renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests).
+renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests),
+finalize (a sweep's end: report written, the parent run not yet tagged nor the champion registered).
 Unset (always, outside tests), a point costs one dictionary lookup."""
 from __future__ import annotations
 

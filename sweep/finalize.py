@@ -6,6 +6,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from common import faults
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import evaluate
@@ -85,6 +86,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
                   "registered yet. When the server is back: python -m sweep.tracking sync %s", tracker.uri,
                   tracker.waiting(), tracker.pending, sweep_dir)
         register = False
+    faults.hit("finalize", sweep_dir.name)
     if sweep and sweep["parent_run_id"]:
         pid = sweep["parent_run_id"]
         ended = tracker.run_status(pid) not in (None, "RUNNING")  # a rebuild: nothing logged twice, no new end
