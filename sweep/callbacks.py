@@ -57,8 +57,8 @@ def hold_folder(folder: Path) -> None:
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        log.error("%s is in use by another sweep (pid %s) continuing it: wait for it to end, or start a new sweep "
-                  "(without resume=true)", folder, holder)
+        log.error("%s is in use by another sweep (pid %s), still running: wait for it to end, or start a new "
+                  "sweep (without resume=true, or with another hydra.sweep.dir)", folder, holder)
         raise SystemExit(2) from None
     f.seek(0)
     f.truncate()
@@ -84,6 +84,9 @@ class SweepCallback(Callback):
             log.error("%s\nthe sweep was refused before it started (nothing trained, no MLflow run): fix the above "
                       "and run the command again", exc)
             raise SystemExit(2) from None
+        except Exception:  # a bug: Hydra would only warn, and run the sweep unchecked and untracked
+            log.exception("the sweep could not start")
+            raise SystemExit(1) from None
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         if not optuna:  # Optuna workers share a folder on purpose (their study coordinates them); a grid must not
             sweep_dir = claim_new_folder(sweep_dir)  # two sweeps started in the same second: two folders
@@ -113,6 +116,15 @@ class SweepCallback(Callback):
         if failed:  # the sweep finished, but the exit status must not hide failed trials
             log.error("%d trial(s) failed; see the report and the FAILED runs in MLflow", failed)
             raise SystemExit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: its config, photos and base model checked as a sweep's are, before its folder and MLflow
+        run exist (Hydra creates the folder next)."""
+        try:
+            check_sweep(config, GlobalHydra.instance().config_loader(), optuna=False)
+        except UserError as exc:
+            log.error("%s", exc)
+            raise SystemExit(2) from None
 
     def on_run_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A single run is its own sweep: select, report and end its MLflow parent run. Hydra has unset its

@@ -5,9 +5,9 @@ Hydra composes the sweep's own config without its swept values, so `lr=fast,slow
 the sweep's checks, the valid trials trained, and the bad ones failed one by one; the sweep's end then failed on
 them behind a Hydra warning. Here, first, each value of each swept key is composed alone with the fixed overrides
 and its keys and types checked (what a value is worth on its own: `lr=fast` is named even beside `rank=abc`);
-then the jobs themselves, with every rule (some tie keys together: checkpoint_every <= steps): every combination
-up to MAX_JOBS, past that each value with the other keys at their first value. An Optuna search's trials are not
-known in advance: its choices and its ranges' ends stand for its values."""
+then the jobs of the readable values, with every rule (some tie keys together: checkpoint_every <= steps): every
+combination up to MAX_JOBS, past that each value with the other keys at their first value. An Optuna search's
+trials are not known in advance: its choices and its ranges' ends stand for its values."""
 from __future__ import annotations
 
 import itertools
@@ -22,6 +22,7 @@ from trainer import instance_photos
 from trainer.models import check_source
 
 from .config import SweepConfig, typed_job
+from .search import SearchSettings
 from .search.space import override_value, parse_space
 
 MAX_JOBS = 32  # jobs composed and validated in full (~0.15 s each); past it, each value once
@@ -35,20 +36,30 @@ def check_sweep(config: DictConfig, loader: Any, optuna: bool) -> SweepConfig:
     conf = _check(lambda: typed_job(config), frozenset(), problems)
     fixed = set(problems)
     axes, rest = _search(config, problems) if optuna else _grid(config, loader)
-    compose = _composer(config, loader)
-    for axis in axes:  # each value on its own: its key and type
-        for override, label in axis:
-            _check(lambda: typed_job(compose(rest, [override]), values=False), frozenset([label]), problems, fixed)
+    compose = _composer(config, loader, rest)
+    axes = _readable(axes, compose, problems, fixed)
+    jobs = _jobs(axes) if all(axes) else []  # without a value of each swept key, no job of the sweep: no rule
     confs = [conf] if conf else []
-    if len(problems) == len(fixed):  # every value readable: the jobs, every rule
-        for job in _jobs(axes):
-            labels = frozenset(label for _, label in job)
-            typed = _check(lambda: typed_job(compose(rest, [o for o, _ in job])), labels, problems, fixed)
-            confs += [typed] if typed else []
-        problems.update({p: [] for p in _inputs(confs, _sweeps_data(config)) if p not in problems})
+    for job in jobs:  # every rule, on the jobs the sweep will run
+        typed = _check(lambda: typed_job(compose([o for o, _ in job])), _labels(job), problems, fixed)
+        confs += [typed] if typed else []
+    problems.update({p: [] for p in _inputs(confs, _sweeps_data(config)) if p not in problems})
     if problems:
-        raise ConfigError([_named(p, jobs) for p, jobs in problems.items()])
+        everywhere = frozenset.intersection(*map(_labels, jobs)) if jobs else frozenset()
+        raise ConfigError([_named(p, [j - everywhere for j in found]) for p, found in problems.items()])
     return conf
+
+
+def _readable(axes: list[Axis], compose, problems: dict, fixed: set) -> list[Axis]:
+    """Each value composed on its own with the fixed overrides, its key and type checked: the axes of the values
+    that pass."""
+    bad = {override for axis in axes for override, label in axis
+           if not _check(lambda: typed_job(compose([override]), values=False), frozenset([label]), problems, fixed)}
+    return [[v for v in axis if v[0] not in bad] for axis in axes]
+
+
+def _labels(job: tuple[tuple[str, str], ...]) -> frozenset:
+    return frozenset(label for _, label in job)
 
 
 def _check(make: Callable[[], SweepConfig], labels: frozenset, problems: dict, known=()) -> SweepConfig | None:
@@ -66,8 +77,9 @@ def _check(make: Callable[[], SweepConfig], labels: frozenset, problems: dict, k
 
 
 def _named(problem: str, jobs: list[frozenset]) -> str:
-    """"lr=fast: lr='fast' is not ...": a problem named by the swept values every job it was found in shares
-    (`steps=4 train.checkpoint_every=6`), else by its first job; a problem of the fixed overrides as it is."""
+    """"steps=4: train.checkpoint_every=6 is larger ...": a problem named by the swept values every job it was
+    found in shares (values in every job left out: they tell nothing), else by its first job; a value the problem
+    starts with is not said twice; a problem of the fixed overrides as it is."""
     if not jobs or not any(jobs):
         return problem
     shared = sorted(frozenset.intersection(*jobs)) or sorted(jobs[0])
@@ -76,14 +88,15 @@ def _named(problem: str, jobs: list[frozenset]) -> str:
     return f"{' '.join(shown)}{more}: {problem}" if shown or more else problem
 
 
-def _composer(config: DictConfig, loader: Any) -> Callable[[list[str], list[str]], DictConfig]:
-    """A job's config as Hydra composes it (the sweep's hydra overrides, then the job's), each composed once."""
+def _composer(config: DictConfig, loader: Any, rest: list[str]) -> Callable[[list[str]], DictConfig]:
+    """A job's config as Hydra composes it (the sweep's hydra overrides, the fixed ones, the job's values), each
+    composed once."""
     done: dict[tuple, DictConfig] = {}
 
-    def compose(rest: list[str], swept: list[str]) -> DictConfig:
+    def compose(swept: list[str]) -> DictConfig:
         key = (*rest, *swept)
         if key not in done:
-            done[key] = loader.load_sweep_config(config, [*rest, *swept])
+            done[key] = loader.load_sweep_config(config, list(key))
         return done[key]
     return compose
 
@@ -105,7 +118,7 @@ def _grid(config: DictConfig, loader: Any) -> tuple[list[Axis], list[str]]:
 def _search(config: DictConfig, problems: dict) -> tuple[list[Axis], list[str]]:
     """An Optuna search's values known in advance (each choice, each range's two ends), and its fixed overrides."""
     try:
-        space, fixed = parse_space(OmegaConf.to_container(config.hydra.sweeper.get("params") or {}),
+        space, fixed = parse_space(SearchSettings.from_config(config.hydra.sweeper).params,
                                    [str(o) for o in config.hydra.overrides.task])
     except ConfigError as exc:
         problems.update({p: [] for p in exc.problems})
