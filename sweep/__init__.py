@@ -1,8 +1,8 @@
 """Sweeps of SDXL DreamBooth-LoRA fine-tunes: the Hydra entry point, one trial per job, and the sweep's end (selection,
 registry, report, export). Layers, each importing only from those below (checked by import-linter, pyproject.toml):
 entry points (__main__, callbacks, generate, server, review, promote, the packages' __main__) > orchestrators (job,
-finalize) > services (tracking, search, launchers, report, export) > base (results | confidence > config > selection >
-metrics, and logs, redaction, offline_models, cli)."""
+finalize, checks) > services (tracking, search, launchers, report, export) > base (results | confidence > config >
+selection > metrics, and logs, redaction, offline_models, cli)."""
 import hashlib
 from pathlib import Path
 

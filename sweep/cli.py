@@ -145,8 +145,22 @@ def _check_keys(parsed: list[Override]) -> None:
         k = o.key_or_group
         if not o.get_key_element().startswith("+") and k not in keys and not (CONF_DIR / k).is_dir():
             unknown.append(k)
+    unknown += _new_top_level_keys(parsed)
     if unknown:
         raise CommandLineError("\n".join(_no_such_key(k, keys) for k in unknown))
+
+
+def _new_top_level_keys(parsed: list[Override]) -> list[str]:
+    """`+learning_rate=1e-4`: `+` adds a key, but the config's top level is a fixed schema (sweep/config.py), so a
+    new top-level key is always a mistake (a nested one may be fine: model.architecture holds any keys)."""
+    top = set(OmegaConf.load(CONF_DIR / "config.yaml")) - {"defaults"}
+    out = []
+    for o in parsed:
+        root = o.key_or_group.split(".")[0]
+        if o.get_key_element().startswith("+") and not o.is_hydra_override() and root not in top \
+                and not (CONF_DIR / root).is_dir():
+            out.append(o.get_key_element())
+    return out
 
 
 def _unknown_override(exc: ConfigCompositionException, plain: list[str]) -> str | None:
@@ -177,15 +191,61 @@ def flat_keys(cfg: DictConfig) -> set[str]:
     return out
 
 
+# what other trainers (diffusers' train_dreambooth_lora_sdxl.py, kohya's sd-scripts, common habit) call this
+# config's keys: `learning_rate=1e-4` is answered "did you mean lr", not only with the keys spelt alike
+SYNONYMS = {
+    "lr": ("learning_rate", "learningrate", "unet_lr", "lr_unet", "base_lr"),
+    "steps": ("max_train_steps", "num_steps", "train_steps", "num_train_steps", "max_steps", "iterations", "iters"),
+    "rank": ("lora_rank", "network_dim", "lora_dim", "dim", "r", "lora_r"),
+    "lora.alpha": ("alpha", "network_alpha", "lora_alpha"),
+    "lora.dropout": ("dropout", "network_dropout", "lora_dropout"),
+    "lora.train_text_encoder": ("train_text_encoder",),
+    "data.resolution": ("resolution", "res", "image_size", "size"),
+    "data.instance_dir": ("instance_data_dir", "train_data_dir", "image_dir", "images", "photos", "dataset"),
+    "data.class_dir": ("class_data_dir", "reg_data_dir"),
+    "data.instance_prompt": ("prompt",),
+    "data.repeats": ("num_repeats", "dataset_repeats"),
+    "train.seed": ("seed", "random_seed"),
+    "train.batch_size": ("batch_size", "train_batch_size", "bs"),
+    "train.gradient_accumulation": ("gradient_accumulation_steps", "grad_accum", "accumulation_steps"),
+    "train.checkpoint_every": ("checkpointing_steps", "save_steps", "save_every_n_steps", "save_every",
+                               "checkpoint_steps"),
+    "train.lr_scheduler": ("scheduler", "lr_schedule"),
+    "train.lr_warmup_steps": ("warmup_steps", "warmup"),
+    "train.optimizer": ("optimizer_type", "optim"),
+    "train.snr_gamma": ("min_snr_gamma",),
+    "train.text_encoder_lr": ("te_lr", "text_encoder_learning_rate"),
+    "model.pretrained": ("pretrained_model_name_or_path", "pretrained_model", "base_model", "model_id",
+                         "model_name_or_path"),
+    "model.vae": ("pretrained_vae_model_name_or_path", "vae_path"),
+    "eval.prompts": ("validation_prompt", "validation_prompts", "sample_prompts"),
+    "eval.seeds": ("seeds", "validation_seeds"),
+    "paths.output_dir": ("output_dir", "out_dir", "output"),
+}
+_SYNONYM_OF = {alias: key for key, aliases in SYNONYMS.items() for alias in aliases}
+_SHORTHAND_OF = {"rank": ("lora.rank",), "lr": (), "steps": ()}  # rank=8 and lora.rank=8 both set the LoRA rank
+
+
+def did_you_mean(key: str, keys: set[str]) -> list[str]:
+    """Known keys a user may have meant by `key`: its synonym from another trainer, keys with the same last part
+    elsewhere (`resolution` -> data.resolution), else the keys spelt alike (siblings first)."""
+    key = key.lstrip("+~")
+    keys = keys - {key}  # a `+key` is in the config it was composed into
+    parent, _, leaf = key.rpartition(".")
+    target = _SYNONYM_OF.get(key.lower()) or _SYNONYM_OF.get(leaf.lower().replace("-", "_"))
+    near = [k for k in (target, *(_SHORTHAND_OF.get(target, ()))) if k and k in keys]
+    near += sorted(k for k in keys if k.rpartition(".")[2] == leaf and k.count(".") <= 1)
+    if not near:
+        siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
+        near = [f"{parent}.{m}" if parent else m for m in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
+    if not near:
+        near = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
+    return list(dict.fromkeys(near))[:3]
+
+
 def _no_such_key(key: str, keys: set[str]) -> str:
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
-    parent, _, leaf = key.rpartition(".")
-    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
-    near = [f"{parent}.{m}" if parent else m for m in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
-    if not near:
-        near = difflib.get_close_matches(key, sorted(keys | groups), n=3, cutoff=0.6)
+    near = did_you_mean(key, keys | groups)
     if near:
         return f"{key}: no such key in the config; did you mean {' or '.join(near)}?"
-    return (f"{key}: no such key in the config (`python -m sweep --cfg job` lists them; "
-            f"+{key}=... adds a new one)")
-
+    return f"{key}: no such key in the config (`python -m sweep --cfg job` lists them)"

@@ -2,7 +2,7 @@
 at the edge, and everything past it works with typed objects."""
 from __future__ import annotations
 
-import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 from pathlib import Path
@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from evaluation import EvalConfig, validate_eval
 from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainConfig, validate
 
+from .cli import did_you_mean, flat_keys
 from .offline_models import build_clip
 from .selection import SelectionConfig, config_problems
 
@@ -81,28 +82,18 @@ class SweepConfig:
 MISSING_HINTS = {"data.instance_dir": "the folder of your photos, e.g. data.instance_dir=$HOME/photos/me"}
 
 
-def typed_job(config: DictConfig) -> SweepConfig:
+def typed_job(config: DictConfig, values: bool = True) -> SweepConfig:
     """A composed job (or sweep) config, hydra section left out unresolved (it may point at runtime values such
-    as hydra.job.num), as a SweepConfig."""
+    as hydra.job.num), as a SweepConfig; `values=False`: its keys and types checked only (see to_typed)."""
     cfg = OmegaConf.to_container(config, resolve=False)
     cfg.pop("hydra", None)
-    return to_typed(OmegaConf.create(cfg))
+    return to_typed(OmegaConf.create(cfg)) if values else schema_typed(OmegaConf.create(cfg))
 
 
 def to_typed(cfg: DictConfig) -> SweepConfig:
-    """Hydra's DictConfig -> SweepConfig. Wrong types and unknown keys become a ConfigError naming the key."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), data)
-        typed = OmegaConf.to_object(merged)
-    except MissingMandatoryValue as exc:  # a `???` in the YAML: the user must give it
-        key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError([f"{key} is not set: {MISSING_HINTS.get(key, f'give it on the command line, {key}=...')}"]) from None
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc).splitlines()[0]
-        raise ConfigError([f"{key}: {msg}{_close_matches(key)} (check the spelling and type of this override)"]) from None
+    """Hydra's DictConfig -> SweepConfig. Wrong types and unknown keys become a ConfigError naming the key (the
+    first one only: OmegaConf stops there); then every bad value at once."""
+    typed = schema_typed(cfg)
     problems = validate(typed.model, typed.data, typed.lora, typed.train)
     if typed.eval.enabled:
         problems += validate_eval(typed.eval)
@@ -118,6 +109,25 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
     return typed
 
 
+def schema_typed(cfg: DictConfig) -> SweepConfig:
+    """The config's keys and types checked against the schema, not yet its values' ranges and rules: what a value
+    is worth on its own, whatever the other keys are (sweep/checks.py checks each swept value so)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), data)
+        typed = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:  # a `???` in the YAML: the user must give it
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError([f"{key} is not set: {MISSING_HINTS.get(key, f'give it on the command line, {key}=...')}"]) from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError([_type_problem(key, msg) or
+                           f"{key}: {msg}{_close_matches(key)} (check the spelling and type of this override)"]) from None
+    return typed
+
+
 def evaluation_settings(conf: SweepConfig) -> EvalConfig:
     """What evaluation is given: the eval section with its CLIP resolved (a hub id or folder, or the random-weight
     CLIP built from clip_architecture into the cache)."""
@@ -128,15 +138,27 @@ def evaluation_settings(conf: SweepConfig) -> EvalConfig:
 
 
 def _close_matches(key: str) -> str:
-    """', did you mean train.lr?' for a misspelt key, from the schema's field names."""
-    *parents, leaf = key.split(".")
-    node = OmegaConf.structured(SweepConfig)
-    for p in parents:
-        node = node.get(p) if isinstance(node, DictConfig) and p in node else None
-    if not isinstance(node, DictConfig) or leaf in node:
+    """', did you mean train.lr?' for a misspelt key: the schema's keys spelt alike, or the key another trainer's
+    name stands for (learning_rate -> lr)."""
+    keys = flat_keys(OmegaConf.structured(SweepConfig))
+    if key in keys or "[" in key:
         return ""
-    close = difflib.get_close_matches(leaf, list(node.keys()), n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join('.'.join([*parents, c]) for c in close)}?" if close else ""
+    close = did_you_mean(key, keys)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+_KINDS = {"Float": "a number", "Integer": "a whole number"}
+
+
+def _type_problem(key: str, msg: str) -> str | None:
+    """"lr='fast' is not a number: give one, e.g. lr=0.0001" for OmegaConf's "Value 'fast' of type 'str' could not
+    be converted to Float" (the example is the schema's default)."""
+    m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+    if not m or m.group(2) not in _KINDS:
+        return None
+    default = OmegaConf.select(OmegaConf.structured(SweepConfig), key, default=None)
+    example = f", e.g. {key}={default}" if isinstance(default, (int, float)) and not isinstance(default, bool) else ""
+    return f"{key}={m.group(1)!r} is not {_KINDS[m.group(2)]}: give one{example}"
 
 
 def resolve_path(paths: PathsConfig, p: str) -> Path:

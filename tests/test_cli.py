@@ -142,3 +142,60 @@ def test_single_run_from_a_quoted_home_folder_with_a_non_ascii_name_ends_its_mlf
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status)
                                                                               for r in runs]
+
+
+def _runs(cwd: Path) -> list:
+    if not (cwd / "mlruns" / "mlflow.db").is_file():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["lr=fast,slow"], ["lr='fast' is not a number", "lr='slow' is not a number", "e.g. lr=0.0001"]),
+    (["lora.rank=-4,8", "lr=1e-4,2e-4"], ["lora.rank=-4 must be a positive integer"]),
+    (["+learning_rate=1e-4,5e-4"], ["+learning_rate: no such key in the config; did you mean lr?"]),
+    # an Optuna search: its choices and its range's ends stand for the trials it will pick
+    (["hydra/sweeper=optuna", "lr=interval(0, 1e-4)", "lora.rank=choice(-4,8)"],
+     ["lr=0.0 (an end of its search range): train.lr (lr)=0.0 must be > 0",
+      "lora.rank=-4 (one of its choices): lora.rank=-4 must be a positive integer"]),
+])
+def test_every_swept_value_is_checked_before_anything_exists(tmp_path, args, needles):
+    """Each bad value of a swept list is named with its fix, exit 2, before the sweep folder, the MLflow parent run
+    or any training (they used to train the good trials, then end with exit 0 and a Hydra warning)."""
+    p = sweep("-m", *args, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    for needle in needles:
+        assert needle in out, (needle, out[-3000:])
+    assert "Traceback" not in out and "loading base model" not in out
+    assert not (tmp_path / "outputs").exists() and _runs(tmp_path) == []
+
+
+@pytest.mark.parametrize("pretrained, needle", [
+    ("nobody/nothing", "'nobody/nothing' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+    ("{tmp}/no/sdxl", "no/sdxl': no such folder"),
+])
+def test_a_base_model_that_cannot_load_is_said_once_before_anything_exists(tmp_path, pretrained, needle):
+    p = sweep("-m", "lr=1e-4,2e-4", "model=sdxl_base", f"model.pretrained={pretrained.format(tmp=tmp_path)}",
+              cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and out.count(needle) == 1, out[-3000:]
+    assert not (tmp_path / "outputs").exists() and _runs(tmp_path) == []
+
+
+def test_a_failing_sweep_end_fails_the_sweep_and_says_why_last(tmp_path):
+    """Selection, registration or report failing (here a fault injected in finalize) used to leave exit 0, the
+    parent run RUNNING and only Hydra's 'Callback ... raised' warning."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "SDXL_SWEEP_FAULTS": "finalize_exported:*:1=raise"}
+    p = subprocess.run([sys.executable, "-m", "sweep", "-m", "lr=1e-4", "steps=2", "train.checkpoint_every=2",
+                        "data.resolution=64", "eval.seeds=[0]", "progress=false", "tracking.system_metrics=false"],
+                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600)
+    lines = [x for x in p.stdout.splitlines() if x.strip()]
+    assert p.returncode == 1, p.stdout[-3000:]
+    assert "the sweep's end (selection, registration, report) failed: InjectedFault" in lines[-1], lines[-5:]
+    assert "resume=true" in lines[-1] and "raised" not in p.stdout
+    [parent] = [r for r in _runs(tmp_path) if r.data.tags.get("kind") == "sweep"]
+    assert parent.info.status == "FAILED" and "InjectedFault" in parent.data.tags["failure_reason"]

@@ -74,6 +74,16 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> str:
     Raises ModelSourceError before anything heavy is loaded."""
     if cfg.architecture:
         return str(build_from_architecture(cfg, cache_dir))
+    return check_source(cfg)
+
+
+def check_source(cfg: ModelConfig) -> str:
+    """model.pretrained as from_pretrained will read it, checked without loading or downloading weights (a sweep
+    checks its base model with this before anything of it exists): a folder with model_index.json, or a hub id
+    whose model_index.json is in the local cache (the only way offline: HF_HUB_OFFLINE=1) or that the hub knows.
+    A model built from model.architecture has nothing to check. Raises ModelSourceError naming the fix."""
+    if cfg.architecture:
+        return ""
     src = os.path.expanduser(cfg.pretrained or "")
     if os.path.isdir(src):
         if not os.path.isfile(os.path.join(src, "model_index.json")):
@@ -96,6 +106,11 @@ def resolve_source(cfg: ModelConfig, cache_dir: Path) -> str:
         model_info(src, revision=cfg.revision, timeout=10)
         return src
     except Exception as exc:  # offline, unknown repo, gated repo without a token
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise ModelSourceError(
+                f"model.pretrained={cfg.pretrained!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                f"set, so it cannot be downloaded. Pass a local folder (model.pretrained=/path/to/sdxl), download "
+                f"it once online (hf download {src}), or use the offline demo (model=tiny)") from None
         raise ModelSourceError(
             f"model.pretrained={cfg.pretrained!r} is not in the local Hugging Face cache and the hub could not "
             f"be reached or does not know it ({type(exc).__name__}). Pass a local folder "

@@ -3,6 +3,7 @@ overrides, so that re-running the same command continues it (finished trials ski
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -29,7 +30,26 @@ def sweep_folder(resume: bool, sweeps_root: str, overrides: list[str], hydra_ove
         if prev:
             log.info("resume=true: continuing the sweep in %s", prev)
         _CHOSEN["name"] = prev.name if prev else dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        _CHOSEN["new"] = not prev
     return _CHOSEN["name"]
+
+
+def claim_new_folder(folder: Path) -> Path:
+    """A new sweep's folder, created now, atomically: its timestamp's name, or with a suffix (`_2`, `_3`, ...) when
+    a sweep started in the same second has it already (both would write the same trial folders). The sweep's
+    config follows (the resolver answers the new name). A resumed folder, or one chosen by the launching process,
+    is the folder given."""
+    if not _CHOSEN.pop("new", False) or _CHOSEN.get("name") != folder.name:
+        return folder
+    for n in itertools.count(1):
+        mine = folder.with_name(folder.name if n == 1 else f"{folder.name}_{n}")
+        try:
+            mine.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        _CHOSEN["name"] = mine.name
+        return mine
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def use_folder(name: str) -> None:

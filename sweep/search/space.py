@@ -1,7 +1,6 @@
 """The search space, from Hydra's sweep syntax on the command line or in a search config, as Optuna distributions."""
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Any
 
@@ -10,6 +9,7 @@ from omegaconf import OmegaConf
 
 from trainer import ConfigError
 
+from ..cli import did_you_mean
 from ..config import flatten
 
 
@@ -95,9 +95,9 @@ def check_keys(space: dict[str, Any], config) -> None:
     for key in space:
         k = key.lstrip("+~")
         if k not in known and not key.startswith("+"):
-            close = difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            problems.append(f"search parameter {k!r} is not in the config{hint} (prefix it with + to add a new key)")
+            close = did_you_mean(k, known)
+            hint = f"; did you mean {' or '.join(close)}?" if close else " (`python -m sweep --cfg job` lists them)"
+            problems.append(f"search parameter {k!r} is not in the config{hint}")
     if problems:
         raise ConfigError(problems)
 
