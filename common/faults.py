@@ -6,7 +6,9 @@
 
 Each entry is `point:trial:hit=action`: at the hit-th time (`2+`: from the 2nd time on; counted in this process)
 `point` is reached for a trial whose name contains `trial` (`*`: any), do `action`: `kill` (SIGKILL, as the OOM killer or a lost node
-would), `raise` (an exception, as a bug would) or `oom` (torch.OutOfMemoryError, as a too-large trial would).
+would), `raise` (an exception, as a bug would), `oom` (torch.OutOfMemoryError, as a too-large trial would) or
+`pause` (write the point's name to the file $SDXL_SWEEP_PAUSED, then wait, at most PAUSE_S, until a stop is asked
+for: a test sends its signal at a known place, common/stop.py).
 Points: train_step (after a step's loss is known), checkpoint_write (the checkpoint's files written, not yet
 renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests).
 Unset (always, outside tests), a point costs one dictionary lookup."""
@@ -15,9 +17,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections import Counter
+from pathlib import Path
+
+from . import stop
 
 ENV = "SDXL_SWEEP_FAULTS"
+PAUSED_ENV = "SDXL_SWEEP_PAUSED"
+PAUSE_S = 120.0
 _hits: Counter = Counter()
 _lock = threading.Lock()
 
@@ -50,8 +58,18 @@ def hit(point: str, trials: str | list[str] = "*") -> None:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "pause":
+            _pause(point)
+            continue
         if action == "oom":
             import torch
 
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point} for {trial})")
         raise InjectedFault(f"injected fault at {point} for {trial}")
+
+
+def _pause(point: str) -> None:
+    Path(os.environ.get(PAUSED_ENV, "paused")).write_text(point)
+    until = time.monotonic() + PAUSE_S
+    while not stop.requested() and time.monotonic() < until:
+        time.sleep(0.05)
