@@ -8,7 +8,8 @@ Each entry is `point:trial:hit=action`: at the hit-th time (`2+`: from the 2nd t
 `point` is reached for a trial whose name contains `trial` (`*`: any), do `action`: `kill` (SIGKILL, as the OOM killer or a lost node
 would), `raise` (an exception, as a bug would), `oom` (torch.OutOfMemoryError, as a too-large trial would) or
 `pause` (write the point's name to the file $SDXL_SWEEP_PAUSED, then wait, at most PAUSE_S, until a stop is asked
-for: a test sends its signal at a known place, common/stop.py).
+for: a test sends its signal at a known place, common/stop.py) or `hold` (the same, but waits on after the stop is
+asked for, as a step that takes long would: a second signal then stops at once).
 Points: train_step (after a step's loss is known), checkpoint_write (the checkpoint's files written, not yet
 renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests).
 Unset (always, outside tests), a point costs one dictionary lookup."""
@@ -58,8 +59,8 @@ def hit(point: str, trials: str | list[str] = "*") -> None:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if action == "pause":
-            _pause(point)
+        if action in ("pause", "hold"):
+            _pause(point, until_stop=action == "pause")
             continue
         if action == "oom":
             import torch
@@ -68,8 +69,8 @@ def hit(point: str, trials: str | list[str] = "*") -> None:
         raise InjectedFault(f"injected fault at {point} for {trial}")
 
 
-def _pause(point: str) -> None:
+def _pause(point: str, until_stop: bool) -> None:
     Path(os.environ.get(PAUSED_ENV, "paused")).write_text(point)
     until = time.monotonic() + PAUSE_S
-    while not stop.requested() and time.monotonic() < until:
+    while not (until_stop and stop.requested()) and time.monotonic() < until:
         time.sleep(0.05)
