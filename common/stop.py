@@ -53,8 +53,10 @@ def request(signum: int = signal.SIGINT) -> None:
 
 
 def on_signal(listener: Callable[[int, bool], None]) -> None:
-    """`listener(signum, at_once)` is called in the main thread on each stop signal (a launcher forwards it)."""
-    _listeners.append(listener)
+    """`listener(signum, at_once)` is called in the main thread on each stop signal (a launcher forwards it); once,
+    however often it is registered."""
+    if listener not in _listeners:
+        _listeners.append(listener)
 
 
 def at_once(words: Callable[[], None]) -> None:
@@ -69,7 +71,7 @@ def install(ignore_sigint: bool = False) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else _handle)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     """To stderr without logging's locks (a signal handler may interrupt a thread that holds them)."""
     try:
         os.write(2, (text + "\n").encode())
@@ -81,27 +83,27 @@ def _handle(signum: int, frame) -> None:
     again = _asked.is_set()
     if not again:
         request(signum)
-        _say(f"\n{signal.Signals(signum).name}: stopping after the current step (finished checkpoints are kept); "
+        say(f"\n{signal.Signals(signum).name}: stopping after the current step (finished checkpoints are kept); "
              "press Ctrl-C again to stop at once")
     for listener in list(_listeners):
         try:
             listener(signum, again)
         except Exception as exc:  # a listener's failure must not turn the stop into a traceback
-            _say(f"(while stopping: {type(exc).__name__}: {exc})")
+            say(f"(while stopping: {type(exc).__name__}: {exc})")
     if again:
         stop_now(signum)
 
 
 def stop_now(signum: int) -> None:
     """The immediate stop: the last words (in a thread, at most LAST_WORDS_S), then exit without unwinding."""
-    _say(f"{signal.Signals(signum).name} again: stopping at once")
+    say(f"{signal.Signals(signum).name} again: stopping at once")
 
     def speak() -> None:
         for words in list(_last_words):
             try:
                 words()
             except Exception as exc:
-                _say(f"(while stopping: {type(exc).__name__}: {exc})")
+                say(f"(while stopping: {type(exc).__name__}: {exc})")
 
     t = threading.Thread(target=speak, daemon=True, name="last-words")
     t.start()

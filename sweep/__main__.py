@@ -21,7 +21,7 @@ def main() -> None:
     argv = sys.argv[1:]
     preflight(argv)  # unreadable overrides and misspelt keys: refused before anything is created
     stop.install()
-    stop.at_once(lambda: stop._say(_resume_hint(argv)))
+    stop.at_once(lambda: stop.say(_resume_hint(argv)))
     quiet_third_party()  # before sweep.job imports diffusers, whose imports set transformers off
     # imported here, after the check, on purpose: a typo is refused without waiting for torch and diffusers to load
     from sweep.job import run_job

@@ -85,8 +85,7 @@ class ProcessPoolLauncher:
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         sweep_dir, state = prepare_launch(self.config)
-        if forward_stop not in stop._listeners:
-            stop.on_signal(forward_stop)
+        stop.on_signal(forward_stop)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         workers = [f"GPU {g}" for g in self.gpus] or [f"process {k + 1}" for k in range(self.n_workers)]
         plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size, lambda p: p.place_on(workers))
