@@ -6,7 +6,10 @@
 
 Each entry is `point:trial:hit=action`: at the hit-th time (`2+`: from the 2nd time on; counted in this process)
 `point` is reached for a trial whose name contains `trial` (`*`: any), do `action`: `kill` (SIGKILL, as the OOM killer or a lost node
-would), `raise` (an exception, as a bug would) or `oom` (torch.OutOfMemoryError, as a too-large trial would).
+would), `raise` (an exception, as a bug would), `oom` (torch.OutOfMemoryError, as a too-large trial would) or
+`pause` (write the point's name to the file $SDXL_SWEEP_PAUSED, then wait, at most PAUSE_S, until a stop is asked
+for: a test sends its signal at a known place, common/stop.py) or `hold` (the same, but waits on after the stop is
+asked for, as a step that takes long would: a second signal then stops at once).
 Points: train_step (after a step's loss is known), checkpoint_write (the checkpoint's files written, not yet
 renamed into place), evaluate (images generated, not yet scored), mlflow_log (between two MLflow requests); at a
 sweep's end and a promotion, in order (sweep/finalize.py, sweep/promote.py, sweep/tracking/registry.py):
@@ -20,9 +23,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections import Counter
+from pathlib import Path
+
+from . import stop
 
 ENV = "SDXL_SWEEP_FAULTS"
+PAUSED_ENV = "SDXL_SWEEP_PAUSED"
+PAUSE_S = 120.0
 _hits: Counter = Counter()
 _lock = threading.Lock()
 
@@ -55,8 +64,18 @@ def hit(point: str, trials: str | list[str] = "*") -> None:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action in ("pause", "hold"):
+            _pause(point, until_stop=action == "pause")
+            continue
         if action == "oom":
             import torch
 
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point} for {trial})")
         raise InjectedFault(f"injected fault at {point} for {trial}")
+
+
+def _pause(point: str, until_stop: bool) -> None:
+    Path(os.environ.get(PAUSED_ENV, "paused")).write_text(point)
+    until = time.monotonic() + PAUSE_S
+    while not (until_stop and stop.requested()) and time.monotonic() < until:
+        time.sleep(0.05)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import compiling, faults
+from common import compiling, faults, stop
 from common.lorafile import LORA_FILE, recorded_sha256, rescaled
 from common.device import resolve_device
 from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, PAIRWISE_CLIP_I,
@@ -126,6 +126,7 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", write
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
             with gen.LoraSwap(pipe, None if applied else ckpt):
                 for name, _, scale in group:
+                    stop.check()  # a stop asked for: the entries scored so far are in metrics.json
                     with rescaled(scale):
                         results[name], cells, seconds = _entry(pipe, refiner, cfg, scorer, writer, out_dir, name,
                                                                ckpt, todo[name], stored, earlier)

@@ -13,7 +13,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from common import faults
+from common import faults, stop
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import evaluate
@@ -80,6 +80,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     candidates, baseline, statuses = collect(sweep_dir)
     statuses.update({job: "failed" for job in unstarted})
     candidates, race = run_race(sweep_dir, conf, candidates, baseline)
+    stop.check()  # Ctrl-C while racing: nothing selected, registered or reported yet; resume=true does it all
     sel = select(candidates, baseline, conf.selection)
     sel.confidence = assess(sel, candidates, baseline, conf.selection)
     sel.race = race

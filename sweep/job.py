@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -16,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from common import faults, lorafile
+from common import faults, lorafile, stop
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, preflight
@@ -30,13 +29,14 @@ from . import racing
 from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_typed
 from .launchers.packing import BATCH_ENV, train
 from .launchers.process import GPU_ENV
+from .launchers.resume import note_run_dir
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
 from .plan import make_plan, trial_key
 from .results import (BASELINE, RESULT, candidate, candidates, finished_objective, read_result, read_sweep,
                       write_result)
 from .search import SearchSettings, TrialLink, coordinates
 from .selection import ROUND1, Candidate, best_rows, checkpoint_score, objective_name, trial_best
-from .tracking import device_name, git_commit, make_tracker
+from .tracking import device_name, git_commit, make_tracker, worker
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def run_job(cfg: DictConfig) -> float:
     the sweep goes on; a single run ends with exit status 2 on bad input. A job of an Optuna search reports
     every checkpoint's score to its study trial as it is scored and stops when the pruner says so."""
     quiet_third_party()  # also in a launcher's worker process
+    stop.check()  # a job whose turn comes after a stop was asked for starts nothing
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -86,7 +87,8 @@ def run_job(cfg: DictConfig) -> float:
     set_trial(name if multirun else "")  # this thread's log lines say which trial they belong to
     tracker = make_tracker(conf.tracking, root)
     sweep = read_sweep(sweep_dir)
-    if sweep is None:  # a single run is its own sweep
+    if sweep is None or not multirun:  # a single run is its own sweep (reopened when resumed)
+        note_run_dir(out)
         try:
             tracker.check()
         except UserError as exc:
@@ -95,7 +97,7 @@ def run_job(cfg: DictConfig) -> float:
     tracker.use_journal(sweep_dir)
     cfg_hash = training_config_hash(conf.model, conf.data, conf.lora, conf.train)
     tags = {"sweep": sweep_dir.name, "trial_key": name, "trial_folder": out.name, "git_commit": git_commit(),
-            "device": device_name(), "config_hash": cfg_hash}
+            "device": device_name(), "config_hash": cfg_hash, "worker": worker()}  # worker: the process running it
     job = Job(conf, name, out, sweep_dir, multirun, link, tracker, sweep, cfg_hash, tags)
     done = finished_objective(out, cfg_hash, conf.train.max_steps)
     if done is not None:
@@ -132,7 +134,6 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
         tags["gpu"] = os.environ[GPU_ENV]
     if os.environ.get(BATCH_ENV):  # the plan's batch it trained in (sweep/launchers/packing.py)
         tags["batch"] = os.environ[BATCH_ENV]
-    tags["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # the process that ran it
     if link is not None:
         tags.update({"optuna.study": link.study.study_name, "optuna.trial": conf.optuna_trial})
     run_id = tracker.child_run(job.sweep, name, tags)
@@ -145,6 +146,9 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
     try:
         with tracker.active(run_id):
             result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live, conf.eval.races(job.multirun))
+    except stop.Stopped as exc:  # Ctrl-C or SIGTERM: KILLED, not FAILED; resume=true continues it
+        _record_stop(tracker, run_id, out, name, exc)
+        raise
     except (UserError, EvalInputError) as exc:
         _record_failure(tracker, run_id, job.sweep, exc, job.multirun, link)
         return _fail(out, name, exc, job.multirun)
@@ -183,6 +187,16 @@ def _optuna_link(conf: SweepConfig, hc, sweep_dir: Path, root: Path):
     s = SearchSettings.from_config(hc.sweeper)
     url, study = coordinates(s, sweep_dir, root)
     return TrialLink(s, url, study, conf.optuna_trial, conf.selection)
+
+
+def _record_stop(tracker, run_id: str, out: Path, name: str, exc: stop.Stopped) -> None:
+    """A trial stopped by a signal: its run KILLED with the reason, its result.json "stopped" (not finished, not
+    failed: the same command with resume=true continues it from its last checkpoint)."""
+    reason = f"{exc}; its finished checkpoints are kept: run the same command with resume=true to continue it"
+    log.warning("trial %s %s", name, reason)
+    write_result(out, {"name": name, "status": "stopped", "reason": reason})
+    tracker.set_tags(run_id, {"stop_reason": reason})
+    tracker.finish(run_id, "KILLED")
 
 
 def _record_failure(tracker, run_id, sweep, exc, multirun, link, reason: str | None = None) -> None:

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from common import faults
+from common import faults, stop
 from common.errors import ConfigError, NonFiniteLossError
 
 from . import checkpoint, lora
@@ -60,6 +60,7 @@ class LoneRecipe:
         try:
             self.setup()
             for step in range(self.record.start + 1, self.t.max_steps + 1):
+                stop.check()  # a stop asked for (Ctrl-C, SIGTERM): the steps so far are done, checkpoints kept
                 self.step(step)
                 if step % self.t.checkpoint_every == 0 or step == self.t.max_steps:
                     self.checkpoint(step)

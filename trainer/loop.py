@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from common import stop
 from common.errors import ConfigError, DeviceError, NonFiniteLossError, UserError
 
 from . import packed, planner
@@ -44,6 +45,7 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
         raise DeviceError("train.optimizer=adamw8bit runs on CUDA only (bitsandbytes); use train.optimizer=adamw "
                           f"on {device.type}")
     photos = instance_photos(data)
+    stop.check()  # asked while this call waited for its batch: nothing is loaded for it
     base = load_base_model(model, device, weight_dtype_for(precision), Path(cache_dir))
     samples = prepare_samples(base, data, photos, Path(cache_dir))
     # caches are full: only the UNet (and the text encoders, if a trial trains them) must stay on the GPU

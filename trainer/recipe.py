@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from common import compiling, faults
+from common import compiling, faults, stop
 from common.errors import NonFiniteLossError
 
 from . import checkpoint, lora, packed
@@ -148,6 +148,7 @@ class PackedRecipe:
         try:
             self.setup()
             for step in range(self.start + 1, self.max_steps + 1):
+                stop.check()  # a stop asked for (Ctrl-C, SIGTERM): the steps so far are done, checkpoints kept
                 self.step(step)
                 self.checkpoint(step)
                 if not any(t.live for t in self.trials):

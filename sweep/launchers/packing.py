@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
+from common import stop
 from common.errors import UserError
 from trainer import train as _train_now
 from trainer import training_config_hash
@@ -134,7 +135,9 @@ class PackingLauncher:
         log.info("Launching %d jobs, up to %d trainings together", len(jobs), self.pack_size)
         outs = []
         for number, positions in enumerate(plan.batches, 1):
+            stop.check()  # a stop asked for: no further batch starts
             out = run_batch(self.hydra_context, self.config, self.task_function, [jobs[i] for i in positions], number)
+            stop.check()  # its jobs ended on the stop (their runs KILLED, checkpoints kept): no other error to raise
             for r in out:
                 if isinstance(r, BaseException):
                     raise r

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig
+
+from common import stop
 
 from .. import register_resolvers
 from ..results import LOST_FILE
@@ -82,6 +85,7 @@ class ProcessPoolLauncher:
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         sweep_dir, state = prepare_launch(self.config)
+        stop.on_signal(forward_stop)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         workers = [f"GPU {g}" for g in self.gpus] or [f"process {k + 1}" for k in range(self.n_workers)]
         plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size, lambda p: p.place_on(workers))
@@ -96,6 +100,7 @@ class ProcessPoolLauncher:
         """One batch of the plan in a process of its own (on a free GPU), run again in a new process if that one dies
         (its trials resume from their checkpoints; finished ones are skipped), at most max_retries times."""
         with self._slots:  # at most n_workers job processes, whoever calls
+            stop.check()  # a stop asked for: no further batch starts
             gpu = self._free.get() if self.gpus else None  # the first GPU to free up
             try:
                 for attempt in range(self.max_retries + 1):
@@ -105,6 +110,7 @@ class ProcessPoolLauncher:
                         outcome = self._process(number, batch, state, sweep_dir.name, gpu)
                         break
                     except Exception as exc:  # the process died (killed, out of memory)
+                        stop.check()  # ... or stopped at once: not run again
                         why = f"its process ended abnormally ({type(exc).__name__}: {exc})"
                         if attempt == self.max_retries:
                             return lost_batch(sweep_dir, batch,
@@ -114,6 +120,7 @@ class ProcessPoolLauncher:
             finally:
                 if gpu is not None:
                     self._free.put(gpu)
+        stop.check()  # its jobs stopped on the signal the launcher forwarded: not lost, resumable
         return batch_returns(sweep_dir, batch, outcome)
 
     def _process(self, number: int, batch: list, state, sweep_name: str, gpu: int | None) -> list:
@@ -159,7 +166,12 @@ def lost_job(sweep_dir: Path, idx: int, overrides: list[str], why: str):
 
 
 def batch_returns(sweep_dir: Path, batch: list[tuple[int, list[str]]], outcome: list[tuple[str, object]]) -> list:
-    """A batch's outcome (execute_batch) as one JobReturn per job; a job that broke outside its task is lost."""
+    """A batch's outcome (execute_batch) as one JobReturn per job; a job that broke outside its task is lost; a
+    batch whose process was stopped (a signal) stops the sweep (its trials resume)."""
+    stopped = next((value for status, value in outcome if status == "STOPPED"), None)
+    if stopped is not None:
+        stop.request(stopped)
+        stop.check()
     return [lost_job(sweep_dir, idx, o, value) if status == "ERROR" else _job_return(o, status, value)
             for (idx, o), (status, value) in zip(batch, outcome)]
 
@@ -177,8 +189,26 @@ def _job_return(overrides: list[str], status: str, value):
     return ret
 
 
+def forward_stop(signum: int, at_once: bool) -> None:
+    """The launching process's stop signal, passed on to the job processes as SIGTERM (the terminal's Ctrl-C
+    reaches them too; they ignore it, so that one Ctrl-C is one stop); on a second signal, waited for briefly
+    while they close their runs."""
+    children = multiprocessing.active_children()
+    for p in children:
+        try:
+            os.kill(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    if at_once:
+        deadline = time.monotonic() + stop.LAST_WORDS_S
+        for p in children:
+            p.join(max(0.0, deadline - time.monotonic()))
+
+
 def pin_gpu(gpu: int | None) -> None:
-    """In a fresh job process, before anything else: the job sees its one GPU as cuda:0."""
+    """In a fresh job process, before anything else: the job sees its one GPU as cuda:0; a stop comes from the
+    launching process (forward_stop)."""
+    stop.install(ignore_sigint=True)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         os.environ[GPU_ENV] = str(gpu)
@@ -212,6 +242,9 @@ def execute_batch(number, batch, hydra_context, config, singleton_state, task_fu
     resume.use_folder(sweep_name)  # the sweep folder the launching process chose, not a new timestamp
     outcome = []
     for ret in run_batch(hydra_context, config, task_function, batch, number):
+        if isinstance(ret, stop.Stopped):  # its run is KILLED and its result.json says so: the launcher stops
+            outcome.append(("STOPPED", ret.signum))
+            continue
         if isinstance(ret, BaseException):
             outcome.append(("ERROR", f"{type(ret).__name__}: {ret}"))
             continue

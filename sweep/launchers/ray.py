@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from common import stop
+
 from .packing import check_pack_size, in_launch_order, plan_jobs
 from .process import GPU_ENV, batch_returns, execute_batch, lost_batch, prepare_launch
 from .resume import FOLDER_ENV
@@ -87,7 +89,14 @@ class RayLauncher:
             pending[ref] = (len(pending), number, batch)
         outs: list = [None] * len(pending)
         while pending:  # as they finish, whatever the order
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if stop.requested():  # Ctrl-C or SIGTERM on the driver: the tasks are cancelled, the sweep's run KILLED
+                for waiting in pending:
+                    ray.cancel(waiting)
+                stop.check()
+            if not ready:
+                continue
+            [ref] = ready
             slot, number, batch = pending.pop(ref)
             outs[slot] = self._collect(ref, number, batch, sweep_dir)
         return in_launch_order(plan, outs)

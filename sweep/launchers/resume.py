@@ -6,6 +6,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -84,3 +85,17 @@ def _plan_only(task) -> bool:
 def _signature(task, hydra) -> tuple:
     return (sorted(str(o) for o in task if not str(o).startswith(("resume=", "plan_only="))),
             sorted(str(o) for o in hydra if not str(o).startswith(_RUN_ONLY)))
+
+
+def note_run_dir(folder: Path) -> None:
+    """A single run's folder: its resume command names it (a single run's folder is new at every launch)."""
+    _CHOSEN["run_dir"] = str(folder)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues what this process was doing: the user's own, with resume=true (a multirun finds
+    its folder again by its overrides, `previous_sweep`; a single run is told its folder)."""
+    args = [a for a in argv if not a.lower().startswith(("resume=", "hydra.run.dir="))]
+    if not any(a in ("-m", "--multirun") for a in args) and "run_dir" in _CHOSEN:
+        args.append(f"hydra.run.dir={_CHOSEN['run_dir']}")
+    return " ".join(["python -m sweep", *map(shlex.quote, args), "resume=true"])

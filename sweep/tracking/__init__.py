@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from common import stop
 from common.errors import UserError
 
 from ..config import TrackingConfig
@@ -38,6 +40,69 @@ PLACEHOLDER = "pending-"  # a run id handed out while the server was away; the r
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # not a GenAI experiment
 RETRY_AFTER_S = 30.0  # after a failed request, records go straight to the journal this long before trying again
 _journal_lock = threading.Lock()
+_open: dict[str, "Tracker"] = {}  # runs this process opened or reopened and has not ended: {run id: its tracker}
+_open_lock = threading.Lock()
+
+
+def worker() -> str:
+    """This process as runs record it (tag `worker`): a later sweep closes a RUNNING run whose process is gone."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _literal(value: str) -> str | None:
+    """`value` as a string of MLflow's filter grammar, which has no escapes: in the quotes it does not contain
+    (a swept prompt may hold an apostrophe); None when it holds both kinds (then filter on something else)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def _opened(run_id: str, tracker: "Tracker") -> None:
+    with _open_lock:
+        _open[run_id] = tracker
+
+
+def _ended(run_id: str) -> None:
+    with _open_lock:
+        _open.pop(run_id, None)
+
+
+def close_open_runs(status: str) -> int:
+    """End every run this process opened and has not ended (`status`: KILLED for a stop, FAILED for an error), so
+    that no exit but SIGKILL leaves a RUNNING run. Returns how many it ended."""
+    with _open_lock:
+        runs = list(_open.items())
+    for run_id, tracker in runs:
+        try:
+            tracker.set_tags(run_id, {"stop_reason": f"the process ended ({status})"})
+            tracker.finish(run_id, status)
+        except Exception as exc:  # ending other runs matters more; a later sweep closes this one as stale
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+    return len(runs)
+
+
+def _close_at_once() -> None:
+    """An immediate stop's last words: the open runs KILLED, straight to the store (no journal, no retries)."""
+    with _open_lock:
+        runs = list(_open.items())
+    for run_id, tracker in runs:
+        if not run_id.startswith(PLACEHOLDER):
+            tracker.client.set_terminated(run_id, "KILLED")
+
+
+stop.at_once(_close_at_once)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def store_uri(cfg: TrackingConfig, root: Path) -> tuple[str, str | None]:
@@ -203,9 +268,12 @@ class Tracker:
     def start_sweep(self, sweep_dir: Path, name: str, tags: dict[str, str]) -> dict[str, str]:
         """Create (or, for a resumed sweep, reopen) the experiment and the parent run; record them in sweep.json."""
         record_path = Path(sweep_dir) / SWEEP_FILE
+        self.close_stale()
         if record_path.is_file():
             rec = json.loads(record_path.read_text())
             self.client.update_run(rec["parent_run_id"], status="RUNNING")
+            self.client.set_tag(rec["parent_run_id"], "worker", worker())
+            _opened(rec["parent_run_id"], self)
             return rec
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -213,13 +281,40 @@ class Tracker:
         if not (exp and EXPERIMENT_KIND[0] in exp.tags):  # the UI shows it as model training (runs, metrics, charts)
             self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
-        run = self.client.create_run(exp_id, run_name=name, tags=tags)
+        run = self.client.create_run(exp_id, run_name=name, tags={**tags, "worker": worker()})
+        _opened(run.info.run_id, self)
         rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
         write_json(record_path, rec)
         return rec
 
     def end_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None:
         self._send(self._end_sweep, parent_run_id, status)
+        _ended(parent_run_id)
+
+    def close_stale(self) -> int:
+        """Mark KILLED the experiment's RUNNING runs whose process is gone: started on this host (tag `worker`) by a
+        process that no longer runs (killed with SIGKILL, a machine that rebooted). One query, on status. Returns how
+        many it closed; a server that does not answer closes none (the next sweep tries again)."""
+        try:
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                return 0
+            host, closed = socket.gethostname(), 0
+            for r in self.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                             max_results=5000):
+                w_host, _, pid = r.data.tags.get("worker", "").rpartition(":")
+                if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                    self.client.set_tag(r.info.run_id, "stop_reason", f"its process ({host}:{pid}) ended without "
+                                                                      "closing it")
+                    self.client.set_terminated(r.info.run_id, "KILLED")
+                    closed += 1
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            return 0
+        if closed:
+            log.info("%d MLflow run(s) left RUNNING by processes that are gone marked KILLED", closed)
+        return closed
 
     def _end_sweep(self, parent_run_id: str, status: str) -> None:
         # always set: registering the champion ends the parent as FINISHED on the way (mlflow.start_run's exit);
@@ -264,38 +359,47 @@ class Tracker:
         return self._send(self._child_run, sweep, trial, tags)
 
     def _child_run(self, sweep: dict[str, str], trial: str, tags: dict[str, str]) -> str:
-        found = self.client.search_runs([sweep["experiment_id"]],
-                                        filter_string=f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' "
-                                                      f"and tags.trial = '{trial}'", max_results=1)
+        found = self._child(sweep, "trial", trial)
         tags = {**{k: redact(k, v) for k, v in tags.items()}, "trial": trial, "mlflow.parentRunId": sweep["parent_run_id"]}
         if found:
-            run_id = found[0].info.run_id
+            run_id = found.info.run_id
             self.client.update_run(run_id, status="RUNNING")
             self._reopened[run_id] = {}  # what it holds is read when metrics come
             self._set_tags(run_id, tags)  # where it runs now (worker, GPU, batch) may differ from the first time
+            _opened(run_id, self)
             return run_id
         run = self.client.create_run(sweep["experiment_id"], run_name=display_name(trial), tags=tags)
+        _opened(run.info.run_id, self)
         return run.info.run_id
 
     def find_child(self, sweep: dict[str, str], trial: str) -> str | None:
         """The run of `trial` under the sweep's parent, None when it has none (or it cannot be read now)."""
         if self.waiting():
             return None
-        name = trial.replace("\\", "\\\\").replace("'", "\\'")
-        found = self.client.search_runs([sweep["experiment_id"]], max_results=1, filter_string=(
-            f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' and tags.trial = '{name}'"))
-        return found[0].info.run_id if found else None
+        found = self._child(sweep, "trial", trial)
+        return found.info.run_id if found else None
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self.client.get_run(run_id).data.tags)
 
+    def _child(self, sweep: dict[str, str], tag: str, value: str, status: str | None = None):
+        """The sweep's child run whose tag `tag` is `value` (a trial's key or folder: the user's swept values, quotes
+        and all), optionally only in `status`; None if there is none."""
+        where = f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"
+        if status:
+            where += f" and attributes.status = '{status}'"
+        lit = _literal(value)
+        if lit is not None:
+            found = self.client.search_runs([sweep["experiment_id"]], f"{where} and tags.{tag} = {lit}",
+                                            max_results=1)
+            return found[0] if found else None
+        runs = self.client.search_runs([sweep["experiment_id"]], where, max_results=50000)  # both quote kinds
+        return next((r for r in runs if r.data.tags.get(tag) == value), None)
+
     def running_child(self, sweep: dict[str, str], trial_folder: str) -> str | None:
         """The RUNNING run of the trial in `trial_folder` under the sweep's parent (a lost trial's), if any."""
-        folder = trial_folder.replace("'", "\\'")
-        found = self.client.search_runs([sweep["experiment_id"]], max_results=1, filter_string=(
-            f"tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}' and attributes.status = 'RUNNING' "
-            f"and tags.trial_folder = '{folder}'"))
-        return found[0].info.run_id if found else None
+        found = self._child(sweep, "trial_folder", trial_folder, "RUNNING")
+        return found.info.run_id if found else None
 
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
@@ -395,6 +499,7 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._send(self._finish, run_id, status)
+        _ended(run_id)
 
     def _finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
@@ -412,6 +517,7 @@ class NullTracker:
     def waiting(self) -> int: return 0
     def start_sweep(self, sweep_dir, name, tags): return {"parent_run_id": "", "experiment_id": "", "tracking_uri": ""}
     def end_sweep(self, parent_run_id: str, status: str = "FINISHED") -> None: ...
+    def close_stale(self) -> int: return 0
     def run_status(self, run_id: str) -> None: return None
     def reopen(self, run_id: str) -> None: ...
     def reviews(self) -> dict: return {}

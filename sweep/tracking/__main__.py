@@ -1,8 +1,10 @@
 """python -m sweep.tracking sync <sweep folder>: send the MLflow records a sweep kept while its server was away
 (<sweep>/mlflow_pending.jsonl), then finish the sweep (selection, registry, report) as its end would have.
 
+python -m sweep.tracking close-stale: mark KILLED the RUNNING runs whose process is gone.
+
 python -m sweep.tracking champion [--subject "sks woman" | --model NAME] [--tracking-uri URI]: the registered
-champion's models:/ URI (what `mlflow models serve -m` takes); several subjects registered: exit 2, listing them."""
+champion's models:/ URI; several subjects registered: exit 2, listing them."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import resolve_path
+from ..config import TrackingConfig, resolve_path
 from ..finalize import finalize_folder
 from ..redaction import redact
 from ..results import load_config
@@ -26,6 +28,7 @@ def sync(sweep_dir: Path) -> int:
     sweep_dir = Path(sweep_dir).resolve()
     conf = load_config(sweep_dir)
     tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
+    tracker.close_stale()
     tracker.use_journal(sweep_dir)
     waiting = tracker.waiting()
     if not tracker.flush():
@@ -37,18 +40,33 @@ def sync(sweep_dir: Path) -> int:
     return 0 if sel is not None else 1
 
 
+def close_stale(uri: str | None, experiment: str) -> int:
+    """Mark KILLED the experiment's RUNNING runs left by processes of this host that are gone (a sweep killed with
+    SIGKILL, a machine that rebooted); a sweep or resume=true does it too when it starts."""
+    cfg = TrackingConfig(uri=uri, experiment=experiment)
+    tracker = make_tracker(cfg, Path("."))
+    closed = tracker.close_stale()
+    print(f"{closed} stale run(s) of experiment {experiment!r} at {redact('uri', tracker.uri)} marked KILLED")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sweep.tracking")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sync", help="send the MLflow records a sweep kept while its server was away, then "
                                     "register its champion")
     s.add_argument("sweep_dir", type=Path)
-    c = sub.add_parser("champion", help="print the registered champion's models:/ URI (for mlflow models serve -m)")
+    c = sub.add_parser("close-stale", help="mark KILLED the RUNNING runs whose process (on this host) is gone")
+    c.add_argument("--uri", default=None, help="tracking URI (default: the project's ./mlruns store)")
+    c.add_argument("--experiment", default=TrackingConfig().experiment)
+    c = sub.add_parser("champion", help="print the registered champion's models:/ URI")
     c.add_argument("--subject", help='the subject as prompts name it, e.g. "sks woman"')
     c.add_argument("--model", help="a registered model's name")
     c.add_argument("--tracking-uri", help="the store (default: ./mlruns/mlflow.db)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.command == "close-stale":
+        return close_stale(a.uri, a.experiment)
     if a.command == "champion":
         try:
             print(champion_uri(a.tracking_uri or default_store(), a.subject, a.model))
