@@ -162,3 +162,71 @@ def test_a_sweep_logs_with_its_login_and_a_reader_cannot_move_the_champion(serve
     admin.grant_user_permission(BOB[0], "registered_model", MODEL, "EDIT")  # docs/security.md's command
     os.environ.update(MLFLOW_TRACKING_USERNAME=BOB[0], MLFLOW_TRACKING_PASSWORD=BOB[1])
     client.set_registered_model_alias(MODEL, "champion", champion.version)
+
+
+def scram_matches(stored: str, password: str) -> bool:
+    """Whether PostgreSQL's stored SCRAM-SHA-256 verifier is of `password` (RFC 5802: StoredKey = H(HMAC(
+    PBKDF2(password, salt, i), "Client Key")))."""
+    import base64
+    import hashlib
+    import hmac
+
+    method, rest = stored.split("$", 1)
+    iterations_salt, keys = rest.split("$")
+    iterations, salt = iterations_salt.split(":")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return method == "SCRAM-SHA-256" and base64.b64encode(hashlib.sha256(client_key).digest()).decode() == \
+        keys.split(":")[0]
+
+
+def test_the_compose_init_script_takes_any_password(tmp_path):
+    """deploy/initdb/10-databases.sh on a real PostgreSQL, with passwords holding quotes and SQL: the users get
+    exactly those passwords and nothing else runs."""
+    from sweep import PROJECT_DIR
+
+    from .services import postgres
+
+    passwords = {"mlflow": "it's'; DROP DATABASE postgres; --", "optuna": 'a"b\\c $HOME `id` %s :x'}
+    import psycopg
+
+    with postgres("probe") as urls:  # its URL tells the port
+        port = urls["probe"].rsplit(":", 1)[1].split("/")[0]
+        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": port, "MLFLOW_DB_PASSWORD": passwords["mlflow"],
+               "OPTUNA_DB_PASSWORD": passwords["optuna"]}
+        run = subprocess.run(["sh", str(PROJECT_DIR / "deploy" / "initdb" / "10-databases.sh")], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres") as c:
+            stored = dict(c.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname IN "
+                                    "('mlflow', 'optuna')").fetchall())
+            databases = {r[0] for r in c.execute("SELECT datname FROM pg_database").fetchall()}
+    assert {"postgres", "mlflow", "mlflow_auth", "optuna"} <= databases
+    assert all(scram_matches(stored[user], pw) for user, pw in passwords.items())
+
+
+def test_cluster_ray_refuses_to_join_a_cluster_without_a_token(tmp_path, monkeypatch):
+    """An address with no Ray token here is refused when the launcher is built (before the sweep starts); a token
+    from any of Ray's three places, or require_token=false, lets it join; a Ray instance of its own needs none."""
+    from hydra_plugins.sdxl_lora_sweep.ray_launcher import RayLauncher
+    from sweep.launchers import ray as ray_launcher
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ray_launcher, "TOKEN_FILE", tmp_path / "no-token")
+    with pytest.raises(ValueError, match="hydra.launcher.address=head:6379: no Ray token here.*RAY_AUTH_MODE=token"):
+        RayLauncher(address="head:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(ValueError, match="address=auto"):
+        RayLauncher()
+    monkeypatch.delenv("RAY_ADDRESS")
+    RayLauncher()  # a Ray instance in this process
+    RayLauncher(address="head:6379", require_token=False)
+    (tmp_path / "token").write_text("abc123\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    RayLauncher(address="head:6379")
+    assert ray_launcher.ray_token_source() == str(tmp_path / "token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a token, but authentication turned off here
+    with pytest.raises(ValueError, match="no Ray token here"):
+        RayLauncher(address="head:6379")
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(ray_launcher.FORWARDED_ENV)
