@@ -3,6 +3,7 @@ crafted Host header and a request without a login are refused; a sweep logs to i
 environment; a teammate without EDIT cannot move the champion alias. One server for the module (it takes ~15 s)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -148,7 +149,8 @@ def test_a_sweep_logs_with_its_login_and_a_reader_cannot_move_the_champion(serve
         client.set_registered_model_alias(MODEL, "champion", champion.version)
     assert denied.value.error_code == "PERMISSION_DENIED"
     sweep_dir = next((tmp_path / "outputs" / "sweeps").iterdir())
-    key = next(ln.split("`")[1] for ln in (sweep_dir / "report.md").read_text().splitlines() if "@" in ln and "`" in ln)
+    rule = json.loads((sweep_dir / "report" / "selection.json").read_text())["champion"]
+    key = f"{rule['trial']}@2"  # the only checkpoint: a person's pick, its version tagged and the alias set anew
     promote = subprocess.run([sys.executable, "-m", "sweep.promote", key, "reason=bob prefers it",
                               f"sweep={sweep_dir}", "by=bob"], cwd=tmp_path, capture_output=True, text=True,
                              env={**as_user(BOB), "MLFLOW_TRACKING_URI": server.uri}, timeout=600)
