@@ -92,8 +92,12 @@ class SweepCallback(Callback):
             sweep_dir = claim_new_folder(sweep_dir)  # two sweeps started in the same second: two folders
             hold_folder(sweep_dir)
         export_folder(sweep_dir.name)
-        tracker.start_sweep(sweep_dir, sweep_dir.name,
-                            {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
+        try:
+            tracker.start_sweep(sweep_dir, sweep_dir.name,
+                                {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
+        except UserError as exc:  # the server refused this user the experiment (AccessDenied): nothing trained yet
+            log.error("%s\nthe sweep was refused before it started (nothing trained)", exc)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Selection, registry, report. Hydra only warns about an exception here (the sweep would exit 0 with its

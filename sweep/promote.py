@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common import faults
+from common.errors import UserError
 
 from .finalize import finalize_folder
 from .results import PROMOTION_FILE, collect, load_config, locked, read_promotions, trial_dirs, write_json
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         record = promote(folder.resolve(), keys[0], options["reason"].strip(), options.get("by") or _login())
-    except SystemExit as exc:
+    except (SystemExit, UserError) as exc:  # UserError: e.g. the server refused this user the alias (AccessDenied)
         print(exc, file=sys.stderr)
         return 2
     print(f"promoted {record['key']} in {folder}: " + ("the rule's pick, confirmed" if record["agreed"] else

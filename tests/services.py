@@ -66,8 +66,10 @@ def postgres(*databases: str) -> Iterator[dict[str, str]]:
 class MlflowServer:
     """`python -m sweep.server` on 127.0.0.1: started, stopped (to play an outage) and started again on one port."""
 
-    def __init__(self, root: Path, backend_store_uri: str | None = None, port: int | None = None):
+    def __init__(self, root: Path, backend_store_uri: str | None = None, port: int | None = None,
+                 admin_password: str | None = None):
         self.root, self.backend = Path(root), backend_store_uri
+        self.admin_password = admin_password  # logins on (--auth), the first admin's password from the environment
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -77,8 +79,12 @@ class MlflowServer:
         cmd = [sys.executable, "-m", "sweep.server", "--port", str(self.port), "--root", str(self.root)]
         if self.backend:
             cmd += ["--backend-store-uri", self.backend]
+        env = dict(os.environ)
+        if self.admin_password:
+            cmd += ["--auth", "--workers", "1"]
+            env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password
         self.log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

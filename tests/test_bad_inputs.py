@@ -261,8 +261,8 @@ def test_values_with_path_separators_cannot_move_a_trial_folder_out_of_its_sweep
 
 
 def test_the_tracking_server_binds_to_loopback_unless_told(tmp_path, caplog, monkeypatch):
-    """`python -m sweep.server` listens on 127.0.0.1 only (checked on the live server's sockets); another host is
-    a choice that is warned about."""
+    """`python -m sweep.server` listens on 127.0.0.1 only (checked on the live server's sockets); another host
+    turns logins on and is warned about (tests/test_shared_server.py: the logins themselves)."""
     import psutil
 
     from sweep.server import command, main
@@ -275,11 +275,14 @@ def test_the_tracking_server_binds_to_loopback_unless_told(tmp_path, caplog, mon
         assert listening and {a.ip for a in listening} == {"127.0.0.1"}, listening
         assert {a.port for a in listening} == {srv.port}
     cmd = command("0.0.0.0", 5000, root=tmp_path)
-    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and "--allowed-hosts" in cmd
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and "*" not in cmd[cmd.index("--allowed-hosts") + 1]
     assert command(root=tmp_path)[command(root=tmp_path).index("--host") + 1] == "127.0.0.1"
     called = []
     monkeypatch.setattr(os, "execv", lambda path, args: called.append(args))  # what it would run, not run
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "an-admin-password")
+    for name in ("MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # main sets them for the server: undone after the test
     with caplog.at_level(logging.WARNING):
         main(["--host", "0.0.0.0", "--root", str(tmp_path), "--backend-store-uri", "postgresql://u:s3cret@db/m"])
-    assert "anyone who can reach this machine" in caplog.text and "s3cret" not in caplog.text
+    assert "every request needs a login" in caplog.text and "s3cret" not in caplog.text
     assert called and called[0][called[0].index("--host") + 1] == "0.0.0.0"

@@ -19,6 +19,7 @@ class RayLauncherConf:
     pack_size: int = 8                 # trainings (with the trials each serves) per task; 1: a task per job
     runtime_env: Dict[str, Any] = field(default_factory=dict)  # Ray's runtime_env for the tasks (env_vars, pip, ...)
     init: Dict[str, Any] = field(default_factory=dict)  # more ray.init arguments: +hydra.launcher.init.num_cpus=8
+    require_token: bool = True         # joining a cluster (an address) needs a Ray token here (docs/scaling.md)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ray", node=RayLauncherConf, provider="sdxl-lora-sweep")
@@ -26,7 +27,8 @@ ConfigStore.instance().store(group="hydra/launcher", name="ray", node=RayLaunche
 
 class RayLauncher(DelegatingLauncher):
     def __init__(self, address: Optional[str] = None, num_gpus: Optional[float] = None, num_cpus: float = 1,
-                 max_retries: int = 1, runtime_env: Any = None, init: Any = None, pack_size: int = 8) -> None:
+                 max_retries: int = 1, runtime_env: Any = None, init: Any = None, pack_size: int = 8,
+                 require_token: bool = True) -> None:
         from sweep.launchers.ray import RayLauncher as Impl
 
-        self.impl = Impl(address, num_gpus, num_cpus, max_retries, runtime_env, init, pack_size)
+        self.impl = Impl(address, num_gpus, num_cpus, max_retries, runtime_env, init, pack_size, require_token)

@@ -36,13 +36,45 @@ from .process import GPU_ENV, batch_returns, execute_batch, lost_batch, prepare_
 from .resume import FOLDER_ENV
 
 log = logging.getLogger(__name__)
-# read by the job's config: conf/tracking/server.yaml, and the sweep folder the launching process chose
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", FOLDER_ENV)
+# read by the job's config: conf/tracking/server.yaml, and the sweep folder the launching process chose; the login
+# MLflow's client sends to a server with logins (seen by whoever holds the cluster's token, who can run code anyway)
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", FOLDER_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_TRACKING_TOKEN")
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray get-auth-token --generate` writes it
+
+
+def ray_token_source() -> str | None:
+    """Where this process's Ray token comes from (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token, Ray's
+    order), None when there is none or RAY_AUTH_MODE turns token authentication off."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    for path in filter(None, (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(TOKEN_FILE))):
+        try:
+            if Path(path).expanduser().read_text().strip():
+                return path
+        except OSError:
+            pass
+    return None
+
+
+def check_token(address: str | None, require_token: bool) -> None:
+    """A cluster without token authentication runs whatever anyone who reaches it sends: joining one (an address,
+    not a Ray instance started here, which Ray protects with a token of its own) needs a token, unless told."""
+    if address in (None, "", "local") or not require_token or ray_token_source():
+        return
+    raise ValueError(
+        f"hydra.launcher.address={address}: no Ray token here, so the cluster is joined without authentication, and "
+        "a Ray cluster without it runs any code anyone on its network sends. Start it with RAY_AUTH_MODE=token "
+        "(docs/scaling.md), then put its token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH) on this machine; "
+        "or hydra.launcher.require_token=false to join a cluster without token authentication anyway")
 
 
 class RayLauncher:
     def __init__(self, address: str | None = None, num_gpus: float | None = None, num_cpus: float = 1,
-                 max_retries: int = 1, runtime_env: Any = None, init: Any = None, pack_size: int = 8):
+                 max_retries: int = 1, runtime_env: Any = None, init: Any = None, pack_size: int = 8,
+                 require_token: bool = True):
         if max_retries < 0:
             raise ValueError(f"hydra.launcher.max_retries={max_retries}: give 0 (the trials of a worker that "
                              "dies fail) or more (it runs again and resumes from its checkpoints)")
@@ -52,6 +84,8 @@ class RayLauncher:
             raise ValueError(f"hydra.launcher.num_gpus={num_gpus}: give the GPUs each task (batch) reserves (1, or 0.5 to "
                              "share one), or null for 1 when the cluster has GPUs")
         self.address, self.num_gpus, self.num_cpus, self.max_retries = address, num_gpus, num_cpus, max_retries
+        self.require_token = require_token
+        check_token(address or os.environ.get("RAY_ADDRESS"), require_token)
         self.pack_size = check_pack_size(pack_size)
         self.runtime_env = _plain(runtime_env) or {}
         self.init = _plain(init) or {}
@@ -111,6 +145,11 @@ class RayLauncher:
                 return
             if not ray.is_initialized():
                 address = self.address or os.environ.get("RAY_ADDRESS") or "local"
+                check_token(address, self.require_token)
+                source = ray_token_source()
+                log.info("Ray: %s", "a Ray instance in this process" if address == "local" else
+                         f"joining the cluster at {address} " + (f"with the token from {source}" if source else
+                                                                 "WITHOUT a token (hydra.launcher.require_token=false)"))
                 ray.init(address=address, **self.init)
             self._connected = True
             gpus = ray.cluster_resources().get("GPU", 0)

@@ -130,15 +130,64 @@ def _quick_retries() -> None:
 
 
 def is_outage(exc: BaseException) -> bool:
-    """A request that failed because the server is away or broken (worth retrying), not because it was wrong."""
+    """A request that failed because the server is away or broken (worth retrying), not because it was wrong (nor
+    refused: a login or a permission missing is the user's to fix, never journaled as an outage)."""
     import requests
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, MlflowException):
+        if _refused(exc):
+            return False
         return "API request to" in str(exc) or exc.get_http_status_code() >= 500
     return False
+
+
+class AccessDenied(UserError):
+    """The tracking server asked for a login, refused it, or refused this user the change."""
+
+
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # MLflow's client sends them (basic auth)
+
+
+def _refused(exc: BaseException) -> int:
+    """401 (no or wrong login) or 403 (no permission) when the server refused the request, else 0."""
+    code = getattr(exc, "get_http_status_code", lambda: 0)()
+    if code in (401, 403):
+        return code
+    return {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(getattr(exc, "error_code", ""), 0)
+
+
+def access_error(exc: BaseException, uri: str, what: str, grant: str) -> AccessDenied | None:
+    """The error a user acts on for a refused request (None for any other failure): which variables to set, or
+    which permission to ask the server's admin for."""
+    code = _refused(exc)
+    user = os.environ.get(LOGIN_ENV[0])
+    where = redact("uri", uri)
+    if code == 401 and not (user and os.environ.get(LOGIN_ENV[1])):
+        return AccessDenied(f"the MLflow server at {where} asks for a login to {what}: set {LOGIN_ENV[0]} and "
+                            f"{LOGIN_ENV[1]} in the environment (your account there: its admin creates it, "
+                            "docs/security.md), never in tracking.uri")
+    if code == 401:
+        return AccessDenied(f"the MLflow server at {where} refused the login {LOGIN_ENV[0]}={user}: wrong password "
+                            f"or no such user; check {LOGIN_ENV[0]} and {LOGIN_ENV[1]}")
+    if code == 403:
+        return AccessDenied(f"the MLflow server at {where} does not let user {user or '?'} ({LOGIN_ENV[0]}) {what}: "
+                            f"ask its admin for {grant} (docs/security.md: giving a teammate access)")
+    return None
+
+
+@contextmanager
+def permitted(uri: str, what: str, grant: str) -> Iterator[None]:
+    """Requests inside that the server refuses (login, permission) raise AccessDenied naming the fix."""
+    try:
+        yield
+    except Exception as exc:
+        error = access_error(exc, uri, what, grant)
+        if error is None:
+            raise
+        raise error from None
 
 
 class Tracker:
@@ -172,6 +221,9 @@ class Tracker:
                 f"tracking.uri={redact('uri', self.uri)}: no MLflow server answers there ({type(exc).__name__}). "
                 f"Start one (python -m sweep.server{' --port ' + port.group(1) if port else ''}), fix the URI, or "
                 "leave tracking.uri unset to record in ./mlruns; nothing was trained") from None
+        with permitted(self.uri, f"read experiment {self.cfg.experiment}", f"READ on experiment "
+                       f"{self.cfg.experiment}"):  # /health needs no login: a request that does, before training
+            self.client.get_experiment_by_name(self.cfg.experiment)
 
     # the journal: what the server could not take, in order --------------------------------------------------
     def use_journal(self, sweep_dir: Path) -> None:
@@ -275,14 +327,16 @@ class Tracker:
             self.client.set_tag(rec["parent_run_id"], "worker", worker())
             _opened(rec["parent_run_id"], self)
             return rec
-        exp = self.client.get_experiment_by_name(self.cfg.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.cfg.experiment, artifact_location=self.artifact_location)
-        if not (exp and EXPERIMENT_KIND[0] in exp.tags):  # the UI shows it as model training (runs, metrics, charts)
-            self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
-        tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
-        run = self.client.create_run(exp_id, run_name=name, tags={**tags, "worker": worker()})
-        _opened(run.info.run_id, self)
+        with permitted(self.uri, f"log runs to experiment {self.cfg.experiment}",
+                       f"EDIT on experiment {self.cfg.experiment}"):
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                self.cfg.experiment, artifact_location=self.artifact_location)
+            if not (exp and EXPERIMENT_KIND[0] in exp.tags):  # the UI shows it as model training (runs, charts)
+                self.client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+            tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
+            run = self.client.create_run(exp_id, run_name=name, tags={**tags, "worker": worker()})
+            _opened(run.info.run_id, self)
         rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
         write_json(record_path, rec)
         return rec

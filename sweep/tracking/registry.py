@@ -33,6 +33,7 @@ from trainer.models import resolve_source
 from ..config import SweepConfig, TrackingConfig, resolve_path
 from ..metrics import metrics_from_json, metrics_json
 from ..selection import Candidate, SelectionConfig, checkpoint_score, objective_name, select
+from . import permitted
 
 log = logging.getLogger(__name__)
 ALIAS, CHALLENGER = "champion", "challenger"
@@ -183,10 +184,17 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
     `exported`: its export folder (sweep/export/: the web-UI file, the model card, the grids), registered with it.
     `review`: a person's pick being applied now (sweep.promote: {"by", "reason", ...}), which takes `champion`
     whatever the rule says; its version carries who and why (tags review.*). Safe to repeat: the same LoRA is the
-    same version, an alias already there is not moved again."""
-    client = tracker.client
+    same version, an alias already there is not moved again. A user the server does not let change the model gets
+    AccessDenied, naming the permission to ask for."""
     subject = subject_of(conf)
-    name = name or model_name(conf, client, subject)
+    name = name or model_name(conf, tracker.client, subject)
+    with permitted(tracker.uri, f"register versions of model {name} nor move its aliases ({ALIAS}, {CHALLENGER})",
+                   f"EDIT on registered model {name}"):
+        return _register(tracker.client, conf, parent_run_id, champion, baseline, exported, review, name, subject)
+
+
+def _register(client, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
+              exported: Path | None, review: dict | None, name: str, subject: Subject) -> dict:
     proto = protocol(conf, subject.photos)
     _ensure_model(client, name, subject)
     current = alias_version(client, name, ALIAS)
