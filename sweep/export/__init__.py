@@ -184,16 +184,16 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
 def licence(base: str) -> tuple[str | None, str]:
     """(licence id, the card's line): from the base model's own model card (README.md front matter), local or in the
     Hugging Face cache."""
-    text = None
+    card = None
     try:
         folder = Path(base)
         if (folder / "README.md").is_file():
-            text = (folder / "README.md").read_text()
+            card = (folder / "README.md").read_text()
         elif base and not folder.exists():
-            text = Path(hf_hub_download(base, "README.md", local_files_only=True)).read_text()
+            card = Path(hf_hub_download(base, "README.md", local_files_only=True)).read_text()
     except Exception:
-        text = None
-    m = re.match(r"^---\s*\n(.*?)\n---", text or "", re.DOTALL)
+        card = None
+    m = re.match(r"^---\s*\n(.*?)\n---", card or "", re.DOTALL)
     if m:
         front = yaml.safe_load(m[1]) or {}
         lic = front.get("license")
