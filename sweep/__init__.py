@@ -2,7 +2,7 @@
 registry, report, export). Layers, each importing only from those below (checked by import-linter, pyproject.toml):
 entry points (__main__, callbacks, generate, server, review, promote, the packages' __main__) > orchestrators (job,
 finalize, checks) > services (tracking, search, launchers, report, export) > base (results | confidence > config >
-selection > metrics, and logs, redaction, offline_models, cli)."""
+selection > metrics, and logs, redaction, offline_models, cli, stored, markdown)."""
 import hashlib
 from pathlib import Path
 

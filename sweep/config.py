@@ -16,6 +16,7 @@ from trainer import ConfigError, DataConfig, LoraSettings, ModelConfig, TrainCon
 from .cli import did_you_mean, flat_keys
 from .offline_models import build_clip
 from .selection import SelectionConfig, config_problems
+from .stored import literal
 
 
 @dataclass
@@ -111,8 +112,9 @@ def to_typed(cfg: DictConfig) -> SweepConfig:
 
 def schema_typed(cfg: DictConfig) -> SweepConfig:
     """The config's keys and types checked against the schema, not yet its values' ranges and rules: what a value
-    is worth on its own, whatever the other keys are (sweep/checks.py checks each swept value so)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    is worth on its own, whatever the other keys are (sweep/checks.py checks each swept value so). Resolved once:
+    a value that still holds `${` after resolving (a stored folder's text, an escaped `\\${`) stays that text."""
+    data = _as_text(OmegaConf.to_container(cfg, resolve=True))
     data.pop("hydra", None)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), data)
@@ -126,6 +128,16 @@ def schema_typed(cfg: DictConfig) -> SweepConfig:
         raise ConfigError([_type_problem(key, msg) or
                            f"{key}: {msg}{_close_matches(key)} (check the spelling and type of this override)"]) from None
     return typed
+
+
+def _as_text(node: Any) -> Any:
+    """Resolved values made literal for the schema's merge, which would read a `${` in them as an interpolation again
+    (and resolve `${oc.env:...}` from a folder's stored prompt)."""
+    if isinstance(node, dict):
+        return {k: _as_text(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_as_text(v) for v in node]
+    return literal(node) if isinstance(node, str) and "${" in node else node
 
 
 def evaluation_settings(conf: SweepConfig) -> EvalConfig:

@@ -22,12 +22,13 @@ from trainer.models import shared_pipeline
 from . import confidence, racing, report
 from .config import evaluation_settings, resolve_path
 from .export import export, from_checkpoint
+from .markdown import code, text
 from .metrics import fmt
 from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
                       lost_before_start, lost_trials, read_json, read_promotion, read_promotions, read_scores,
                       read_sweep, score_notes, trial_dirs, write_json, write_result)
 from .selection import Candidate, Selection, best_rows, checkpoint_score, describe_rule, objective_name, select
-from .tracking import make_tracker, ui_command
+from .tracking import caller_store, folder_store, make_tracker, recorded_store, ui_command
 from .tracking.registry import CHALLENGER, model_name, register_champion, subject_of
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,21 @@ def record_lost(sweep_dir: Path, tracker) -> None:
             log.warning("could not mark the MLflow run of %s failed: %s", d.name, exc)
 
 
-def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:
+def opened_store(sweep_dir: Path, given: str | None = None) -> str | None:
+    """The MLflow store a command that opens `sweep_dir` writes to: `given` (tracking_uri=) or MLFLOW_TRACKING_URI,
+    else the folder's own if it is on this machine (tracking.folder_store: StoreNotNamed otherwise); None: the
+    default local store."""
+    conf = load_config(sweep_dir)
+    if not conf.tracking.enabled:
+        return None
+    return folder_store(recorded_store(read_sweep(sweep_dir), conf.tracking), caller_store(given), sweep_dir)
+
+
+def finalize_folder(sweep_dir: Path, register: bool = True,
+                    tracking_uri: str | None = None) -> tuple[Selection | None, int]:
     """Select, register, report. Returns the selection and how many trials failed (diverged and lost included).
+    `tracking_uri`: the store to write to (a command opening the folder: opened_store); None, the store the sweep
+    recorded (its own end, or its folder's default).
 
     Run again on a sweep whose parent run has ended (`python -m sweep.report`, `sync` after the journal was sent),
     it rewrites the report, its artifacts, tags and description, and logs no metric twice nor ends the run again
@@ -69,10 +83,8 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
         return None, len(unstarted)
     conf = load_config(sweep_dir)
     root = resolve_path(conf.paths, ".")
-    recorded = read_sweep(sweep_dir) or {}
-    tracking = conf.tracking  # the store the sweep logged to, wherever this runs from (a rebuilt report)
-    if conf.tracking.enabled and not conf.tracking.uri and recorded.get("tracking_uri"):
-        tracking = replace(conf.tracking, uri=recorded["tracking_uri"])
+    # the store the sweep logged to, wherever this runs from (a rebuilt report), unless the caller named one
+    tracking = replace(conf.tracking, uri=tracking_uri or recorded_store(read_sweep(sweep_dir), conf.tracking))
     tracker = make_tracker(tracking, root)
     tracker.use_journal(sweep_dir)
     tracker.flush()
@@ -279,10 +291,11 @@ def export_champion(sweep_dir: Path, sel: Selection) -> Path | None:
     c = sel.chosen
     try:
         src = from_checkpoint(Path(c.checkpoint), origin=str(sweep_dir), strength=c.scale)
-        src.chosen = f"The champion of sweep `{sweep_dir.name}`: {sel.explain()}."
+        src.chosen = f"The champion of sweep {code(sweep_dir.name)}: {text(sel.explain())}."  # Markdown: escaped
         if sel.review:
-            src.chosen = (f"Promoted by {sel.review['by']} in sweep `{sweep_dir.name}` ({sel.review['reason']}); "
-                          f"the rule had picked {sel.review['rule_pick'] or 'nothing'}: {sel.explain()}.")
+            r = sel.review
+            src.chosen = (f"Promoted by {text(r['by'])} in sweep {code(sweep_dir.name)} ({text(r['reason'])}); "
+                          f"the rule had picked {code(r['rule_pick'] or 'nothing')}: {text(sel.explain())}.")
         export(src, out, strict=False, own=True)  # the sweep's own folder: its latest export, file by file
         return out
     except (Exception, SystemExit) as exc:
@@ -352,6 +365,7 @@ def run_page(uri: str, sweep: dict) -> str:
 def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None, registration: dict | None = None,
            notes: list[str] = ()) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"sweep {sweep_dir.name}: {len(statuses)} trial(s), {failed} failed")
@@ -359,7 +373,7 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     for c in report.headers(sel, rows):
         t.add_column(c)
     for row in rows:
-        t.add_row(*(fmt(row[c]) for c in report.columns(rows)))
+        t.add_row(*(escape(fmt(row[c])) for c in report.columns(rows)))  # a trial's [..] is text, not rich markup
     console = Console(width=200)
     console.print(t)
     print(sel.explain())

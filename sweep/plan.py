@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from trainer import TrialSpec
 from trainer import packed, planner
 
+from . import stored
 from .config import SweepConfig, resolve_path
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def trial_key(overrides: list[str], sweep_dir: Path) -> str:
     mr = sweep_dir / "multirun.yaml"
     swept = set()
     if mr.is_file():
-        parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(mr).hydra.overrides.task))
+        parsed = OverridesParser.create().parse_overrides(list(stored.load(mr).hydra.overrides.task))
         swept = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
     return ",".join(o for o in overrides if o.partition("=")[0].lstrip("+~") in swept)
 
@@ -228,7 +228,7 @@ def _step_times(conf: SweepConfig) -> dict[int, list[float]]:
             res = json.loads(path.read_text())
             if res.get("status") != "finished" or not res.get("ms_per_step") or not res.get("pack_size"):
                 continue
-            cfg = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
+            cfg = stored.load(path.parent / ".hydra" / "config.yaml")
             same = (cfg.model.name == conf.model.name and cfg.data.resolution == conf.data.resolution
                     and cfg.train.batch_size == conf.train.batch_size and cfg.train.device == conf.train.device)
         except (OSError, ValueError, AttributeError, KeyError):

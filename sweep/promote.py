@@ -1,4 +1,5 @@
-"""python -m sweep.promote <trial>@<step>[x<strength>] reason="..." [sweep=<folder>] [by=<name>]: a person's pick.
+"""python -m sweep.promote <trial>@<step>[x<strength>] reason="..." [sweep=<folder>] [by=<name>] [tracking_uri=URI]:
+a person's pick.
 
 The original study chose its champion by eye; here the selection rule chooses, and a person who has looked
 (`python -m sweep.review`) may keep its pick or overrule it, on record. Promoting writes the pick to
@@ -6,7 +7,9 @@ The original study chose its champion by eye; here the selection rule chooses, a
 promoted checkpoint is exported to <sweep>/champion/ and takes the registry's `champion` alias whatever the rule
 says, its model version and the sweep's parent run tagged with who (`by`, default the login name) and why; the
 report and the console say whether the person overrode the rule, and across reviewed sweeps how often people kept
-the rule's pick. Without sweep=, the newest sweep under ./outputs/sweeps.
+the rule's pick. Without sweep=, the newest sweep under ./outputs/sweeps. The registry and runs written are in
+tracking_uri= or MLFLOW_TRACKING_URI when given, else in the store the folder recorded if it is on this machine (a
+server elsewhere must be named: nothing is recorded until it is).
 
 A person's pick holds `champion`: a later sweep whose best beats it under the rule gets alias `challenger`, and
 says the command that makes it the champion (this one, on that sweep). Promotes of one sweep run one at a time
@@ -22,12 +25,13 @@ from pathlib import Path
 from common import faults
 from common.errors import UserError
 
-from .finalize import finalize_folder
+from .finalize import finalize_folder, opened_store
 from .results import PROMOTION_FILE, collect, load_config, locked, read_promotions, trial_dirs, write_json
 from .selection import select
 
-OPTIONS = ("reason", "sweep", "by")
-USAGE = 'usage: python -m sweep.promote <trial>@<step>[x<strength>] reason="why" [sweep=<folder>] [by=<name>]'
+OPTIONS = ("reason", "sweep", "by", "tracking_uri")
+USAGE = ('usage: python -m sweep.promote <trial>@<step>[x<strength>] reason="why" [sweep=<folder>] [by=<name>] '
+         '[tracking_uri=URI]')
 
 
 def newest_sweep(root: Path = Path("outputs/sweeps")) -> Path | None:
@@ -35,8 +39,9 @@ def newest_sweep(root: Path = Path("outputs/sweeps")) -> Path | None:
     return max(folders, key=lambda d: d.stat().st_mtime) if folders else None
 
 
-def promote(sweep_dir: Path, key: str, reason: str, by: str) -> dict:
-    """Record the pick and finish the sweep again with it; returns the record. SystemExit names what is wrong."""
+def promote(sweep_dir: Path, key: str, reason: str, by: str, tracking_uri: str | None = None) -> dict:
+    """Record the pick and finish the sweep again with it, writing to `tracking_uri` (None: the store the folder
+    recorded); returns the record. SystemExit names what is wrong."""
     candidates, baseline, _ = collect(sweep_dir)
     chosen = next((c for c in candidates if c.key == key), None)
     if chosen is None:
@@ -59,7 +64,7 @@ def promote(sweep_dir: Path, key: str, reason: str, by: str) -> dict:
             picks.append(record)
             write_json(path, picks)
         faults.hit("promote_recorded")  # the pick is on record; champion/, the registry and the report not yet
-        finalize_folder(sweep_dir)
+        finalize_folder(sweep_dir, tracking_uri=tracking_uri)
         picks[-1] = {**picks[-1], "applied": True}
         write_json(path, picks)
     return picks[-1]
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
               "(outputs/sweeps/<date>)", file=sys.stderr)
         return 2
     try:
-        record = promote(folder.resolve(), keys[0], options["reason"].strip(), options.get("by") or _login())
+        store = opened_store(folder.resolve(), options.get("tracking_uri"))  # refused here: nothing recorded yet
+        record = promote(folder.resolve(), keys[0], options["reason"].strip(), options.get("by") or _login(), store)
     except (SystemExit, UserError) as exc:  # UserError: e.g. the server refused this user the alias (AccessDenied)
         print(exc, file=sys.stderr)
         return 2

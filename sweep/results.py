@@ -10,12 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from omegaconf import OmegaConf
-
 from common.files import write_atomic
 from common.lorafile import LORA_FILE, recorded_sha256
 from evaluation.config import is_entry, parse_entry
 
+from . import stored
 from .config import SweepConfig, to_typed
 from .selection import Candidate
 
@@ -195,9 +194,10 @@ def score_notes(sweep_dir: Path) -> list[str]:
 
 
 def load_config(sweep_dir: Path) -> SweepConfig:
-    """The sweep's typed config, as its first trial saw it."""
+    """The sweep's typed config, as its first trial saw it, read as data (sweep/stored.py: no resolver runs, no
+    environment variable is read)."""
     first = (trial_dirs(sweep_dir) or lost_trials(sweep_dir))[0]
-    return to_typed(OmegaConf.load(first / ".hydra" / "config.yaml"))
+    return to_typed(stored.load(first / ".hydra" / "config.yaml"))
 
 
 def lost_trials(sweep_dir: Path) -> list[Path]:

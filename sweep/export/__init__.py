@@ -30,7 +30,6 @@ from pathlib import Path
 
 import yaml
 from huggingface_hub import hf_hub_download
-from omegaconf import OmegaConf
 
 from common.lorafile import EXPORT_RECORD, LORA_FILE, CheckpointRecord, safetensors_bytes, sha256_file
 from evaluation.config import entry_name
@@ -38,7 +37,9 @@ from evaluation.generate import EvalInputError, check_lora_file
 from trainer.models import resolve_source
 from trainer.webui import WebUIExportError, adapter_config, convert
 
+from .. import stored
 from ..config import resolve_path, to_typed
+from ..markdown import code, text
 from ..metrics import fmt as fmt_value
 from ..metrics import metrics_json
 from ..results import display_name, read_result, read_scores
@@ -90,7 +91,7 @@ def from_checkpoint(folder: Path, origin: str = "", strength: float = 1.0) -> So
     trial = folder.parent.parent
     config = trial / ".hydra" / "config.yaml"
     if config.is_file():
-        src.conf = to_typed(OmegaConf.load(config))
+        src.conf = to_typed(stored.load(config))  # as data: no resolver runs, no variable is read
         src.base = base_name(src.conf)
     if (trial / "result.json").is_file():
         metrics = read_result(trial).get("metrics") or {}
@@ -118,7 +119,7 @@ def from_sweep(folder: Path) -> Source:
                          "checkpoint folder directly: python -m sweep.export <trial>/checkpoints/step-NNNNNN")
     src = from_checkpoint(Path(sel["champion"]["checkpoint"]), origin=str(folder),
                           strength=sel["champion"].get("scale", 1.0))
-    src.chosen = f"The champion of sweep `{folder.name}`: {sel.get('explanation', '')}."
+    src.chosen = f"The champion of sweep {code(folder.name)}: {text(sel.get('explanation', ''))}."
     return src
 
 
@@ -183,30 +184,31 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
 def licence(base: str) -> tuple[str | None, str]:
     """(licence id, the card's line): from the base model's own model card (README.md front matter), local or in the
     Hugging Face cache."""
-    text = None
+    card = None
     try:
         folder = Path(base)
         if (folder / "README.md").is_file():
-            text = (folder / "README.md").read_text()
+            card = (folder / "README.md").read_text()
         elif base and not folder.exists():
-            text = Path(hf_hub_download(base, "README.md", local_files_only=True)).read_text()
+            card = Path(hf_hub_download(base, "README.md", local_files_only=True)).read_text()
     except Exception:
-        text = None
-    m = re.match(r"^---\s*\n(.*?)\n---", text or "", re.DOTALL)
+        card = None
+    m = re.match(r"^---\s*\n(.*?)\n---", card or "", re.DOTALL)
     if m:
         front = yaml.safe_load(m[1]) or {}
         lic = front.get("license")
         if lic:
             link = front.get("license_link")
-            return str(lic), (f"This LoRA is derived from `{base}` and is under its licence: **{lic}**"
-                              + (f" ({link})." if link else " (see the base model's card)."))
-    return None, (f"This LoRA is derived from `{base or 'its base model'}`, whose licence applies; its model card was "
-                  "not found here, so check the licence there before sharing.")
+            return str(lic), (f"This LoRA is derived from {code(base)} and is under its licence: **{text(lic)}**"
+                              + (f" ({text(link)})." if link else " (see the base model's card)."))
+    return None, (f"This LoRA is derived from {code(base or 'its base model')}, whose licence applies; its model card "
+                  "was not found here, so check the licence there before sharing.")
 
 
 def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, str], configs: dict,
                note: str = "") -> str:
-    """README.md in the Hugging Face model-card style."""
+    """README.md in the Hugging Face model-card style. Every string from a config, a folder or a store is escaped
+    (sweep/markdown.py): a prompt or a trial name is text there, never markup; `src.chosen` comes escaped."""
     conf = src.conf
     phrase = trigger_phrase(conf)
     lic, lic_line = licence(src.base)
@@ -217,22 +219,23 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
              "tags": ["text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "lora", "dreambooth",
                       TOOL]}
     lines = ["---", yaml.safe_dump({k: v for k, v in front.items() if v is not None}, sort_keys=False).strip(), "---",
-             "", f"# {name}", "",
-             f"An SDXL DreamBooth LoRA of **{phrase or 'the subject'}**: step {src.step} of trial `{src.trial}`, "
+             "", f"# {text(name)}", "",
+             f"An SDXL DreamBooth LoRA of **{text(phrase or 'the subject')}**: step {src.step} of trial "
+             f"{code(src.trial)}, "
              f"exported by {TOOL}.", ""]
     if phrase:
         example = next((p for p in (conf.eval.prompts or []) if phrase in p), f"a photo of {phrase}")
-        lines += [f"- trigger phrase: **`{phrase}`** (e.g. \"{example}\")"]
+        lines += [f"- trigger phrase: **{code(phrase)}** (e.g. \"{text(example)}\")"]
     lines += [f"- recommended LoRA strength: **{strength:g}** (what it was scored and chosen at)",
-              f"- base model: `{src.base or '?'}`", ""]
+              f"- base model: {code(src.base or '?')}", ""]
     if note:
-        lines += [f"> {note}", ""]
+        lines += [f"> {text(note)}", ""]
     lines += ["## Files", "", "| file | load it in | sha256 |", "|---|---|---|"]
     for f, sha in files.items():
         where = {"pytorch_lora_weights.safetensors": "diffusers: `pipe.load_lora_weights(\"<this folder>\")`"}.get(
             f, f"ComfyUI (`models/loras/`, Load LoRA node, strength {strength:g}); Automatic1111 / Forge "
                f"(`models/Lora/`, prompt `<lora:{Path(f).stem}:{strength:g}>`)")
-        lines.append(f"| `{f}` | {where} | `{sha[:16]}...` |")
+        lines.append(f"| {code(f)} | {where} | `{sha[:16]}...` |")
     unet = configs.get("unet", {})
     if any(f.endswith(".safetensors") and f != "pytorch_lora_weights.safetensors" for f in files):
         lines += ["", f"The web-UI file names modules as kohya's SDXL trainer does and carries the adapter's own "
@@ -243,7 +246,8 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
         lines += ["", "## Metrics against the base model", "",
                   "Scored on the evaluation prompts at fixed seeds; the base model is the same pipeline without the "
                   "LoRA.", "", "| metric | this LoRA | base model |", "|---|---|---|"]
-        lines += [f"| {k} | {fmt_value(v)} | {fmt_value(src.baseline.get(k, math.nan))} |" for k, v in src.metrics.items()]
+        lines += [f"| {text(k)} | {text(fmt_value(v))} | {text(fmt_value(src.baseline.get(k, math.nan)))} |"
+                  for k, v in src.metrics.items()]
     if src.grids:
         lines += ["", "## Images", ""]
         lines += [f"![{label}]({f})" for f, label in (("grid.png", "with the LoRA"), ("baseline.png", "base model"))
@@ -263,7 +267,7 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
                     "prior preservation": conf.data.with_prior_preservation, "seed": t.seed,
                     "instance prompt": conf.data.instance_prompt, "config hash": src.config_hash}
         lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in settings.items()]
+        lines += [f"| {k} | {text(v)} |" for k, v in settings.items()]
     lines += ["", "## Licence", "", lic_line, ""]
     return "\n".join(lines)
 

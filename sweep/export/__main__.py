@@ -9,6 +9,7 @@ from evaluation.generate import EvalInputError, verify_hash
 from trainer.webui import DTYPES
 
 from ..logs import quiet_for_generation
+from ..markdown import code, text
 from ..metrics import metrics_from_json
 from ..tracking.registry import WhichSubject, champion_uri, default_store, registered_version, verify_registered
 from . import FORMATS, Source, export, from_checkpoint, from_sweep, output_name
@@ -71,9 +72,10 @@ def from_registry(uri: str, store: str) -> Source:
     if "metrics" in tags:
         src.metrics, src.baseline = metrics_from_json(tags["metrics"]), metrics_from_json(tags.get("baseline", "{}"))
     if version is not None:
-        src.chosen = (f"Registered as `{version.name}` version {version.version}"
-                      + (f" ({tags['registry.decision']})" if tags.get("registry.decision") else "")
-                      + (f"; objective `{tags['objective_name']}` = {tags['objective']}" if tags.get("objective") else ""))
+        src.chosen = (f"Registered as {code(version.name)} version {text(version.version)}"  # Markdown: escaped
+                      + (f" ({text(tags['registry.decision'])})" if tags.get("registry.decision") else "")
+                      + (f"; objective {code(tags.get('objective_name', ''))} = {text(tags['objective'])}"
+                         if tags.get("objective") else ""))
     return src
 
 

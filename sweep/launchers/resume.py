@@ -9,7 +9,7 @@ import os
 import shlex
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from .. import stored
 
 log = logging.getLogger(__name__)
 _CHOSEN: dict[str, str] = {}
@@ -72,7 +72,7 @@ def previous_sweep(sweeps_root: Path, overrides: list[str], hydra_overrides: lis
     if not sweeps_root.is_dir():
         return None
     for folder in sorted((p for p in sweeps_root.iterdir() if (p / "multirun.yaml").is_file()), reverse=True):
-        o = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+        o = stored.load(folder / "multirun.yaml").hydra.overrides
         if _signature(o.task, o.hydra) == want and not _plan_only(o.task):
             return folder
     return None

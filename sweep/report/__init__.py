@@ -8,11 +8,13 @@ import io
 import json
 import math
 from pathlib import Path
+from urllib.parse import quote
 
 from PIL import Image, ImageDraw
 
 from common.metrics import FACE_SIMILARITY, REPORTED
 
+from ..markdown import code, text
 from ..metrics import fmt
 from ..results import lora_file, write_json, write_text
 from ..selection import Candidate, Selection
@@ -41,7 +43,7 @@ def interval(sel: Selection, key: str, name: str):
 def markdown_table(rows: list[dict], sel: Selection) -> list[str]:
     shown = columns(rows)
     return (["| " + " | ".join(headers(sel, rows)) + " |", "|" + "---|" * len(shown)]
-            + ["| " + " | ".join(fmt(r[c]) for c in shown) + " |" for r in rows])
+            + ["| " + " | ".join(text(fmt(r[c])) for c in shown) + " |" for r in rows])
 
 
 def table(candidates: list[Candidate], sel: Selection, statuses: dict[str, str]) -> list[dict]:
@@ -80,7 +82,7 @@ def _metrics_text(m: dict, sel: Selection | None = None, key: str = "") -> str:
     shown = []
     for k, v in m.items():
         ival = interval(sel, key, k) if sel is not None else None
-        shown.append(f"{k} {ival.text() if ival else fmt(v)}")
+        shown.append(f"{text(k)} {ival.text() if ival else fmt(v)}")
     return ", ".join(shown)
 
 
@@ -90,8 +92,9 @@ def export_lines(exported: Path | None) -> list[str]:
         record = json.loads((Path(exported) / "export.json").read_text())
     except (OSError, TypeError, ValueError):
         return []
-    lines = [f"- ComfyUI / A1111 / Forge file: `{Path(exported) / record['webui_file']}`"] if record.get("webui_file") else []
-    return lines + [f"- model card: `{Path(exported) / 'README.md'}`"]
+    lines = [f"- ComfyUI / A1111 / Forge file: {code(Path(exported) / record['webui_file'])}"] \
+        if record.get("webui_file") else []
+    return lines + [f"- model card: {code(Path(exported) / 'README.md')}"]
 
 
 def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = None) -> list[str]:
@@ -102,24 +105,24 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
         c, obj = sel.ranked[0]
         ival = interval(sel, c.key, sel.objective)
         at = f"step {c.step}" + (f", LoRA strength {c.scale:g}" if c.scale != 1.0 else "")
-        lines += [f"**Champion: `{c.trial}` at {at}** ({sel.objective} {ival.text() if ival else fmt(obj)})",
-                  "", f"- checkpoint folder: `{c.checkpoint}`", f"- LoRA file (diffusers): `{lora_file(c)}`",
+        lines += [f"**Champion: {code(c.trial)} at {at}** ({sel.objective} {ival.text() if ival else fmt(obj)})",
+                  "", f"- checkpoint folder: {code(c.checkpoint)}", f"- LoRA file (diffusers): {code(lora_file(c))}",
                   *export_lines(exported), f"- metrics: {_metrics_text(c.metrics, sel, c.key)}"]
         if c.params:
-            lines += ["- settings: " + ", ".join(f"{k} {v}" for k, v in c.params.items())]
+            lines += ["- settings: " + ", ".join(f"{text(k)} {text(v)}" for k, v in c.params.items())]
     else:
         lines += ["**No champion**: no checkpoint qualifies under the rule."]
     lines += ["", "### Why", "", f"Rule `{sel.rule}`" + (f": {rule_text}" if rule_text else ".")]
     if sel.champion and sel.runner_up:
-        lines += ["", f"Runner-up `{sel.runner_up.key}` ({sel.objective} {fmt(sel.ranked[1][1])}): the champion "
+        lines += ["", f"Runner-up {code(sel.runner_up.key)} ({sel.objective} {fmt(sel.ranked[1][1])}): the champion "
                       f"leads by {fmt(sel.margin)}."]
     elif sel.champion:
         lines += ["", "No runner-up: the champion is the only eligible checkpoint."]
     verdict = getattr(getattr(sel.confidence, "comparison", None), "verdict", None)
     if verdict:
-        lines += ["", f"**How sure:** {verdict}. Intervals are 95%, from a bootstrap over each checkpoint's "
+        lines += ["", f"**How sure:** {text(verdict)}. Intervals are 95%, from a bootstrap over each checkpoint's "
                       "(prompt, seed) images; the comparison is paired on the images both were scored on."]
-    lines += ["", sel.explain(), *review_lines(sel)]
+    lines += ["", text(sel.explain()), *review_lines(sel)]
     return lines
 
 
@@ -127,7 +130,7 @@ def meaningless_lines(notes: list[str]) -> list[str]:
     """A plain warning first thing when evaluation said its numbers mean nothing (the demo's random-weight models)."""
     if not notes:
         return []
-    return [f"**These scores carry no meaning**: {'; '.join(notes)}. The sweep shows how the tool works; the "
+    return [f"**These scores carry no meaning**: {text('; '.join(notes))}. The sweep shows how the tool works; the "
             "champion it names is no better a LoRA than any other.", ""]
 
 
@@ -137,22 +140,22 @@ def registry_text(reg: dict | None) -> str:
     if not reg:
         return ""
     if reg.get("state") != "done":
-        return (f"Registry: **not registered yet**: registering `{reg.get('key')}` in `{reg.get('model')}` was "
+        return (f"Registry: **not registered yet**: registering {code(reg.get('key'))} in {code(reg.get('model'))} was "
                 "interrupted; run the command that ended the sweep again (python -m sweep ... resume=true, or the "
                 "same python -m sweep.promote) to finish it.")
-    where = f"`{reg['model']}` version {reg['version']}" if reg.get("version") else f"`{reg.get('model')}`"
+    where = f"{code(reg['model'])} version {text(reg['version'])}" if reg.get("version") else code(reg.get("model"))
     if reg.get("alias") == "challenger":
-        return (f"Registry: {where} with alias **`challenger`**: {reg['decision']}. Version "
-                f"{reg.get('champion_version')} is a person's pick and keeps `champion`; to make this one the "
-                f"champion: `{reg['switch']}`")
+        return (f"Registry: {where} with alias **`challenger`**: {text(reg['decision'])}. Version "
+                f"{text(reg.get('champion_version'))} is a person's pick and keeps `champion`; to make this one the "
+                f"champion: {code(reg['switch'])}")
     if reg.get("alias") == "champion":
-        return f"Registry: {where}, alias `champion` ({reg['decision']})."
-    return f"Registry: not registered in `{reg.get('model')}`: {reg.get('decision')}."
+        return f"Registry: {where}, alias `champion` ({text(reg['decision'])})."
+    return f"Registry: not registered in {code(reg.get('model'))}: {text(reg.get('decision'))}."
 
 
 def registry_lines(reg: dict | None) -> list[str]:
-    text = registry_text(reg)
-    return ["", "### Registry", "", text] if text else []
+    said = registry_text(reg)
+    return ["", "### Registry", "", said] if said else []
 
 
 def review_lines(sel: Selection) -> list[str]:
@@ -162,10 +165,11 @@ def review_lines(sel: Selection) -> list[str]:
     if not r:
         return []
     agreed, reviewed = r["agreement"]
-    what = (f"kept the rule's pick `{r['key']}`" if r["agreed"] else
-            f"**overrode the rule**: promoted `{r['key']}` over the rule's `{r['rule_pick'] or 'nothing'}`")
-    return ["", "### Human review", "", f"{r['by']} {what} on {r['at'][:16].replace('T', ' ')} UTC: \"{r['reason']}\". "
-            f"The exported and registered champion is `{r['key']}`.", "",
+    what = (f"kept the rule's pick {code(r['key'])}" if r["agreed"] else
+            f"**overrode the rule**: promoted {code(r['key'])} over the rule's {code(r['rule_pick'] or 'nothing')}")
+    at = text(str(r["at"])[:16].replace("T", " "))
+    return ["", "### Human review", "", f"Reviewed by {text(r['by'])}, who {what} on {at} UTC: "
+            f"\"{text(r['reason'])}\". The exported and registered champion is {code(r['key'])}.", "",
             f"Across {reviewed} reviewed sweep(s), people kept the rule's pick in {agreed} ({agreed / reviewed:.0%})."]
 
 
@@ -179,10 +183,10 @@ def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], 
     lines = [*meaningless_lines(notes), *champion_lines(sel, rule_text, exported), *registry_lines(registry)]
     trials = ["", *markdown_table(list(rows), sel)] if rows else []
     at = len(meaningless_lines(notes)) + 1  # after the champion's line
-    lines[at:at] = [*trials, "", f"Sweep of {total} trial(s), {failed} failed; report: `{report_dir}` "
+    lines[at:at] = [*trials, "", f"Sweep of {total} trial(s), {failed} failed; report: {code(report_dir)} "
                   "(artifacts: `report/`)."]
     for name in images:
-        url = f"get-artifact?path=report/{name}&run_uuid={run_id}"
+        url = f"get-artifact?path=report/{quote(name)}&run_uuid={quote(run_id)}"
         lines += ["", f"[{IMAGES.get(name, name)}]({url})", "", f"![{IMAGES.get(name, name)}]({url})"]
     return "\n".join(lines) + "\n"
 
@@ -205,7 +209,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
     write_text(out / "report.csv", buf.getvalue())
     plots = _plots(out, candidates, sel)
     grid = _grid(Path(sweep_dir), out, candidates, sel)
-    lines = [f"# Sweep report: {Path(sweep_dir).name}", "", *meaningless_lines(notes),
+    lines = [f"# Sweep report: {text(Path(sweep_dir).name)}", "", *meaningless_lines(notes),
              *champion_lines(sel, rule_text, exported), *registry_lines(registry), "", "## Trials", "",
              f"Each trial's best eligible checkpoint; `best {sel.objective}` is the rule's objective there (empty: "
              "none qualifies).", "", *markdown_table(rows, sel)]
@@ -213,15 +217,15 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         lines += ["", "Baseline (no LoRA): " + ", ".join(f"{k} {fmt(v)}" for k, v in sorted(sel.baseline.items()))]
     if sel.pareto:
         lines += ["", "Pareto front (identity metric vs CLIP-T: no other checkpoint is better in both): "
-                  + ", ".join(c.key for c in sel.pareto)]
+                  + ", ".join(code(c.key) for c in sel.pareto)]
     if sel.rejected:
         lines += ["", f"{len(sel.rejected)} checkpoint(s) could not win:", ""]
-        lines += [f"- `{k}`: {v}" for k, v in sel.rejected.items()]
+        lines += [f"- {code(k)}: {text(v)}" for k, v in sel.rejected.items()]
     lines += race_lines(sel.race)
     lines += ["", "## Images", "", f"![{IMAGES[plots.name]}]({plots.name})"]
     if grid:
         lines += ["", f"![{IMAGES[grid.name]}]({grid.name})"]
-    lines += ["", f"Compare the runs: `{ui}`", ""]
+    lines += ["", f"Compare the runs: {code(ui)}", ""]
     optuna = _optuna_section(out) if (out / "optuna_study.json").is_file() else ([], [])  # the sweeper wrote it
     lines += optuna[0]
     write_json(out / "selection.json", {
@@ -252,7 +256,7 @@ def race_lines(race: dict | None) -> list[str]:
     if race["dropped"]:
         lines += ["", f"{len(race['dropped'])} checkpoint(s) dropped (their scores are from the seeds they got; "
                       "their grids show only those):", ""]
-        lines += [f"- `{d['key']}` after {d['rounds']} seed(s): {d['why']}" for d in race["dropped"]]
+        lines += [f"- {code(d['key'])} after {d['rounds']} seed(s): {text(d['why'])}" for d in race["dropped"]]
     return lines
 
 
@@ -272,12 +276,12 @@ def _optuna_section(out: Path) -> tuple[list[str], list[Path]]:
     study = json.loads((out / "optuna_study.json").read_text())
     front = study.get("pareto_front") or study.get("best") or []
     title = "Pareto front" if "pareto_front" in study else "Best trial"
-    lines = ["", f"## Optuna study `{study['study']}`", "",
-             "Trials: " + ", ".join(f"{k} {v}" for k, v in study["counts"].items()), "",
-             f"Objectives: {', '.join(f'{o} ({d})' for o, d in zip(study['objectives'], study['directions']))}"]
+    lines = ["", f"## Optuna study {code(study['study'])}", "",
+             "Trials: " + text(", ".join(f"{k} {v}" for k, v in study["counts"].items())), "",
+             f"Objectives: {text(', '.join(f'{o} ({d})' for o, d in zip(study['objectives'], study['directions'])))}"]
     if front:
         lines += ["", f"{title}:", ""]
-    lines += [f"- trial {r['trial']}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r.items() if k != "trial")
+    lines += [f"- trial {text(r['trial'])}: " + text(", ".join(f"{k} {fmt(v)}" for k, v in r.items() if k != "trial"))
               for r in front]
     lines += ["", f"![{IMAGES['optuna_intermediate.png']}](optuna_intermediate.png)"]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -25,6 +25,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
 
 from common import stop
 from common.errors import UserError
@@ -112,6 +113,52 @@ def store_uri(cfg: TrackingConfig, root: Path) -> tuple[str, str | None]:
     folder = (root / "mlruns").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+class StoreNotNamed(UserError):
+    """A command opening a sweep folder would write to a server its caller did not name."""
+
+
+def caller_store(given: str | None = None) -> str | None:
+    """The MLflow store the person running a command names: its tracking_uri= argument, else MLFLOW_TRACKING_URI."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def recorded_store(sweep: dict | None, cfg: TrackingConfig) -> str | None:
+    """The store a sweep folder says it logged to: sweep.json's (what its launching process used), else its stored
+    tracking.uri when that is a plain value (a stored `${oc.env:...}` is text, not a URI); None: the default local
+    store under paths.root."""
+    uri = (sweep or {}).get("tracking_uri") or cfg.uri
+    return uri if uri and "${" not in uri else None
+
+
+def on_this_machine(uri: str) -> bool:
+    """A store on this machine: a file (sqlite:///, file:, a path) or a server on loopback."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        return parsed.hostname in LOOPBACK
+    return parsed.scheme in ("", "file", "sqlite")
+
+
+def folder_store(recorded: str | None, caller: str | None, folder: Path) -> str | None:
+    """Where a command that opens a sweep folder (sweep.report, sweep.promote, sweep.tracking sync) writes its
+    records: the caller's store, always (a line says so when the folder recorded another); without one, the folder's
+    own only when it is on this machine. A folder's stored URI never sends records, nor the caller's MLflow
+    credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), to a server the caller did not name."""
+    if caller:
+        if recorded and recorded != caller:
+            log.warning("%s recorded its runs in %s; writing to %s, the store you named (tracking_uri= or "
+                        "MLFLOW_TRACKING_URI)", folder, redact("uri", recorded), redact("uri", caller))
+        return caller
+    if recorded is None or on_this_machine(recorded):
+        return recorded
+    shown = redact("uri", recorded)
+    raise StoreNotNamed(f"{folder} recorded its runs on {shown}, a server you did not name: nothing was written. To "
+                        f"write there, name it: tracking_uri={shown} (or MLFLOW_TRACKING_URI={shown}); to write "
+                        "elsewhere, name that store")
 
 
 def ui_command(uri: str) -> str:
@@ -612,12 +659,12 @@ def device_name() -> str:
     return "cpu"
 
 
-def folder_of_run(run_id: str) -> Path | None:
-    """The local sweep folder recorded on a parent run of the default store."""
+def folder_of_run(run_id: str, given: str | None = None) -> Path | None:
+    """The local sweep folder recorded on a parent run of the caller's store (caller_store), else the default one."""
     try:
         from mlflow import MlflowClient
 
-        uri, _ = store_uri(TrackingConfig(), Path("."))
+        uri = caller_store(given) or store_uri(TrackingConfig(), Path("."))[0]
         folder = MlflowClient(uri).get_run(run_id).data.tags.get("sweep_dir")
         return Path(folder) if folder and Path(folder).is_dir() else None
     except Exception:

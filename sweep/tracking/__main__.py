@@ -1,5 +1,7 @@
-"""python -m sweep.tracking sync <sweep folder>: send the MLflow records a sweep kept while its server was away
-(<sweep>/mlflow_pending.jsonl), then finish the sweep (selection, registry, report) as its end would have.
+"""python -m sweep.tracking sync <sweep folder> [--tracking-uri URI]: send the MLflow records a sweep kept while its
+server was away (<sweep>/mlflow_pending.jsonl), then finish the sweep (selection, registry, report) as its end would
+have. The store: --tracking-uri or MLFLOW_TRACKING_URI when given, else the one the folder recorded if it is on this
+machine (sweep/tracking folder_store: a server elsewhere must be named).
 
 python -m sweep.tracking close-stale: mark KILLED the RUNNING runs whose process is gone.
 
@@ -10,10 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from common.errors import UserError
+
 from ..config import TrackingConfig, resolve_path
-from ..finalize import finalize_folder
+from ..finalize import finalize_folder, opened_store
 from ..redaction import redact
 from ..results import load_config
 from . import make_tracker
@@ -22,12 +27,17 @@ from .registry import WhichSubject, champion_uri, default_store
 log = logging.getLogger("sweep.tracking")
 
 
-def sync(sweep_dir: Path) -> int:
+def sync(sweep_dir: Path, tracking_uri: str | None = None) -> int:
     """Send what waits in a sweep's journal, then finish the sweep (selection, registry, report) as its end would
-    have. Exit status 0 when nothing waits any more."""
+    have. Exit status 0 when nothing waits any more; 2 when the folder names a server the caller did not."""
     sweep_dir = Path(sweep_dir).resolve()
     conf = load_config(sweep_dir)
-    tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
+    try:
+        store = opened_store(sweep_dir, tracking_uri)
+    except UserError as exc:
+        log.error("%s", exc)
+        return 2
+    tracker = make_tracker(replace(conf.tracking, uri=store), resolve_path(conf.paths, "."))
     tracker.close_stale()
     tracker.use_journal(sweep_dir)
     waiting = tracker.waiting()
@@ -36,7 +46,7 @@ def sync(sweep_dir: Path) -> int:
                   tracker.waiting(), tracker.pending)
         return 1
     log.info("%d waiting record(s) sent to %s", waiting, redact("uri", tracker.uri))
-    sel, _ = finalize_folder(sweep_dir)
+    sel, _ = finalize_folder(sweep_dir, tracking_uri=store)
     return 0 if sel is not None else 1
 
 
@@ -56,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sync", help="send the MLflow records a sweep kept while its server was away, then "
                                     "register its champion")
     s.add_argument("sweep_dir", type=Path)
+    s.add_argument("--tracking-uri", help="the store to send to (default: MLFLOW_TRACKING_URI, else the one the "
+                                          "sweep recorded, if it is on this machine)")
     c = sub.add_parser("close-stale", help="mark KILLED the RUNNING runs whose process (on this host) is gone")
     c.add_argument("--uri", default=None, help="tracking URI (default: the project's ./mlruns store)")
     c.add_argument("--experiment", default=TrackingConfig().experiment)
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 2
         return 0
-    return sync(a.sweep_dir)
+    return sync(a.sweep_dir, a.tracking_uri)
 
 
 if __name__ == "__main__":

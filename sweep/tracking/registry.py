@@ -31,6 +31,7 @@ from trainer.config import stable_hash
 from trainer.models import resolve_source
 
 from ..config import SweepConfig, TrackingConfig, resolve_path
+from ..markdown import text
 from ..metrics import metrics_from_json, metrics_json
 from ..selection import Candidate, SelectionConfig, checkpoint_score, objective_name, select
 from . import permitted
@@ -169,7 +170,8 @@ def _ensure_model(client, name: str, subject: Subject) -> None:
         model = client.get_registered_model(name)
     except Exception:
         client.create_registered_model(name, tags={SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos},
-                                       description=f"SDXL DreamBooth LoRA champions of {subject.phrase or 'a subject'}")
+                                       description="SDXL DreamBooth LoRA champions of "
+                                                   + text(subject.phrase or "a subject"))
         return
     if not model.tags.get(PHOTOS_TAG) and subject.photos:  # registered before fingerprints were recorded
         client.set_registered_model_tag(name, SUBJECT_TAG, subject.phrase)
