@@ -178,7 +178,7 @@ def registry_step(tracker, conf, sweep_dir: Path, pid: str, sel: Selection, base
 def switch_command(sweep_dir: Path, c: Candidate) -> str:
     """The command that makes a challenger the champion: a person promotes it."""
     return (f"python -m sweep.promote {c.key} sweep={shlex.quote(str(sweep_dir))} "
-            "reason=\"<why it should replace the champion>\"")
+            "reason=\"why it should replace the champion\"")
 
 
 def log_final_bests(tracker, sweep: dict, candidates: list[Candidate], sel: Selection, statuses: dict,
