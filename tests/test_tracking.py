@@ -1,5 +1,7 @@
 """The sweep end to end on CPU, read back through MLflow: runs, metrics, artifacts, registry, report, resume."""
+import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,21 +115,25 @@ def _assert_shown_without_clicks(c: MlflowClient, parent, children) -> None:
     sweep_dir = Path(parent.data.tags["sweep_dir"])
     selection = _assert_strict_json(sweep_dir / "report" / "selection.json")
     objective = selection["objective"]
+    with open(sweep_dir / "report" / "report.csv") as f:
+        report_rows = {row["trial"]: row for row in csv.DictReader(f)}
     assert objective == "weighted_score"  # the demo's rule (conf/preset): its objective is not a scored metric
     for r in children:
         [folder] = [d for d in sweep_dir.iterdir() if (d / "result.json").is_file()
                     and json.loads((d / "result.json").read_text())["name"] == r.data.tags["trial"]]
         result = _assert_strict_json(folder / "result.json")
         best = int(r.data.tags["best_step"])
-        scores = result["metrics"][f"step-{best:06d}"]
         m = r.data.metrics
-        assert m["best_step"] == best
-        for k, v in scores.items():
-            if v is None:  # NaN (no face found) is written as null and not logged
+        row = report_rows[r.info.run_name]  # one truth: the run's best_* are the report's, after racing
+        assert m["best_step"] == best == int(row["best_step"])
+        for k in ("face_similarity", "clip_t", "clip_i", "face_detection_rate"):
+            if math.isnan(float(row[k])):  # NaN (no face found) is not logged
                 assert f"best_{k}" not in m
             else:
-                assert m[f"best_{k}"] == pytest.approx(v), k
-        assert m[f"best_{objective}"] == pytest.approx(result["objective"])
+                assert m[f"best_{k}"] == pytest.approx(float(row[k])), k
+        assert m[f"best_{objective}"] == pytest.approx(float(row[f"best {objective}"]))
+        round1 = result["metrics"][f"step-{int(m['round1_best_step']):06d}"]  # the trial's own first round
+        assert m["round1_best_clip_t"] == pytest.approx(round1["clip_t"])
         assert {s.step for s in c.get_metric_history(r.info.run_id, objective)} == {2, 4}  # its series by step
         images = [Path(a.path).name for a in c.list_artifacts(r.info.run_id, "images")]
         for step in (2, 4):

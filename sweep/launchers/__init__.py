@@ -14,6 +14,8 @@ def check_launcher(config: DictConfig) -> None:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    if str(config.hydra.launcher.get("_target_", "")).startswith("hydra._internal."):
+        return  # Hydra's own (basic) launcher: no setting to check, and hydra-core >= 1.3.8 refuses to build it here
     try:
         instantiate(config.hydra.launcher)
     except InstantiationException as exc:
