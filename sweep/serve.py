@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
                     "server has no login); keep the default 127.0.0.1, or put it behind a proxy with authentication",
                     host, port)
     store = args.get("tracking_uri") or default_store()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: the fetched files are removed
     with tempfile.TemporaryDirectory(prefix="sweep-serve-") as tmp, contextlib.ExitStack() as stack:
         try:
             reg = fetch_lora(champion_uri(store, args.get("subject"), args.get("model")), store, Path(tmp))
@@ -236,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         httpd.champion, httpd.loopback_only = Champion(pipe, defaults), is_loopback(host)
         print(f"serving {reg.described} on http://{host}:{port}: POST /invocations, GET /ping; Ctrl-C stops it",
               flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: the fetched files are removed
         try:
             httpd.serve_forever()
         except KeyboardInterrupt:

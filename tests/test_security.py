@@ -225,6 +225,22 @@ def test_the_registered_champion_is_served_over_mlflows_contract_on_loopback(swe
     assert f"serving models:/{A}@champion (version {champion(swept).version}" in log and "Traceback" not in log
 
 
+def test_serve_asks_which_subject_when_several_have_a_champion(swept, capsys):
+    from sweep.serve import main as serve
+
+    c = MlflowClient(store(swept))
+    c.create_registered_model("sdxl-lora-sks-man", tags={"subject": "sks man"})
+    c.set_registered_model_alias("sdxl-lora-sks-man", "champion",
+                                 c.create_model_version("sdxl-lora-sks-man", source=str(swept / "elsewhere")).version)
+    try:
+        assert serve([f"tracking_uri={store(swept)}", f"port={free_port()}"]) == 2
+    finally:
+        c.delete_registered_model("sdxl-lora-sks-man")
+    err = capsys.readouterr().err
+    assert "2 subjects have a champion" in err and A in err and "sdxl-lora-sks-man (sks man" in err, err
+    assert 'subject="' in err and "model=" in err
+
+
 def test_export_from_the_registered_copy_when_the_checkpoint_is_elsewhere(swept, tmp_path):
     """A teammate's machine has the store, not the sweep's folder: the registered LoRA itself is exported, its bytes
     the ones recorded on the version."""

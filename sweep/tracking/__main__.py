@@ -2,7 +2,8 @@
 (<sweep>/mlflow_pending.jsonl), then finish the sweep (selection, registry, report) as its end would have.
 
 python -m sweep.tracking champion [--subject "sks woman" | --model NAME] [--tracking-uri URI]: the registered
-champion's models:/ URI (what `mlflow models serve -m` takes); several subjects registered: exit 2, listing them."""
+champion's models:/ URI (what model= of sweep.generate, sweep.serve and sweep.export takes); several subjects
+registered: exit 2, listing them."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sync", help="send the MLflow records a sweep kept while its server was away, then "
                                     "register its champion")
     s.add_argument("sweep_dir", type=Path)
-    c = sub.add_parser("champion", help="print the registered champion's models:/ URI (for mlflow models serve -m)")
+    c = sub.add_parser("champion", help="print the registered champion's models:/ URI (for model= of sweep.serve)")
     c.add_argument("--subject", help='the subject as prompts name it, e.g. "sks woman"')
     c.add_argument("--model", help="a registered model's name")
     c.add_argument("--tracking-uri", help="the store (default: ./mlruns/mlflow.db)")
