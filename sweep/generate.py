@@ -22,15 +22,16 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from common.device import resolve_device
+from common.errors import ModelSourceError, UserError
 from evaluation.generate import EvalInputError, LoraSwap, check_lora_file, load_pipeline
 
 from .logs import quiet_for_generation
-from .tracking.registry import WhichSubject, champion_uri, default_store
-from .tracking.weights import RefusedVersion, fetch_lora
+from .tracking.registry import champion_uri, default_store
+from .tracking.weights import fetch_lora
 
 USAGE = ("usage: python -m sweep.generate prompt=\"...\" [subject=\"sks man\" | model=models:/<name>@champion | "
          "checkpoint=<folder>] [base=<hub id or folder>] [out=<file>.png] [steps=N] [guidance=G] [size=PX] "
@@ -106,15 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args["out"]) if "out" in args else default_out()
     quiet_for_generation()
-    if "checkpoint" in args:
-        _from_checkpoint(args, out)
-    else:
-        try:
+    try:
+        if "checkpoint" in args:
+            _from_checkpoint(args, out)
+        else:
             _from_registry(args, out)
-        except (WhichSubject, RefusedVersion, EvalInputError) as exc:
-            # several subjects and none named; a version that is not this project's LoRA, or not the bytes recorded
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except (UserError, EvalInputError) as exc:
+        # several subjects and none named; a version that is not this project's LoRA, or not the bytes recorded; a
+        # base model that cannot be loaded; a LoRA that does not fit it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"written {out}")
     return 0
 
@@ -161,7 +163,14 @@ def generator(base: str, lora: Path, scale: float = 1.0) -> Iterator:
     """The base pipeline with the LoRA file merged in at `scale`, as evaluation scored it (evaluation.generate: the
     same loading, dtype and merge), the file read as safetensors (never pickle) and checked against the sha256
     recorded beside it. The base is loaded by diffusers' from_pretrained: weights only (no remote code)."""
-    pipe, _ = load_pipeline(base, resolve_device("auto", "device"))
+    if not base:
+        raise ModelSourceError("no base model named (the version's flavour records none): pass base=<hub id or "
+                               "local SDXL folder>")
+    try:
+        pipe, _ = load_pipeline(base, resolve_device("auto", "device"))
+    except (OSError, ValueError) as exc:  # no such folder or hub id, not in the hub's cache offline, not a pipeline
+        raise ModelSourceError(f"cannot load the base model {base!r} ({(str(exc).splitlines() or [''])[0][:300]}); "
+                               "pass base=<hub id or local SDXL folder>") from None
     with LoraSwap(pipe, lora, scale) as merged:
         yield merged
 
@@ -206,8 +215,6 @@ def _from_registry(args: dict[str, str], out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="sweep-generate-") as tmp:
         reg = fetch_lora(uri, store, Path(tmp))
         base = args.get("base") or reg.base
-        if not base:
-            raise SystemExit(f"{reg.described}: its MLmodel names no base model; pass base=<hub id or SDXL folder>")
         if reg.generation is None:
             print(f"note: {uri} has no recorded evaluation settings (registered before they were recorded); using "
                   "the pipeline's defaults: pass size=, steps=, guidance= to choose", flush=True)

@@ -32,13 +32,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from common.device import resolve_device
+from common.errors import UserError
 from evaluation.generate import EvalInputError
 
 from .generate import generator, plan_line, render, settings, with_defaults
 from .logs import quiet_for_generation
 from .server import LOOPBACK, is_loopback
-from .tracking.registry import WhichSubject, champion_uri, default_store
-from .tracking.weights import RefusedVersion, fetch_lora
+from .tracking.registry import champion_uri, default_store
+from .tracking.weights import fetch_lora
 
 log = logging.getLogger("sweep.serve")
 USAGE = ("usage: python -m sweep.serve [subject=\"sks man\" | model=models:/<name>@champion] [port=5001] "
@@ -169,7 +170,7 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as exc:
             self._error(exc)
             return
-        except Exception as exc:  # noqa: BLE001 - the server stays up; the client and the log get the reason
+        except Exception as exc:  # the server stays up; the client and the log get the reason
             log.exception("generation failed")
             self._error(BadRequest(f"generation failed: {type(exc).__name__}: {exc}", 500, "INTERNAL_ERROR"))
             return
@@ -208,39 +209,37 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("binding %s: anyone who can reach this machine on port %d can generate with the model (this "
                     "server has no login); keep the default 127.0.0.1, or put it behind a proxy with authentication",
                     host, port)
-    store = args.get("tracking_uri") or default_store()
     with tempfile.TemporaryDirectory(prefix="sweep-serve-") as tmp, contextlib.ExitStack() as stack:
         try:
-            reg = fetch_lora(champion_uri(store, args.get("subject"), args.get("model")), store, Path(tmp))
-            httpd = stack.enter_context(ThreadingHTTPServer((host, port), Handler))
-        except (WhichSubject, RefusedVersion) as exc:
+            httpd = start(args, host, port, Path(tmp), stack)
+        except (UserError, EvalInputError) as exc:  # which subject; not this project's LoRA; a port or base it lacks
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        except OSError as exc:
-            print(f"error: cannot listen on {host}:{port} ({exc}); choose another port=", file=sys.stderr)
-            return 2
-        base = args.get("base") or reg.base
-        if not base:
-            print(f"error: {reg.described}: its MLmodel names no base model; pass base=<hub id or local SDXL folder>",
-                  file=sys.stderr)
-            return 2
-        defaults = with_defaults(settings({}, reg.generation))
-        print("a request without params: " + plan_line(defaults, reg.described, resolve_device("auto", "device").type,
-                                                      reg.generation), flush=True)
-        try:
-            pipe = stack.enter_context(generator(base, reg.lora, defaults["lora_scale"]))
-        except EvalInputError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        httpd.champion, httpd.loopback_only = Champion(pipe, defaults), is_loopback(host)
-        print(f"serving {reg.described} on http://{host}:{port}: POST /invocations, GET /ping; Ctrl-C stops it",
-              flush=True)
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: the fetched files are removed
         try:
             httpd.serve_forever()
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def start(args: dict[str, str], host: str, port: int, folder: Path, stack: contextlib.ExitStack) -> ThreadingHTTPServer:
+    """A server ready to answer: the version fetched into `folder` and checked, the port bound, the pipeline loaded
+    with the LoRA merged (all held open by `stack`). Whatever fails here fails before a request is answered."""
+    store = args.get("tracking_uri") or default_store()
+    reg = fetch_lora(champion_uri(store, args.get("subject"), args.get("model")), store, folder)
+    try:
+        httpd = stack.enter_context(ThreadingHTTPServer((host, port), Handler))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port} ({exc}); choose another port=") from None
+    defaults = with_defaults(settings({}, reg.generation))
+    print("a request without params: " + plan_line(defaults, reg.described, resolve_device("auto", "device").type,
+                                                  reg.generation), flush=True)
+    pipe = stack.enter_context(generator(args.get("base") or reg.base, reg.lora, defaults["lora_scale"]))
+    httpd.champion, httpd.loopback_only = Champion(pipe, defaults), is_loopback(host)
+    print(f"serving {reg.described} on http://{host}:{port}: POST /invocations, GET /ping; Ctrl-C stops it",
+          flush=True)
+    return httpd
 
 
 def _interrupt(*_) -> None:

@@ -122,7 +122,7 @@ def champion(cwd: Path):
 def command(module: str, *args: str, cwd: Path, sentinel: Path | None = None, timeout: float = 300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SDXL_SWEEP_SENTINEL": str(sentinel or cwd / "unused")}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def register(cwd: Path, log_model, tags: dict | None = None) -> str:
@@ -174,8 +174,10 @@ def test_a_lora_flavour_with_code_or_other_bytes_is_refused_by_its_record(swept,
     for f in ("pytorch_lora_weights.safetensors", "checkpoint.json"):
         shutil.copy2(ckpt / f, adapter / f)
     (tmp_path / "helper.py").write_text("raise SystemExit('a helper module of the version was imported')\n")
-    log = lambda **kw: lambda: mlflow.diffusers.log_model(adapter_path=str(adapter), base_model="/x", name="m",  # noqa
-                                                          **kw).model_uri
+
+    def log(**kw):
+        return lambda: mlflow.diffusers.log_model(adapter_path=str(adapter), base_model="/x", name="m", **kw).model_uri
+
     with_code = register(swept, log(code_paths=[str(tmp_path / "helper.py")]), tags=dict(good.tags))
     with pytest.raises(RefusedVersion, match=r"its diffusers flavour has .*code='code'"):
         fetch_lora(f"models:/{A}/{with_code}", store(swept), tmp_path / "a")

@@ -147,7 +147,7 @@ def settings_of(value) -> dict | None:
             return None
     if not isinstance(value, dict):
         return None
-    ok = lambda v, kind: isinstance(v, kind) or (kind is float and isinstance(v, int))  # noqa: E731
+    ok = lambda v, kind: isinstance(v, kind) or (kind is float and isinstance(v, int))
     kept = {k: v for k, v in value.items()
             if k in _SETTINGS and not isinstance(v, bool) and (v is None or ok(v, _SETTINGS[k]))}
     return kept or None
