@@ -9,22 +9,32 @@ Unless steps=, guidance=, size= or seed= say otherwise, it generates as the cham
 `generation` tag its sweep recorded on the registered version; for a checkpoint folder, its trial's
 eval/metrics.json), and says what it will do and about how long before it starts. The image goes to out=, else
 to a new file under the working folder's outputs/ (git-ignored): outputs/generated/<date>_<time>.png.
+
+A registered version is read as data (sweep/tracking/weights.py): its LoRA safetensors file, checked against the
+sha256 its version and its checkpoint.json record, merged into the base its flavour names (or base=); a version
+that is not this project's LoRA is refused (exit 2) before anything of it is loaded (docs/security.md).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from evaluation.generate import EvalInputError, check_lora_file
+from common.device import resolve_device
+from common.errors import ModelSourceError, UserError
+from evaluation.generate import EvalInputError, LoraSwap, check_lora_file, load_pipeline
 
 from .logs import quiet_for_generation
-from .tracking.registry import (GENERATION_TAG, WhichSubject, champion_uri, default_store, registered_version,
-                                verify_registered)
+from .tracking.registry import champion_uri, default_store
+from .tracking.weights import fetch_lora
 
 USAGE = ("usage: python -m sweep.generate prompt=\"...\" [subject=\"sks man\" | model=models:/<name>@champion | "
-         "checkpoint=<folder> base=<hub id or folder>] [out=<file>.png] [steps=N] [guidance=G] [size=PX] "
+         "checkpoint=<folder>] [base=<hub id or folder>] [out=<file>.png] [steps=N] [guidance=G] [size=PX] "
          "[seed=S] [tracking_uri=URI]")
 KEYS = {"prompt", "subject", "model", "checkpoint", "base", "out", "steps", "guidance", "size", "seed", "tracking_uri"}
 GENERATED = Path("outputs") / "generated"  # where images go without out=
@@ -97,14 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args["out"]) if "out" in args else default_out()
     quiet_for_generation()
-    if "checkpoint" in args:
-        _from_checkpoint(args, out)
-    else:
-        try:
+    try:
+        if "checkpoint" in args:
+            _from_checkpoint(args, out)
+        else:
             _from_registry(args, out)
-        except WhichSubject as exc:  # several subjects registered: the user names one
-            print(exc, file=sys.stderr)
-            return 2
+    except (UserError, EvalInputError) as exc:
+        # several subjects and none named; a version that is not this project's LoRA, or not the bytes recorded; a
+        # base model that cannot be loaded; a LoRA that does not fit it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"written {out}")
     return 0
 
@@ -125,29 +137,59 @@ def _from_checkpoint(args: dict[str, str], out: Path) -> None:
     except EvalInputError as exc:
         raise SystemExit(str(exc)) from None
     recorded = _trial_eval_record(path.parent)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto").type
     s = settings(args, recorded)
     if recorded is None:
         print(f"note: no evaluation record beside {path.parent} (its trial's eval/metrics.json); "
               "using the pipeline's defaults: pass size=, steps=, guidance= to choose", flush=True)
-        s.update({k: v for k, v in {"num_inference_steps": 50, "guidance_scale": 5.0, "height": 1024,
-                                    "width": 1024}.items() if s[k] is None})  # StableDiffusionXLPipeline's
+    s = with_defaults(s)
     print(plan_line(s, f"{path.parent} on {args['base']}", device, recorded), flush=True)
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(args["base"])
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="checkpoint")
-    if s["lora_scale"] != 1.0:
-        pipe.set_adapters(["checkpoint"], adapter_weights=[s["lora_scale"]])
-    pipe.to(device)
-    if s["seed"] is not None:
-        torch.manual_seed(s["seed"])
-    kw = {k: s[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
-    image = pipe(prompt=args["prompt"], **kw).images[0]
+    with generator(args["base"], path, s["lora_scale"]) as pipe:
+        [png] = render(pipe, [args["prompt"]], s)
     out.parent.mkdir(parents=True, exist_ok=True)  # only once there is an image to put in it
-    image.save(out)
+    out.write_bytes(png)
+
+
+PIPELINE_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.0, "height": 1024, "width": 1024}  # SDXL's own
+
+
+def with_defaults(s: dict) -> dict:
+    """The settings with StableDiffusionXLPipeline's own defaults where nothing was recorded or asked for."""
+    return {**s, **{k: v for k, v in PIPELINE_DEFAULTS.items() if s.get(k) is None}}
+
+
+@contextlib.contextmanager
+def generator(base: str, lora: Path, scale: float = 1.0) -> Iterator:
+    """The base pipeline with the LoRA file merged in at `scale`, as evaluation scored it (evaluation.generate: the
+    same loading, dtype and merge), the file read as safetensors (never pickle) and checked against the sha256
+    recorded beside it. The base is loaded by diffusers' from_pretrained: weights only (no remote code)."""
+    if not base:
+        raise ModelSourceError("no base model named (the version's flavour records none): pass base=<hub id or "
+                               "local SDXL folder>")
+    try:
+        pipe, _ = load_pipeline(base, resolve_device("auto", "device"))
+    except (OSError, ValueError) as exc:  # no such folder or hub id, not in the hub's cache offline, not a pipeline
+        raise ModelSourceError(f"cannot load the base model {base!r} ({(str(exc).splitlines() or [''])[0][:300]}); "
+                               "pass base=<hub id or local SDXL folder>") from None
+    with LoraSwap(pipe, lora, scale) as merged:
+        yield merged
+
+
+def render(pipe, prompts: list[str], s: dict, negative_prompt: str | None = None) -> list[bytes]:
+    """PNG bytes of one image per prompt, at the settings `s` (seed: the global generator, as evaluation seeds it)."""
+    import torch
+
+    if s.get("seed") is not None:
+        torch.manual_seed(s["seed"])
+    kw = {k: s[k] for k in ("num_inference_steps", "guidance_scale", "height", "width") if s.get(k) is not None}
+    if negative_prompt:
+        kw["negative_prompt"] = [negative_prompt] * len(prompts)
+    out = []
+    for image in pipe(prompt=prompts, **kw).images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def _trial_eval_record(ckpt: Path) -> dict | None:
@@ -166,53 +208,20 @@ def _trial_eval_record(ckpt: Path) -> dict | None:
 
 
 def _from_registry(args: dict[str, str], out: Path) -> None:
-    import mlflow
-
+    """The registered version's LoRA file, fetched as data and checked (tracking/weights.py), never the version
+    loaded through MLflow (that would run whatever code a version brings)."""
     store = args.get("tracking_uri") or default_store()
-    mlflow.set_tracking_uri(store)
     uri = champion_uri(store, args.get("subject"), args.get("model"))
-    version = registered_version(uri, store)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:
-        raise SystemExit(f"cannot load {uri} from {store} ({type(exc).__name__}: {exc}); "
-                         "run a sweep first, or pass model=... / tracking_uri=...") from None
-    verify_registered(uri, local, version)
-    from mlflow.models import Model
-
-    meta = Model.load(str(local))
-    recorded, what = None, uri
-    if version is not None:
-        what = f"{uri} (version {version.version}: trial {version.tags.get('trial', '?')} step " \
-               f"{version.tags.get('step', '?')})"
-        if version.tags.get(GENERATION_TAG):
-            recorded = json.loads(version.tags[GENERATION_TAG])
-    if recorded is None and (meta.metadata or {}).get("generation"):
-        recorded = meta.metadata["generation"]
-    s = settings(args, recorded)
-    schema = meta.get_params_schema()
-    own = {p.name: p.default for p in schema.params} if schema else {}
-    if recorded is None:
-        print(f"note: {uri} has no recorded evaluation settings (registered before they were recorded); using the "
-              "model's own defaults: pass size=, steps=, guidance= to choose", flush=True)
-    for k in ("num_inference_steps", "guidance_scale", "height", "width"):
-        if s[k] is None:
-            s[k] = own.get(k)
-    from mlflow.diffusers import _detect_device
-
-    print(plan_line(s, what, _detect_device(), recorded), flush=True)
-    import pandas as pd
-    import torch
-
-    model = mlflow.pyfunc.load_model(str(local))
-    if s["lora_scale"] != 1.0:  # the flavour loads the LoRA at full strength
-        pipe = model.get_raw_model()
-        names = pipe.get_active_adapters()
-        pipe.set_adapters(names, adapter_weights=[s["lora_scale"]] * len(names))
-    if s["seed"] is not None:
-        torch.manual_seed(s["seed"])  # the pipeline draws its noise from the global generator: as eval's seed
-    params = {k: s[k] for k in ("num_inference_steps", "guidance_scale", "height", "width") if s[k] is not None}
-    [png] = model.predict(pd.DataFrame({"prompt": [args["prompt"]]}), params=params)
+    with tempfile.TemporaryDirectory(prefix="sweep-generate-") as tmp:
+        reg = fetch_lora(uri, store, Path(tmp))
+        base = args.get("base") or reg.base
+        if reg.generation is None:
+            print(f"note: {uri} has no recorded evaluation settings (registered before they were recorded); using "
+                  "the pipeline's defaults: pass size=, steps=, guidance= to choose", flush=True)
+        s = with_defaults(settings(args, reg.generation))
+        print(plan_line(s, reg.described, resolve_device("auto", "device").type, reg.generation), flush=True)
+        with generator(base, reg.lora, s["lora_scale"]) as pipe:
+            [png] = render(pipe, [args["prompt"]], s)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png)
 

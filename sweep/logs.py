@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import os
 import warnings
 from typing import Any, Callable, TypeVar
 
@@ -93,6 +94,7 @@ def quiet_for_generation() -> None:
     """One image from a LoRA that trains only the UNet: the libraries' notes about it (no text-encoder LoRA keys,
     mlflow's flavour passing a deprecated `torch_dtype`) are not the user's business."""
     quiet_third_party()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file fetched from the store
     import diffusers.utils.logging
     import transformers.utils.logging
 

@@ -1,5 +1,6 @@
 """Real servers on loopback: a sweep logged to `mlflow server` over HTTP; `python -m sweep.generate` without a champion.
-(The README's `mlflow ui`, `mlflow models serve` and `python -m sweep.generate` after the demo: tests/test_readme.py.)"""
+(The README's `mlflow ui`, `python -m sweep.serve` and `python -m sweep.generate` after the demo: tests/test_readme.py;
+serving MLflow's contract on loopback and refusing a version that is not this project's LoRA: tests/test_security.py.)"""
 import os
 import socket
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from sweep.tracking.weights import fetch_lora
 
 from .test_tracking import SMALL, sweep
 
@@ -76,6 +79,12 @@ def test_sweep_logs_to_an_mlflow_server_over_http(tmp_path):
                              params={"name": "sdxl-lora-sks-woman", "alias": "champion"}).json()
         assert "model_version" in alias, (alias, [l for l in (p.stdout + p.stderr).splitlines() if "egist" in l or "rror" in l or "champion" in l])
         assert alias["model_version"]["tags"]
+        # read back through the server as generate, serve and export read it: three files, the LoRA's bytes checked
+        reg = fetch_lora("models:/sdxl-lora-sks-woman@champion", url, tmp_path / "fetched")
+        tags = {t["key"]: t["value"] for t in alias["model_version"]["tags"]}
+        assert reg.sha256 == tags["lora_sha256"] and reg.generation["resolution"] == 64
+        assert sorted(f.name for f in (tmp_path / "fetched").rglob("*") if f.is_file()) == [
+            "MLmodel", "checkpoint.json", "pytorch_lora_weights.safetensors"]
     assert not (tmp_path / "mlruns").exists()  # nothing went to the local default store
 
 

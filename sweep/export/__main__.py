@@ -3,15 +3,17 @@ the LoRA for ComfyUI / A1111 / Forge and diffusers, with its model card (see swe
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
-from evaluation.generate import EvalInputError, verify_hash
+from common.lorafile import LORA_FILE, sha256_file
 from trainer.webui import DTYPES
 
 from ..logs import quiet_for_generation
 from ..markdown import code, text
 from ..metrics import metrics_from_json
-from ..tracking.registry import WhichSubject, champion_uri, default_store, registered_version, verify_registered
+from ..tracking.registry import WhichSubject, champion_uri, default_store
+from ..tracking.weights import RefusedVersion, fetch_lora
 from . import FORMATS, Source, export, from_checkpoint, from_sweep, output_name
 from .folder import ExportError
 
@@ -45,46 +47,42 @@ def parse(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     return source, args
 
 
-def from_registry(uri: str, store: str) -> Source:
-    """A registered version: its own checkpoint folder when this machine has it (same bytes, checked), else the
-    registered copy, described by the version's tags."""
-    import mlflow
-
-    mlflow.set_tracking_uri(store)
-    version = registered_version(uri, store)
-    tags = version.tags if version is not None else {}
+def from_registry(uri: str, store: str, folder: Path) -> Source:
+    """A registered version, read as data into `folder` (tracking/weights.py: refused unless it is this project's
+    LoRA with the bytes recorded for it): its own checkpoint folder when this machine has it with those very bytes
+    (its grids and settings go into the card), else the registered copy, described by the version's tags."""
+    reg = fetch_lora(uri, store, folder)
+    tags = reg.tags
     ckpt = Path(tags.get("checkpoint", ""))
-    if tags.get("checkpoint") and (ckpt / "pytorch_lora_weights.safetensors").is_file():
-        src = from_checkpoint(ckpt, origin=uri, strength=float(tags.get("lora_scale", 1.0)))  # as champion/ has it
-        if tags.get("lora_sha256"):
-            try:
-                verify_hash(src.lora, tags["lora_sha256"])
-            except EvalInputError as exc:
-                raise SystemExit(f"{uri}: {exc}") from None
+    if tags.get("checkpoint") and (ckpt / LORA_FILE).is_file() and sha256_file(ckpt / LORA_FILE) == reg.sha256:
+        src = from_checkpoint(ckpt, origin=uri, strength=_number(tags.get("lora_scale"), 1.0))  # as champion/ has it
     else:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        verify_registered(uri, local, version)
-        [lora] = list(local.rglob("pytorch_lora_weights.safetensors"))[:1]
-        src = Source(lora=lora, trial=tags.get("trial", "?"), step=int(tags.get("step", 0)), origin=uri)
-        from mlflow.models import Model
-
-        src.base = Model.load(str(local)).flavors.get("diffusers", {}).get("base_model", "")
+        src = Source(lora=reg.lora, trial=tags.get("trial", "?"), step=int(_number(tags.get("step"), 0)), origin=uri,
+                     base=reg.base)
     if "metrics" in tags:
         src.metrics, src.baseline = metrics_from_json(tags["metrics"]), metrics_from_json(tags.get("baseline", "{}"))
-    if version is not None:
-        src.chosen = (f"Registered as {code(version.name)} version {text(version.version)}"  # Markdown: escaped
-                      + (f" ({text(tags['registry.decision'])})" if tags.get("registry.decision") else "")
-                      + (f"; objective {code(tags.get('objective_name', ''))} = {text(tags['objective'])}"
-                         if tags.get("objective") else ""))
+    src.chosen = (f"Registered as {code(reg.name)} version {text(reg.version)}"  # Markdown: escaped
+                  + (f" ({text(tags['registry.decision'])})" if tags.get("registry.decision") else "")
+                  + (f"; objective {code(tags.get('objective_name', ''))} = {text(tags['objective'])}"
+                     if tags.get("objective") else ""))
     return src
 
 
-def resolve(source: str | None, store: str | None, subject: str | None = None, model: str | None = None) -> Source:
+def _number(value, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def resolve(source: str | None, store: str | None, fetched: Path, subject: str | None = None,
+            model: str | None = None) -> Source:
     """What to export: a folder, a models:/ URI, or (none given) the registry's champion of the one subject there
-    (or of subject= / model=: several subjects are refused with their list)."""
+    (or of subject= / model=: several subjects are refused with their list); a registered LoRA is fetched into
+    `fetched` (a temporary folder of the caller's)."""
     if source is None or source.startswith("models:/"):
         store = store or default_store()
-        return from_registry(source or champion_uri(store, subject, model), store)
+        return from_registry(source or champion_uri(store, subject, model), store, fetched)
     path = Path(source).expanduser()
     if not path.exists():
         raise SystemExit(f"{source}: no such folder. Give a checkpoint folder (<trial>/checkpoints/step-NNNNNN), a "
@@ -100,18 +98,16 @@ def resolve(source: str | None, store: str | None, subject: str | None = None, m
 def main(argv: list[str] | None = None) -> int:
     quiet_for_generation()
     source, args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        src = resolve(source, args.get("tracking_uri"), args.get("subject"), args.get("model"))
-    except WhichSubject as exc:  # several subjects registered: the user names one
-        print(exc, file=sys.stderr)
-        return 2
-    out = Path(args["out"]) if "out" in args else EXPORTS / output_name(src)
-    try:
-        rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"),
-                     overwrite=args.get("overwrite") == "true")
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="sweep-export-") as fetched:  # a registered LoRA, while it is exported
+        try:
+            src = resolve(source, args.get("tracking_uri"), Path(fetched), args.get("subject"), args.get("model"))
+            out = Path(args["out"]) if "out" in args else EXPORTS / output_name(src)
+            rec = export(src, out, args.get("format", "both"), args.get("dtype", "fp16"),
+                         overwrite=args.get("overwrite") == "true")
+        except (WhichSubject, RefusedVersion, ExportError) as exc:
+            # several subjects and none named; not this project's LoRA or not its recorded bytes; may not write there
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(f"exported {src.trial} step {src.step} from {src.origin} to {rec['out']}:")
     for f, sha in rec["files"].items():
         print(f"  {f}  sha256 {sha[:16]}...")

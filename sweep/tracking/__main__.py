@@ -6,7 +6,8 @@ machine (sweep/tracking folder_store: a server elsewhere must be named).
 python -m sweep.tracking close-stale: mark KILLED the RUNNING runs whose process is gone.
 
 python -m sweep.tracking champion [--subject "sks woman" | --model NAME] [--tracking-uri URI]: the registered
-champion's models:/ URI; several subjects registered: exit 2, listing them."""
+champion's models:/ URI (what model= of sweep.generate, sweep.serve and sweep.export takes); several subjects
+registered: exit 2, listing them."""
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("close-stale", help="mark KILLED the RUNNING runs whose process (on this host) is gone")
     c.add_argument("--uri", default=None, help="tracking URI (default: the project's ./mlruns store)")
     c.add_argument("--experiment", default=TrackingConfig().experiment)
-    c = sub.add_parser("champion", help="print the registered champion's models:/ URI")
+    c = sub.add_parser("champion", help="print the registered champion's models:/ URI (for model= of sweep.serve)")
     c.add_argument("--subject", help='the subject as prompts name it, e.g. "sks woman"')
     c.add_argument("--model", help="a registered model's name")
     c.add_argument("--tracking-uri", help="the store (default: ./mlruns/mlflow.db)")

@@ -1,13 +1,13 @@
-"""The champion's LoRA in the MLflow model registry (mlflow.diffusers flavour: `mlflow models serve` generates
-from it): one registered model per subject, named for its token and class (`sdxl-lora-sks-woman`, or
-tracking.registered_model), the photos' fingerprint on the model and each version. Alias `champion` is the rule's
-pick until a person promotes a version (sweep.promote); from then on only a person moves it, and a later sweep's
-best that beats it under the rule gets alias `challenger` instead. A later best takes `champion` (when no person
-picked it) only if the selection rule, applied to its raw metrics and to the champion's (stored as JSON tags on the
-champion's version), prefers it, on the same evaluation protocol; a best that does not win is not registered at all
-(its LoRA stays in its MLflow run's best_checkpoint artifact). Registering is idempotent: a LoRA (its sha256 and
-strength) already registered under the model is that version, never a new one; a version is created with all its
-tags at once, before any alias moves to it."""
+"""The champion's LoRA in the MLflow model registry (the mlflow.diffusers flavour's layout, read back as data, never
+through MLflow's loaders: tracking/weights.py): one registered model per subject, named for its token and class
+(`sdxl-lora-sks-woman`, or tracking.registered_model), the photos' fingerprint on the model and each version. Alias
+`champion` is the rule's pick until a person promotes a version (sweep.promote); from then on only a person moves
+it, and a later sweep's best that beats it under the rule gets alias `challenger` instead. A later best takes
+`champion` (when no person picked it) only if the selection rule, applied to its raw metrics and to the champion's
+(stored as JSON tags on the champion's version), prefers it, on the same evaluation protocol; a best that does not
+win is not registered at all (its LoRA stays in its MLflow run's best_checkpoint artifact). Registering is
+idempotent: a LoRA (its sha256 and strength) already registered under the model is that version, never a new one; a
+version is created with all its tags at once, before any alias moves to it."""
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +25,6 @@ from common.errors import UserError
 from common.lorafile import EXPORT_RECORD, CheckpointRecord
 from common.metrics import CLIP_T
 from evaluation.config import SPEED_ONLY
-from evaluation.generate import EvalInputError, verify_hash
 from trainer import instance_photos
 from trainer.config import stable_hash
 from trainer.models import resolve_source
@@ -326,8 +325,8 @@ def _scheduler_name(base: str) -> str | None:
 
 
 def serving_signature(gen: dict):
-    """The flavour's signature with the evaluation's settings as the request defaults: `mlflow models serve`
-    and pyfunc predict fill params a request leaves out from these (the flavour's own: 512 px, 30 steps)."""
+    """The flavour's signature with the evaluation's settings as the request defaults, for MLflow's own tools
+    (their defaults otherwise: 512 px, 30 steps); sweep.generate and sweep.serve read the `generation` tag."""
     from mlflow.models import ModelSignature
     from mlflow.types import DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import ColSpec
@@ -423,19 +422,3 @@ def registered_version(uri: str, store: str):
                          f"{str(exc).splitlines()[0][:200]}). Run a sweep in this folder first (python -m sweep -m "
                          "lr=1e-4,1e-5,5e-4 registers its champion), or pass tracking_uri=<the sweep's store> / "
                          "model=models:/<name>/<version>") from None
-
-
-def verify_registered(uri: str, local: Path, version=None) -> None:
-    """The downloaded LoRA files against the sha256 recorded on its model version (and beside them, in
-    checkpoint.json and export.json): the diffusers file, and the web-UI file when the version has one."""
-    tags = version.tags if version is not None else {}
-    for name, tag in (("pytorch_lora_weights.safetensors", "lora_sha256"), (tags.get("webui_file"), "webui_sha256")):
-        if not name:
-            continue
-        files = list(local.rglob(name))
-        if not files:
-            raise SystemExit(f"{uri}: no {name} in the registered model")
-        try:
-            verify_hash(files[0], tags.get(tag))  # against the version's tag and the record beside the file
-        except EvalInputError as exc:
-            raise SystemExit(f"{uri}: {exc}") from None
