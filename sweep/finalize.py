@@ -20,9 +20,10 @@ from evaluation import evaluate
 from trainer.models import shared_pipeline
 
 from . import confidence, racing, report
-from .config import evaluation_settings, resolve_path
+from .config import TrackingConfig, evaluation_settings, resolve_path
 from .export import export, from_checkpoint
 from .metrics import fmt
+from .redaction import redact, redact_text
 from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
                       lost_before_start, lost_trials, read_json, read_promotion, read_promotions, read_scores,
                       read_sweep, score_notes, trial_dirs, write_json, write_result)
@@ -54,12 +55,14 @@ def record_lost(sweep_dir: Path, tracker) -> None:
             log.warning("could not mark the MLflow run of %s failed: %s", d.name, exc)
 
 
-def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection | None, int]:
+def finalize_folder(sweep_dir: Path, register: bool = True,
+                    tracking: TrackingConfig | None = None) -> tuple[Selection | None, int]:
     """Select, register, report. Returns the selection and how many trials failed (diverged and lost included).
 
     Run again on a sweep whose parent run has ended (`python -m sweep.report`, `sync` after the journal was sent),
     it rewrites the report, its artifacts, tags and description, and logs no metric twice nor ends the run again
-    (its end time stays)."""
+    (its end time stays). `tracking`: the launching command's own settings (the sweep's end, in the process that
+    ran it): its tracking URI holds the credentials the stored config has hidden."""
     sweep_dir = Path(sweep_dir).resolve()
     unstarted = lost_before_start(sweep_dir)
     for job, why in unstarted.items():
@@ -70,8 +73,8 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
     conf = load_config(sweep_dir)
     root = resolve_path(conf.paths, ".")
     recorded = read_sweep(sweep_dir) or {}
-    tracking = conf.tracking  # the store the sweep logged to, wherever this runs from (a rebuilt report)
-    if conf.tracking.enabled and not conf.tracking.uri and recorded.get("tracking_uri"):
+    tracking = tracking or conf.tracking  # the store the sweep logged to, wherever this runs from (a rebuilt report)
+    if tracking.enabled and not tracking.uri and recorded.get("tracking_uri"):
         tracking = replace(conf.tracking, uri=recorded["tracking_uri"])
     tracker = make_tracker(tracking, root)
     tracker.use_journal(sweep_dir)
@@ -124,7 +127,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True) -> tuple[Selection |
         if not ended:
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     faults.hit("finalize_done")
-    page = run_page(tracker.uri, sweep) if pid else None
+    page = run_page(redact("uri", tracker.uri), sweep) if pid else None
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page, registration, notes)
     return sel, failed
 
@@ -374,7 +377,7 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"
     if report.registry_text(registration):
-        print(report.registry_text(registration).replace("`", "").replace("**", ""))
-    print(f"report: {sweep_dir / 'report'}\n{compare}", flush=True)
+        print(redact_text(report.registry_text(registration).replace("`", "").replace("**", "")))
+    print(redact_text(f"report: {sweep_dir / 'report'}\n{compare}"), flush=True)
     for line in report.meaningless_lines(notes)[:1]:  # the last word: the demo's numbers mean nothing
         print(line.replace("**", ""), flush=True)

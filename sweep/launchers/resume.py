@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..redaction import redact_text
+
 log = logging.getLogger(__name__)
 _CHOSEN: dict[str, str] = {}
 FOLDER_ENV = "SDXL_SWEEP_FOLDER"  # set by the launching process: jobs elsewhere (submitit, Slurm, Ray) read it
@@ -82,5 +84,6 @@ def _plan_only(task) -> bool:
 
 
 def _signature(task, hydra) -> tuple:
-    return (sorted(str(o) for o in task if not str(o).startswith(("resume=", "plan_only="))),
-            sorted(str(o) for o in hydra if not str(o).startswith(_RUN_ONLY)))
+    """The overrides as multirun.yaml keeps them: with their secrets hidden (callbacks.on_job_start)."""
+    return (sorted(redact_text(str(o)) for o in task if not str(o).startswith(("resume=", "plan_only="))),
+            sorted(redact_text(str(o)) for o in hydra if not str(o).startswith(_RUN_ONLY)))
