@@ -45,8 +45,9 @@ def _userinfo(m: re.Match) -> str:
 def _keyed(m: re.Match) -> str:
     """key=value / key: value / "key": "value" with a secret's key: the value hidden, the key and quotes kept."""
     value = m["value"]
-    if not is_secret_key(m["key"]) or _is_reference(value.strip("'\"")) or value.strip("'\"") in ("", MASK, "null",
-                                                                                                   "None"):
+    if not is_secret_key(m["key"]):  # what it holds may still be one: PGCONN='host=db password=...'
+        return m["head"] + redact_text(value) if value != m[0] else value
+    if _is_reference(value.strip("'\"")) or value.strip("'\"") in ("", MASK, "null", "None"):
         return m[0]
     quote = value[0] if value[:1] in ("'", '"') and value[-1:] == value[:1] and len(value) > 1 else ""
     return f"{m['head']}{quote}{MASK}{quote}"

@@ -34,8 +34,9 @@ from .process import GPU_ENV, batch_returns, execute_batch, lost_batch, prepare_
 from .resume import FOLDER_ENV
 
 log = logging.getLogger(__name__)
-# read by the job's config: conf/tracking/server.yaml, and the sweep folder the launching process chose
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", FOLDER_ENV)
+# read by the job's config: conf/tracking/server.yaml, MLflow's credentials (given by variable, or taken out of an
+# http tracking.uri: tracking.credentials_to_env), and the sweep folder the launching process chose
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", FOLDER_ENV)
 
 
 class RayLauncher:
