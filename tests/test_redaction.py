@@ -70,6 +70,9 @@ def test_keys_that_name_secrets():
     assert redact("data.subject_token", "sks") == "sks"
     assert redact("hf_token", "${oc.env:HF_TOKEN}") == "${oc.env:HF_TOKEN}"  # a reference, not a secret
     assert redact("tracking.uri", "postgresql://me:S3cr3t@db:5432/m") == "postgresql://me:***@db:5432/m"
+    # the parent run's `overrides` tag: the command line as typed
+    assert redact("overrides", "lr=1e-4 +model.hf_token=hf_S3cr3t tracking.uri='http://u:S3cr3t@h'") == \
+        "lr=1e-4 +model.hf_token=*** tracking.uri='http://u:***@h'"
 
 
 def test_a_config_tree_keeps_its_shape_and_references():
