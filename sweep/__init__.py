@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from .launchers.resume import sweep_folder
 from .logs import drop_known_notices
+from .redaction import is_secret_key, redact_text
 
 drop_known_notices()  # before anything imports transformers or mlflow
 
@@ -30,7 +31,9 @@ def _sweep_folder(resume, sweeps_root, overrides, hydra_overrides=(), sweeper=""
 def _trial_dir(num, dirname="") -> str:
     """A trial folder's name, "<job number>_<overrides>", kept within file-system limits: past 120 characters the
     overrides are cut and a hash of the whole keeps names unique (.hydra/overrides.yaml has them all). A value
-    holding a path separator cannot make it a path: the trial folder stays in the sweep folder."""
+    holding a path separator cannot make it a path: the trial folder stays in the sweep folder. A secret is no
+    part of a name: an override whose key names one is left out, a password in a URL hidden."""
+    dirname = ",".join(redact_text(o) for o in str(dirname).split(",") if not is_secret_key(o.partition("=")[0]))
     name = f"{num}_{dirname}".replace("/", "%2F").replace("\\", "%5C")
     if len(name) <= 120:
         return name

@@ -19,7 +19,8 @@ from .config import resolve_path, typed_job
 from .finalize import finalize_folder
 from .launchers import check_launcher
 from .launchers.resume import claim_new_folder, export_folder
-from .results import read_sweep
+from .redaction import redact_logs
+from .results import HYDRA_FILES, hide_secrets_in, read_sweep, stored_configs
 from .search import SearchSettings
 from .search.sweeper import prepare
 from .tracking import PENDING_FILE, git_commit, make_tracker
@@ -33,7 +34,8 @@ def end_failed(config: DictConfig, sweep_dir: Path, reason: str) -> None:
     if sweep.get("parent_run_id"):
         try:
             conf = typed_job(config)
-            tracking = replace(conf.tracking, uri=sweep.get("tracking_uri") or conf.tracking.uri)
+            # this command's own URI first: the recorded one has its password hidden
+            tracking = replace(conf.tracking, uri=conf.tracking.uri or sweep.get("tracking_uri"))
             tracker = make_tracker(tracking, resolve_path(conf.paths, "."))
             tracker.set_tags(sweep["parent_run_id"], {"failure_reason": reason[:4000]})
             tracker.end_sweep(sweep["parent_run_id"], "FAILED")
@@ -99,14 +101,24 @@ class SweepCallback(Callback):
             log.error("%s\nthe sweep was refused before it started (nothing trained)", exc)
             raise SystemExit(2) from None
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra has just saved this job's config (.hydra/*.yaml) and the sweep's (multirun.yaml) with the values as
+        typed: their secrets are hidden before the job runs. MLflow's handler hides them in its lines too."""
+        redact_logs("mlflow")
+        out = Path(config.hydra.runtime.output_dir)
+        hide_secrets_in([p for p in (out.parent / "multirun.yaml", *(out / ".hydra" / n for n in HYDRA_FILES))
+                         if p.is_file()])
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Selection, registry, report. Hydra only warns about an exception here (the sweep would exit 0 with its
         parent run RUNNING): a failure ends the parent run FAILED and the process with status 1, its reason last."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        hide_secrets_in(stored_configs(sweep_dir))  # a plan_only sweep's multirun.yaml; a job lost before its start
         if OmegaConf.select(config, "plan_only", default=False):
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            sel, failed = finalize_folder(sweep_dir)
+            # this command's tracking settings: the stored configs hold the URI with its password hidden
+            sel, failed = finalize_folder(sweep_dir, tracking=typed_job(config).tracking)
         except Exception as exc:
             if not isinstance(exc, UserError):  # a bug: its traceback, for the issue a user may file
                 log.error("the sweep's end failed", exc_info=True)
@@ -141,5 +153,5 @@ class SweepCallback(Callback):
         if out is None:
             log.error("no run folder in the config Hydra passed: nothing to report")
             return
-        finalize_folder(Path(out))
+        finalize_folder(Path(out), tracking=typed_job(config).tracking)
 

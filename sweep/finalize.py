@@ -20,10 +20,11 @@ from evaluation import evaluate
 from trainer.models import shared_pipeline
 
 from . import confidence, racing, report
-from .config import evaluation_settings, resolve_path
+from .config import TrackingConfig, evaluation_settings, resolve_path
 from .export import export, from_checkpoint
 from .markdown import code, text
 from .metrics import fmt
+from .redaction import redact, redact_text
 from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
                       lost_before_start, lost_trials, read_json, read_promotion, read_promotions, read_scores,
                       read_sweep, score_notes, trial_dirs, write_json, write_result)
@@ -65,15 +66,16 @@ def opened_store(sweep_dir: Path, given: str | None = None) -> str | None:
     return folder_store(recorded_store(read_sweep(sweep_dir), conf.tracking), caller_store(given), sweep_dir)
 
 
-def finalize_folder(sweep_dir: Path, register: bool = True,
-                    tracking_uri: str | None = None) -> tuple[Selection | None, int]:
+def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | None = None,
+                    tracking: TrackingConfig | None = None) -> tuple[Selection | None, int]:
     """Select, register, report. Returns the selection and how many trials failed (diverged and lost included).
     `tracking_uri`: the store to write to (a command opening the folder: opened_store); None, the store the sweep
     recorded (its own end, or its folder's default).
 
     Run again on a sweep whose parent run has ended (`python -m sweep.report`, `sync` after the journal was sent),
     it rewrites the report, its artifacts, tags and description, and logs no metric twice nor ends the run again
-    (its end time stays)."""
+    (its end time stays). `tracking`: the launching command's own settings (the sweep's end, in the process that
+    ran it): its tracking URI holds the credentials the stored config has hidden."""
     sweep_dir = Path(sweep_dir).resolve()
     unstarted = lost_before_start(sweep_dir)
     for job, why in unstarted.items():
@@ -83,8 +85,10 @@ def finalize_folder(sweep_dir: Path, register: bool = True,
         return None, len(unstarted)
     conf = load_config(sweep_dir)
     root = resolve_path(conf.paths, ".")
-    # the store the sweep logged to, wherever this runs from (a rebuilt report), unless the caller named one
-    tracking = replace(conf.tracking, uri=tracking_uri or recorded_store(read_sweep(sweep_dir), conf.tracking))
+    # the live command's settings (its own end: the real credentials), else the store the sweep logged to, wherever
+    # this runs from (a rebuilt report), unless the caller named one
+    if tracking is None:
+        tracking = replace(conf.tracking, uri=tracking_uri or recorded_store(read_sweep(sweep_dir), conf.tracking))
     tracker = make_tracker(tracking, root)
     tracker.use_journal(sweep_dir)
     tracker.flush()
@@ -137,7 +141,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True,
         if not ended:
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     faults.hit("finalize_done")
-    page = run_page(tracker.uri, sweep) if pid else None
+    page = run_page(redact("uri", tracker.uri), sweep) if pid else None
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page, registration, notes)
     return sel, failed
 
@@ -389,7 +393,7 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"
     if report.registry_text(registration):
-        print(report.registry_text(registration).replace("`", "").replace("**", ""))
-    print(f"report: {sweep_dir / 'report'}\n{compare}", flush=True)
+        print(redact_text(report.registry_text(registration).replace("`", "").replace("**", "")))
+    print(redact_text(f"report: {sweep_dir / 'report'}\n{compare}"), flush=True)
     for line in report.meaningless_lines(notes)[:1]:  # the last word: the demo's numbers mean nothing
         print(line.replace("**", ""), flush=True)

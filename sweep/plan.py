@@ -22,6 +22,7 @@ from trainer import packed, planner
 
 from . import stored
 from .config import SweepConfig, resolve_path
+from .redaction import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Plan:
         path = Path(sweep_dir) / PLAN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # launches may write at once
-        tmp.write_text(json.dumps(self.as_dict(), indent=2))
+        tmp.write_text(json.dumps(redact_tree(self.as_dict()), indent=2))
         tmp.replace(path)
         return path
 

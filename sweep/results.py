@@ -10,12 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from omegaconf import OmegaConf
+
 from common.files import write_atomic
 from common.lorafile import LORA_FILE, recorded_sha256
 from evaluation.config import is_entry, parse_entry
 
 from . import stored
 from .config import SweepConfig, to_typed
+from .redaction import redact_text, redact_tree
 from .selection import Candidate
 
 RESULT = "result.json"
@@ -59,16 +62,39 @@ def write_result(out: Path, payload: dict) -> None:
 
 
 def write_json(path: Path, payload) -> None:
-    """`payload` as strict JSON in `path`, atomically (write_text)."""
-    write_text(path, strict_json(payload, indent=2))
+    """`payload` as strict JSON in `path`, atomically (write_text), secrets hidden (a value under a secret's key,
+    a password in a URL) as in every file the sweep writes."""
+    write_text(path, strict_json(redact_tree(_clean(payload)), indent=2))
 
 
 def write_text(path: Path, text: str) -> None:
-    """`text` in `path`, all or nothing (common.files.write_atomic): a process killed at any point leaves the old
-    file or the new one, never half of one; two writers never share a temporary file."""
+    """`text` in `path` with its secrets hidden (sweep/redaction.py), all or nothing (common.files.write_atomic): a
+    process killed at any point leaves the old file or the new one, never half of one; two writers never share a
+    temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
+    write_atomic(path, redact_text(text))
+
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra saves in a run's .hydra/
+
+
+def stored_configs(folder: Path) -> list[Path]:
+    """Hydra's copies of a command's config in a run or sweep folder: multirun.yaml, .hydra/*.yaml, and each trial's."""
+    folder = Path(folder)
+    return [p for p in (folder / "multirun.yaml", *(folder / ".hydra" / n for n in HYDRA_FILES),
+                        *(t / ".hydra" / n for t in sorted(folder.glob("*/")) for n in HYDRA_FILES)) if p.is_file()]
+
+
+def hide_secrets_in(paths: list[Path]) -> None:
+    """Hydra writes a command's values as typed (a password in tracking.uri, a token override) into the files it
+    keeps: each is rewritten with its secrets hidden. References (`${oc.env:MLFLOW_TRACKING_URI}`) stay as they are:
+    they name a variable, not its value. A file with nothing to hide is left untouched."""
+    for path in paths:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        clean = redact_tree(data)
+        if clean != data:
+            write_text(path, OmegaConf.to_yaml(OmegaConf.create(clean)))
 
 
 @contextmanager

@@ -42,6 +42,7 @@ from ..config import resolve_path, to_typed
 from ..markdown import code, text
 from ..metrics import fmt as fmt_value
 from ..metrics import metrics_json
+from ..redaction import redact_text, redact_tree
 from ..results import display_name, read_result, read_scores
 from ..selection import describe_rule
 from .folder import sha256_of, write_export
@@ -305,13 +306,14 @@ def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", stric
     contents.update(src.grids)
     files = {f: sha256_of(data) for f, data in contents.items()}
     weights = {f: sha for f, sha in files.items() if f.endswith(".safetensors")}
-    contents["README.md"] = model_card(src, name, weights, metadata(src, name, configs), configs, note).encode()
+    card = model_card(src, name, weights, metadata(src, name, configs), configs, note)
+    contents["README.md"] = redact_text(card).encode()  # a shared file: no secret of the sweep's config in it
     files["README.md"] = sha256_of(contents["README.md"])
     lora_sha = sha256_file(src.lora)
     record = {"name": name, "source": src.origin, "trial": src.trial, "step": src.step, "format": fmt,
               "dtype": dtype, "tool": TOOL, "lora_sha256": lora_sha, "files": files,
               "webui_file": f"{name}.safetensors" if f"{name}.safetensors" in files else None}
-    contents[EXPORT_RECORD] = (json.dumps(record, indent=2) + "\n").encode()
+    contents[EXPORT_RECORD] = (json.dumps(redact_tree(record), indent=2) + "\n").encode()
     write_export(out, contents, lora_sha, overwrite=overwrite, own=own)
     return {**record, "out": str(out)}
 
@@ -328,7 +330,7 @@ def lora_files(src: Source, name: str, fmt: str, dtype: str, strict: bool) -> tu
             alphas.update(text_encoder=src.conf.lora.lora_alpha, text_encoder_2=src.conf.lora.lora_alpha)
         try:
             tensors, configs = convert(src.lora, layers_per_block(src), dtype, alphas)
-            contents[f"{name}.safetensors"] = safetensors_bytes(tensors, metadata(src, name, configs))
+            contents[f"{name}.safetensors"] = safetensors_bytes(tensors, redact_tree(metadata(src, name, configs)))
         except WebUIExportError as exc:
             if strict:
                 raise SystemExit(f"cannot export {src.origin} for the web UIs: {exc}") from None

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from common import stop
 
 from .. import register_resolvers
+from ..redaction import redact_text
 from ..results import LOST_FILE
 from . import resume
 from .packing import check_pack_size, in_launch_order, plan_jobs, run_batch
@@ -161,7 +162,8 @@ def lost_job(sweep_dir: Path, idx: int, overrides: list[str], why: str):
               why)
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(sweep_dir) / LOST_FILE, "a") as f:
-        f.write(json.dumps({"job": idx, "overrides": list(overrides), "why": why, "at": time.time()}) + "\n")
+        f.write(json.dumps({"job": idx, "overrides": [redact_text(o) for o in overrides], "why": redact_text(why),
+                            "at": time.time()}) + "\n")
     return _job_return(overrides, "COMPLETED", math.nan)
 
 

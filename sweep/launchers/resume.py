@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .. import stored
 
+from ..redaction import redact_text
+
 log = logging.getLogger(__name__)
 _CHOSEN: dict[str, str] = {}
 FOLDER_ENV = "SDXL_SWEEP_FOLDER"  # set by the launching process: jobs elsewhere (submitit, Slurm, Ray) read it
@@ -83,8 +85,9 @@ def _plan_only(task) -> bool:
 
 
 def _signature(task, hydra) -> tuple:
-    return (sorted(str(o) for o in task if not str(o).startswith(("resume=", "plan_only="))),
-            sorted(str(o) for o in hydra if not str(o).startswith(_RUN_ONLY)))
+    """The overrides as multirun.yaml keeps them: with their secrets hidden (callbacks.on_job_start)."""
+    return (sorted(redact_text(str(o)) for o in task if not str(o).startswith(("resume=", "plan_only="))),
+            sorted(redact_text(str(o)) for o in hydra if not str(o).startswith(_RUN_ONLY)))
 
 
 def note_run_dir(folder: Path) -> None:
@@ -98,4 +101,4 @@ def resume_command(argv: list[str]) -> str:
     args = [a for a in argv if not a.lower().startswith(("resume=", "hydra.run.dir="))]
     if not any(a in ("-m", "--multirun") for a in args) and "run_dir" in _CHOSEN:
         args.append(f"hydra.run.dir={_CHOSEN['run_dir']}")
-    return " ".join(["python -m sweep", *map(shlex.quote, args), "resume=true"])
+    return redact_text(" ".join(["python -m sweep", *map(shlex.quote, args), "resume=true"]))  # no secret shown

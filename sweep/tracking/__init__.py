@@ -31,7 +31,7 @@ from common import stop
 from common.errors import UserError
 
 from ..config import TrackingConfig
-from ..redaction import redact
+from ..redaction import MASK, redact, redact_logs
 from ..results import SWEEP_FILE, display_name, write_json
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,25 @@ def folder_store(recorded: str | None, caller: str | None, folder: Path) -> str 
 
 
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {redact('uri', uri)}"
+
+
+def credentials_to_env(uri: str) -> str:
+    """An http(s) tracking URI without its user:password@: the credentials go to MLflow's own variables
+    (MLFLOW_TRACKING_USERNAME/PASSWORD, read by this process and the trial processes it starts), so that MLflow
+    never holds them in a URL it prints ("View run at ...") or puts in an error. A password already hidden (`***`,
+    from a stored config) leaves the variables as they are."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    if sep and password != MASK:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
 
 
 class TrackingUnavailable(UserError):
@@ -242,8 +260,10 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
+        redact_logs("mlflow")  # mlflow logs through its own handler, installed on import
         self.cfg = cfg
-        self.uri, self.artifact_location = store_uri(cfg, root)
+        uri, self.artifact_location = store_uri(cfg, root)
+        self.uri = credentials_to_env(uri)
         self.remote = self.uri.startswith(("http://", "https://"))
         if self.remote:
             _quick_retries()
@@ -384,7 +404,7 @@ class Tracker:
             tags = {k: redact(k, v) for k, v in {**tags, "sweep_dir": str(sweep_dir), "kind": "sweep"}.items()}
             run = self.client.create_run(exp_id, run_name=name, tags={**tags, "worker": worker()})
             _opened(run.info.run_id, self)
-        rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": self.uri}
+        rec = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": redact("uri", self.uri)}
         write_json(record_path, rec)
         return rec
 
