@@ -22,7 +22,7 @@ from trainer.models import shared_pipeline
 from . import confidence, racing, report
 from .config import TrackingConfig, evaluation_settings, resolve_path
 from .export import export, from_checkpoint
-from .markdown import code, text
+from .markdown import code, plain, text
 from .metrics import fmt
 from .redaction import redact, redact_text
 from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
@@ -393,7 +393,7 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
     if page and not ui.endswith("disabled"):
         compare += f"\n  then open {page}"
     if report.registry_text(registration):
-        print(redact_text(report.registry_text(registration).replace("`", "").replace("**", "")))
+        print(redact_text(plain(report.registry_text(registration))))
     print(redact_text(f"report: {sweep_dir / 'report'}\n{compare}"), flush=True)
     for line in report.meaningless_lines(notes)[:1]:  # the last word: the demo's numbers mean nothing
         print(line.replace("**", ""), flush=True)

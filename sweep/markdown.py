@@ -6,6 +6,7 @@ model's description are rendered as Markdown, HTML included: a prompt holding `<
 (or `code`) where it is written into Markdown; what the tool writes itself (headings, its own links) does not."""
 from __future__ import annotations
 
+import html
 import re
 
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
@@ -33,3 +34,12 @@ def code(value: object) -> str:
     s = str(value)
     return f"`{s}`" if _SAFE_CODE.fullmatch(s) else text(s)
 
+
+_ESCAPED = re.compile(r"\\([\\`\[\]|])")
+
+
+def plain(markdown: str) -> str:
+    """A line of this module's Markdown as a terminal shows it: no emphasis or code marks, escapes and entities
+    turned back into the characters they stand for (the console is no renderer)."""
+    s = re.sub(r"(?<!\\)`", "", markdown.replace("**", ""))
+    return html.unescape(_ESCAPED.sub(r"\1", s))

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from sweep import PROJECT_DIR, stored
 from sweep.config import to_typed
-from sweep.markdown import code, text
+from sweep.markdown import code, plain, text
 from sweep.tracking import StoreNotNamed, folder_store, recorded_store
 from sweep.config import TrackingConfig
 
@@ -89,3 +89,10 @@ def test_markup_in_a_string_is_inert_and_still_readable():
                    "&lt;/script&gt; \\`a\\` \\\\\\[b\\] # h")
     assert code("lr=0.0001,eval.seeds=[0]@300") == "`lr=0.0001,eval.seeds=[0]@300`"  # code: verbatim
     assert code("a<b|c") == text("a<b|c") and code("x`y") == "x\\`y"  # what code cannot hold: escaped text
+
+
+def test_the_console_shows_escaped_markdown_as_the_characters_given():
+    """The registry line is written as Markdown for report.md and shown plain in the console: a user's string comes
+    back as typed (no backslashes, no entities), the tool's own marks gone."""
+    given = 'registered with alias `challenger` <img src=x> a|b [x](y) & "q" \\ &lt;'
+    assert plain(f"Registry: **`challenger`**: {text(given)}") == f"Registry: challenger: {given}"

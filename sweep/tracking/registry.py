@@ -10,7 +10,9 @@ idempotent: a LoRA (its sha256 and strength) already registered under the model 
 version is created with all its tags at once, before any alias moves to it."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import re
@@ -278,7 +280,8 @@ def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, ch
             "checkpoint": str(ckpt), "trial": champion.trial, "step": champion.step, "lora_scale": champion.scale,
             "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics), BASELINE_TAG: metrics_json(baseline),
             SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos, **webui}
-    mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    with contextlib.redirect_stderr(io.StringIO()):  # its "already exists. Creating a new version": the model is
+        mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})  # made first
     return str(mv.version)
 
 
