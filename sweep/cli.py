@@ -249,3 +249,15 @@ def _no_such_key(key: str, keys: set[str]) -> str:
     if near:
         return f"{key}: no such key in the config; did you mean {' or '.join(near)}?"
     return f"{key}: no such key in the config (`python -m sweep --cfg job` lists them)"
+
+
+def key_values(argv: Sequence[str], keys: set[str], usage: str) -> dict[str, str]:
+    """The `key=value` arguments of a command that is no Hydra app (sweep.generate, sweep.serve); an unknown one is
+    refused with the command's usage."""
+    args = {}
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if not sep or key not in keys:
+            raise SystemExit(f"unknown argument {a!r}\n{usage}")
+        args[key] = value
+    return args

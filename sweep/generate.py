@@ -29,6 +29,7 @@ from common.device import resolve_device
 from common.errors import ModelSourceError, UserError
 from evaluation.generate import EvalInputError, LoraSwap, check_lora_file, load_pipeline
 
+from .cli import key_values
 from .logs import quiet_for_generation
 from .tracking.registry import champion_uri, default_store
 from .tracking.weights import fetch_lora
@@ -41,12 +42,7 @@ GENERATED = Path("outputs") / "generated"  # where images go without out=
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in KEYS:
-            raise SystemExit(f"unknown argument {a!r}\n{USAGE}")
-        args[key] = value
+    args = key_values(argv, KEYS, USAGE)
     if not args.get("prompt"):
         raise SystemExit(f"prompt is required\n{USAGE}")
     if "checkpoint" in args and "base" not in args:

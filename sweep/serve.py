@@ -35,6 +35,7 @@ from common.device import resolve_device
 from common.errors import UserError
 from evaluation.generate import EvalInputError
 
+from .cli import key_values
 from .generate import generator, plan_line, render, settings, with_defaults
 from .logs import quiet_for_generation
 from .server import LOOPBACK, is_loopback
@@ -61,12 +62,7 @@ class BadRequest(Exception):
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in KEYS:
-            raise SystemExit(f"unknown argument {a!r}\n{USAGE}")
-        args[key] = value
+    args = key_values(argv, KEYS, USAGE)
     port = args.get("port", "5001")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise SystemExit(f"port={port!r} is not a port number, e.g. port=5001")
