@@ -17,7 +17,7 @@ from common import faults, stop
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import evaluate
-from trainer.models import shared_pipeline
+from trainer.models import resolve_source, shared_pipeline
 
 from . import confidence, racing, report
 from .config import TrackingConfig, evaluation_settings, resolve_path
@@ -223,6 +223,7 @@ def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict)
                                                       COMPILE_IMAGES))
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     pipe = []  # loaded on first use: a race that is over scores nothing
+    pretrained = resolve_source(conf.model, cache_dir)  # its notes (a random base paints no face) as in the trials'
 
     def score(todo: list[Candidate], wanted: list[int], final: bool) -> list[Candidate]:
         if not pipe:
@@ -236,7 +237,7 @@ def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict)
             for scale in sorted({c.scale for c in mine}):  # a (checkpoint, strength) still in the race
                 evaluate(sorted({Path(c.checkpoint) for c in mine if c.scale == scale}), settings,
                          instance_dir=conf.data.instance_dir, out_dir=folder / EVAL_DIR, pipeline=pipe[0],
-                         baseline=False, seeds=wanted, prior=prior, scales=[scale])
+                         pretrained=pretrained, baseline=False, seeds=wanted, prior=prior, scales=[scale])
             scored = read_scores(folder)
             out += [replace(c, metrics=scored[c.entry][0], cells=scored[c.entry][1]) for c in mine]
         return out
