@@ -98,7 +98,7 @@ def admin_password(password_file: Path | None) -> str:
     else:
         password, source = os.environ.get(PASSWORD_ENV, ""), PASSWORD_ENV
     if not password:
-        raise ServerError(f"logins need the admin's password: set {PASSWORD_ENV} in the environment, or give "
+        raise ServerError(f"logins need the admin's password, from {PASSWORD_ENV} in the environment (set it), or give "
                           "--admin-password-file PATH (a file only you can read); never on the command line")
     if password == MLFLOW_DEFAULT_PASSWORD:
         raise ServerError(f"{source}: {MLFLOW_DEFAULT_PASSWORD!r} is the default password MLflow once shipped, "

@@ -38,12 +38,24 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+# what MLflow (mlflow.set_tracking_uri) and the tracker (credentials_to_env) put in this process's environment: a
+# test's store must not become the next test's, nor reach the commands it starts (they take it as the caller's store)
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_REGISTRY_URI")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_process_state():
-    """Tests see a fresh in-memory cache; the on-disk cache is shared through `cache_dir`."""
+    """Tests see a fresh in-memory cache (the on-disk cache is shared through `cache_dir`) and the MLflow variables
+    they started with."""
+    saved = {k: os.environ.get(k) for k in MLFLOW_ENV}
     cache.clear_memory_cache()
     yield
     cache.clear_memory_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -73,13 +73,14 @@ def test_a_sweep_through_submitit_trains_one_pack_per_job_composed_on_its_node_i
 
 
 def test_the_services_description_publishes_every_port_on_loopback_only():
-    """deploy/compose.yaml: MLflow, PostgreSQL and the S3-compatible store, each port bound to 127.0.0.1; every
-    password comes from deploy/.env (required, none written in the file)."""
+    """deploy/compose.yaml: MLflow, PostgreSQL and the S3-compatible store, each port bound to 127.0.0.1 by default;
+    every password comes from deploy/.env (required, none written in the file)."""
     spec = yaml.safe_load((PROJECT_DIR / "deploy" / "compose.yaml").read_text())
     assert {"mlflow", "postgres", "minio"} <= set(spec["services"])
     for name, svc in spec["services"].items():
         for port in svc.get("ports", []):
-            assert str(port).startswith("127.0.0.1:"), (name, port)
+            # 127.0.0.1, or MLflow's own address (MLFLOW_BIND, for a server with logins) defaulting to it
+            assert str(port).startswith(("127.0.0.1:", "${MLFLOW_BIND:-127.0.0.1}:")), (name, port)
     text = (PROJECT_DIR / "deploy" / "compose.yaml").read_text()
     for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD"):
         assert f"${{{var}:?" in text  # compose refuses to start without it

@@ -104,7 +104,7 @@ def test_server_settings_that_open_it_are_refused(tmp_path, monkeypatch, caplog)
         monkeypatch.setenv(name, "")  # main sets some for the server: undone after the test
         monkeypatch.delenv(name)
     root = ["--root", str(tmp_path)]
-    assert main(["--host", "0.0.0.0", *root]) == 2 and "set MLFLOW_AUTH_ADMIN_PASSWORD" in caplog.text
+    assert main(["--host", "0.0.0.0", *root]) == 2 and "from MLFLOW_AUTH_ADMIN_PASSWORD in the environment" in caplog.text
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "password1234")
     assert main(["--host", "0.0.0.0", *root]) == 2 and "default password MLflow once shipped" in caplog.text
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "short")
