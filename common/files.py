@@ -2,6 +2,7 @@
 writers could share: a unique temporary file in the same folder, flushed to disk, then renamed over the name."""
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -34,13 +35,9 @@ def _writer_alive(tmp: Path) -> bool:
 def remove_leftovers(path: Path) -> None:
     """The temporary files a writer of `path` killed before its rename left (plain files only, never a link)."""
     path = Path(path)
-    for left in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         if left.is_file() and not left.is_symlink() and not _writer_alive(left):
             left.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def write_atomic(path: Path, data: bytes | str | Path) -> None:
