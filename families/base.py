@@ -1,0 +1,228 @@
+"""The interface every model family implements: what the trainer, evaluation and export need to know of a base model
+and nothing more. One subclass of `Family` per family (families/sdxl.py, families/flux.py, ...), chosen by
+`model.family`; trainer/, evaluation/ and sweep/ call these methods and never branch on the family.
+
+The split follows the work a sweep does, in its order:
+
+1. the base: `check_source` / `build` (a random-weight architecture for tests and the demo) / `load` -> a `Base`
+   holding the frozen modules (text encoders, VAE, the trained denoiser: SDXL's UNet, a DiT's transformer);
+2. caches, computed once per sweep: `tokenize` + `encode_tokens` (the prompt's tensors: SDXL two CLIPs' hidden
+   states and pooled; FLUX T5 hidden states and CLIP pooled), `encode_pixels` (the VAE's latent distribution) and
+   `image_conditioning` (per-image tensors besides the latents: SDXL's size/crop time ids);
+3. one training step: `noised` (the sample -> the family's latent space, noise, timesteps or sigmas, the model input
+   and the target: SDXL epsilon with DDPM noising; FLUX flow matching with its density sampling), `predict` (the
+   denoiser's call with all its conditioning: SDXL time ids and pooled text; FLUX guidance, txt/img ids, the 2x2
+   packing and unpacking), `loss_per_sample` (the family's loss and weighting: min-SNR; SD3/FLUX weighting);
+4. LoRA: `denoiser_part` (the name of the trained module in LoRA files and optimizer groups), `text_encoder_parts`,
+   `default_targets` (which Linear layers peft and the packed kernels wrap), `save_lora_weights` and
+   `lora_state_dict` (the diffusers file through the family's own pipeline class);
+5. generation: `Base.pipeline()` over the loaded modules, `load_pipeline` from a folder or hub id, the prompt
+   embeddings a pipeline call takes (`generation_text_encoders`, `encode_for_generation`), `latents_for_decoder`,
+   `eval_defaults` and `generation_defaults`;
+6. the web-UI file (kohya's names): `to_webui` and `webui_metadata`; speed and memory: `compile_for_training`,
+   `compiled_for_generation`, `low_memory` (what the low-memory preset relies on, stated).
+
+Types from trainer/ (ModelConfig, TrainConfig, LoraSettings) are passed in, never imported: families/ sits below
+trainer/ and evaluation/ and imports only common/ (pyproject's import contracts)."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+
+class Noised(NamedTuple):
+    """One micro-batch made ready for the denoiser: `noisy` its input, `target` what it is to predict, in the same
+    layout as `predict`'s output; `timesteps` what `predict` and `loss_per_sample` read (SDXL: DDPM step indices;
+    flow matching: the timesteps the transformer takes, sigma x 1000). All batch-first: a pack concatenates its
+    trials' micro-batches along dim 0 and splits the prediction back the same way."""
+
+    noisy: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EvalDefaults:
+    """What the family's pipeline is made for: the resolution, steps and guidance evaluation uses unless eval.* sets
+    them, and the pipeline's own call defaults (sweep.generate fills in what a user did not ask for)."""
+
+    resolution: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+class Base(ABC):
+    """The frozen base a process loads once (trainer/models.py keeps it), as the family built it. Generic code reads
+    only what is declared here; a family's own methods read its own fields (SDXL's `unet`, `text_encoder_2`, ...)."""
+
+    family: "Family"
+    source: str  # the folder or hub id it was loaded from
+    fingerprint: str  # keys every cache derived from this base (latents, embeddings, class images)
+    device: torch.device
+    weight_dtype: torch.dtype  # of the frozen denoiser and text encoders (the LoRA trains in fp32)
+    vae: nn.Module
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The module the LoRA trains: SDXL's UNet, a DiT's transformer."""
+
+    @abstractmethod
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """{part: text encoder}, in `Family.text_encoder_parts` order (the parts a text-encoder LoRA trains)."""
+
+    @abstractmethod
+    def encoders_to(self, device: torch.device | str, text: bool = True, vae: bool = True) -> None:
+        """Move the text encoders and/or the VAE: they only fill caches, and between fills wait in CPU memory."""
+
+    @abstractmethod
+    def pipeline(self) -> Any:
+        """The family's diffusers pipeline over these very modules (no copy, no reload), all on the device: what the
+        trainer scores checkpoints with and generates class images with."""
+
+
+class Family(ABC):
+    """One model family. Stateless: one instance per process (families.get), every method takes what it needs."""
+
+    name: ClassVar[str]  # model.family
+    display_name: ClassVar[str]  # in messages, model cards: "SDXL", "FLUX.1"
+    denoiser_part: ClassVar[str]  # the trained module's name in LoRA files and optimizer groups: "unet", "transformer"
+    text_encoder_parts: ClassVar[tuple[str, ...]]  # parts a text-encoder LoRA trains (may be empty)
+    default_targets: ClassVar[tuple[str, ...]]  # lora.target_modules the family is made for (peft names)
+    default_text_targets: ClassVar[tuple[str, ...]]
+    resolution_multiple: ClassVar[int]  # data.resolution must be a multiple (SDXL 8; FLUX 16: VAE 8 x 2x2 packing)
+    prompt_tokens: ClassVar[int]  # tokens the (first) text encoder reads; longer prompts are cut (a warning says so)
+    eval_defaults: ClassVar[EvalDefaults]
+    low_memory: ClassVar[str]  # what preset=low_memory relies on for this family, in words (docs, the preset's note)
+
+    # ---- 1. the base ---------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def check_source(self, cfg: Any) -> str:
+        """model.pretrained (cfg: trainer.config.ModelConfig) as from_pretrained will read it, checked without
+        loading or downloading weights; "" for a model built from model.architecture. Raises ModelSourceError
+        naming the fix."""
+
+    @abstractmethod
+    def build(self, cfg: Any, out: Path) -> None:
+        """Build the family's pipeline with random weights from cfg.architecture and save_pretrained it into the new
+        folder `out` (the caller publishes it atomically and marks it as random weights). Tests and the demo train
+        on it (conf/model/*_tiny.yaml); GPU benchmarks use the full architecture."""
+
+    @abstractmethod
+    def load(self, cfg: Any, source: str, device: torch.device, weight_dtype: torch.dtype, fingerprint: str) -> Base:
+        """The frozen base from `source` (a folder or hub id): every module requires_grad False, eval mode, on
+        `device`, the denoiser and text encoders in `weight_dtype` (the VAE in what the family needs)."""
+
+    # ---- 2. caches -----------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def tokenize(self, base: Base, prompt: str) -> tuple[torch.Tensor, ...]:
+        """The prompt's token ids, one tensor (1 x tokens) per text encoder; warns when the prompt is cut."""
+
+    @abstractmethod
+    def encode_tokens(self, base: Base, ids: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The conditioning tensors of `ids` (batch-first; cached in fp32 once per prompt, or recomputed with
+        gradients at every step when the text encoders train). Keys are the family's own (SDXL: prompt_embeds,
+        pooled); `predict` receives the same keys, each concatenated over the micro-batch."""
+
+    @abstractmethod
+    def encode_pixels(self, base: Base, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) of a batch of images in [-1, 1] (N x 3 x H x W), unscaled: the
+        trainer caches them and draws a sample per step; `noised` maps the sample to the family's latent space."""
+
+    @abstractmethod
+    def image_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                           resolution: int) -> list[float]:
+        """Per-image conditioning besides the latents, as numbers (cached beside them): SDXL's six time ids. A
+        family without any returns []."""
+
+    # ---- 3. a training step --------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def noised(self, base: Base, sample: torch.Tensor, t: Any, gen: torch.Generator) -> Noised:
+        """The micro-batch's VAE samples (N x C x h x w, unscaled) -> model input, target and timesteps, every random
+        number from `gen` in a fixed order (a trial draws the same numbers alone or in a pack). t:
+        trainer.config.TrainConfig (noise_offset, snr_gamma, ... or the family's own fields)."""
+
+    @abstractmethod
+    def predict(self, base: Base, noisy: torch.Tensor, timesteps: torch.Tensor, image_cond: torch.Tensor,
+                text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output for the micro-batch, in `Noised.target`'s layout (the caller holds autocast).
+        image_cond: `image_conditioning` per sample (N x k); text: `encode_tokens`' tensors, per sample."""
+
+    @abstractmethod
+    def loss_per_sample(self, base: Base, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                        t: Any) -> torch.Tensor:
+        """One loss per sample (N), weighted as the family trains (the caller averages, splits instance and class
+        samples for prior preservation and sums a pack's trials)."""
+
+    # ---- 4. LoRA files -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def save_lora_weights(self, folder: Path, layers: dict[str, dict[str, torch.Tensor]],
+                          metadata: dict[str, dict]) -> None:
+        """Write the diffusers LoRA file into `folder`: layers {part: state dict in diffusers' names}, metadata
+        {part: peft LoraConfig.to_dict()} (through the family's pipeline class's save_lora_weights)."""
+
+    @abstractmethod
+    def lora_state_dict(self, path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+        """A LoRA file read as the family's pipeline reads it: (state dict with part prefixes, network alphas,
+        adapter metadata) (its pipeline class's lora_state_dict(..., return_lora_metadata=True))."""
+
+    # ---- 5. generation -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_pipeline(self, pretrained: str, device: torch.device, dtype: torch.dtype,
+                      refiner: str | None = None) -> tuple[Any, Any]:
+        """(pipeline, refiner or None) from a folder or hub id, for evaluation without a trainer's base. A family
+        without refiners raises EvalInputError when one is asked for."""
+
+    @abstractmethod
+    def generation_text_encoders(self, pipe: Any) -> list[nn.Module]:
+        """The pipeline's text encoders that `encode_for_generation` runs (they come to the device only for it)."""
+
+    @abstractmethod
+    def encode_for_generation(self, pipe: Any, prompts: list[str], guidance: bool) -> dict[str, torch.Tensor | None]:
+        """The pipeline call's prompt keyword arguments for `prompts`, one row per prompt (evaluation caches rows per
+        prompt and concatenates them): SDXL prompt_embeds, negative_..., pooled_...; guidance: classifier-free."""
+
+    @abstractmethod
+    def latents_for_decoder(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" images -> what the VAE's decoder takes (unscaled, unshifted,
+        unpacked): evaluation decodes itself (in chunks, through a bf16 decoder on CUDA)."""
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The pipeline call's own defaults (num_inference_steps, guidance_scale, height, width)."""
+        d = self.eval_defaults
+        return {"num_inference_steps": d.num_inference_steps, "guidance_scale": d.guidance_scale,
+                "height": d.resolution, "width": d.resolution}
+
+    # ---- 6. web UIs, speed ---------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def to_webui(self, path: Path, base_folder: Path | None, dtype: str,
+                 alphas: dict[str, float] | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """The diffusers LoRA file at `path` as the web UIs (ComfyUI, A1111, Forge) load it: (kohya-named state dict
+        in `dtype`, {part: adapter config}); base_folder: the base's folder when at hand (its config may matter for
+        the names). Raises common.lorafile.WebUIExportError, naming why, for what the format cannot hold."""
+
+    @abstractmethod
+    def webui_metadata(self, configs: dict[str, dict], resolution: int) -> dict[str, Any]:
+        """The family's own kohya ss_* / modelspec.* keys (base model version, architecture, prediction type,
+        network dim and alpha from `configs`); the exporter adds the trial's."""
+
+    @abstractmethod
+    def compile_for_training(self, denoiser: nn.Module) -> list:
+        """Regional torch.compile of the denoiser's repeated blocks for training; returns what `uncompile` undoes."""
+
+    @abstractmethod
+    def compiled_for_generation(self, denoiser: nn.Module, on: bool) -> contextlib.AbstractContextManager:
+        """Context: inside, with `on`, the denoiser's generation regions compiled (common/compiling.py)."""
