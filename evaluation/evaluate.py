@@ -1,6 +1,7 @@
 """evaluate(checkpoints, config) -> metrics per checkpoint, plus the no-LoRA baseline and image grids."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -9,7 +10,8 @@ import time
 import math
 import os
 import shutil
-from dataclasses import asdict, replace
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +30,7 @@ from . import grid
 from .clip import ClipScorer
 from .config import SPEED_ONLY, EvalConfig, EvalInputError, entry_name, parse_entry, validate_eval
 from .face import FaceBackend, FaceSimilarity, Identity, make_backend
+from .overlap import Overlap
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ _SCORERS: dict[tuple, ClipScorer] = {}
 _BACKENDS: dict[str, FaceBackend] = {}
 _IDENTITIES: dict[tuple, Identity] = {}
 _NOTED: set[str] = set()
+# seconds this process spent generating, scoring, and waiting for scoring that overlap did not hide (the
+# generating thread held up by the scoring worker); scoring overlapped with generating is not waiting
+TIMES: Counter = Counter()
 
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
@@ -114,53 +120,84 @@ def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tup
     return prompts, [s for s in seeds if prior and f"prior_s{s}" not in cells]
 
 
-def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, applied: bool,
+def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, applied: bool,
                         entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
                         earlier: dict[str, dict[str, float]], weights: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
-    metrics.json updated after each entry (so an interruption loses at most the entry in progress)."""
-    results = {}
+    metrics.json updated after each entry (so an interruption loses at most the entries in progress). With
+    eval.overlap, an entry is scored on a worker thread while the next one generates (evaluation/overlap.py)."""
+    results: dict[str, dict[str, float]] = {}
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
     fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES)
-    with compiling.compiled_for_generation(pipe.unet, fast):
+    with Overlap(cfg.overlap) as work, compiling.compiled_for_generation(pipe.unet, fast):
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
             with gen.LoraSwap(pipe, None if applied else ckpt):
                 for name, _, scale in group:
                     stop.check()  # a stop asked for: the entries scored so far are in metrics.json
                     with rescaled(scale):
-                        results[name], cells, seconds = _entry(pipe, refiner, cfg, scorer, writer, out_dir, name,
-                                                               ckpt, todo[name], stored, earlier)
-                    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds},
-                           {name: weights[name]} if name in weights else {})
+                        made = _generate_entry(pipe, refiner, cfg, writer, out_dir, name, ckpt, todo[name])
+                    work.submit(functools.partial(_score_and_store, made, cfg, scorer, writer, out_dir, stored,
+                                                  earlier, weights, results))
+    TIMES["wait_s"] += work.waited_s
     return results
 
 
-def _entry(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, name: str, ckpt, todo,
-           stored: dict[str, dict], earlier: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict, dict]:
-    """One entry's missing cells generated (with what is on the UNet now) and scored, its images and grids written:
-    (its metrics over every cell it has, those cells, the time it took)."""
+@dataclass(frozen=True)
+class _Made:
+    """One entry's freshly generated images, waiting to be scored."""
+    name: str
+    sub: EvalConfig  # cfg at the prompt seeds generated
+    images: dict[str, list[Image.Image]]
+    prior: list[Image.Image]
+    prior_seeds: list[int]
+    generate_s: float
+
+
+def _generate_entry(pipe, refiner, cfg: EvalConfig, writer, out_dir: Path, name: str, ckpt, todo) -> _Made:
+    """One entry's missing cells generated with what is on the UNet now, their PNGs handed to the writer."""
     tic = time.perf_counter()
     prompt_seeds, prior_seeds = todo
     sub = replace(cfg, seeds=prompt_seeds)
     images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds)
-    generated = time.perf_counter()
+    made = _Made(name, sub, images, prior, list(prior_seeds), time.perf_counter() - tic)
+    TIMES["generate_s"] += made.generate_s
     if ckpt is not None:
         faults.hit("evaluate", str(out_dir))  # images generated, not yet scored (tests/test_faults.py)
     for arm, ims in images.items():  # written while the next images are scored and generated
         for k, im in enumerate(ims):  # every image, for people who want to look closer (fast PNG level)
             p, s = divmod(k, len(sub.seeds))
             writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{sub.seeds[s]}.png", compress_level=1)
-    cells = {**stored.get(name, {}), **scorer.cells(images, prior, sub, prior_seeds)}
+    return made
+
+
+def _score_and_store(made: _Made, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path,
+                     stored: dict[str, dict], earlier: dict[str, dict[str, float]], weights: dict[str, str],
+                     results: dict[str, dict[str, float]]) -> None:
+    """One entry's images scored (`_score_entry`), its metrics put in `results` and metrics.json."""
+    name = made.name
+    results[name], cells, seconds = _score_entry(made, cfg, scorer, writer, out_dir, name, stored, earlier)
+    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds},
+           {name: weights[name]} if name in weights else {})
+
+
+def _score_entry(made: _Made, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, name: str,
+                 stored: dict[str, dict], earlier: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict, dict]:
+    """One entry's fresh images scored, its grids written: (its metrics over every cell it has, those cells, the
+    time it took)."""
+    tic = time.perf_counter()
+    images, prior, sub = made.images, made.prior, made.sub
+    cells = {**stored.get(name, {}), **scorer.cells(images, prior, sub, made.prior_seeds)}
     fresh = {(arm, p, s): im for arm, ims in images.items()
              for k, im in enumerate(ims) for p, s in [(k // len(sub.seeds), sub.seeds[k % len(sub.seeds)])]}
     metrics = {**earlier.get(name, {}), **aggregate(cells.values()),
                **_set_metrics(scorer, cfg, out_dir, name, [a for a, ims in images.items() if ims], cells, fresh,
                               writer)}
-    done = time.perf_counter()
+    score_s = time.perf_counter() - tic
+    TIMES["score_s"] += score_s
     count = sum(map(len, images.values())) + len(prior or [])
     log.info("eval %s: %s (%d images generated in %.1f s, scored in %.1f s)", name,
-             {k: round(v, 4) for k, v in metrics.items()}, count, generated - tic, done - generated)
-    return metrics, cells, {"images": count, "generate_s": generated - tic, "score_s": done - generated}
+             {k: round(v, 4) for k, v in metrics.items()}, count, made.generate_s, score_s)
+    return metrics, cells, {"images": count, "generate_s": made.generate_s, "score_s": score_s}
 
 
 def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict,
