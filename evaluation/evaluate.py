@@ -105,7 +105,8 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
         with grid.Writer() as writer:
             results.update(_generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
-                                               [e for e in entries if e[0] in todo], todo, stored, earlier, weights))
+                                               [e for e in entries if e[0] in todo], todo, stored, earlier, weights,
+                                               pretrained))
     if cached:
         results = {BASELINE: cached, **results}
     elif baseline and baseline_cache and BASELINE in results:
@@ -122,14 +123,17 @@ def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tup
 
 def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, applied: bool,
                         entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
-                        earlier: dict[str, dict[str, float]], weights: dict[str, str]) -> dict[str, dict[str, float]]:
+                        earlier: dict[str, dict[str, float]], weights: dict[str, str],
+                        source: str | None = None) -> dict[str, dict[str, float]]:
     """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
     metrics.json updated after each entry (so an interruption loses at most the entries in progress). With
-    eval.overlap, an entry is scored on a worker thread while the next one generates (evaluation/overlap.py)."""
+    eval.overlap, an entry is scored on a worker thread while the next one generates (evaluation/overlap.py).
+    `source`: the base model's hub id or folder, which says whether the compile cache is warm for it."""
     results: dict[str, dict[str, float]] = {}
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
-    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES)
-    with Overlap(cfg.overlap) as work, compiling.compiled_for_generation(pipe.unet, fast):
+    key = compiling.generation_key(source, cfg.resolution, pipe.device) if source else None
+    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES, compiling.is_warm(key))
+    with Overlap(cfg.overlap) as work, compiling.compiled_for_generation(pipe.unet, fast, key):
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
             with gen.LoraSwap(pipe, None if applied else ckpt):
                 for name, _, scale in group:

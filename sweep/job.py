@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from common import faults, lorafile, stop
+from common import compiling, faults, lorafile, stop
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, preflight
@@ -254,9 +254,10 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     instance_photos(conf.data)
     resolve_device(conf.train.device)
     pretrained = resolve_source(conf.model, cache_dir)
+    compiling.use_cache(cache_dir)  # compiled code from an earlier sweep on this machine is loaded, not compiled
     settings = None
     if conf.eval.enabled:
-        settings = _compile_setting(evaluation_settings(conf), conf, race)
+        settings = _compile_setting(evaluation_settings(conf), conf, race, pretrained)
         preflight(settings, conf.data.instance_dir)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
     if settings is None:
@@ -306,17 +307,20 @@ def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[
     return list(groups.values())
 
 
-def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False) -> EvalConfig:
+def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False,
+                     source: str | None = None) -> EvalConfig:
     """eval.compile=auto decided for the trial's whole scoring (baseline and every checkpoint), not per call: each
-    call scores one checkpoint, too few images to repay compiling on its own; together they do."""
+    call scores one checkpoint, too few images to repay compiling on its own; together they do, and fewer do when
+    this machine's compile cache is warm for the base model `source` (common/compiling.py)."""
     if settings.compile is not None:
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     per_checkpoint = len(settings.prompts) if race else settings.images_per_checkpoint()  # racing's first round
     per_checkpoint *= len(settings.lora_scales)
     images = checkpoints * per_checkpoint + settings.images_per_checkpoint()
-    on = want_compile(None, resolve_device(settings.device, "eval.device"), images, COMPILE_IMAGES)
-    return replace(settings, compile=on)
+    device = resolve_device(settings.device, "eval.device")
+    warm = device.type == "cuda" and bool(source) and compiling.is_warm(compiling.generation_key(source, settings.resolution, device))
+    return replace(settings, compile=want_compile(None, device, images, COMPILE_IMAGES, warm))
 
 
 def _entry_rows(entry: str, metrics: dict, baseline: dict, selection) -> list[tuple[str, float, int]]:
