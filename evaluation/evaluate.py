@@ -30,7 +30,7 @@ from . import grid
 from .clip import ClipScorer
 from .config import SPEED_ONLY, EvalConfig, EvalInputError, entry_name, parse_entry, validate_eval
 from .face import FaceBackend, FaceSimilarity, Identity, make_backend
-from .overlap import Overlap
+from .overlap import Later, Overlap
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ _NOTED: set[str] = set()
 # seconds this process spent generating, scoring, and waiting for scoring that overlap did not hide (the
 # generating thread held up by the scoring worker); scoring overlapped with generating is not waiting
 TIMES: Counter = Counter()
+_PENDING: list[Later] = []  # calls whose scoring goes on after they returned (`later`)
 
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
              pretrained: str | None = None, pipeline=None, baseline: bool = True,
              baseline_cache: Path | None = None, applied: bool = False,
              seeds: Sequence[int] | None = None, prior: bool = True,
-             scales: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
+             scales: Sequence[float] | None = None, later: bool = False) -> dict[str, dict[str, float]] | Later:
     """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
 
     The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
@@ -65,7 +66,11 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     its cells scored so far (common.metrics.aggregate). `seeds` (a subset of cfg.seeds, default all) are the cells
     this call asks for: a racing round asks for one more seed per prompt, and with `prior=False` not for the
     prior-drift prompt's images (the champion's and runner-up's full protocol does). Cells scored before with the
-    same settings are not generated again, so a call after an interruption only makes what is missing."""
+    same settings are not generated again, so a call after an interruption only makes what is missing.
+
+    With `later` (and eval.overlap), the call returns once the images are generated: a `Later` whose `result()` is
+    the dict above, scored meanwhile on a worker thread (a trainer goes on training while its checkpoint is scored).
+    A later call that borrows these files' scores waits for them."""
     if pipeline is None and not pretrained:
         raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local SDXL folder)")
     ckpts = [Path(c) for c in checkpoints]
@@ -85,6 +90,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     entries = ([] if (not baseline or cached) else [(BASELINE, None, 1.0)]) + [
         (entry_name(c.name, x), c, x) for c in ckpts for x in strengths]
     weights = {name: sha for name, c, _ in entries if c is not None and (sha := recorded_sha256(c / LORA_FILE))}
+    _settle_pending(set(weights.values()))
     rec = _borrow(out_dir, cfg, weights, _earlier(out_dir, cfg))
     stored = rec.get("cells", {})
     drift = face is not None and bool(cfg.prior_prompt)  # the prior-drift prompt is scored at all
@@ -94,6 +100,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     earlier = rec.get("metrics", {})  # a checkpoint with nothing left to score: its stored metrics
     results: dict[str, dict[str, float]] = {name: earlier[name] for name, *_ in entries if not any(todo[name])}
     todo = {name: s for name, s in todo.items() if any(s)}
+    work, fresh, writer = Overlap(cfg.overlap, times=TIMES), {}, None
     if todo:
         if pipeline is None:
             pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)
@@ -103,16 +110,46 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
             if cfg.refiner:
                 raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
         scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
-        with grid.Writer() as writer:
-            results.update(_generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
-                                               [e for e in entries if e[0] in todo], todo, stored, earlier, weights,
-                                               pretrained))
-    if cached:
-        results = {BASELINE: cached, **results}
-    elif baseline and baseline_cache and BASELINE in results:
-        _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
-    _checkpoint_grid(out_dir, cfg, list(_ordered(earlier_results(out_dir, cfg))))
-    return results
+        writer = grid.Writer()
+        try:
+            _generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
+                                [e for e in entries if e[0] in todo], todo, stored, earlier, weights, work, fresh,
+                                pretrained)
+        except BaseException as exc:
+            work.__exit__(type(exc), exc, exc.__traceback__)  # what was generated is scored; this error is raised
+            writer.__exit__(None, None, None)
+            raise
+
+    out: list = []
+
+    def finish() -> None:
+        """After the entries' scores: PNGs on disk, the baseline cached, the checkpoints' grid redrawn."""
+        nonlocal results
+        if writer is not None:
+            writer.__exit__(None, None, None)
+        results.update(fresh)
+        if cached:
+            results = {BASELINE: cached, **results}
+        elif baseline and baseline_cache and BASELINE in results:
+            _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
+        _checkpoint_grid(out_dir, cfg, list(_ordered(earlier_results(out_dir, cfg))))
+        out.append(results)
+
+    work.submit(finish)
+    pending = Later(work, out, frozenset(weights.values()))
+    if later and work.on:
+        _PENDING.append(pending)
+        return pending
+    return pending.result()
+
+
+def _settle_pending(shas: set[str]) -> None:
+    """Calls still scoring LoRA files with these sha256 (a trial the same training serves) finish first: their
+    scores are borrowed (`_borrow`) instead of generated again."""
+    _PENDING[:] = [p for p in _PENDING if p.work.busy()]
+    for p in _PENDING:
+        if p.keys & shas:
+            p.settle()
 
 
 def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tuple[list[int], list[int]]:
@@ -123,17 +160,17 @@ def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tup
 
 def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, applied: bool,
                         entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
-                        earlier: dict[str, dict[str, float]], weights: dict[str, str],
-                        source: str | None = None) -> dict[str, dict[str, float]]:
-    """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
-    metrics.json updated after each entry (so an interruption loses at most the entries in progress). With
-    eval.overlap, an entry is scored on a worker thread while the next one generates (evaluation/overlap.py).
-    `source`: the base model's hub id or folder, which says whether the compile cache is warm for it."""
-    results: dict[str, dict[str, float]] = {}
+                        earlier: dict[str, dict[str, float]], weights: dict[str, str], work: Overlap,
+                        results: dict[str, dict[str, float]], source: str | None = None) -> None:
+    """Each entry's missing cells generated (its LoRA merged in) and handed to `work` to be scored, its images and
+    grids written, its metrics put in `results` and metrics.json (updated after each entry, so an interruption
+    loses at most the entries in progress). With eval.overlap, an entry is scored on a worker thread while the
+    next one generates (evaluation/overlap.py). `source`: the base model's hub id or folder, which says whether
+    the compile cache is warm for it."""
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
     key = compiling.generation_key(source, cfg.resolution, pipe.device) if source else None
     fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES, compiling.is_warm(key))
-    with Overlap(cfg.overlap) as work, compiling.compiled_for_generation(pipe.unet, fast, key):
+    with compiling.compiled_for_generation(pipe.unet, fast, key):
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
             with gen.LoraSwap(pipe, None if applied else ckpt):
                 for name, _, scale in group:
@@ -142,8 +179,6 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer,
                         made = _generate_entry(pipe, refiner, cfg, writer, out_dir, name, ckpt, todo[name])
                     work.submit(functools.partial(_score_and_store, made, cfg, scorer, writer, out_dir, stored,
                                                   earlier, weights, results))
-    TIMES["wait_s"] += work.waited_s
-    return results
 
 
 @dataclass(frozen=True)

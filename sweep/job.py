@@ -22,6 +22,7 @@ from evaluation import EvalConfig, EvalInputError, evaluate, preflight
 from evaluation.config import entry_name, is_entry, parse_entry, strength_suffix
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
+from evaluation.overlap import Later
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
 from trainer.models import resolve_source, shared_pipeline
 
@@ -145,7 +146,8 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
     started_at = time.time()
     try:
         with tracker.active(run_id):
-            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live, conf.eval.races(job.multirun))
+            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live, conf.eval.races(job.multirun),
+                                        prunes=link is not None)
     except stop.Stopped as exc:  # Ctrl-C or SIGTERM: KILLED, not FAILED; resume=true continues it
         _record_stop(tracker, run_id, out, name, exc)
         raise
@@ -241,14 +243,16 @@ def trial_name(hc, sweep_dir: Path) -> str:
 
 
 def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
-              on_scored=None, race: bool = False) -> tuple[TrialResult, dict]:
+              on_scored=None, race: bool = False, prunes: bool = False) -> tuple[TrialResult, dict]:
     """Train, scoring every checkpoint as it is written (the trainer's loaded base generates; nothing is loaded
     twice). Returns the training result and {checkpoint: metrics} (with "baseline"). With `race`, a checkpoint's
     scoring here is racing's first round (one seed per prompt); the sweep's end scores more where it decides.
 
     `on_scored({entry: metrics}, baseline metrics) -> stop?` hears each checkpoint's scores (an entry per LoRA
-    strength) as they come; True stops the trial there (an Optuna pruner). With a refiner, checkpoints are scored
-    after training instead (the refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
+    strength) as they come; True stops the trial there (an Optuna pruner). Unless `prunes` (its answer can stop
+    the trial), a checkpoint's images are scored while training goes on (eval.overlap) and `on_scored` hears them
+    at the next checkpoint or when training ends. With a refiner, checkpoints are scored after training instead
+    (the refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     # cheap checks first: photos, device, model source, evaluation inputs; all before any model is loaded
     instance_photos(conf.data)
@@ -276,13 +280,29 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
             for scored in _by_checkpoint(metrics):
                 on_scored(scored, metrics[BASELINE_KEY])
 
-        def score(step: int, folder: Path) -> bool:
-            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first)
+        def hear(m: dict[str, dict[str, float]]) -> bool:
             metrics.update(m)
             return bool(on_scored and on_scored(m, metrics.get(BASELINE_KEY, {})))
 
+        def score(step: int, folder: Path) -> bool:
+            heard = [hear(p.result()) for p in _taken(scoring)]  # the last checkpoint's, scored meanwhile
+            got = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first,
+                           later=not prunes)
+            if isinstance(got, Later):  # scored while training goes on: nothing waits for its answer
+                scoring.append(got)
+                return any(heard)
+            return hear(got)
+
         spec.on_checkpoint = for_trial(current_trial(), score)  # called from the thread training a batch
-    [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
+    scoring: list[Later] = []
+    try:
+        [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
+    except BaseException:  # failed or stopped: the checkpoints generated so far are scored (metrics.json) first
+        for p in _taken(scoring):
+            p.work.__exit__(*sys.exc_info())
+        raise
+    for p in _taken(scoring):
+        hear(p.result())
     # checkpoints not scored live: written before an interruption, or all of them with a refiner
     entries = {c.name: [entry_name(c.name, x) for x in settings.lora_scales] for c in result.checkpoints}
     missing = [c for c in result.checkpoints if any(e not in metrics for e in entries[c.name])]
@@ -297,6 +317,12 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
                 on_scored(scored, metrics.get(BASELINE_KEY, {}))
     kept = {e for c in result.checkpoints for e in entries[c.name]}
     return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in kept}
+
+
+def _taken(pending: list) -> list:
+    """The items of `pending`, which is left empty."""
+    out, pending[:] = list(pending), []
+    return out
 
 
 def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[str, float]]]:

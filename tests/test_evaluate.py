@@ -587,3 +587,36 @@ def test_the_scoring_worker_keeps_order_bounds_what_waits_and_hands_back_its_err
     work.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         work.wait()
+
+
+def test_a_call_scored_later_returns_once_generated_and_a_twin_waits_to_borrow_its_scores(tiny, tmp_path,
+                                                                                        monkeypatch):
+    """evaluate(later=True), as a trainer scores a live checkpoint: it returns once the images are generated (the
+    trainer goes on) and its result() is what an ordinary call returns; a call for the very same LoRA file (a
+    trial the same training serves) waits for those scores and borrows them instead of generating again."""
+    import shutil
+    import threading
+
+    ev = importlib.import_module("evaluation.evaluate")
+    src, cfg = tiny["checkpoints"][-1], replace(tiny["cfg"], seeds=[0])
+    for trial in ("own", "twin", "plain"):
+        shutil.copytree(src, tmp_path / trial / "checkpoints" / src.name)
+    kw = dict(instance_dir=DEMO_DIR, pretrained=tiny["pretrained"], baseline=False)
+    plain = evaluate([tmp_path / "plain" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "plain" / "eval", **kw)
+    gate, real = threading.Event(), ev._Scorer.cells
+    monkeypatch.setattr(ev._Scorer, "cells", lambda self, *a: gate.wait(60) and real(self, *a))
+    shutil.rmtree(tmp_path / "plain")  # not a donor for the others
+    pending = evaluate([tmp_path / "own" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "own" / "eval",
+                       later=True, **kw)
+    assert isinstance(pending, ev.Later) and not (tmp_path / "own" / "eval" / "metrics.json").exists()
+    twin = []
+    waiting = threading.Thread(target=lambda: twin.append(evaluate(
+        [tmp_path / "twin" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "twin" / "eval", **kw)))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive()  # waits for the scores it will borrow
+    gate.set()
+    waiting.join(60)
+    assert json.dumps(pending.result()) == json.dumps(plain) == json.dumps(twin[0])
+    assert json.loads((tmp_path / "twin" / "eval" / "metrics.json").read_text())["borrowed"] == \
+        {src.name: f"own/{src.name}"}
