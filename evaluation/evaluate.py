@@ -58,8 +58,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     adapter live) and is not loaded again. Each checkpoint is scored at every LoRA strength of cfg.lora_scales (or
     `scales`, some of them): merged at that strength (`common.lorafile.rescaled`), each (checkpoint, strength) an
     entry of its own. Returns {entry name (`entry_name`: "step-000100", "step-000100_x0.7") or "baseline":
-    {metric: value}};
-    metrics.json in `out_dir` gathers the results of every call, images and grids are saved beside it. With
+    {metric: value}}; metrics.json in `out_dir` gathers the results of every call, images and grids beside it. With
     `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls.
 
     Every image is a cell (prompt, seed) whose scores metrics.json keeps; a checkpoint's metrics are those of all
@@ -68,9 +67,8 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     prior-drift prompt's images (the champion's and runner-up's full protocol does). Cells scored before with the
     same settings are not generated again, so a call after an interruption only makes what is missing.
 
-    With `later` (and eval.overlap), the call returns once the images are generated: a `Later` whose `result()` is
-    the dict above, scored meanwhile on a worker thread (a trainer goes on training while its checkpoint is scored).
-    A later call that borrows these files' scores waits for them."""
+    With `later` (and eval.overlap) it returns once the images are generated: a `Later` whose `result()` is the
+    dict above, scored meanwhile on a worker thread (a trainer trains on); a call borrowing those scores waits."""
     if pipeline is None and not pretrained:
         raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local SDXL folder)")
     ckpts = [Path(c) for c in checkpoints]
@@ -102,13 +100,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     todo = {name: s for name, s in todo.items() if any(s)}
     work, fresh, writer = Overlap(cfg.overlap, times=TIMES), {}, None
     if todo:
-        if pipeline is None:
-            pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)
-        else:
-            pipe, refiner = pipeline, None
-            pipe.set_progress_bar_config(disable=True)
-            if cfg.refiner:
-                raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
+        pipe, refiner = _pipelines(pipeline, pretrained, device, cfg)
         scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
         writer = grid.Writer()
         try:
@@ -123,17 +115,10 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     out: list = []
 
     def finish() -> None:
-        """After the entries' scores: PNGs on disk, the baseline cached, the checkpoints' grid redrawn."""
-        nonlocal results
         if writer is not None:
-            writer.__exit__(None, None, None)
-        results.update(fresh)
-        if cached:
-            results = {BASELINE: cached, **results}
-        elif baseline and baseline_cache and BASELINE in results:
-            _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
-        _checkpoint_grid(out_dir, cfg, list(_ordered(earlier_results(out_dir, cfg))))
-        out.append(results)
+            writer.__exit__(None, None, None)  # the PNGs on disk before the checkpoints' grid reads them
+        out.append(_conclude({**results, **fresh}, cached, baseline_cache if baseline else None, cfg, pretrained,
+                             out_dir))
 
     work.submit(finish)
     pending = Later(work, out, frozenset(weights.values()))
@@ -141,6 +126,28 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         _PENDING.append(pending)
         return pending
     return pending.result()
+
+
+def _pipelines(pipeline, pretrained: str | None, device: torch.device, cfg: EvalConfig):
+    """(the base pipeline, the refiner or None): the one given, or loaded once from `pretrained`."""
+    if pipeline is None:
+        return gen.load_pipeline(pretrained, device, cfg.refiner)
+    pipeline.set_progress_bar_config(disable=True)
+    if cfg.refiner:
+        raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
+    return pipeline, None
+
+
+def _conclude(results: dict[str, dict[str, float]], cached: dict | None, baseline_cache: Path | None,
+              cfg: EvalConfig, pretrained: str | None, out_dir: Path) -> dict[str, dict[str, float]]:
+    """After the entries' scores: the cached baseline in front (or the fresh one cached), the checkpoints' grid
+    redrawn."""
+    if cached:
+        results = {BASELINE: cached, **results}
+    elif baseline_cache and BASELINE in results:
+        _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
+    _checkpoint_grid(out_dir, cfg, list(_ordered(earlier_results(out_dir, cfg))))
+    return results
 
 
 def _settle_pending(shas: set[str]) -> None:
