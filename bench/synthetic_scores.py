@@ -26,10 +26,10 @@ the original study found them:
   seed alone), so the same cell always gets the same value: racing and the full protocol see identical cells, and
   a run is reproducible.
 
-Which checkpoint is scored is learnt from the evaluation's own calls, in the thread that makes them:
-`_generate_and_score(..., out_dir, ...)` gives the trial's `<trial>/eval` folder (whose `../.hydra/config.yaml`
-holds train.lr and train.max_steps) and `_generate(pipe, refiner, cfg, name, ...)` the entry's name ("baseline"
-or "step-000100"), just before `_Scorer.cells` scores that entry's images.
+Which checkpoint is scored is learnt from the evaluation's own calls, in the thread that scores:
+`_score_entry(made, cfg, scorer, writer, out_dir, name, ...)` gives the trial's `<trial>/eval` folder (whose
+`../.hydra/config.yaml` holds train.lr and train.max_steps) and the entry's name ("baseline" or "step-000100"),
+around `_Scorer.cells` scoring that entry's images.
 
     python -m bench.synthetic_scores -m <hydra overrides>    # `python -m sweep -m ...` with synthetic scores
 
@@ -155,7 +155,7 @@ def current_entry(lora_scale: float = 1.0) -> tuple | None:
     """(lr, study step, scale, step) of the entry this thread's evaluation is scoring; None for the baseline."""
     name, out_dir = getattr(_STATE, "name", None), getattr(_STATE, "out_dir", None)
     if name is None or out_dir is None:
-        raise RuntimeError("synthetic scores: _Scorer.cells was called outside evaluate()'s _generate_and_score")
+        raise RuntimeError("synthetic scores: _Scorer.cells was called outside evaluate()'s _score_entry")
     if name == "baseline":
         return None
     step = re.search(r"step-(\d+)", name)
@@ -182,27 +182,18 @@ def _synthesise(out: dict[str, dict[str, float]], who: tuple | None, base_arm: b
             cell[PRIOR_FACE_SIMILARITY] = prior_value(who, int(prior.group(1)))
 
 
-def _remember_folder(original):
-    """evaluate()'s `_generate_and_score`, remembering (for this thread, during the call) the folder it scores for:
-    `<trial>/eval`, whose trial's config says its learning rate."""
+def _remember_entry(original):
+    """evaluate()'s `_score_entry(made, cfg, scorer, writer, out_dir, name, ...)`, remembering (for the thread that
+    scores, during the call) the folder and the entry it scores: `<trial>/eval`, whose trial's config says its
+    learning rate, and "baseline" or "step-000100". Scoring may run on evaluation's worker thread
+    (evaluation/overlap.py), so the thread that generated does not know."""
     @functools.wraps(original)
-    def wrapper(pipe, refiner, cfg, scorer, writer, out_dir, applied, entries, todo, stored, earlier):
-        _STATE.out_dir, _STATE.name = out_dir, None
+    def wrapper(made, cfg, scorer, writer, out_dir, name, *args, **kwargs):
+        _STATE.out_dir, _STATE.name = out_dir, name
         try:
-            return original(pipe, refiner, cfg, scorer, writer, out_dir, applied, entries, todo, stored, earlier)
+            return original(made, cfg, scorer, writer, out_dir, name, *args, **kwargs)
         finally:
             _STATE.out_dir = _STATE.name = None
-
-    return wrapper
-
-
-def _remember_entry(original):
-    """`_generate`, remembering the entry whose images it makes ("baseline", "step-000100"): the next cells scored
-    in this thread are that entry's."""
-    @functools.wraps(original)
-    def wrapper(pipe, refiner, cfg, name, prior_prompt, prior_seeds):
-        _STATE.name = name
-        return original(pipe, refiner, cfg, name, prior_prompt, prior_seeds)
 
     return wrapper
 
@@ -220,13 +211,11 @@ def _synthetic_cells(original):
 
 
 def install() -> None:
-    """Patch evaluation.evaluate (idempotent): `_generate_and_score` and `_generate` remember which trial and entry
-    are scored, `_Scorer.cells` replaces the values it scored with synthetic ones (module docstring)."""
+    """Patch evaluation.evaluate (idempotent): `_score_entry` remembers which trial and entry are scored, `_Scorer.cells` replaces the values it scored with synthetic ones (module docstring)."""
     ev = importlib.import_module("evaluation.evaluate")  # the module (the package exports its function `evaluate`)
     if getattr(ev._Scorer.cells, "synthetic_scores", False):
         return
-    ev._generate_and_score = _remember_folder(ev._generate_and_score)
-    ev._generate = _remember_entry(ev._generate)
+    ev._score_entry = _remember_entry(ev._score_entry)
     ev._Scorer.cells = _synthetic_cells(ev._Scorer.cells)
 
 

@@ -3,12 +3,17 @@
 Compiling costs seconds once per machine (Inductor's on-disk cache makes a repeat cheap) and saves a little on
 every training step and generated image, so `None` ("auto") settings compile only where the saving pays back the
 compiling: training when trials x steps of a pack reach COMPILE_TRIAL_STEPS, generating when a process will make
-at least COMPILE_IMAGES images. The measurements behind the thresholds and the regions: docs/speed.md."""
+at least COMPILE_IMAGES images, or WARM_COMPILE_IMAGES once this machine's compile cache holds generation's code
+for the model (`use_cache`, `is_warm`). The measurements behind the thresholds and the regions: docs/speed.md."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +24,11 @@ COMPILE_TRIAL_STEPS = 2000  # trial-steps whose saving outweighs a cold compile 
 # images whose saving outweighs compiling the GENERATION regions; counted per trial although a sweep's trials
 # share the process and its compiled code, so it errs towards compiling
 COMPILE_IMAGES = 120
+# with a warm cache compiling costs Dynamo's tracing and loading the cached kernels (seconds, not ~45 s), so a
+# smaller count pays: one checkpoint's full protocol, or a racing sweep's first rounds
+WARM_COMPILE_IMAGES = 24
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # Inductor's and AOTAutograd's on-disk caches (Triton's kernels inside it)
+_SET_HERE: list[str] = []  # the folder use_cache put in CACHE_ENV (a user's own setting is left alone)
 RECOMPILE_LIMIT = 64  # graphs per block kind: training and generating shapes, block widths, pack sizes
 
 
@@ -82,10 +92,10 @@ def eager_stance(compiled: list[nn.Module]):
 
 
 @contextlib.contextmanager
-def compiled_for_generation(unet: nn.Module, on: bool):
+def compiled_for_generation(unet: nn.Module, on: bool, warm_key: str | None = None):
     """Inside, with `on`: the UNet's GENERATION regions compiled (what a training run compiled inside them is
-    traced anew, and gets its own compiled code back on exit); on exit the regions compiled here go back. Without
-    `on`: nothing changes."""
+    traced anew, and gets its own compiled code back on exit); on exit the regions compiled here go back, and
+    `warm_key` is marked warm (`is_warm`) when the code inside ran without error. Without `on`: nothing changes."""
     if not on:
         yield
         return
@@ -97,6 +107,7 @@ def compiled_for_generation(unet: nn.Module, on: bool):
     try:
         with torch.compiler.set_stance("default"):
             yield
+        mark_warm(warm_key)
     finally:
         uncompile(mine)
         for b, impl in trained:
@@ -119,9 +130,60 @@ def compile_works() -> bool:
         return False
 
 
-def want_compile(setting: bool | None, device: torch.device, work: int, pays_at: int) -> bool:
+def want_compile(setting: bool | None, device: torch.device, work: int, pays_at: int, warm: bool = False) -> bool:
     """An explicit setting as given; "auto" (None): on CUDA, when `work` (trial-steps, or images) reaches
-    `pays_at` and torch.compile works here."""
+    `pays_at`, or with `warm` (this machine's compile cache holds the code, `is_warm`) WARM_COMPILE_IMAGES, and
+    torch.compile works here."""
     if setting is not None:
         return setting
-    return device.type == "cuda" and work >= pays_at and compile_works()
+    enough = work >= (min(pays_at, WARM_COMPILE_IMAGES) if warm else pays_at)
+    return device.type == "cuda" and enough and compile_works()
+
+
+def use_cache(cache_dir: Path | str) -> Path:
+    """Inductor's FX-graph cache and AOTAutograd's cache (and Triton's kernels) on disk under the project's cache
+    folder (`<paths.cache_dir>/compile`) instead of the temporary folder: a second sweep on a machine loads
+    compiled code instead of compiling it (~45 s cold for generation). A TORCHINDUCTOR_CACHE_DIR the user set is
+    kept. Returns the folder in use."""
+    own = os.environ.get(CACHE_ENV)
+    if own is None or own in _SET_HERE:
+        own = str((Path(cache_dir) / "compile").resolve())
+        os.environ[CACHE_ENV] = own
+        _SET_HERE.append(own)
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True  # the defaults of torch >= 2.6, said here because the warm rule needs them
+    functorch_config.enable_autograd_cache = True
+    return Path(own)
+
+
+def cache_folder() -> Path:
+    """Where compiled code is cached now (`use_cache`'s folder, the user's, or Inductor's default)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return Path(os.environ.get(CACHE_ENV) or default_cache_dir()).resolve()
+
+
+def generation_key(source: str, resolution: int, device: torch.device) -> str:
+    """What generation's compiled code depends on beyond the code itself: the model, the image size, torch and
+    the accelerator (the cache is keyed finely by Inductor; this key only says whether to expect hits)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    what = {"source": str(source), "resolution": int(resolution), "torch": torch.__version__, "device": name,
+            "regions": GENERATION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_warm(key: str | None) -> bool:
+    """Whether generation compiled for `key` (`generation_key`) on this machine into the cache folder in use."""
+    return bool(key) and (cache_folder() / "warm" / f"{key}.json").is_file()
+
+
+def mark_warm(key: str | None) -> None:
+    """Generation compiled and ran for `key`: its code is in the cache folder now (a marker file beside it, so
+    deleting the cache forgets it too)."""
+    if not key:
+        return
+    path = cache_folder() / "warm" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "torch": torch.__version__}))

@@ -14,7 +14,7 @@ STUDY_PROMPTS = [
     "a picture of sks man showing the thumbs up gesture on the moon",
 ]
 FACE_BACKENDS = ("dlib", "insightface", "facenet", "none")
-SPEED_ONLY = ("compile",)  # settings that change how fast images come, not what is scored
+SPEED_ONLY = ("compile", "overlap")  # settings that change how fast images come, not what is scored
 
 
 class EvalInputError(ValueError):
@@ -43,6 +43,9 @@ class EvalConfig:
     # torch.compile the UNet's transformer blocks while generating; None: auto, on CUDA when a call (or a sweep's
     # trial) generates enough images to repay compiling (common/compiling.py). Not part of what scores mean.
     compile: Optional[bool] = None
+    # score a checkpoint's images on a worker thread while the next checkpoint's generate (evaluation/overlap.py);
+    # the same scores either way. Not part of what scores mean.
+    overlap: bool = True
 
     def images_per_checkpoint(self) -> int:
         """Images one (checkpoint, strength)'s scoring generates: prompts x seeds, plus the prior-drift prompt's when

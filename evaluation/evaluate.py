@@ -1,6 +1,7 @@
 """evaluate(checkpoints, config) -> metrics per checkpoint, plus the no-LoRA baseline and image grids."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -9,7 +10,8 @@ import time
 import math
 import os
 import shutil
-from dataclasses import asdict, replace
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +31,7 @@ from . import grid
 from .clip import ClipScorer
 from .config import SPEED_ONLY, EvalConfig, EvalInputError, entry_name, parse_entry, validate_eval
 from .face import FaceBackend, FaceSimilarity, Identity, make_backend
+from .overlap import Later, Overlap
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +41,17 @@ _SCORERS: dict[tuple, ClipScorer] = {}
 _BACKENDS: dict[str, FaceBackend] = {}
 _IDENTITIES: dict[tuple, Identity] = {}
 _NOTED: set[str] = set()
+# seconds this process spent generating, scoring, and waiting for scoring that overlap did not hide (the
+# generating thread held up by the scoring worker); scoring overlapped with generating is not waiting
+TIMES: Counter = Counter()
+_PENDING: list[Later] = []  # calls whose scoring goes on after they returned (`later`)
 
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
              pretrained: str | None = None, pipeline=None, baseline: bool = True,
              baseline_cache: Path | None = None, applied: bool = False,
              seeds: Sequence[int] | None = None, prior: bool = True,
-             scales: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
+             scales: Sequence[float] | None = None, later: bool = False) -> dict[str, dict[str, float]] | Later:
     """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
 
     The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
@@ -52,15 +59,17 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     adapter live) and is not loaded again. Each checkpoint is scored at every LoRA strength of cfg.lora_scales (or
     `scales`, some of them): merged at that strength (`common.lorafile.rescaled`), each (checkpoint, strength) an
     entry of its own. Returns {entry name (`entry_name`: "step-000100", "step-000100_x0.7") or "baseline":
-    {metric: value}};
-    metrics.json in `out_dir` gathers the results of every call, images and grids are saved beside it. With
+    {metric: value}}; metrics.json in `out_dir` gathers the results of every call, images and grids beside it. With
     `baseline_cache`, the no-LoRA baseline is computed once and reused by later calls.
 
     Every image is a cell (prompt, seed) whose scores metrics.json keeps; a checkpoint's metrics are those of all
     its cells scored so far (common.metrics.aggregate). `seeds` (a subset of cfg.seeds, default all) are the cells
     this call asks for: a racing round asks for one more seed per prompt, and with `prior=False` not for the
     prior-drift prompt's images (the champion's and runner-up's full protocol does). Cells scored before with the
-    same settings are not generated again, so a call after an interruption only makes what is missing."""
+    same settings are not generated again, so a call after an interruption only makes what is missing.
+
+    With `later` (and eval.overlap) it returns once the images are generated: a `Later` whose `result()` is the
+    dict above, scored meanwhile on a worker thread (a trainer trains on); a call borrowing those scores waits."""
     if pipeline is None and not pretrained:
         raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local diffusers folder)")
     ckpts = [Path(c) for c in checkpoints]
@@ -80,6 +89,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     entries = ([] if (not baseline or cached) else [(BASELINE, None, 1.0)]) + [
         (entry_name(c.name, x), c, x) for c in ckpts for x in strengths]
     weights = {name: sha for name, c, _ in entries if c is not None and (sha := recorded_sha256(c / LORA_FILE))}
+    _settle_pending(set(weights.values()))
     rec = _borrow(out_dir, cfg, weights, _earlier(out_dir, cfg))
     stored = rec.get("cells", {})
     drift = face is not None and bool(cfg.prior_prompt)  # the prior-drift prompt is scored at all
@@ -89,24 +99,65 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     earlier = rec.get("metrics", {})  # a checkpoint with nothing left to score: its stored metrics
     results: dict[str, dict[str, float]] = {name: earlier[name] for name, *_ in entries if not any(todo[name])}
     todo = {name: s for name, s in todo.items() if any(s)}
+    work, fresh, writer = Overlap(cfg.overlap, times=TIMES), {}, None
     if todo:
-        if pipeline is None:
-            pipe, refiner = gen.load_pipeline(pretrained, device, cfg.refiner)
-        else:
-            pipe, refiner = pipeline, None
-            pipe.set_progress_bar_config(disable=True)
-            if cfg.refiner:
-                raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
+        pipe, refiner = _pipelines(pipeline, pretrained, device, cfg)
         scorer = _Scorer(cfg, clip, face, _to_tensor([im.resize((224, 224)) for im in refs]), _notes(clip, pretrained))
-        with grid.Writer() as writer:
-            results.update(_generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
-                                               [e for e in entries if e[0] in todo], todo, stored, earlier, weights))
+        writer = grid.Writer()
+        try:
+            _generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
+                                [e for e in entries if e[0] in todo], todo, stored, earlier, weights, work, fresh,
+                                pretrained)
+        except BaseException as exc:
+            work.__exit__(type(exc), exc, exc.__traceback__)  # what was generated is scored; this error is raised
+            writer.__exit__(None, None, None)
+            raise
+
+    out: list = []
+
+    def finish() -> None:
+        if writer is not None:
+            writer.__exit__(None, None, None)  # the PNGs on disk before the checkpoints' grid reads them
+        out.append(_conclude({**results, **fresh}, cached, baseline_cache if baseline else None, cfg, pretrained,
+                             out_dir))
+
+    work.submit(finish)
+    pending = Later(work, out, frozenset(weights.values()))
+    if later and work.on:
+        _PENDING.append(pending)
+        return pending
+    return pending.result()
+
+
+def _pipelines(pipeline, pretrained: str | None, device: torch.device, cfg: EvalConfig):
+    """(the base pipeline, the refiner or None): the one given, or loaded once from `pretrained`."""
+    if pipeline is None:
+        return gen.load_pipeline(pretrained, device, cfg.refiner)
+    pipeline.set_progress_bar_config(disable=True)
+    if cfg.refiner:
+        raise EvalInputError("eval.refiner needs evaluate(pretrained=...) so that the refiner shares its VAE")
+    return pipeline, None
+
+
+def _conclude(results: dict[str, dict[str, float]], cached: dict | None, baseline_cache: Path | None,
+              cfg: EvalConfig, pretrained: str | None, out_dir: Path) -> dict[str, dict[str, float]]:
+    """After the entries' scores: the cached baseline in front (or the fresh one cached), the checkpoints' grid
+    redrawn."""
     if cached:
         results = {BASELINE: cached, **results}
-    elif baseline and baseline_cache and BASELINE in results:
+    elif baseline_cache and BASELINE in results:
         _write_json(baseline_cache, {"key": _baseline_key(cfg, pretrained), "metrics": results[BASELINE]})
     _checkpoint_grid(out_dir, cfg, list(_ordered(earlier_results(out_dir, cfg))))
     return results
+
+
+def _settle_pending(shas: set[str]) -> None:
+    """Calls still scoring LoRA files with these sha256 (a trial the same training serves) finish first: their
+    scores are borrowed (`_borrow`) instead of generated again."""
+    _PENDING[:] = [p for p in _PENDING if p.work.busy()]
+    for p in _PENDING:
+        if p.keys & shas:
+            p.settle()
 
 
 def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tuple[list[int], list[int]]:
@@ -115,54 +166,86 @@ def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tup
     return prompts, [s for s in seeds if prior and f"prior_s{s}" not in cells]
 
 
-def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, applied: bool,
+def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, applied: bool,
                         entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
-                        earlier: dict[str, dict[str, float]], weights: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Each entry's missing cells generated (its LoRA merged in) and scored, its images and grids written, and
-    metrics.json updated after each entry (so an interruption loses at most the entry in progress)."""
-    results = {}
+                        earlier: dict[str, dict[str, float]], weights: dict[str, str], work: Overlap,
+                        results: dict[str, dict[str, float]], source: str | None = None) -> None:
+    """Each entry's missing cells generated (its LoRA merged in) and handed to `work` to be scored, its images and
+    grids written, its metrics put in `results` and metrics.json (updated after each entry, so an interruption
+    loses at most the entries in progress). With eval.overlap, an entry is scored on a worker thread while the
+    next one generates (evaluation/overlap.py). `source`: the base model's hub id or folder, which says whether
+    the compile cache is warm for it."""
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
-    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES)
+    key = compiling.generation_key(source, cfg.resolution, pipe.device) if source else None
+    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES, compiling.is_warm(key))
     family = families.of_pipeline(pipe)
-    with family.compiled_for_generation(families.denoiser_of(pipe), fast):
+    with family.compiled_for_generation(families.denoiser_of(pipe), fast, key):
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
             with gen.LoraSwap(pipe, None if applied else ckpt):
                 for name, _, scale in group:
                     stop.check()  # a stop asked for: the entries scored so far are in metrics.json
                     with rescaled(scale):
-                        results[name], cells, seconds = _entry(pipe, refiner, cfg, scorer, writer, out_dir, name,
-                                                               ckpt, todo[name], stored, earlier)
-                    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds},
-                           {name: weights[name]} if name in weights else {})
-    return results
+                        made = _generate_entry(pipe, refiner, cfg, writer, out_dir, name, ckpt, todo[name])
+                    work.submit(functools.partial(_score_and_store, made, cfg, scorer, writer, out_dir, stored,
+                                                  earlier, weights, results))
 
 
-def _entry(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", writer, out_dir: Path, name: str, ckpt, todo,
-           stored: dict[str, dict], earlier: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict, dict]:
-    """One entry's missing cells generated (with what is on the UNet now) and scored, its images and grids written:
-    (its metrics over every cell it has, those cells, the time it took)."""
+@dataclass(frozen=True)
+class _Made:
+    """One entry's freshly generated images, waiting to be scored."""
+    name: str
+    sub: EvalConfig  # cfg at the prompt seeds generated
+    images: dict[str, list[Image.Image]]
+    prior: list[Image.Image]
+    prior_seeds: list[int]
+    generate_s: float
+
+
+def _generate_entry(pipe, refiner, cfg: EvalConfig, writer, out_dir: Path, name: str, ckpt, todo) -> _Made:
+    """One entry's missing cells generated with what is on the UNet now, their PNGs handed to the writer."""
     tic = time.perf_counter()
     prompt_seeds, prior_seeds = todo
     sub = replace(cfg, seeds=prompt_seeds)
     images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds)
-    generated = time.perf_counter()
+    made = _Made(name, sub, images, prior, list(prior_seeds), time.perf_counter() - tic)
+    TIMES["generate_s"] += made.generate_s
     if ckpt is not None:
         faults.hit("evaluate", str(out_dir))  # images generated, not yet scored (tests/test_faults.py)
     for arm, ims in images.items():  # written while the next images are scored and generated
         for k, im in enumerate(ims):  # every image, for people who want to look closer (fast PNG level)
             p, s = divmod(k, len(sub.seeds))
             writer.save(im, out_dir / "images" / name / f"{arm}_p{p}_s{sub.seeds[s]}.png", compress_level=1)
-    cells = {**stored.get(name, {}), **scorer.cells(images, prior, sub, prior_seeds)}
+    return made
+
+
+def _score_and_store(made: _Made, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path,
+                     stored: dict[str, dict], earlier: dict[str, dict[str, float]], weights: dict[str, str],
+                     results: dict[str, dict[str, float]]) -> None:
+    """One entry's images scored (`_score_entry`), its metrics put in `results` and metrics.json."""
+    name = made.name
+    results[name], cells, seconds = _score_entry(made, cfg, scorer, writer, out_dir, name, stored, earlier)
+    _store(out_dir, cfg, scorer.notes, {name: results[name]}, {name: cells}, {name: seconds},
+           {name: weights[name]} if name in weights else {})
+
+
+def _score_entry(made: _Made, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, name: str,
+                 stored: dict[str, dict], earlier: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict, dict]:
+    """One entry's fresh images scored, its grids written: (its metrics over every cell it has, those cells, the
+    time it took)."""
+    tic = time.perf_counter()
+    images, prior, sub = made.images, made.prior, made.sub
+    cells = {**stored.get(name, {}), **scorer.cells(images, prior, sub, made.prior_seeds)}
     fresh = {(arm, p, s): im for arm, ims in images.items()
              for k, im in enumerate(ims) for p, s in [(k // len(sub.seeds), sub.seeds[k % len(sub.seeds)])]}
     metrics = {**earlier.get(name, {}), **aggregate(cells.values()),
                **_set_metrics(scorer, cfg, out_dir, name, [a for a, ims in images.items() if ims], cells, fresh,
                               writer)}
-    done = time.perf_counter()
+    score_s = time.perf_counter() - tic
+    TIMES["score_s"] += score_s
     count = sum(map(len, images.values())) + len(prior or [])
     log.info("eval %s: %s (%d images generated in %.1f s, scored in %.1f s)", name,
-             {k: round(v, 4) for k, v in metrics.items()}, count, generated - tic, done - generated)
-    return metrics, cells, {"images": count, "generate_s": generated - tic, "score_s": done - generated}
+             {k: round(v, 4) for k, v in metrics.items()}, count, made.generate_s, score_s)
+    return metrics, cells, {"images": count, "generate_s": made.generate_s, "score_s": score_s}
 
 
 def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict,

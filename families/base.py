@@ -234,5 +234,7 @@ class Family(ABC):
         """Regional torch.compile of the denoiser's repeated blocks for training; returns what `uncompile` undoes."""
 
     @abstractmethod
-    def compiled_for_generation(self, denoiser: nn.Module, on: bool) -> contextlib.AbstractContextManager:
-        """Context: inside, with `on`, the denoiser's generation regions compiled (common/compiling.py)."""
+    def compiled_for_generation(self, denoiser: nn.Module, on: bool,
+                                warm_key: str | None = None) -> contextlib.AbstractContextManager:
+        """Context: inside, with `on`, the denoiser's generation regions compiled (common/compiling.py); `warm_key`
+        is marked warm in the persistent compile cache when the code inside ran without error."""

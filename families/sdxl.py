@@ -224,8 +224,9 @@ class SDXL(Family):
     def compile_for_training(self, denoiser: nn.Module) -> list:
         return compiling.compile_for_training(denoiser)
 
-    def compiled_for_generation(self, denoiser: nn.Module, on: bool) -> contextlib.AbstractContextManager:
-        return compiling.compiled_for_generation(denoiser, on)
+    def compiled_for_generation(self, denoiser: nn.Module, on: bool,
+                                warm_key: str | None = None) -> contextlib.AbstractContextManager:
+        return compiling.compiled_for_generation(denoiser, on, warm_key)
 
 
 # ---- the base: checked, built, loaded --------------------------------------------------------------------------

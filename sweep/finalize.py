@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import faults, stop
-from common.compiling import COMPILE_IMAGES, want_compile
+from common.compiling import COMPILE_IMAGES, generation_key, is_warm, use_cache, want_compile
 from common.device import resolve_device
 from evaluation import evaluate
 from trainer.models import resolve_source, shared_pipeline
@@ -217,13 +217,16 @@ def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict)
             all(racing.rounds_of(c, seeds) == len(seeds) for c in candidates):
         return candidates, None
     settings = evaluation_settings(conf)
-    # compiling for generation pays for the race as a whole (each call scores one seed of a few checkpoints)
-    device = resolve_device(settings.device, "eval.device")
-    settings = replace(settings, compile=want_compile(settings.compile, device, len(candidates) * len(settings.prompts),
-                                                      COMPILE_IMAGES))
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
-    pipe = []  # loaded on first use: a race that is over scores nothing
     pretrained = resolve_source(conf.model, cache_dir)  # its notes (a random base paints no face) as in the trials'
+    # compiling for generation pays for the race as a whole (each call scores one seed of a few checkpoints), and
+    # for fewer images when the trials' scoring (or an earlier sweep) left the compiled code in the cache
+    use_cache(cache_dir)
+    device = resolve_device(settings.device, "eval.device")
+    warm = device.type == "cuda" and is_warm(generation_key(pretrained, settings.resolution, device))
+    settings = replace(settings, compile=want_compile(settings.compile, device, len(candidates) * len(settings.prompts),
+                                                      COMPILE_IMAGES, warm))
+    pipe = []  # loaded on first use: a race that is over scores nothing
 
     def score(todo: list[Candidate], wanted: list[int], final: bool) -> list[Candidate]:
         if not pipe:

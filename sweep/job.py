@@ -15,13 +15,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from common import faults, lorafile, stop
+from common import compiling, faults, lorafile, stop
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, preflight
 from evaluation.config import entry_name, is_entry, parse_entry, strength_suffix
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
+from evaluation.overlap import Later
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
 from trainer.models import resolve_source, shared_pipeline
 
@@ -145,7 +146,8 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
     started_at = time.time()
     try:
         with tracker.active(run_id):
-            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live, conf.eval.races(job.multirun))
+            result, metrics = run_trial(conf, name, out, job.sweep_dir / BASELINE, live, conf.eval.races(job.multirun),
+                                        prunes=link is not None)
     except stop.Stopped as exc:  # Ctrl-C or SIGTERM: KILLED, not FAILED; resume=true continues it
         _record_stop(tracker, run_id, out, name, exc)
         raise
@@ -241,22 +243,25 @@ def trial_name(hc, sweep_dir: Path) -> str:
 
 
 def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
-              on_scored=None, race: bool = False) -> tuple[TrialResult, dict]:
+              on_scored=None, race: bool = False, prunes: bool = False) -> tuple[TrialResult, dict]:
     """Train, scoring every checkpoint as it is written (the trainer's loaded base generates; nothing is loaded
     twice). Returns the training result and {checkpoint: metrics} (with "baseline"). With `race`, a checkpoint's
     scoring here is racing's first round (one seed per prompt); the sweep's end scores more where it decides.
 
     `on_scored({entry: metrics}, baseline metrics) -> stop?` hears each checkpoint's scores (an entry per LoRA
-    strength) as they come; True stops the trial there (an Optuna pruner). With a refiner, checkpoints are scored
-    after training instead (the refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
+    strength) as they come; True stops the trial there (an Optuna pruner). Unless `prunes` (its answer can stop
+    the trial), a checkpoint's images are scored while training goes on (eval.overlap) and `on_scored` hears them
+    at the next checkpoint or when training ends. With a refiner, checkpoints are scored after training instead
+    (the refiner needs the model folder, not the trainer's modules) and nothing is pruned."""
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     # cheap checks first: photos, device, model source, evaluation inputs; all before any model is loaded
     instance_photos(conf.data)
     resolve_device(conf.train.device)
     pretrained = resolve_source(conf.model, cache_dir)
+    compiling.use_cache(cache_dir)  # compiled code from an earlier sweep on this machine is loaded, not compiled
     settings = None
     if conf.eval.enabled:
-        settings = _compile_setting(evaluation_settings(conf), conf, race)
+        settings = _compile_setting(evaluation_settings(conf), conf, race, pretrained)
         preflight(settings, conf.data.instance_dir)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
     if settings is None:
@@ -275,13 +280,29 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
             for scored in _by_checkpoint(metrics):
                 on_scored(scored, metrics[BASELINE_KEY])
 
-        def score(step: int, folder: Path) -> bool:
-            m = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first)
+        def hear(m: dict[str, dict[str, float]]) -> bool:
             metrics.update(m)
             return bool(on_scored and on_scored(m, metrics.get(BASELINE_KEY, {})))
 
+        def score(step: int, folder: Path) -> bool:
+            heard = [hear(p.result()) for p in _taken(scoring)]  # the last checkpoint's, scored meanwhile
+            got = evaluate([folder], settings, pipeline=pipe, baseline=False, applied=True, **kw, **first,
+                           later=not prunes)
+            if isinstance(got, Later):  # scored while training goes on: nothing waits for its answer
+                scoring.append(got)
+                return any(heard)
+            return hear(got)
+
         spec.on_checkpoint = for_trial(current_trial(), score)  # called from the thread training a batch
-    [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
+    scoring: list[Later] = []
+    try:
+        [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
+    except BaseException:  # failed or stopped: the checkpoints generated so far are scored (metrics.json) first
+        for p in _taken(scoring):
+            p.work.__exit__(*sys.exc_info())
+        raise
+    for p in _taken(scoring):
+        hear(p.result())
     # checkpoints not scored live: written before an interruption, or all of them with a refiner
     entries = {c.name: [entry_name(c.name, x) for x in settings.lora_scales] for c in result.checkpoints}
     missing = [c for c in result.checkpoints if any(e not in metrics for e in entries[c.name])]
@@ -298,6 +319,12 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     return result, {k: v for k, v in metrics.items() if k == BASELINE_KEY or k in kept}
 
 
+def _taken(pending: list) -> list:
+    """The items of `pending`, which is left empty."""
+    out, pending[:] = list(pending), []
+    return out
+
+
 def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[str, float]]]:
     """The scored entries grouped by checkpoint, in step order: [{"step-000100": m, "step-000100_x0.7": m}, ...]."""
     groups: dict[str, dict] = {}
@@ -306,17 +333,20 @@ def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[
     return list(groups.values())
 
 
-def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False) -> EvalConfig:
+def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False,
+                     source: str | None = None) -> EvalConfig:
     """eval.compile=auto decided for the trial's whole scoring (baseline and every checkpoint), not per call: each
-    call scores one checkpoint, too few images to repay compiling on its own; together they do."""
+    call scores one checkpoint, too few images to repay compiling on its own; together they do, and fewer do when
+    this machine's compile cache is warm for the base model `source` (common/compiling.py)."""
     if settings.compile is not None:
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     per_checkpoint = len(settings.prompts) if race else settings.images_per_checkpoint()  # racing's first round
     per_checkpoint *= len(settings.lora_scales)
     images = checkpoints * per_checkpoint + settings.images_per_checkpoint()
-    on = want_compile(None, resolve_device(settings.device, "eval.device"), images, COMPILE_IMAGES)
-    return replace(settings, compile=on)
+    device = resolve_device(settings.device, "eval.device")
+    warm = device.type == "cuda" and bool(source) and compiling.is_warm(compiling.generation_key(source, settings.resolution, device))
+    return replace(settings, compile=want_compile(None, device, images, COMPILE_IMAGES, warm))
 
 
 def _entry_rows(entry: str, metrics: dict, baseline: dict, selection) -> list[tuple[str, float, int]]:

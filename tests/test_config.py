@@ -149,12 +149,47 @@ def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
     conf = typed("steps=500", "train.checkpoint_every=100")
     assert conf.train.compile is None and conf.eval.compile is None
     seen = []
-    monkeypatch.setattr(sweep.job, "want_compile", lambda s, d, images, at: seen.append((images, at)) or True)
+    monkeypatch.setattr(sweep.job, "want_compile", lambda s, d, images, at, warm: seen.append((images, at, warm)) or True)
     settings = sweep.job._compile_setting(conf.eval.settings("clip"), conf)
     per_checkpoint = (len(conf.eval.prompts) + 1) * len(conf.eval.seeds)  # + the prior-drift prompt
-    assert settings.compile is True and seen == [(6 * per_checkpoint, COMPILE_IMAGES)]  # 5 checkpoints + baseline
+    assert settings.compile is True and seen == [(6 * per_checkpoint, COMPILE_IMAGES, False)]  # 5 checkpoints + baseline
     set_off = typed("steps=500", "train.checkpoint_every=100", "eval.compile=false")
     assert sweep.job._compile_setting(set_off.eval.settings("clip"), set_off).compile is False and len(seen) == 1
+
+
+def test_compiled_code_is_cached_in_the_project_cache_folder_and_a_warm_cache_compiles_for_fewer_images(
+        tmp_path, monkeypatch):
+    """A sweep keeps Inductor's and AOTAutograd's caches under <paths.cache_dir>/compile (a user's
+    TORCHINDUCTOR_CACHE_DIR wins); once generation compiled there for a model and resolution, "auto" compiles from
+    WARM_COMPILE_IMAGES images instead of COMPILE_IMAGES (racing's rounds, a trial's first-round scoring)."""
+    import torch
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from common import compiling
+
+    monkeypatch.setattr(compiling, "compile_works", lambda: True)
+    monkeypatch.delenv(compiling.CACHE_ENV, raising=False)
+    assert compiling.use_cache(tmp_path / "cache") == (tmp_path / "cache" / "compile").resolve()
+    assert compiling.cache_folder() == (tmp_path / "cache" / "compile").resolve()
+    assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    key = compiling.generation_key("stabilityai/sdxl", 1024, cpu)
+    assert key != compiling.generation_key("stabilityai/sdxl", 512, cpu) and not compiling.is_warm(key)
+    with pytest.raises(RuntimeError), compiling.compiled_for_generation(torch.nn.Linear(2, 2), True, key):
+        raise RuntimeError("generation failed: nothing to trust in the cache")
+    assert not compiling.is_warm(key)
+    with compiling.compiled_for_generation(torch.nn.Linear(2, 2), True, key):
+        pass
+    assert compiling.is_warm(key) and (tmp_path / "cache" / "compile" / "warm" / f"{key}.json").is_file()
+    images = 15 * 5  # the study's race: one round of 15 checkpoints x 5 prompts
+    assert not compiling.want_compile(None, cuda, images, compiling.COMPILE_IMAGES)  # cold: ~45 s does not pay
+    assert compiling.want_compile(None, cuda, images, compiling.COMPILE_IMAGES, warm=True)
+    assert not compiling.want_compile(None, cuda, compiling.WARM_COMPILE_IMAGES - 1, compiling.COMPILE_IMAGES, True)
+    assert not compiling.want_compile(None, cpu, images, compiling.COMPILE_IMAGES, warm=True)
+    assert not compiling.want_compile(False, cuda, images, compiling.COMPILE_IMAGES, warm=True)
+    monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "mine"))
+    assert compiling.use_cache(tmp_path / "cache") == tmp_path / "mine" and not compiling.is_warm(key)
 
 
 def test_speed_only_settings_keep_the_champion_protocol():

@@ -1,4 +1,5 @@
 """Evaluation of tiny-model checkpoints: CLIP with a tiny random CLIP, dlib faces, grids, one pipeline load."""
+import importlib
 import json
 import math
 from dataclasses import replace
@@ -493,3 +494,129 @@ def _identity():
     from evaluation.evaluate import _IDENTITIES
 
     return next(iter(_IDENTITIES.values()))
+
+
+def test_scoring_overlapped_with_generating_gives_todays_results_in_todays_order(tiny, tmp_path, monkeypatch):
+    """eval.overlap: each entry is scored on a worker thread while the next one generates; the metrics, every
+    cell and metrics.json's order are those of scoring each entry in turn (eval.overlap=false)."""
+    import threading
+
+    ev = importlib.import_module("evaluation.evaluate")  # the module, not the package's function
+
+    threads = []
+    real = ev._Scorer.cells
+    monkeypatch.setattr(ev._Scorer, "cells", lambda self, *a: threads.append(threading.current_thread().name)
+                        or real(self, *a))
+    runs = {}
+    for on in (False, True):
+        waited = ev.TIMES["wait_s"]
+        m = evaluate(tiny["checkpoints"], replace(tiny["cfg"], overlap=on), instance_dir=DEMO_DIR,
+                     out_dir=tmp_path / str(on), pretrained=tiny["pretrained"])
+        saved = json.loads((tmp_path / str(on) / "metrics.json").read_text())
+        runs[on] = (json.dumps(m), json.dumps(saved["metrics"]), json.dumps(saved["cells"]))
+        assert ev.TIMES["wait_s"] >= waited
+    assert runs[True] == runs[False]
+    assert list(json.loads(runs[True][0])) == [BASELINE, "step-000002", "step-000004"]
+    assert threads == ["MainThread"] * 3 + ["scoring"] * 3
+
+
+def test_a_scoring_error_surfaces_in_the_generating_thread_and_earlier_entries_keep_their_scores(tiny, tmp_path,
+                                                                                               monkeypatch):
+    ev = importlib.import_module("evaluation.evaluate")  # the module, not the package's function
+
+    real, calls = ev._Scorer.cells, []
+
+    def cells(self, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("dlib could not read image 3 (injected)")
+        return real(self, *a)
+
+    monkeypatch.setattr(ev._Scorer, "cells", cells)
+    with pytest.raises(ValueError, match=r"dlib could not read image 3 \(injected\)"):
+        evaluate(tiny["checkpoints"], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
+                 pretrained=tiny["pretrained"], baseline=False)
+    assert list(json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]) == ["step-000002"]
+    assert len(calls) == 2  # nothing scored after the failure
+
+
+def test_a_stop_during_generating_still_scores_the_entries_generated_before_it(tiny, tmp_path, monkeypatch):
+    from common import stop
+
+    real, made = gen.generate, []
+
+    def generate(*a, **kw):
+        made.append(1)
+        if len(made) == 1:
+            stop.request()  # Ctrl-C while the first checkpoint generates: it is scored, the second not generated
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gen, "generate", generate)
+    try:
+        with pytest.raises(stop.Stopped):
+            evaluate(tiny["checkpoints"], tiny["cfg"], instance_dir=DEMO_DIR, out_dir=tmp_path / "e",
+                     pretrained=tiny["pretrained"], baseline=False)
+    finally:
+        stop.reset()
+    assert made == [1] and list(json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]) == \
+        ["step-000002"]
+
+
+def test_the_scoring_worker_keeps_order_bounds_what_waits_and_hands_back_its_error():
+    import threading
+    import time
+
+    from evaluation.overlap import Overlap
+
+    done, gate = [], threading.Event()
+    with Overlap(depth=1) as work:
+        work.submit(lambda: gate.wait(5) and done.append(0))  # runs, held at the gate
+        work.submit(lambda: done.append(1))  # waits in the queue
+        blocked = threading.Thread(target=work.submit, args=(lambda: done.append(2),))
+        blocked.start()
+        time.sleep(0.2)
+        assert blocked.is_alive() and done == []  # a third piece waits for room: at most one waits
+        gate.set()
+        blocked.join(5)
+    assert done == [0, 1, 2] and work.waited_s > 0
+    inline = []
+    with Overlap(on=False) as work:
+        work.submit(lambda: inline.append(threading.current_thread().name))
+    assert inline == [threading.current_thread().name]
+    work = Overlap()
+    work.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        work.wait()
+
+
+def test_a_call_scored_later_returns_once_generated_and_a_twin_waits_to_borrow_its_scores(tiny, tmp_path,
+                                                                                        monkeypatch):
+    """evaluate(later=True), as a trainer scores a live checkpoint: it returns once the images are generated (the
+    trainer goes on) and its result() is what an ordinary call returns; a call for the very same LoRA file (a
+    trial the same training serves) waits for those scores and borrows them instead of generating again."""
+    import shutil
+    import threading
+
+    ev = importlib.import_module("evaluation.evaluate")
+    src, cfg = tiny["checkpoints"][-1], replace(tiny["cfg"], seeds=[0])
+    for trial in ("own", "twin", "plain"):
+        shutil.copytree(src, tmp_path / trial / "checkpoints" / src.name)
+    kw = dict(instance_dir=DEMO_DIR, pretrained=tiny["pretrained"], baseline=False)
+    plain = evaluate([tmp_path / "plain" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "plain" / "eval", **kw)
+    gate, real = threading.Event(), ev._Scorer.cells
+    monkeypatch.setattr(ev._Scorer, "cells", lambda self, *a: gate.wait(60) and real(self, *a))
+    shutil.rmtree(tmp_path / "plain")  # not a donor for the others
+    pending = evaluate([tmp_path / "own" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "own" / "eval",
+                       later=True, **kw)
+    assert isinstance(pending, ev.Later) and not (tmp_path / "own" / "eval" / "metrics.json").exists()
+    twin = []
+    waiting = threading.Thread(target=lambda: twin.append(evaluate(
+        [tmp_path / "twin" / "checkpoints" / src.name], cfg, out_dir=tmp_path / "twin" / "eval", **kw)))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive()  # waits for the scores it will borrow
+    gate.set()
+    waiting.join(60)
+    assert json.dumps(pending.result()) == json.dumps(plain) == json.dumps(twin[0])
+    assert json.loads((tmp_path / "twin" / "eval" / "metrics.json").read_text())["borrowed"] == \
+        {src.name: f"own/{src.name}"}
