@@ -1,0 +1,195 @@
+"""FLUX.1 as a model family (families/flux.py): the tiny model is a real FLUX.1 pipeline loaded like a downloaded one,
+a training step is train_dreambooth_lora_flux.py's arithmetic, and the web-UI file reads back through diffusers' own
+kohya-FLUX converter to the same weight updates."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from diffusers import FluxPipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from safetensors.torch import save_file
+
+import families
+from common.errors import ConfigError
+from families.flux import DEV, SCHNELL, TARGET_MODULES, Flux, to_kohya
+from sweep import CONF_DIR
+
+FLUX = Flux()
+PROMPT = "a photo of sks man"
+
+
+def _model_cfg(**changes) -> SimpleNamespace:
+    raw = yaml.safe_load((CONF_DIR / "model" / "flux_tiny.yaml").read_text())
+    return SimpleNamespace(**{"options": {}, **raw, **changes})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flux") / "flux_tiny"
+    FLUX.build(_model_cfg(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tiny):
+    return FLUX.load(_model_cfg(), str(tiny), torch.device("cpu"), torch.float32, "test")
+
+
+def test_the_tiny_model_is_a_flux1_pipeline_saved_and_loaded_offline(tiny, base):
+    """Its folder is what from_pretrained reads for FLUX.1 (model_index.json names FluxPipeline and its seven parts,
+    tokenizers included, built without a download) and the family recognises it as dev (guidance embedding)."""
+    index = json.loads((tiny / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert families.get("flux") is families.get("flux") and isinstance(families.get("flux"), Flux)
+    assert base.vae.config.latent_channels == 16 and base.vae.config.shift_factor == pytest.approx(0.1159)
+    assert base.variant is DEV
+    clip, t5 = FLUX.tokenize(base, PROMPT)
+    assert clip.shape == (1, 77) and t5.shape == (1, 32)  # T5 padded to the tiny tokenizer's 32 tokens
+    assert (t5[0] == 1).sum() == 1 and t5[0, -1] == 0  # one </s>, then <pad>
+    pipe = FluxPipeline.from_pretrained(tiny)
+    embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=32)
+    with torch.no_grad():
+        mine = FLUX.encode_tokens(base, (clip, t5))
+    torch.testing.assert_close(mine["prompt_embeds"], embeds)  # the same tensors FluxPipeline conditions on
+    torch.testing.assert_close(mine["pooled"], pooled)
+    assert mine["text_ids"].shape == (1, 32, 3) and not mine["text_ids"].any()
+
+
+def _script_loss(base, sample, text, gen: torch.Generator) -> torch.Tensor:
+    """train_dreambooth_lora_flux.py's step for a batch of VAE samples, transcribed (its names), with its random
+    draws taken from `gen` in the family's order (noise, then u)."""
+    vae, sched, transformer = base.vae, base.scheduler, base.transformer
+    model_input = (sample - vae.config.shift_factor) * vae.config.scaling_factor
+    bsz, ch, h, w = model_input.shape
+    latent_image_ids = FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, "cpu", torch.float32)
+    noise = torch.randn(model_input.shape, generator=gen)
+    u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=bsz, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29, generator=gen)
+    indices = (u * sched.config.num_train_timesteps).long()
+    timesteps = sched.timesteps[indices]
+    step_indices = [(sched.timesteps == t).nonzero().item() for t in timesteps]  # the script's get_sigmas
+    sigmas = sched.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * model_input + sigmas * noise
+    packed = FluxPipeline._pack_latents(noisy, bsz, ch, h, w)
+    guidance = torch.tensor([3.5]).expand(bsz)
+    pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                       pooled_projections=text["pooled"], encoder_hidden_states=text["prompt_embeds"],
+                       txt_ids=text["text_ids"][0], img_ids=latent_image_ids, return_dict=False)[0]
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    pred = FluxPipeline._unpack_latents(pred, h * vae_scale_factor, w * vae_scale_factor, vae_scale_factor)
+    target = noise - model_input
+    return torch.mean(((pred.float() - target.float()) ** 2).reshape(bsz, -1), 1)
+
+
+def test_a_training_step_is_the_diffusers_scripts_flow_matching_step(base):
+    """noised -> predict -> loss_per_sample gives the script's per-sample loss for the same draws (its timestep
+    sampling, sigma table, packing, guidance 3.5, target noise - x), and the same numbers from the same seed."""
+    with torch.no_grad():
+        text = FLUX.encode_tokens(base, FLUX.tokenize(base, PROMPT))
+        mean, std = FLUX.encode_pixels(base, torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(2))
+    text3 = {k: torch.cat([v] * 3) for k, v in text.items()}
+    with torch.no_grad():
+        n = FLUX.noised(base, sample, None, torch.Generator().manual_seed(3))
+        mine = FLUX.loss_per_sample(base, FLUX.predict(base, n.noisy, n.timesteps, torch.zeros(3, 0), text3),
+                                    n.target, n.timesteps, None)
+        script = _script_loss(base, sample, text3, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(mine, script, rtol=1e-5, atol=1e-6)
+    assert mine.shape == (3,) and len(set(n.timesteps.tolist())) == 3  # one timestep per sample
+
+
+def _random_lora(rank: int, width: int, blocks: int, single_targets=("attn.to_q", "attn.to_k", "attn.to_v")):
+    """A LoRA on the script's 12 targets of `blocks` double and single blocks, at FLUX.1's sizes (width 3072, the
+    MLPs 4x), every weight random: {module: (A, B)}."""
+    g = torch.Generator().manual_seed(rank)
+    mlp = {"ff.net.0.proj": (width, 4 * width), "ff.net.2": (4 * width, width),
+           "ff_context.net.0.proj": (width, 4 * width), "ff_context.net.2": (4 * width, width)}
+    mods = {}
+    for i in range(blocks):
+        for t in TARGET_MODULES:
+            fan_in, fan_out = mlp.get(t, (width, width))
+            mods[f"transformer_blocks.{i}.{t}"] = (torch.randn(rank, fan_in, generator=g) * 0.1,
+                                                   torch.randn(fan_out, rank, generator=g) * 0.1)
+        for t in single_targets:  # the script's targets in a single block: attn.to_q/k/v (no to_out there)
+            fan_out = 4 * width if t == "proj_mlp" else width
+            mods[f"single_transformer_blocks.{i}.{t}"] = (torch.randn(rank, width, generator=g) * 0.1,
+                                                          torch.randn(fan_out, rank, generator=g) * 0.1)
+    return mods
+
+
+@pytest.mark.parametrize("rank, alpha, single", [(16, 16.0, ("attn.to_q", "attn.to_k", "attn.to_v")),
+                                                 (4, 8.0, ("attn.to_q", "attn.to_k", "attn.to_v")),
+                                                 (8, 3.0, ("attn.to_q", "attn.to_v", "proj_mlp"))])
+def test_webui_file_reads_back_through_diffusers_kohya_flux_converter_to_the_same_delta_w(tmp_path, rank, alpha,
+                                                                                          single):
+    """The diffusers file (as training writes it) -> the web-UI file -> FluxPipeline.lora_state_dict, which
+    recognises kohya's FLUX format and converts it (_convert_kohya_flux_lora_to_diffusers): every module's update
+    (scale x B @ A) is the diffusers file's, at FLUX.1's real sizes; qkv and linear1 are fused as kohya fuses
+    them, the alpha is the adapter's (alpha / rank = lora_alpha / r), and fused parts without a LoRA get none."""
+    mods = _random_lora(rank, 3072, 2, single)
+    layers = {f"{m}.lora_{s}.weight": t for m, (a, b) in mods.items() for s, t in (("A", a), ("B", b))}
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": list(TARGET_MODULES), "use_dora": False}
+    FLUX.save_lora_weights(tmp_path / "ckpt", {"transformer": layers}, {"transformer": config})
+    tensors, configs = FLUX.to_webui(tmp_path / "ckpt" / "pytorch_lora_weights.safetensors", None, "fp32", None)
+    assert configs["transformer"]["lora_alpha"] == alpha
+    names = {k.split(".")[0] for k in tensors}
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_1_txt_attn_qkv",
+            "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_mlp_2",
+            "lora_unet_single_blocks_1_linear1"} <= names
+    assert not any("to_q" in n or "transformer_blocks" in n for n in names)  # kohya's names only
+    qkv = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert qkv.shape == (3 * rank, 3072)  # three LoRAs stacked: one fused module
+    assert float(tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) / (3 * rank) == pytest.approx(alpha / rank)
+    save_file(tensors, tmp_path / "webui.safetensors")
+    back = FluxPipeline.lora_state_dict(str(tmp_path), weight_name="webui.safetensors")
+    worst = 0.0
+    for module, (a, b) in mods.items():
+        want = (alpha / rank) * b @ a
+        got = back[f"transformer.{module}.lora_B.weight"] @ back[f"transformer.{module}.lora_A.weight"]
+        worst = max(worst, float((got - want).abs().max()))
+    assert worst < 1e-5, worst
+    extra = {k.rsplit(".lora_", 1)[0] for k in back} - {f"transformer.{m}" for m in mods}
+    for module in extra:  # the fused parts that had no LoRA (proj_mlp, or k): no update
+        assert not (back[f"{module}.lora_B.weight"] @ back[f"{module}.lora_A.weight"]).any(), module
+
+
+def test_web_ui_metadata_and_eval_defaults_follow_dev_or_schnell(tmp_path, tiny):
+    """dev (guidance embedding) and schnell (none) are told apart by the base's transformer config, whatever the
+    folder is called: modelspec's architecture, the licence (dev non-commercial, schnell Apache-2.0), and
+    evaluation's steps and guidance (dev 28 at 3.5, schnell 4 at 0)."""
+    meta = FLUX.webui_metadata({"transformer": {"r": 16, "lora_alpha": 8.0}}, 1024, tiny)
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_network_dim"] == 16 and meta["ss_network_alpha"] == "8"
+    assert meta["modelspec.license"] == "flux-1-dev-non-commercial-license"
+    assert "modelspec.prediction_type" not in meta  # kohya writes none for FLUX
+    schnell = tmp_path / "my-model" / "transformer"
+    schnell.mkdir(parents=True)
+    (schnell / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    meta = FLUX.webui_metadata({"transformer": {"r": 4}}, 1024, schnell.parent)
+    assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and meta["modelspec.license"] == "apache-2.0"
+    assert (DEV.steps, DEV.guidance, SCHNELL.steps, SCHNELL.guidance) == (28, 3.5, 4, 0.0)
+
+
+def test_unknown_flux_options_are_refused_with_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        FLUX.check_source(_model_cfg(options={"weighting_scheme": "uniform", "guidance": 3.5}))
+    text = str(err.value)
+    assert "model.options.guidance is not a FLUX.1 setting" in text and "guidance_scale" in text
+    assert "weighting_scheme='uniform'" in text and "logit_normal" in text
+
+
+def test_the_kohya_map_refuses_modules_it_has_no_name_for():
+    from families.flux import UnmappedModule
+
+    with pytest.raises(UnmappedModule, match="norm_out.linear"):
+        to_kohya({"norm_out.linear": (torch.zeros(1, 2), torch.zeros(2, 1))}, 1.0, torch.float32)
+    assert math.isclose(float(to_kohya({"x_embedder": (torch.ones(2, 3), torch.ones(4, 2))}, 0.5,
+                                       torch.float32)["lora_unet_img_in.alpha"]), 1.0)
