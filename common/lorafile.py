@@ -190,24 +190,30 @@ _PLAIN = {"use_dora": False, "use_rslora": False, "lora_bias": False, "fan_in_fa
 
 
 def file_sites(module: nn.Module, path: Path, scale: float = 1.0) -> list[MergeSite] | None:
-    """The merge sites of a UNet LoRA file as training writes it (diffusers format, its peft LoraConfig in the
-    file's metadata, plain Linear updates W + scale x alpha/r x B A), read straight from its tensors: what peft would
-    merge after `load_lora_weights`, without first building an adapter layer per targeted Linear (~560 in SDXL's
-    UNet, seconds per checkpoint; evaluation swaps a checkpoint in for every racing round). Each site is the Linear
-    itself (merged in place, nothing to swap out). None for any other file (text-encoder layers, kohya alphas, no
-    metadata, DoRA, rsLoRA, biases, rank or alpha patterns, a module that is not a plain Linear of these sizes, a
-    UNet carrying adapter layers): peft loads those."""
-    from diffusers import StableDiffusionXLPipeline
+    """The merge sites of a denoiser LoRA file as training writes it (diffusers format: every key under one part,
+    `unet.` or `transformer.`, its peft LoraConfig in the file's metadata, plain Linear updates W + scale x alpha/r x
+    B A), read straight from its tensors: what peft would merge after `load_lora_weights`, without first building an
+    adapter layer per targeted Linear (~560 in SDXL's UNet, seconds per checkpoint; evaluation swaps a checkpoint in
+    for every racing round). Each site is the Linear itself (merged in place, nothing to swap out). None for any
+    other file (text-encoder layers, kohya names or alphas, no metadata, DoRA, rsLoRA, biases, rank or alpha
+    patterns, a module that is not a plain Linear of these sizes, a denoiser carrying adapter layers): peft loads
+    those."""
     from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import safe_open
 
-    path = Path(path)
-    state, alphas, meta = StableDiffusionXLPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
-                                                                   return_lora_metadata=True)
-    conf = {k.removeprefix("unet."): v for k, v in (meta or {}).items()}
-    if (alphas or not meta or "lora_alpha" not in conf or any(not k.startswith("unet.") for k in state)
+    with safe_open(str(path), framework="pt") as f:  # what the pipelines' lora_state_dict gives for such a file
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    meta = json.loads(raw) if raw else None
+    parts = {k.split(".", 1)[0] for k in state}
+    if len(parts) != 1:
+        return None
+    prefix = f"{parts.pop()}."
+    conf = {k.removeprefix(prefix): v for k, v in (meta or {}).items()}
+    if (not meta or "lora_alpha" not in conf
             or any(conf.get(k, plain) != plain for k, plain in _PLAIN.items())):
         return None
-    tensors = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    tensors = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items()})
     names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
     if len(tensors) != 2 * len(names):
         return None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+import families
 from common import compiling, faults, stop
 from common.lorafile import LORA_FILE, recorded_sha256, rescaled
 from common.device import resolve_device
@@ -61,7 +62,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     prior-drift prompt's images (the champion's and runner-up's full protocol does). Cells scored before with the
     same settings are not generated again, so a call after an interruption only makes what is missing."""
     if pipeline is None and not pretrained:
-        raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local SDXL folder)")
+        raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local diffusers folder)")
     ckpts = [Path(c) for c in checkpoints]
     if applied and (pipeline is None or len(ckpts) != 1 or baseline):
         raise EvalInputError("evaluate(applied=True) scores the one checkpoint already on `pipeline`, without baseline")
@@ -122,7 +123,8 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: "_Scorer", write
     results = {}
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
     fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES)
-    with compiling.compiled_for_generation(pipe.unet, fast):
+    family = families.of_pipeline(pipe)
+    with family.compiled_for_generation(families.denoiser_of(pipe), fast):
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
             with gen.LoraSwap(pipe, None if applied else ckpt):
                 for name, _, scale in group:

@@ -14,6 +14,7 @@ from diffusers.training_utils import offload_models
 from PIL import Image
 from tqdm.auto import tqdm
 
+import families
 from common.lorafile import LORA_FILE, file_sites, merged, merged_into_base, recorded_sha256, sha256_file
 
 from .config import EvalConfig, EvalInputError
@@ -30,20 +31,17 @@ class LoraFileError(EvalInputError):
 
 
 def load_pipeline(pretrained: str, device: torch.device, refiner: str | None = None):
-    """The base SDXL pipeline (and the refiner sharing its VAE and second text encoder), loaded once per process."""
+    """The base pipeline of the model's family (and, for SDXL, the refiner sharing its VAE and second text encoder),
+    loaded once per process."""
     key = (pretrained, str(device), refiner)
     if key not in _PIPES:
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
+        family = families.for_source(pretrained)
         _PIPES.clear()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         STATS["pipeline_loads"] += 1
         log.info("loading evaluation pipeline from %s", pretrained)
-        base = StableDiffusionXLPipeline.from_pretrained(pretrained, torch_dtype=dtype).to(device)
-        ref = None
-        if refiner:
-            ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                refiner, text_encoder_2=base.text_encoder_2, vae=base.vae, torch_dtype=dtype).to(device)
+        base, ref = family.load_pipeline(pretrained, device, dtype, refiner)
+        if ref is not None:
             ref.set_progress_bar_config(disable=True)
         base.set_progress_bar_config(disable=True)
         # frozen: generating needs no gradients, and loading a LoRA (peft freezes what it wraps) must not change
@@ -89,8 +87,8 @@ def verify_hash(path: Path, expected: str | None = None) -> None:
 
 
 class LoraSwap:
-    """Context: inside, the checkpoint's LoRA (with None: the adapter the UNet already carries, e.g. a trainer's
-    live one) merged into the UNet's weights (`common.lorafile.merged`: generating costs what the base costs and
+    """Context: inside, the checkpoint's LoRA (with None: the adapter the denoiser already carries, e.g. a trainer's
+    live one) merged into the denoiser's weights (`common.lorafile.merged`: generating costs what the base costs and
     reuses its compiled code); outside, the plain base exactly as before. A file as training writes it is merged
     straight from its tensors (`file_sites`: ~10 ms of arithmetic instead of peft building ~560 adapter layers,
     ~6 s on a CPU); any other LoRA file goes through peft's `load_lora_weights`."""
@@ -100,16 +98,17 @@ class LoraSwap:
         self._undo = contextlib.ExitStack()
 
     def __enter__(self):
+        denoiser = families.denoiser_of(self.pipe)
         with contextlib.ExitStack() as undo:  # unwound here if anything below fails, else kept for __exit__
             sites = None
             if self.checkpoint is not None:
                 path = check_lora_file(self.checkpoint)
-                sites = _file_sites(self.pipe.unet, path, self.scale)
+                sites = _file_sites(denoiser, path, self.scale)
                 if sites is None:  # through peft's adapter layers, then merged
                     self._load(path)
                     undo.callback(self.pipe.unload_lora_weights)
                     self.pipe.set_adapters([ADAPTER], adapter_weights=[self.scale])
-            undo.enter_context(merged(self.pipe.unet) if sites is None else merged_into_base(sites))
+            undo.enter_context(merged(denoiser) if sites is None else merged_into_base(sites))
             self._undo = undo.pop_all()
         return self.pipe
 
@@ -130,10 +129,10 @@ class LoraSwap:
         self._undo.close()
 
 
-def _file_sites(unet, path: Path, scale: float):
+def _file_sites(denoiser, path: Path, scale: float):
     """`file_sites`, or None (peft's way) when the file cannot be read that way: peft then says what is wrong."""
     try:
-        return file_sites(unet, path, scale)
+        return file_sites(denoiser, path, scale)
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: load_lora_weights reports it by name
         log.debug("%s: merged through peft (%s: %s)", path, type(exc).__name__, exc)
         return None
@@ -156,7 +155,7 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
         gens = [torch.Generator(device=device).manual_seed(s) for _, s in chunk]  # paired across checkpoints
         kw = dict(**prompt_embeddings(pipe, texts, cfg.guidance_scale > 1), num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=gens)
-        out["base"] += decode(pipe, pipe(**kw, output_type="latent").images)
+        out["base"] += decode(pipe, pipe(**kw, output_type="latent").images, size=(cfg.resolution, cfg.resolution))
         if refiner is None:
             continue
         # ensemble of experts: the base denoises the first part, the refiner finishes from its latents
@@ -170,15 +169,15 @@ def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> d
 
 
 _EMBEDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 def prompt_embeddings(pipe, prompts: list[str], guidance: bool) -> dict[str, torch.Tensor | None]:
-    """The pipeline's prompt embeddings for `prompts` (its encode_prompt, one row per prompt), as keyword
-    arguments for the pipeline call. Each prompt is encoded once per pair of text encoders while they carry no
+    """The pipeline's prompt embeddings for `prompts` (its family's encode_for_generation, one row per prompt), as
+    keyword arguments for the pipeline call. Each prompt is encoded once per set of text encoders while they carry no
     LoRA: a sweep scores the same prompts at every checkpoint, so the text encoders run once, and between times
     they may wait in CPU memory (they come to the pipeline's device only to encode and go back after)."""
-    encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    family = families.of_pipeline(pipe)
+    encoders = family.generation_text_encoders(pipe)
     tuned = any(getattr(m, "peft_config", None) for m in encoders)  # text-encoder LoRA: encode every time
     cache = {} if tuned else _EMBEDS.setdefault(encoders[-1], {})
     device = pipe.device
@@ -186,29 +185,23 @@ def prompt_embeddings(pipe, prompts: list[str], guidance: bool) -> dict[str, tor
     missing = [p for p in dict.fromkeys(prompts) if (p, guidance, device, pair) not in cache]
     if missing:
         with offload_models(*encoders, device=device):
-            rows = pipe.encode_prompt(missing, device=device, do_classifier_free_guidance=guidance)
+            rows = family.encode_for_generation(pipe, missing, guidance)
         for i, p in enumerate(missing):
-            cache[(p, guidance, device, pair)] = tuple(None if t is None else t[i:i + 1] for t in rows)
+            cache[(p, guidance, device, pair)] = {k: None if t is None else t[i:i + 1] for k, t in rows.items()}
     got = [cache[(p, guidance, device, pair)] for p in prompts]
-    return {k: None if got[0][j] is None else torch.cat([g[j] for g in got]) for j, k in enumerate(_EMBED_KEYS)}
+    return {k: None if got[0][k] is None else torch.cat([g[k] for g in got]) for k in got[0]}
 
 
-
-def decode(pipe, latents: torch.Tensor, chunk: int = 4) -> list[Image.Image]:
-    """Latents -> images, a few at a time (a 1024 px decode needs GBs per image). On CUDA the decoder runs in
-    bf16 (fp32's range, so no fp16 overflow, at tensor-core speed): a VAE in fp32 (a sweep keeps SDXL's for exact
-    training latents) or fp16 decodes through a bf16 copy of its decoder half, made once."""
+def decode(pipe, latents: torch.Tensor, chunk: int = 4, size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """Latents (the pipeline's output_type="latent", `size` = (height, width) of the images) -> images, a few at a
+    time (a 1024 px decode needs GBs per image). On CUDA the decoder runs in bf16 (fp32's range, so no fp16
+    overflow, at tensor-core speed): a VAE in fp32 (a sweep keeps SDXL's for exact training latents) or fp16
+    decodes through a bf16 copy of its decoder half, made once."""
     vae = pipe.vae
-    cfg = vae.config
     post, decoder = _decoder(vae, latents.device)
     latents = latents.to(next(decoder.parameters()).dtype)
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / cfg.scaling_factor + mean
-    else:
-        latents = latents / cfg.scaling_factor
+    height, width = size or (None, None)
+    latents = families.of_pipeline(pipe).latents_for_decoder(pipe, latents, height, width)
     images = []
     with torch.no_grad():
         for part in latents.split(chunk):

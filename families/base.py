@@ -13,14 +13,19 @@ The split follows the work a sweep does, in its order:
    and the target: SDXL epsilon with DDPM noising; FLUX flow matching with its density sampling), `predict` (the
    denoiser's call with all its conditioning: SDXL time ids and pooled text; FLUX guidance, txt/img ids, the 2x2
    packing and unpacking), `loss_per_sample` (the family's loss and weighting: min-SNR; SD3/FLUX weighting);
-4. LoRA: `denoiser_part` (the name of the trained module in LoRA files and optimizer groups), `text_encoder_parts`,
-   `default_targets` (which Linear layers peft and the packed kernels wrap), `save_lora_weights` and
-   `lora_state_dict` (the diffusers file through the family's own pipeline class);
-5. generation: `Base.pipeline()` over the loaded modules, `load_pipeline` from a folder or hub id, the prompt
-   embeddings a pipeline call takes (`generation_text_encoders`, `encode_for_generation`), `latents_for_decoder`,
-   `eval_defaults` and `generation_defaults`;
-6. the web-UI file (kohya's names): `to_webui` and `webui_metadata`; speed and memory: `compile_for_training`,
-   `compiled_for_generation`, `low_memory` (what the low-memory preset relies on, stated).
+4. LoRA: `denoiser_part` (the name of the trained module in LoRA files, optimizer groups and pipelines),
+   `text_encoder_parts`, `default_targets` (which Linear layers peft and the packed kernels wrap: every nn.Linear
+   whose name ends in a target), `save_lora_weights` (the diffusers file through the family's own pipeline class);
+5. generation: `Base.pipeline()` over the loaded modules, `load_pipeline` from a folder or hub id
+   (`pipeline_classes` says which saved pipelines are the family's), the prompt embeddings a pipeline call takes
+   (`generation_text_encoders`, `encode_for_generation`), `latents_for_decoder`, `eval_defaults` and
+   `generation_defaults`;
+6. the web-UI file (kohya's names): `to_webui` and `webui_metadata`, the model card's `card_tags`; speed and memory:
+   `compile_for_training`, `compiled_for_generation`, `low_memory` (what the low-memory preset relies on, stated).
+
+Generic code finds a family by name (`families.get(cfg.model.family)`), from a pipeline object
+(`families.of_pipeline`: its class is in `pipeline_classes`), from a saved pipeline (`families.for_source`: its
+model_index.json's _class_name) or from a LoRA file's parts (`families.for_parts`).
 
 Types from trainer/ (ModelConfig, TrainConfig, LoraSettings) are passed in, never imported: families/ sits below
 trainer/ and evaluation/ and imports only common/ (pyproject's import contracts)."""
@@ -59,9 +64,11 @@ class EvalDefaults:
 
 class Base(ABC):
     """The frozen base a process loads once (trainer/models.py keeps it), as the family built it. Generic code reads
-    only what is declared here; a family's own methods read its own fields (SDXL's `unet`, `text_encoder_2`, ...)."""
+    only what is declared here, plus one attribute per LoRA part: `getattr(base, family.denoiser_part)` is the
+    denoiser and `getattr(base, part)` each text encoder part (a checkpoint hook puts the trained parts in eval mode by
+    these names). A family's own methods read its own fields (SDXL's `unet`, `text_encoder_2`, ...)."""
 
-    family: "Family"
+    family: Family
     source: str  # the folder or hub id it was loaded from
     fingerprint: str  # keys every cache derived from this base (latents, embeddings, class images)
     device: torch.device
@@ -99,6 +106,8 @@ class Family(ABC):
     resolution_multiple: ClassVar[int]  # data.resolution must be a multiple (SDXL 8; FLUX 16: VAE 8 x 2x2 packing)
     prompt_tokens: ClassVar[int]  # tokens the (first) text encoder reads; longer prompts are cut (a warning says so)
     eval_defaults: ClassVar[EvalDefaults]
+    pipeline_classes: ClassVar[tuple[str, ...]]  # diffusers pipeline class names that are this family's
+    card_tags: ClassVar[tuple[str, ...]]  # the model card's Hugging Face tags ("stable-diffusion-xl", ...)
     low_memory: ClassVar[str]  # what preset=low_memory relies on for this family, in words (docs, the preset's note)
 
     # ---- 1. the base ---------------------------------------------------------------------------------------------
@@ -171,11 +180,6 @@ class Family(ABC):
         """Write the diffusers LoRA file into `folder`: layers {part: state dict in diffusers' names}, metadata
         {part: peft LoraConfig.to_dict()} (through the family's pipeline class's save_lora_weights)."""
 
-    @abstractmethod
-    def lora_state_dict(self, path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
-        """A LoRA file read as the family's pipeline reads it: (state dict with part prefixes, network alphas,
-        adapter metadata) (its pipeline class's lora_state_dict(..., return_lora_metadata=True))."""
-
     # ---- 5. generation -------------------------------------------------------------------------------------------
 
     @abstractmethod
@@ -194,9 +198,11 @@ class Family(ABC):
         prompt and concatenates them): SDXL prompt_embeds, negative_..., pooled_...; guidance: classifier-free."""
 
     @abstractmethod
-    def latents_for_decoder(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def latents_for_decoder(self, pipe: Any, latents: torch.Tensor, height: int | None,
+                            width: int | None) -> torch.Tensor:
         """The pipeline's output_type="latent" images -> what the VAE's decoder takes (unscaled, unshifted,
-        unpacked): evaluation decodes itself (in chunks, through a bf16 decoder on CUDA)."""
+        unpacked; already in the decoder's dtype): evaluation decodes itself (in chunks, through a bf16 decoder on
+        CUDA). height, width: of the images (None from callers that decode SDXL-layout latents only)."""
 
     @property
     def generation_defaults(self) -> dict[str, Any]:
@@ -208,11 +214,13 @@ class Family(ABC):
     # ---- 6. web UIs, speed ---------------------------------------------------------------------------------------
 
     @abstractmethod
-    def to_webui(self, path: Path, base_folder: Path | None, dtype: str,
+    def to_webui(self, path: Path, base_config: dict | None, dtype: str,
                  alphas: dict[str, float] | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         """The diffusers LoRA file at `path` as the web UIs (ComfyUI, A1111, Forge) load it: (kohya-named state dict
-        in `dtype`, {part: adapter config}); base_folder: the base's folder when at hand (its config may matter for
-        the names). Raises common.lorafile.WebUIExportError, naming why, for what the format cannot hold."""
+        in `dtype`, {part: adapter config}; families/kohya.py has the shared pieces). base_config: the base's
+        <denoiser_part>/config.json when at hand, else None (SDXL's SGM block numbers depend on it); alphas: {part:
+        lora_alpha} for a file whose metadata lacks them. Raises families.kohya.WebUIExportError, naming why and the
+        way out, for what the format cannot hold."""
 
     @abstractmethod
     def webui_metadata(self, configs: dict[str, dict], resolution: int) -> dict[str, Any]:

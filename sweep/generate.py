@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import families
 from common.device import resolve_device
 from common.errors import ModelSourceError, UserError
 from evaluation.generate import EvalInputError, LoraSwap, check_lora_file, load_pipeline
@@ -146,12 +147,11 @@ def _from_checkpoint(args: dict[str, str], out: Path) -> None:
     out.write_bytes(png)
 
 
-PIPELINE_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.0, "height": 1024, "width": 1024}  # SDXL's own
-
-
-def with_defaults(s: dict) -> dict:
-    """The settings with StableDiffusionXLPipeline's own defaults where nothing was recorded or asked for."""
-    return {**s, **{k: v for k, v in PIPELINE_DEFAULTS.items() if s.get(k) is None}}
+def with_defaults(s: dict, family: families.Family | None = None) -> dict:
+    """The settings with the family's pipeline defaults (families/: generation_defaults; model.family's default
+    family when the base's is not known) where nothing was recorded or asked for."""
+    defaults = (family or families.get(families.DEFAULT)).generation_defaults
+    return {**s, **{k: v for k, v in defaults.items() if s.get(k) is None}}
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from families.tiny import byte_level_tokenizers
 from trainer.config import stable_hash
-from trainer.models import RANDOM_WEIGHTS_MARKER, byte_level_tokenizers, publish
+from trainer.models import RANDOM_WEIGHTS_MARKER, publish
 
 
 def build_clip(architecture: dict[str, Any], cache_dir: Path) -> str:

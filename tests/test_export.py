@@ -17,14 +17,15 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.lorafile import LORA_FILE
 from evaluation.generate import LoraFileError, check_lora_file
+from families.kohya import WebUIExportError
+from families.sdxl import convert, sgm_path
 from sweep import PROJECT_DIR
 from sweep.export import Source, export, licence
 from sweep.export.__main__ import main
 from trainer import lora
-from common.lorafile import LORA_FILE
 from trainer.models import load_base_model, resolve_source
-from trainer.webui import WebUIExportError, convert, sgm_path
 
 from .test_train import _unet_inputs
 

@@ -23,12 +23,20 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+import families
+from common.errors import ConfigError
 from common.lorafile import safetensors_bytes
+from sweep import CONF_DIR
+from trainer.config import SPEED_ONLY, stable_hash, training_config_hash
+from trainer.models import resolve_source
+
+from .conftest import typed
 
 REFERENCE = Path(__file__).parent / "data" / "sdxl_reference.json"
 # the two sweeps: the packed recipe (two trials in one pack), and the lone one (text-encoder LoRA)
@@ -111,3 +119,39 @@ def test_sdxl_sweeps_leave_the_reference_bytes_and_selection(swept):
         assert swept[name]["selection"] == ref[name]["selection"], f"{name}: selection.json changed"
     # the reference is not empty: both recipes' checkpoints, the champion's two files
     assert len(ref["packed"]["files"]) == 6 and len(ref["lone_text_encoder"]["files"]) == 3
+
+
+def test_an_unknown_family_is_refused_naming_it_and_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        families.get("fluxx")
+    assert "model.family='fluxx'" in str(err.value) and "sdxl" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # as a sweep's config: before any model is built or loaded
+        typed("model.family=fluxx", "model.name=never_built")
+    assert "model.family='fluxx' is not a known model family; use one of sdxl" in str(err.value)
+
+
+def test_every_model_config_names_a_known_family():
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        m = typed(f"model={path.stem}").model
+        assert families.get(m.family).name == m.family, path.name
+
+
+def test_hashes_of_the_default_family_are_those_written_before_model_family_existed(demo):
+    """Checkpoints and caches written before `family` joined ModelConfig still resume and hit."""
+    m, d, lo, t = demo.model, demo.data, demo.lora, demo.train
+    old = {k: v for k, v in asdict(m).items() if k != "family"}
+    tr = {k: v for k, v in asdict(t).items() if k not in ("max_steps", "checkpoint_every", "resume", "device",
+                                                           *SPEED_ONLY)}
+    assert training_config_hash(m, d, lo, t) == stable_hash({"model": old, "data": asdict(d), "lora": asdict(lo),
+                                                              "train": tr})
+    assert m.identity() == old
+    assert training_config_hash(replace(m, family="other"), d, lo, t) != training_config_hash(m, d, lo, t)
+
+
+def test_the_family_is_found_from_a_pipeline_a_saved_pipeline_and_a_lora_file(cache_dir):
+    sdxl = families.get("sdxl")
+    folder = resolve_source(typed("model=tiny").model, cache_dir)
+    assert families.for_source(folder) is sdxl
+    assert families.for_parts(["unet", "text_encoder"]) is sdxl
+    with pytest.raises(TypeError, match="no pipeline of a known model family"):
+        families.of_pipeline(object())

@@ -1,4 +1,4 @@
-"""VAE latents and prompt embeddings, computed once and cached on disk and in memory.
+"""VAE latents and prompt embeddings (as the model's family computes them), computed once and cached on disk and in memory.
 
 Keys hold everything the tensors depend on (model, photos' bytes, resolution, crop, flip, prompt), so
 every trial of a sweep, and every later sweep on the same photos, reuses them."""
@@ -29,9 +29,9 @@ _MEMORY: dict[str, dict[str, torch.Tensor]] = {}
 class LatentSet:
     """Latent distributions of N images in V variants (V=2 with flip: original and mirrored)."""
 
-    mean: torch.Tensor  # N x V x 4 x h x w
+    mean: torch.Tensor  # N x V x C x h x w
     std: torch.Tensor
-    time_ids: torch.Tensor  # N x V x 6: original size, crop top-left, target size
+    time_ids: torch.Tensor  # N x V x k: the family's per-image conditioning (SDXL: original size, crop, target size)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -39,9 +39,8 @@ class LatentSet:
 
 @dataclass
 class PromptEmbeds:
-    prompt_embeds: torch.Tensor  # 1 x 77 x (768 + 1280)
-    pooled: torch.Tensor  # 1 x 1280
-    input_ids: tuple[torch.Tensor, torch.Tensor]  # for text-encoder training, which re-encodes every step
+    tensors: dict[str, torch.Tensor]  # the family's encode_tokens (SDXL: prompt_embeds 1 x 77 x 2048, pooled 1 x 1280)
+    input_ids: tuple[torch.Tensor, ...]  # for text-encoder training, which re-encodes every step
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -73,40 +72,18 @@ def _cached(kind: str, key: str, cache_dir: Path, compute) -> dict[str, torch.Te
     return tensors
 
 
-def tokenize(base: BaseModel, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = []
-    for tok in (base.tokenizer, base.tokenizer_2):
-        n = len(tok(prompt).input_ids)
-        if n > tok.model_max_length:
-            log.warning("prompt %r is %d tokens; SDXL reads only the first %d", prompt, n, tok.model_max_length)
-        ids.append(tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids)
-    return ids[0], ids[1]
-
-
-def encode_tokens(base: BaseModel, ids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL text conditioning: penultimate hidden states of both encoders side by side, pooled from the second."""
-    hidden = []
-    pooled = None
-    for enc, tid in zip((base.text_encoder, base.text_encoder_2), ids):
-        out = enc(tid.to(base.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = getattr(out, "text_embeds", None)
-    return torch.cat(hidden, dim=-1), pooled
-
-
 def prompt_embeddings(base: BaseModel, prompt: str, cache_dir: Path) -> PromptEmbeds:
-    ids = tokenize(base, prompt)
+    family = base.family
+    ids = family.tokenize(base, prompt)
 
     @torch.no_grad()
     def compute():
         base.encoders_to(base.device, vae=False)
-        pe, pooled = encode_tokens(base, ids)
-        return {"prompt_embeds": pe.float(), "pooled": pooled.float()}
+        return {k: v.float() for k, v in family.encode_tokens(base, ids).items()}
 
     t = _cached("embeddings", stable_hash({"model": base.fingerprint, "prompt": prompt}), cache_dir, compute)
     dt = base.weight_dtype
-    return PromptEmbeds(t["prompt_embeds"].to(base.device, dt), t["pooled"].to(base.device, dt), ids)
+    return PromptEmbeds({k: v.to(base.device, dt) for k, v in t.items()}, ids)
 
 
 def latents(base: BaseModel, photos: list[Photo], resolution: int, center_crop: bool, crop_seed: int,
@@ -123,17 +100,15 @@ def latents(base: BaseModel, photos: list[Photo], resolution: int, center_crop: 
                 items.append(prepare(ph, resolution, center_crop, random.Random(crop_seed * 100_003 + i), flip=v))
         means, stds = [], []
         base.encoders_to(base.device, text=False)
-        vae = base.vae
         for s in range(0, len(items), batch):
-            px = torch.stack([it.pixels for it in items[s:s + batch]]).to(base.device, vae.dtype)
-            dist = vae.encode(px).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
+            m, sd = base.family.encode_pixels(base, torch.stack([it.pixels for it in items[s:s + batch]]))
+            means.append(m.float().cpu())
+            stds.append(sd.float().cpu())
         n, v = len(photos), len(variants)
         mean = torch.cat(means).reshape(n, v, *means[0].shape[1:])
         std = torch.cat(stds).reshape(n, v, *stds[0].shape[1:])
-        tids = torch.tensor([[*it.original_size, *it.crop_top_left, resolution, resolution] for it in items],
-                            dtype=torch.float32).reshape(n, v, 6)
+        cond = [base.family.image_conditioning(it.original_size, it.crop_top_left, resolution) for it in items]
+        tids = torch.tensor(cond, dtype=torch.float32).reshape(n, v, len(cond[0]) if cond else 0)
         return {"mean": mean, "std": std, "time_ids": tids}
 
     t = _cached("latents", key, cache_dir, compute)

@@ -9,6 +9,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+import families
+
 DEFAULT_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -21,9 +23,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelConfig:
-    """Where the SDXL base comes from: a hub id or local folder, or an architecture built with random weights."""
+    """Where the base model comes from: a hub id or local folder, or an architecture built with random weights, and
+    its family (families/: sdxl, ...), which says how to load, train and generate with it."""
 
     name: str = "sdxl_base"
+    family: str = families.DEFAULT  # model.family: which families/ module serves this base
     pretrained: Optional[str] = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: Optional[str] = None
     variant: Optional[str] = None
@@ -32,6 +36,11 @@ class ModelConfig:
     # and load it through the same from_pretrained path (tiny test model, or SDXL-size for GPU benchmarks).
     architecture: Optional[Dict[str, Any]] = None
     build_dtype: str = "float32"  # dtype the built pipeline is saved in ("float16" for SDXL-size)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two bases the same (cache keys, config hashes): every field, `family` only when it is not the
+        default, so that hashes written before model.family existed still match."""
+        return {k: v for k, v in self.__dict__.items() if not (k == "family" and v == families.DEFAULT)}
 
 
 @dataclass
@@ -124,7 +133,8 @@ def training_config_hash(model: ModelConfig, data: DataConfig, lora: LoraSetting
     t = asdict(train)
     for k in ("max_steps", "checkpoint_every", "resume", "device", *SPEED_ONLY):
         t.pop(k)
-    return stable_hash({"model": asdict(model), "data": asdict(data), "lora": asdict(lora), "train": t})
+    m = {k: v for k, v in asdict(model).items() if k in model.identity()}
+    return stable_hash({"model": m, "data": asdict(data), "lora": asdict(lora), "train": t})
 
 
 CLIP_TOKENS = 77
@@ -154,6 +164,8 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
     need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model.name or "")),
          f"model.name={model.name!r} names a folder in the cache: use letters, digits, '.', '_' and '-' only "
          "(no '/' or leading '.'), e.g. model.name=sdxl_base")
+    known = model.family in families.FAMILIES
+    need(known, families.unknown_family(model.family))
     need(bool(model.pretrained) != bool(model.architecture),
          f"model: set exactly one of model.pretrained (a hub id or local folder) and model.architecture "
          f"(got pretrained={model.pretrained!r}, architecture={'set' if model.architecture else None})")
@@ -171,8 +183,11 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
         need(bool(data.class_prompt.strip()), "data.class_prompt is empty but prior preservation is on")
         need(data.num_class_images > 0, f"data.num_class_images={data.num_class_images} must be > 0")
         need(data.prior_loss_weight >= 0, f"data.prior_loss_weight={data.prior_loss_weight} must be >= 0")
-    need(data.resolution > 0 and data.resolution % 8 == 0,
-         f"data.resolution={data.resolution} must be a positive multiple of 8 (SDXL: 1024)")
+    if known:
+        fam = families.get(model.family)
+        need(data.resolution > 0 and data.resolution % fam.resolution_multiple == 0,
+             f"data.resolution={data.resolution} must be a positive multiple of {fam.resolution_multiple} "
+             f"({fam.display_name}: {fam.eval_defaults.resolution})")
     need(data.repeats >= 1, f"data.repeats={data.repeats} must be >= 1")
     need(data.min_images >= 1, f"data.min_images={data.min_images} must be >= 1")
 

@@ -27,8 +27,10 @@ from .trial import TrialSpec, call_paused, reset_process_state, resumable, save_
 log = logging.getLogger("trainer.loop")  # the name these lines have always carried (see trial.py)
 
 
-def make_optimizer(t: TrainConfig, params: dict[str, list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
-    groups = [{"params": ps, "lr": t.lr if name == "unet" else t.te_lr} for name, ps in params.items()]
+def make_optimizer(t: TrainConfig, params: dict[str, list[torch.nn.Parameter]],
+                   denoiser: str) -> torch.optim.Optimizer:
+    """AdamW over the trial's LoRA parameters: the denoiser's part at train.lr, the text encoders' at their own."""
+    groups = [{"params": ps, "lr": t.lr if name == denoiser else t.te_lr} for name, ps in params.items()]
     kw = {"betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay, "eps": t.adam_epsilon}
     if t.optimizer == "adamw8bit":
         try:
@@ -81,8 +83,8 @@ class LoneRecipe:
         for name in self.params:  # training mode, so that LoRA dropout is active
             getattr(base, name).train()
         if t.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
-        optimizer = make_optimizer(t, self.params)
+            base.denoiser.enable_gradient_checkpointing()
+        optimizer = make_optimizer(t, self.params, base.family.denoiser_part)
         scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                   num_training_steps=t.max_steps)
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
@@ -113,7 +115,7 @@ class LoneRecipe:
         self.clock.start_step()
         total = 0.0
         for micro in range(t.gradient_accumulation):
-            with self.accelerator.accumulate(self.base.unet):
+            with self.accelerator.accumulate(self.base.denoiser):
                 loss = self._loss((step - 1) * t.gradient_accumulation + micro)
                 self.accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 if self.accelerator.sync_gradients:
@@ -134,10 +136,10 @@ class LoneRecipe:
 
     def _loss(self, k: int) -> torch.Tensor:
         """Loss of the trial's k-th micro-batch."""
-        noisy, noise, steps, tids, prompts = draw(self.base, self.samples, self.t, self.samplers, k, self.gen)
+        noisy, target, steps, tids, prompts = draw(self.base, self.samples, self.t, self.samplers, k, self.gen)
         pred = predict(self.base, noisy, steps, tids, prompts, self.spec.lora.train_text_encoder,
                        self.accelerator.autocast)
-        return trial_loss(self.base, pred, noise, steps, self.t, self.data, self.samples.klass is not None)
+        return trial_loss(self.base, pred, target, steps, self.t, self.data, self.samples.klass is not None)
 
     def checkpoint(self, step: int) -> None:
         """The trial's checkpoint, scored by its hook, which may stop the trial there."""
@@ -156,8 +158,8 @@ class LoneRecipe:
     def finish(self) -> None:
         """The base as train() keeps it between trials: no LoRA, eval mode."""
         lora.remove_lora(self.base)
-        for m in (self.base.unet, self.base.text_encoder, self.base.text_encoder_2):
+        for m in (self.base.denoiser, *self.base.text_encoders().values()):
             m.eval()
         if self.t.gradient_checkpointing:
-            self.base.unet.disable_gradient_checkpointing()
+            self.base.denoiser.disable_gradient_checkpointing()
         reset_process_state()

@@ -1,6 +1,7 @@
 """What a trial learns from and how: the cached samples, which of them each step draws, the noised micro-batch,
-the UNet's prediction and the epsilon-prediction loss. Shared by the lone and the packed recipe, so that a trial
-draws the same numbers and gets the same loss either way."""
+the denoiser's prediction and the loss, the last three as the model's family defines them (families/: `noised`,
+`predict`, `loss_per_sample`). Shared by the lone and the packed recipe, so that a trial draws the same numbers and
+gets the same loss either way."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from . import cache
 from .config import DataConfig, TrainConfig
@@ -81,10 +80,10 @@ def samplers_for(samples: Samples, seed: int) -> tuple[Sampler, Sampler | None]:
 class Draw(NamedTuple):
     """One trial's micro-batch: instance samples first, then class samples with prior preservation."""
 
-    noisy: torch.Tensor  # latents with noise added at `timesteps`
-    noise: torch.Tensor  # what the UNet is to predict
+    noisy: torch.Tensor  # the denoiser's input: latents with noise added at `timesteps`
+    target: torch.Tensor  # what the denoiser is to predict
     timesteps: torch.Tensor
-    time_ids: torch.Tensor  # SDXL's size and crop conditioning
+    time_ids: torch.Tensor  # the family's per-image conditioning (SDXL: size and crop)
     prompts: list[cache.PromptEmbeds]
 
 
@@ -104,36 +103,25 @@ def draw(base: BaseModel, samples: Samples, t: TrainConfig, samplers: tuple[Samp
         cm, cs, ct = _batch(samples.klass, samplers[1], k * b, b)
         mean, std, tids = torch.cat([mean, cm]), torch.cat([std, cs]), torch.cat([tids, ct])
         prompts += [samples.class_prompt] * b
-    n = mean.shape[0]
-    dev = mean.device
-    lat = (mean + std * torch.randn(mean.shape, generator=gen, device=dev)) * base.vae.config.scaling_factor
-    noise = torch.randn(lat.shape, generator=gen, device=dev)
-    if t.noise_offset:
-        noise = noise + t.noise_offset * torch.randn((n, lat.shape[1], 1, 1), generator=gen, device=dev)
-    sched = base.noise_scheduler
-    steps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen, device=dev)
-    return Draw(sched.add_noise(lat, noise, steps), noise, steps, tids, prompts)
+    sample = mean + std * torch.randn(mean.shape, generator=gen, device=mean.device)
+    return Draw(*base.family.noised(base, sample, t, gen), tids, prompts)
 
 
 def predict(base: BaseModel, noisy, steps, tids, prompts, train_te: bool, autocast):
+    family = base.family
     with autocast():
         if train_te:  # text encoders change every step: encode again, with gradients
-            ids = [torch.cat([p.input_ids[i] for p in prompts]) for i in (0, 1)]
-            emb, pooled = cache.encode_tokens(base, (ids[0], ids[1]))
+            ids = [torch.cat([p.input_ids[i] for p in prompts]) for i in range(len(prompts[0].input_ids))]
+            text = family.encode_tokens(base, tuple(ids))
         else:
-            emb = torch.cat([p.prompt_embeds for p in prompts])
-            pooled = torch.cat([p.pooled for p in prompts])
-        return base.unet(noisy.to(base.weight_dtype), steps, emb,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": tids.to(base.weight_dtype)}).sample
+            text = {k: torch.cat([p.tensors[k] for p in prompts]) for k in prompts[0].tensors}
+        return family.predict(base, noisy, steps, tids, text)
 
 
-def trial_loss(base: BaseModel, pred, noise, steps, t: TrainConfig, data: DataConfig, prior: bool):
-    """Epsilon-prediction loss of one trial's micro-batch (instance samples, then class samples with prior
-    preservation), min-SNR weighted if asked."""
-    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    if t.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023) for epsilon prediction
-        snr = compute_snr(base.noise_scheduler, steps)
-        per_sample = per_sample * torch.clamp(snr, max=t.snr_gamma) / snr
+def trial_loss(base: BaseModel, pred, target, steps, t: TrainConfig, data: DataConfig, prior: bool):
+    """The family's loss of one trial's micro-batch (instance samples, then class samples with prior
+    preservation)."""
+    per_sample = base.family.loss_per_sample(base, pred, target, steps, t)
     if not prior:
         return per_sample.mean()
     b = t.batch_size

@@ -103,12 +103,13 @@ class Pack:
         self.base, self.settings = base, settings
         self.ranks = [s.rank for s in settings]
         self.layers: list[tuple[str, nn.Module, str, PackedLoRALinear]] = []
-        for name, parent, attr in _targets(base.unet, list(settings[0].target_modules)):
+        for name, parent, attr in _targets(base.denoiser, list(settings[0].target_modules)):
             packed = PackedLoRALinear(getattr(parent, attr), self.ranks, [s.lora_alpha / s.rank for s in settings])
             setattr(parent, attr, packed)
             self.layers.append((name, parent, attr, packed))
         if not self.layers:
-            raise ConfigError([f"lora.target_modules={settings[0].target_modules} matches no Linear layer of the UNet"])
+            raise ConfigError([f"lora.target_modules={settings[0].target_modules} matches no Linear layer of the "
+                               f"{base.family.display_name} {base.family.denoiser_part}"])
 
     def params(self) -> list[nn.Parameter]:
         """In peft's order (per layer: A, then B), so that optimizer states line up with a lone trial's."""
@@ -141,7 +142,7 @@ class Pack:
             for _, parent, attr, m in self.layers])
 
     def save(self, k: int, folder: Path) -> None:
-        lora.save_unet_lora(folder, self.peft_state(k), lora.unet_config(self.settings[k]))
+        lora.save_unet_lora(folder, self.peft_state(k), lora.unet_config(self.settings[k]), self.base.family)
 
     def remove(self) -> None:
         for _, parent, attr, m in self.layers:

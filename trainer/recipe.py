@@ -41,7 +41,7 @@ class StepInputs(NamedTuple):
     """One micro-batch of the whole pack, trial-major: the tensors a captured step copies in."""
 
     noisy: torch.Tensor
-    noise: torch.Tensor
+    target: torch.Tensor
     timesteps: torch.Tensor
     time_ids: torch.Tensor
 
@@ -190,24 +190,24 @@ class PackedRecipe:
         if trial.found:
             lora.load_lora_into(self.base, trial.found[0], False)
         state = {k: v.detach().clone() for k, v in
-                 get_peft_model_state_dict(self.base.unet, adapter_name=lora.ADAPTER).items()}
+                 get_peft_model_state_dict(self.base.denoiser, adapter_name=lora.ADAPTER).items()}
         lora.remove_lora(self.base)
         return state
 
     def _prepare_unet(self) -> None:
         """Train mode, gradient checkpointing and memory format as asked; compiled when that pays."""
-        t0, n = self.t0, len(self.trials)
-        self.base.unet.train()
+        t0, n, denoiser = self.t0, len(self.trials), self.base.denoiser
+        denoiser.train()
         if t0.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         if t0.channels_last:
-            self.base.unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
         # auto: when the pack's remaining trial-steps repay a cold compile; never with gradient checkpointing
         work = 0 if t0.gradient_checkpointing else sum(t.spec.train.max_steps - self.start for t in self.trials)
         if compiling.want_compile(t0.compile, self.base.device, work, compiling.COMPILE_TRIAL_STEPS):
             log.info("compiling the UNet's transformer blocks for %d trial(s), %d trial-steps (train.compile=%s)", n,
                      work, "auto" if t0.compile is None else t0.compile)
-            self.compiled = compiling.compile_for_training(self.base.unet)
+            self.compiled = self.base.family.compile_for_training(denoiser)
 
     def _schedule(self, trial: PackedTrial) -> None:
         """The trial's LR schedule and noise stream, and with a checkpoint to resume from, their state and its
@@ -278,12 +278,12 @@ class PackedRecipe:
             values = self._redo(micro_inputs, lrs).tolist()
         return values
 
-    def _fwd_bwd(self, noisy, noise, timesteps, time_ids) -> torch.Tensor:
+    def _fwd_bwd(self, noisy, target, timesteps, time_ids) -> torch.Tensor:
         """Forward and backward of one micro-batch; each trial's loss (trial k's reaches only adapter k)."""
         n = len(self.trials)
         pred = predict(self.base, noisy, timesteps, time_ids, self.prompts, False, self.autocast)
         per = torch.stack([trial_loss(self.base, p, e, s, t.spec.train, self.data, self.samples.klass is not None)
-                           for p, e, s, t in zip(pred.chunk(n), noise.chunk(n), timesteps.chunk(n), self.trials)])
+                           for p, e, s, t in zip(pred.chunk(n), target.chunk(n), timesteps.chunk(n), self.trials)])
         (per.sum() / self.t0.gradient_accumulation).backward()
         return per.detach()
 
@@ -363,7 +363,7 @@ class PackedRecipe:
         name = member.spec.name
         try:
             with self.pack.use(trial.index), compiling.eager_stance(self.compiled):
-                stop = call_paused(member.spec.on_checkpoint, step, saved, ["unet"], self.base)
+                stop = call_paused(member.spec.on_checkpoint, step, saved, [self.base.family.denoiser_part], self.base)
         except Exception as exc:  # its scoring failed: this trial stops, its pack mates go on
             log.exception("trial %s (in a pack): its checkpoint hook failed at step %d", name, step)
             member.stop = Stop("failed", step, error=f"{type(exc).__name__}: {exc} (at step {step}; {saved} is intact)")
@@ -379,11 +379,12 @@ class PackedRecipe:
         if self.pack is not None:
             self.pack.remove()
         compiling.uncompile(self.compiled)
-        self.base.unet.eval()
+        denoiser = self.base.denoiser
+        denoiser.eval()
         if self.t0.channels_last:
-            self.base.unet.to(memory_format=torch.contiguous_format)
+            denoiser.to(memory_format=torch.contiguous_format)
         if self.t0.gradient_checkpointing:
-            self.base.unet.disable_gradient_checkpointing()
+            denoiser.disable_gradient_checkpointing()
         self.graph = None  # its memory pool goes back before the next pack
         reset_process_state()
 

@@ -31,11 +31,12 @@ from pathlib import Path
 import yaml
 from huggingface_hub import hf_hub_download
 
+import families
 from common.lorafile import EXPORT_RECORD, LORA_FILE, CheckpointRecord, safetensors_bytes, sha256_file
 from evaluation.config import entry_name
 from evaluation.generate import EvalInputError, check_lora_file
+from families.kohya import WebUIExportError, adapter_config
 from trainer.models import resolve_source
-from trainer.webui import WebUIExportError, adapter_config, convert
 
 from .. import stored
 from ..config import resolve_path, to_typed
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("both", "webui", "diffusers")
 TOOL = "sdxl_lora_sweep"  # prefix of this tool's own metadata keys
-ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
 
 @dataclass
@@ -124,9 +124,17 @@ def from_sweep(folder: Path) -> Source:
     return src
 
 
+def family_of(src: Source) -> families.Family:
+    """The LoRA's model family: its trial's model.family, else the one its file's parts name."""
+    if src.conf is not None:
+        return families.get(src.conf.model.family)
+    return families.for_parts(adapter_config(src.lora))
+
+
 def base_name(conf) -> str:
     m = conf.model
-    return m.pretrained or f"{m.name} (an SDXL architecture with random weights, built locally)"
+    name = families.get(m.family).display_name
+    return m.pretrained or f"{m.name} (an {name} architecture with random weights, built locally)"
 
 
 # ---- what the file says about itself -----------------------------------------------------------------------------
@@ -149,20 +157,13 @@ def output_name(src: Source) -> str:
 def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
     """kohya's ss_* keys and Stability's modelspec.* keys (what A1111's and ComfyUI's LoRA browsers show), and this
     tool's own: the trial, its config hash, the checkpoint's metrics and the selection rule."""
-    unet = configs.get("unet", {})
-    rank = int(unet.get("r") or 0)
-    alpha = float(unet.get("lora_alpha") or rank)
+    family = family_of(src)
     conf = src.conf
-    res = conf.data.resolution if conf else 1024
+    res = conf.data.resolution if conf else family.eval_defaults.resolution
     meta = {
-        "ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": f"{alpha:g}",
-        "ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": name, "ss_steps": src.step,
-        "ss_network_train_unet_only": "text_encoder" not in configs, "ss_sd_model_name": src.base,
-        "ss_training_comment": f"trained by {TOOL} (trial {src.trial}, step {src.step})",
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": name, "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": "epsilon",
+        **family.webui_metadata(configs, res), "ss_output_name": name, "ss_steps": src.step,
+        "ss_sd_model_name": src.base, "ss_training_comment": f"trained by {TOOL} (trial {src.trial}, step {src.step})",
+        "modelspec.title": name,
         f"{TOOL}.trial": src.trial, f"{TOOL}.step": src.step, f"{TOOL}.config_hash": src.config_hash,
         f"{TOOL}.metrics": metrics_json(src.metrics), f"{TOOL}.baseline": metrics_json(src.baseline),
     }
@@ -176,7 +177,7 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
             "ss_max_train_steps": conf.train.max_steps, "ss_resolution": f"({res}, {res})",
             "ss_seed": conf.train.seed, "ss_network_dropout": conf.lora.dropout, "ss_batch_size_per_device":
             conf.train.batch_size, "modelspec.trigger_phrase": phrase,
-            "modelspec.description": f"DreamBooth LoRA of {phrase} on SDXL, step {src.step} of trial {src.trial}",
+            "modelspec.description": f"DreamBooth LoRA of {phrase} on {family.display_name}, step {src.step} of trial {src.trial}",
             f"{TOOL}.selection_rule": conf.selection.rule, f"{TOOL}.lora_scale": src.strength})
         meta[f"{TOOL}.selection"] = describe_rule(conf.selection)
     return {k: str(v) for k, v in meta.items()}
@@ -211,17 +212,17 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
     """README.md in the Hugging Face model-card style. Every string from a config, a folder or a store is escaped
     (sweep/markdown.py): a prompt or a trial name is text there, never markup; `src.chosen` comes escaped."""
     conf = src.conf
+    family = family_of(src)
     phrase = trigger_phrase(conf)
     lic, lic_line = licence(src.base)
     strength = src.strength
     front = {"base_model": src.base if src.base and not src.base.startswith("/") and "(" not in src.base else None,
              "license": lic, "instance_prompt": conf.data.instance_prompt if conf else None,
              "library_name": "diffusers",
-             "tags": ["text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "lora", "dreambooth",
-                      TOOL]}
+             "tags": ["text-to-image", *family.card_tags, "lora", "dreambooth", TOOL]}
     lines = ["---", yaml.safe_dump({k: v for k, v in front.items() if v is not None}, sort_keys=False).strip(), "---",
              "", f"# {text(name)}", "",
-             f"An SDXL DreamBooth LoRA of **{text(phrase or 'the subject')}**: step {src.step} of trial "
+             f"An {family.display_name} DreamBooth LoRA of **{text(phrase or 'the subject')}**: step {src.step} of trial "
              f"{code(src.trial)}, "
              f"exported by {TOOL}.", ""]
     if phrase:
@@ -237,9 +238,9 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
             f, f"ComfyUI (`models/loras/`, Load LoRA node, strength {strength:g}); Automatic1111 / Forge "
                f"(`models/Lora/`, prompt `<lora:{Path(f).stem}:{strength:g}>`)")
         lines.append(f"| {code(f)} | {where} | `{sha[:16]}...` |")
-    unet = configs.get("unet", {})
+    unet = configs.get(family.denoiser_part, {})
     if any(f.endswith(".safetensors") and f != "pytorch_lora_weights.safetensors" for f in files):
-        lines += ["", f"The web-UI file names modules as kohya's SDXL trainer does and carries the adapter's own "
+        lines += ["", f"The web-UI file names modules as kohya's {family.display_name} trainer does and carries the adapter's own "
                       f"alpha ({meta.get('ss_network_alpha')}, rank {meta.get('ss_network_dim')}: the UIs apply "
                       f"alpha / rank = {float(unet.get('lora_alpha') or 1) / float(unet.get('r') or 1):g}), so "
                       "a strength in the UIs is the strength evaluation applied (1: the LoRA as trained)."]
@@ -276,22 +277,21 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
 # ---- writing -----------------------------------------------------------------------------------------------------
 
 
-def layers_per_block(src: Source) -> int:
-    """The UNet's layers_per_block (SGM block numbering depends on it): from the base's unet/config.json; SDXL's 2
-    when the base is not at hand."""
+def base_config(src: Source, family: families.Family) -> dict | None:
+    """The base's denoiser config (<base>/<unet or transformer>/config.json: the web-UI names may depend on it), from
+    its folder or the Hugging Face cache; None when the base is not at hand."""
+    part = f"{family.denoiser_part}/config.json"
     try:
         if src.conf is not None:
             folder = Path(resolve_source(src.conf.model, resolve_path(src.conf.paths, src.conf.paths.cache_dir)))
         else:
             folder = Path(src.base)
-        cfg = folder / "unet" / "config.json"
+        cfg = folder / part
         if not cfg.is_file():
-            from huggingface_hub import hf_hub_download
-
-            cfg = Path(hf_hub_download(src.base, "unet/config.json", local_files_only=True))
-        return int(json.loads(cfg.read_text())["layers_per_block"])
+            cfg = Path(hf_hub_download(src.base, part, local_files_only=True))
+        return json.loads(cfg.read_text())
     except Exception:
-        return 2
+        return None
 
 
 def export(src: Source, out: Path, fmt: str = "both", dtype: str = "fp16", strict: bool = True,
@@ -325,11 +325,12 @@ def lora_files(src: Source, name: str, fmt: str, dtype: str, strict: bool) -> tu
     contents: dict[str, bytes | Path] = {}
     note = ""
     if fmt in ("both", "webui"):
-        alphas = {"unet": src.conf.lora.lora_alpha} if src.conf is not None else None
+        family = family_of(src)
+        alphas = {family.denoiser_part: src.conf.lora.lora_alpha} if src.conf is not None else None
         if alphas and src.conf.lora.train_text_encoder:
-            alphas.update(text_encoder=src.conf.lora.lora_alpha, text_encoder_2=src.conf.lora.lora_alpha)
+            alphas.update({part: src.conf.lora.lora_alpha for part in family.text_encoder_parts})
         try:
-            tensors, configs = convert(src.lora, layers_per_block(src), dtype, alphas)
+            tensors, configs = family.to_webui(src.lora, base_config(src, family), dtype, alphas)
             contents[f"{name}.safetensors"] = safetensors_bytes(tensors, redact_tree(metadata(src, name, configs)))
         except WebUIExportError as exc:
             if strict:

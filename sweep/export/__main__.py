@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from common.lorafile import LORA_FILE, sha256_file
-from trainer.webui import DTYPES
+from families.kohya import DTYPES
 
 from ..logs import quiet_for_generation
 from ..markdown import code, text
