@@ -11,9 +11,9 @@ states up to max_sequence_length, zero text ids), and the script's 12 default Lo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
+import re
 import string
 import tempfile
 from dataclasses import dataclass
@@ -21,11 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from safetensors import safe_open
 from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
+from common import compiling
 from common.errors import ConfigError
 
 from .base import Base, EvalDefaults, Family, Noised
+from .kohya import DTYPES, WebUIExportError, adapter_config, kohya_alpha
+from .sdxl import check_source
+from .tiny import byte_level_tokenizers, clip_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,9 @@ DEV = Variant(28, 3.5, 1024, "flux-1-dev/lora", "flux-1-dev-non-commercial-licen
               "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
 SCHNELL = Variant(4, 0.0, 1024, "flux-1-schnell/lora", "apache-2.0",
                   "https://huggingface.co/black-forest-labs/FLUX.1-schnell")
+
+
+OFFICIAL = {"black-forest-labs/FLUX.1-dev": DEV, "black-forest-labs/FLUX.1-schnell": SCHNELL}
 
 
 def variant(guidance_embeds: bool) -> Variant:
@@ -130,8 +148,6 @@ class FluxBase(Base):
             m.to(device)
 
     def pipeline(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
         self.encoders_to(self.device)
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config),
                             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
@@ -149,8 +165,6 @@ def t5_tokenizer(max_length: int):
     """A T5 (Unigram, SentencePiece-style) tokenizer over the printable ASCII characters, each alone and after a
     word boundary: an offline stand-in for T5's 32k pieces. Every prompt tokenizes; ids 0, 1, 2 are <pad>, </s>,
     <unk> as in T5."""
-    from transformers import T5Tokenizer
-
     chars = sorted(set(string.printable.strip()))
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
     vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
@@ -169,6 +183,8 @@ class Flux(Family):
     resolution_multiple = LATENT_MULTIPLE
     prompt_tokens = 77  # CLIP's; T5 reads `t5_tokens`
     eval_defaults = EvalDefaults(DEV.resolution, DEV.steps, DEV.guidance)
+    pipeline_classes = ("FluxPipeline",)
+    card_tags = ("flux", "flux-diffusers", "template:sd-lora")
     low_memory = ("gradient checkpointing of the transformer's blocks, one trial per pass, the text encoders (T5-XXL: "
                   "~9.5 GB) and the VAE in CPU memory once their outputs are cached, 8-bit AdamW when bitsandbytes "
                   "is installed")
@@ -182,19 +198,16 @@ class Flux(Family):
     def build(self, cfg: Any, out: Path) -> None:
         """FluxPipeline with random weights from cfg.architecture (transformer, vae, text_encoder (CLIP),
         text_encoder_2 (T5), scheduler: each class's keyword arguments), the tokenizers built offline."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
         arch = cfg.architecture
         torch.manual_seed(int(arch.get("seed", 0)))
         t5_tok = t5_tokenizer(int(arch.get("max_sequence_length", MAX_SEQUENCE_LENGTH)))
-        clip = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513, **arch["text_encoder"]}
         t5 = {"vocab_size": len(t5_tok), "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
               **arch["text_encoder_2"]}
         with tempfile.TemporaryDirectory() as tok_dir:
             pipe = FluxPipeline(
                 scheduler=FlowMatchEulerDiscreteScheduler(**arch["scheduler"]), vae=AutoencoderKL(**arch["vae"]),
-                text_encoder=CLIPTextModel(CLIPTextConfig(**clip)), tokenizer=clip_tokenizer(Path(tok_dir)),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**clip_kwargs(arch["text_encoder"]))),
+                tokenizer=byte_level_tokenizers(Path(tok_dir))[0],
                 text_encoder_2=T5EncoderModel(T5Config(**t5)), tokenizer_2=t5_tok,
                 transformer=FluxTransformer2DModel(**arch["transformer"]))
             if cfg.build_dtype != "float32":
@@ -205,9 +218,6 @@ class Flux(Family):
              fingerprint: str) -> FluxBase:
         """Every component from a diffusers FLUX.1 folder or hub id. The VAE in `weight_dtype` too: FLUX's is
         shipped and used in bf16 (SDXL's overflows in fp16 and stays fp32)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
         kw = {"revision": cfg.revision}
         w = {"variant": cfg.variant, **kw}
         log.info("loading FLUX.1 base model from %s", source)
@@ -263,8 +273,6 @@ class Flux(Family):
         `compute_density_for_timestep_sampling` (every draw from `gen`), timesteps and sigmas at index u x 1000 of
         the scheduler's own tables (the script finds the sigma by its timestep: the same index, without a host
         sync), noisy = (1 - sigma) x + sigma noise, target = noise - x. Unpacked: `predict` packs."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         s, sched = base.settings, base.scheduler
         x = (sample - base.vae.config.shift_factor) * base.vae.config.scaling_factor
         noise = torch.randn(x.shape, generator=gen, device=x.device)
@@ -281,8 +289,6 @@ class Flux(Family):
         """The transformer's velocity: latents packed 2x2 (FluxPipeline._pack_latents), image ids of their grid,
         timestep / 1000, the guidance embedding at model.options.guidance_scale when the model has one (dev);
         unpacked back to the latents' layout."""
-        from diffusers import FluxPipeline
-
         n, ch, h, w = noisy.shape
         tr, dtype = base.transformer, base.weight_dtype
         guidance = torch.full((n,), base.settings.guidance_scale, device=noisy.device) if tr.config.guidance_embeds \
@@ -298,8 +304,6 @@ class Flux(Family):
                         t: Any) -> torch.Tensor:
         """The script's loss before its batch mean: each sample's mean of weighting x (pred - target)^2, weighting
         from `compute_loss_weighting_for_sd3` at sigma = timestep / 1000 (1 for the default scheme)."""
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
         sigmas = (timesteps / base.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=base.settings.weighting_scheme, sigmas=sigmas)
         return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(1)
@@ -308,28 +312,16 @@ class Flux(Family):
 
     def save_lora_weights(self, folder: Path, layers: dict[str, dict[str, torch.Tensor]],
                           metadata: dict[str, dict]) -> None:
-        from diffusers import FluxPipeline
-
         FluxPipeline.save_lora_weights(
             folder, transformer_lora_layers=layers.get("transformer"),
             text_encoder_lora_layers=layers.get("text_encoder"),
             transformer_lora_adapter_metadata=metadata.get("transformer"),
             text_encoder_lora_adapter_metadata=metadata.get("text_encoder"), safe_serialization=True)
 
-    def lora_state_dict(self, path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
-        from diffusers import FluxPipeline
-
-        path = Path(path)
-        state, alphas, meta = FluxPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
-                                                           return_alphas=True, return_lora_metadata=True)
-        return state, alphas or None, meta
-
     # ---- 5. generation
 
     def load_pipeline(self, pretrained: str, device: torch.device, dtype: torch.dtype,
                       refiner: str | None = None) -> tuple[Any, Any]:
-        from diffusers import FluxPipeline
-
         if refiner:
             raise ConfigError([f"eval.refiner={refiner!r}: FLUX.1 has no refiner; set eval.refiner=null"])
         pipe = FluxPipeline.from_pretrained(pretrained, torch_dtype=dtype).to(device)
@@ -346,78 +338,69 @@ class Flux(Family):
                                                max_sequence_length=t5_tokens(pipe.tokenizer_2))
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def latents_for_decoder(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """output_type="latent" gives packed, scaled and shifted latents: unpacked (FluxPipeline._unpack_latents),
-        then / scaling_factor + shift_factor, as the pipeline decodes them."""
-        from diffusers import FluxPipeline
-
-        cfg = pipe.vae.config
-        x = FluxPipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    def latents_for_decoder(self, pipe: Any, latents: torch.Tensor, height: int | None,
+                            width: int | None) -> torch.Tensor:
+        """output_type="latent" gives packed, scaled and shifted latents: unpacked (FluxPipeline._unpack_latents; a
+        square image when its size is not given), then / scaling_factor + shift_factor, as the pipeline decodes."""
+        cfg, f = pipe.vae.config, pipe.vae_scale_factor
+        if height is None or width is None:
+            height = width = 2 * f * math.isqrt(latents.shape[1])
+        x = FluxPipeline._unpack_latents(latents, height, width, f)
         return x / cfg.scaling_factor + cfg.shift_factor
 
     # ---- 6. web UIs, speed
 
-    def to_webui(self, path: Path, base_folder: Path | None, dtype: str,
+    def to_webui(self, path: Path, base_config: dict | None, dtype: str,
                  alphas: dict[str, float] | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         """kohya's FLUX names (`to_kohya`) at the adapter's scale, from the file's own adapter metadata (or
-        `alphas` {"transformer": lora_alpha} for a file without it)."""
-        WebUIExportError = webui_export_error()
+        `alphas` {"transformer": lora_alpha} for a file without it). The transformer's LoRA only: the script's
+        CLIP LoRA (lora.train_text_encoder) is exported for diffusers."""
         if dtype not in DTYPES:
             raise WebUIExportError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (fp16 is what the UIs load "
                                    "by default)")
-        state, _, meta = self.lora_state_dict(path)
-        conf = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()
-                if not k.startswith("text_encoder")}
-        weights: dict[str, list] = {}
-        for key, tensor in state.items():
-            part, _, rest = key.partition(".")
-            module, _, side = rest.rpartition(".lora_")
-            if part != "transformer" or side not in ("A.weight", "B.weight"):
-                raise WebUIExportError(f"{path}: the key {key} is not a plain transformer LoRA weight (a text-encoder "
-                                       "LoRA, DoRA or a LoRA bias?): the FLUX web-UI export writes the transformer's "
-                                       "plain LoRA only; use format=diffusers")
-            weights.setdefault(module, [None, None])[side == "B.weight"] = tensor
+        weights = _read_lora(path)
         rank = next(iter(weights.values()))[0].shape[0]
-        if "lora_alpha" not in conf:
+        conf = adapter_config(path).get("transformer")
+        if conf is None:
             if not alphas or "transformer" not in alphas:
                 raise WebUIExportError(f"{path} does not record its adapter's alpha (no lora_adapter_metadata) "
                                        "and none was given: export from the checkpoint's trial folder")
             conf = {"r": rank, "lora_alpha": alphas["transformer"]}
-        if conf.get("rank_pattern") or conf.get("alpha_pattern") or conf.get("use_dora"):
-            raise WebUIExportError("this LoRA has DoRA or per-module ranks or alphas, which the web-UI export does "
-                                   "not map; use format=diffusers")
-        r = conf.get("r") or rank
-        scale = float(conf["lora_alpha"]) / (math.sqrt(r) if conf.get("use_rslora") else r)
+        if conf.get("use_dora"):
+            raise WebUIExportError("this LoRA is a DoRA, which the web-UI export does not map; use format=diffusers")
         try:
-            tensors = to_kohya({m: (a, b) for m, (a, b) in weights.items()}, scale, DTYPES[dtype])
+            tensors = to_kohya(weights, kohya_alpha(conf, 1), DTYPES[dtype])
         except UnmappedModule as exc:
             raise WebUIExportError(f"the transformer module {exc} has no name in kohya's FLUX format; use "
                                    "format=diffusers for this LoRA") from None
         return tensors, {"transformer": conf}
 
     def webui_metadata(self, configs: dict[str, dict], resolution: int,
-                       base_folder: Path | None = None) -> dict[str, Any]:
+                       base_config: dict | None = None) -> dict[str, Any]:
         """kohya's FLUX keys and modelspec's (sd-scripts library/sai_model_spec.py: architecture flux-1-dev/lora or
-        flux-1-schnell/lora, BFL's implementation, no prediction type for FLUX), dev or schnell by the base's
-        transformer config."""
+        flux-1-schnell/lora, BFL's implementation, no prediction type for FLUX); dev or schnell by the base's
+        transformer config (its guidance embedding), dev when it is not at hand."""
         conf = configs.get("transformer", {})
         rank = int(conf.get("r") or 0)
-        v = variant_of_folder(base_folder)
+        v = variant(base_config.get("guidance_embeds", True)) if base_config else DEV
         return {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
                 "ss_network_dim": rank, "ss_network_alpha": f"{float(conf.get('lora_alpha') or rank):g}",
+                "ss_network_train_unet_only": "text_encoder" not in configs, "modelspec.sai_model_spec": "1.0.0",
                 "modelspec.architecture": v.architecture,
                 "modelspec.implementation": "https://github.com/black-forest-labs/flux",
-                "modelspec.resolution": f"{resolution}x{resolution}", "modelspec.license": v.licence}
+                "modelspec.resolution": f"{resolution}x{resolution}"}
+
+    def licence_of(self, base: str | None) -> tuple[str, str] | None:
+        """FLUX.1-dev's and schnell's licences by their hub ids, for a card written where their model card is not
+        in the cache (dev is gated)."""
+        v = OFFICIAL.get(base or "")
+        return (v.licence, v.licence_link) if v else None
 
     def compile_for_training(self, denoiser: nn.Module) -> list:
-        from common import compiling
-
         return compiling.compile_blocks(denoiser, BLOCKS)
 
     @contextlib.contextmanager
     def compiled_for_generation(self, denoiser: nn.Module, on: bool):
-        from common import compiling
-
         mine = compiling.compile_blocks(denoiser, BLOCKS) if on else []
         try:
             yield
@@ -426,23 +409,6 @@ class Flux(Family):
 
 
 BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # regions torch.compile takes one at a time
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def variant_of_folder(folder: Path | str | None) -> Variant:
-    """dev or schnell by transformer/config.json's guidance_embeds in a local folder or the Hugging Face cache
-    (never a download); dev when nothing says (FLUX.1-dev is what LoRAs are trained on, the stricter licence)."""
-    if folder is None:
-        return DEV
-    try:
-        path = Path(folder) / "transformer" / "config.json"
-        if not path.is_file():
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(folder), "transformer/config.json", local_files_only=True))
-        return variant(bool(json.loads(path.read_text()).get("guidance_embeds")))
-    except Exception:  # noqa: BLE001 - not a folder, not cached: the name may still say
-        return SCHNELL if "schnell" in str(folder).lower() else DEV
 
 
 # ---- the web-UI file (kohya's FLUX format) ----------------------------------------------------------------------------
@@ -472,6 +438,25 @@ TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_
        "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
        "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
        "time_text_embed.text_embedder.linear_2": "vector_in_out_layer"}
+
+
+_LORA_KEY = re.compile(r"^transformer\.(.+)\.lora(_A|_B|\.down|\.up)\.weight$")
+
+
+def _read_lora(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{transformer module: (lora_A, lora_B)} of a diffusers FLUX LoRA file (`transformer.<module>.lora.down.weight`
+    as training writes it, or peft's lora_A / lora_B); anything else (a text encoder's LoRA, DoRA magnitudes, LoRA
+    biases) is refused, naming the key."""
+    weights: dict[str, list] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+            m = _LORA_KEY.match(key)
+            if m is None:
+                raise WebUIExportError(f"{path}: the key {key} is not a plain transformer LoRA weight (a text-encoder "
+                                       "LoRA, DoRA or a LoRA bias?): the FLUX web-UI export writes the transformer's "
+                                       "plain LoRA only; use format=diffusers")
+            weights.setdefault(m[1], [None, None])[m[2] in ("_B", ".up")] = f.get_tensor(key)
+    return {m: (a, b) for m, (a, b) in weights.items()}
 
 
 class UnmappedModule(ValueError):
@@ -540,23 +525,3 @@ def _part_sizes(members: dict[int, tuple[torch.Tensor, torch.Tensor]], parts: tu
     width = b.shape[0] // 4 if parts[i] == "proj_mlp" else b.shape[0]
     return [members[j][1].shape[0] if j in members else 4 * width if p == "proj_mlp" else width
             for j, p in enumerate(parts)]
-
-
-def check_source(cfg: Any) -> str:  # TEMP: until the families helper moves it below trainer/
-    from trainer.models import check_source as check
-
-    return check(cfg)
-
-
-def clip_tokenizer(folder: Path):  # TEMP: until the families helper moves it below trainer/
-    from trainer.models import byte_level_tokenizers
-
-    return byte_level_tokenizers(folder)[0]
-
-
-def webui_export_error():  # TEMP: until the families helper moves it to common.lorafile
-    try:
-        from common.lorafile import WebUIExportError
-    except ImportError:
-        from trainer.webui import WebUIExportError
-    return WebUIExportError

@@ -13,12 +13,14 @@ import torch
 import yaml
 from diffusers import FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from peft import LoraConfig
 from safetensors.torch import save_file
 
 import families
 from common.errors import ConfigError
 from families.flux import DEV, SCHNELL, TARGET_MODULES, Flux, to_kohya
 from sweep import CONF_DIR
+from trainer import lora
 
 FLUX = Flux()
 PROMPT = "a photo of sks man"
@@ -52,15 +54,15 @@ def test_the_tiny_model_is_a_flux1_pipeline_saved_and_loaded_offline(tiny, base)
     assert base.vae.config.latent_channels == 16 and base.vae.config.shift_factor == pytest.approx(0.1159)
     assert base.variant is DEV
     clip, t5 = FLUX.tokenize(base, PROMPT)
-    assert clip.shape == (1, 77) and t5.shape == (1, 32)  # T5 padded to the tiny tokenizer's 32 tokens
+    assert clip.shape == (1, 77) and t5.shape == (1, 96)  # T5 padded to the tiny tokenizer's 96 tokens
     assert (t5[0] == 1).sum() == 1 and t5[0, -1] == 0  # one </s>, then <pad>
     pipe = FluxPipeline.from_pretrained(tiny)
-    embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=32)
+    embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=96)
     with torch.no_grad():
         mine = FLUX.encode_tokens(base, (clip, t5))
     torch.testing.assert_close(mine["prompt_embeds"], embeds)  # the same tensors FluxPipeline conditions on
     torch.testing.assert_close(mine["pooled"], pooled)
-    assert mine["text_ids"].shape == (1, 32, 3) and not mine["text_ids"].any()
+    assert mine["text_ids"].shape == (1, 96, 3) and not mine["text_ids"].any()
 
 
 def _script_loss(base, sample, text, gen: torch.Generator) -> torch.Tensor:
@@ -135,9 +137,9 @@ def test_webui_file_reads_back_through_diffusers_kohya_flux_converter_to_the_sam
     (scale x B @ A) is the diffusers file's, at FLUX.1's real sizes; qkv and linear1 are fused as kohya fuses
     them, the alpha is the adapter's (alpha / rank = lora_alpha / r), and fused parts without a LoRA get none."""
     mods = _random_lora(rank, 3072, 2, single)
-    layers = {f"{m}.lora_{s}.weight": t for m, (a, b) in mods.items() for s, t in (("A", a), ("B", b))}
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": list(TARGET_MODULES), "use_dora": False}
-    FLUX.save_lora_weights(tmp_path / "ckpt", {"transformer": layers}, {"transformer": config})
+    peft_state = {f"{m}.lora_{s}.weight": t for m, (a, b) in mods.items() for s, t in (("A", a), ("B", b))}
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES))
+    lora.save_unet_lora(tmp_path / "ckpt", peft_state, config, FLUX)  # as a FLUX checkpoint is written
     tensors, configs = FLUX.to_webui(tmp_path / "ckpt" / "pytorch_lora_weights.safetensors", None, "fp32", None)
     assert configs["transformer"]["lora_alpha"] == alpha
     names = {k.split(".")[0] for k in tensors}
@@ -161,21 +163,23 @@ def test_webui_file_reads_back_through_diffusers_kohya_flux_converter_to_the_sam
         assert not (back[f"{module}.lora_B.weight"] @ back[f"{module}.lora_A.weight"]).any(), module
 
 
-def test_web_ui_metadata_and_eval_defaults_follow_dev_or_schnell(tmp_path, tiny):
+def test_web_ui_metadata_and_licence_follow_dev_or_schnell(tiny):
     """dev (guidance embedding) and schnell (none) are told apart by the base's transformer config, whatever the
-    folder is called: modelspec's architecture, the licence (dev non-commercial, schnell Apache-2.0), and
-    evaluation's steps and guidance (dev 28 at 3.5, schnell 4 at 0)."""
-    meta = FLUX.webui_metadata({"transformer": {"r": 16, "lora_alpha": 8.0}}, 1024, tiny)
+    folder is called: modelspec's architecture; the card's licence by the official hub ids (dev non-commercial,
+    schnell Apache-2.0; dev is gated, so its card may not be in the cache); evaluation as their cards generate."""
+    config = json.loads((tiny / "transformer" / "config.json").read_text())
+    meta = FLUX.webui_metadata({"transformer": {"r": 16, "lora_alpha": 8.0}}, 1024, config)
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    assert meta["ss_network_module"] == "networks.lora_flux"
     assert meta["ss_network_dim"] == 16 and meta["ss_network_alpha"] == "8"
-    assert meta["modelspec.license"] == "flux-1-dev-non-commercial-license"
     assert "modelspec.prediction_type" not in meta  # kohya writes none for FLUX
-    schnell = tmp_path / "my-model" / "transformer"
-    schnell.mkdir(parents=True)
-    (schnell / "config.json").write_text(json.dumps({"guidance_embeds": False}))
-    meta = FLUX.webui_metadata({"transformer": {"r": 4}}, 1024, schnell.parent)
-    assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and meta["modelspec.license"] == "apache-2.0"
+    meta = FLUX.webui_metadata({"transformer": {"r": 4}}, 1024, {**config, "guidance_embeds": False})
+    assert meta["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert FLUX.licence_of("black-forest-labs/FLUX.1-dev")[0] == "flux-1-dev-non-commercial-license"
+    assert FLUX.licence_of("black-forest-labs/FLUX.1-schnell")[0] == "apache-2.0"
+    assert FLUX.licence_of(str(tiny)) is None  # random weights: no licence is claimed for them
     assert (DEV.steps, DEV.guidance, SCHNELL.steps, SCHNELL.guidance) == (28, 3.5, 4, 0.0)
+    assert FLUX.eval_defaults.num_inference_steps == 28 and FLUX.eval_defaults.guidance_scale == 3.5
 
 
 def test_unknown_flux_options_are_refused_with_the_known_ones():

@@ -36,11 +36,14 @@ class ModelConfig:
     # and load it through the same from_pretrained path (tiny test model, or SDXL-size for GPU benchmarks).
     architecture: Optional[Dict[str, Any]] = None
     build_dtype: str = "float32"  # dtype the built pipeline is saved in ("float16" for SDXL-size)
+    # the family's own training settings (FLUX.1: guidance_scale, weighting_scheme; families/flux.py), checked by it
+    options: Dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """What makes two bases the same (cache keys, config hashes): every field, `family` only when it is not the
-        default, so that hashes written before model.family existed still match."""
-        return {k: v for k, v in self.__dict__.items() if not (k == "family" and v == families.DEFAULT)}
+        default and `options` only when set, so that hashes written before either existed still match."""
+        return {k: v for k, v in self.__dict__.items()
+                if not (k == "family" and v == families.DEFAULT) and not (k == "options" and not v)}
 
 
 @dataclass
