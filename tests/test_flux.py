@@ -25,6 +25,7 @@ from common.lorafile import LORA_FILE
 from families.flux import DEV, SCHNELL, TARGET_MODULES, Flux, to_kohya
 from sweep import CONF_DIR
 from trainer import TrialSpec, cache, lora, train
+from trainer.models import resolve_source
 
 from . import test_faults as faults
 from .conftest import typed
@@ -295,3 +296,27 @@ def test_a_flux_sweep_killed_mid_pack_resumes_to_the_same_outcome(flux_sweep, tm
     assert "resumed from" in p.stdout + p.stderr
     faults.assert_same(flux_sweep[2], faults.outcome(tmp_path))
     faults.assert_complete_in_mlflow(tmp_path)
+
+
+def test_the_24gb_preset_and_schnell_train(tmp_path, cache_dir):
+    """preset=flux_24gb sets what it says (gradient checkpointing, one trial per pass, 8-bit AdamW, one image per
+    pipeline call); its gradient checkpointing recomputes the same numbers. A schnell-architecture model (no
+    guidance embedding) trains too, and its web-UI metadata says schnell."""
+    small = ("model=flux_tiny", "steps=2", "train.checkpoint_every=2", "data.resolution=64")
+    preset = typed(*small, "preset=flux_24gb", root=tmp_path)
+    assert (preset.train.gradient_checkpointing, preset.train.max_pack, preset.train.optimizer,
+            preset.eval.batch_size) == (True, 1, "adamw8bit", 1)
+    losses = []
+    for name, t in (("ckpt", replace(preset.train, optimizer="adamw")), ("plain", typed(*small).train)):
+        spec = TrialSpec(name, preset.lora, replace(t, device="cpu"), tmp_path / name)
+        [r] = train([spec], preset.model, preset.data, cache_dir, progress=False)
+        losses.append(r.final_loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    schnell = typed(*small, "model.name=flux_tiny_schnell", "model.architecture.transformer.guidance_embeds=false",
+                    root=tmp_path)
+    [r] = train([TrialSpec("s", schnell.lora, replace(schnell.train, device="cpu"), tmp_path / "s")], schnell.model,
+                schnell.data, cache_dir, progress=False)
+    assert r.status == "finished"
+    config = json.loads((Path(resolve_source(schnell.model, cache_dir)) / "transformer" / "config.json").read_text())
+    assert not config["guidance_embeds"]
+    assert FLUX.webui_metadata({}, 64, config)["modelspec.architecture"] == "flux-1-schnell/lora"
