@@ -37,7 +37,7 @@ PROMPT = "a photo of sks man"
 
 def _model_cfg(**changes) -> SimpleNamespace:
     raw = yaml.safe_load((CONF_DIR / "model" / "flux_tiny.yaml").read_text())
-    return SimpleNamespace(**{"options": {}, **raw, **changes})
+    return SimpleNamespace(**{**raw, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -191,12 +191,18 @@ def test_web_ui_metadata_and_licence_follow_dev_or_schnell(tiny):
     assert FLUX.eval_defaults.num_inference_steps == 28 and FLUX.eval_defaults.guidance_scale == 3.5
 
 
-def test_unknown_flux_options_are_refused_with_the_known_ones():
+def test_settings_flux_cannot_honour_are_refused_before_anything_loads():
+    """model.options it does not know, an unknown weighting scheme, SDXL's min-SNR weighting and noise offset: all
+    named at once with their fixes, by the config's validation."""
     with pytest.raises(ConfigError) as err:
-        FLUX.check_source(_model_cfg(options={"weighting_scheme": "uniform", "guidance": 3.5}))
+        typed("model=flux_tiny", "model.options.weighting_scheme=uniform", "+model.options.guidance=3.5",
+              "train.snr_gamma=5", "train.noise_offset=0.05")
     text = str(err.value)
     assert "model.options.guidance is not a FLUX.1 setting" in text and "guidance_scale" in text
     assert "weighting_scheme='uniform'" in text and "logit_normal" in text
+    assert "train.snr_gamma=5.0: min-SNR weighting is for epsilon prediction" in text
+    assert "train.noise_offset=0.05 does not apply" in text
+    typed("model=flux_tiny", "model.options.weighting_scheme=logit_normal")  # a known one is fine
 
 
 def test_the_kohya_map_refuses_modules_it_has_no_name_for():
