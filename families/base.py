@@ -164,7 +164,9 @@ class Family(ABC):
     def predict(self, base: Base, noisy: torch.Tensor, timesteps: torch.Tensor, image_cond: torch.Tensor,
                 text: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's output for the micro-batch, in `Noised.target`'s layout (the caller holds autocast).
-        image_cond: `image_conditioning` per sample (N x k); text: `encode_tokens`' tensors, per sample."""
+        image_cond: `image_conditioning` per sample (N x k, k may be 0); text: `encode_tokens`' tensors, per sample.
+        Constants of the base (e.g. the guidance a guidance-distilled DiT trains with) live on the Base that `load`
+        built from the model config: a pack's trials share one call."""
 
     @abstractmethod
     def loss_per_sample(self, base: Base, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
