@@ -20,6 +20,7 @@ from .base import Base, EvalDefaults, Family, Noised
 # name (model.family) -> "module:class"; imported on first use
 FAMILIES: dict[str, str] = {
     "sdxl": "families.sdxl:SDXL",
+    "flux": "families.flux:Flux",
 }
 DEFAULT = "sdxl"
 _INSTANCES: dict[str, Family] = {}

@@ -225,9 +225,21 @@ class Family(ABC):
         way out, for what the format cannot hold."""
 
     @abstractmethod
-    def webui_metadata(self, configs: dict[str, dict], resolution: int) -> dict[str, Any]:
+    def webui_metadata(self, configs: dict[str, dict], resolution: int,
+                       base_config: dict | None = None) -> dict[str, Any]:
         """The family's own kohya ss_* / modelspec.* keys (base model version, architecture, prediction type,
-        network dim and alpha from `configs`); the exporter adds the trial's."""
+        network dim and alpha from `configs`); the exporter adds the trial's. base_config: as in `to_webui` (which
+        base of the family it is may decide the architecture: FLUX.1-dev or schnell)."""
+
+    def problems(self, model: Any, lora: Any, train: Any) -> list[str]:
+        """Settings this family cannot honour (each naming the value and the fix), for trainer.config.validate to
+        report with every other bad value before anything loads; [] when all apply."""
+        return []
+
+    def licence_of(self, base: str | None) -> tuple[str, str] | None:
+        """(licence id, link) of a base the family knows by its hub id, for the model card when the base's own card
+        is not at hand (a gated model's); None: the card must be found."""
+        return None
 
     @abstractmethod
     def compile_for_training(self, denoiser: nn.Module) -> list:

@@ -211,7 +211,8 @@ class SDXL(Family):
             lpb = 2
         return convert(path, lpb, dtype, alphas)
 
-    def webui_metadata(self, configs: dict[str, dict], resolution: int) -> dict[str, Any]:
+    def webui_metadata(self, configs: dict[str, dict], resolution: int,
+                       base_config: dict | None = None) -> dict[str, Any]:
         unet = configs.get("unet", {})
         rank = int(unet.get("r") or 0)
         alpha = float(unet.get("lora_alpha") or rank)

@@ -36,11 +36,14 @@ class ModelConfig:
     # and load it through the same from_pretrained path (tiny test model, or SDXL-size for GPU benchmarks).
     architecture: Optional[Dict[str, Any]] = None
     build_dtype: str = "float32"  # dtype the built pipeline is saved in ("float16" for SDXL-size)
+    # the family's own training settings (FLUX.1: guidance_scale, weighting_scheme; families/flux.py), checked by it
+    options: Dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """What makes two bases the same (cache keys, config hashes): every field, `family` only when it is not the
-        default, so that hashes written before model.family existed still match."""
-        return {k: v for k, v in self.__dict__.items() if not (k == "family" and v == families.DEFAULT)}
+        default and `options` only when set, so that hashes written before either existed still match."""
+        return {k: v for k, v in self.__dict__.items()
+                if not (k == "family" and v == families.DEFAULT) and not (k == "options" and not v)}
 
 
 @dataclass
@@ -185,6 +188,7 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
         need(data.prior_loss_weight >= 0, f"data.prior_loss_weight={data.prior_loss_weight} must be >= 0")
     if known:
         fam = families.get(model.family)
+        errors += fam.problems(model, lora, train)
         need(data.resolution > 0 and data.resolution % fam.resolution_multiple == 0,
              f"data.resolution={data.resolution} must be a positive multiple of {fam.resolution_multiple} "
              f"({fam.display_name}: {fam.eval_defaults.resolution})")

@@ -161,7 +161,7 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
     conf = src.conf
     res = conf.data.resolution if conf else family.eval_defaults.resolution
     meta = {
-        **family.webui_metadata(configs, res), "ss_output_name": name, "ss_steps": src.step,
+        **family.webui_metadata(configs, res, base_config(src, family)), "ss_output_name": name, "ss_steps": src.step,
         "ss_sd_model_name": src.base, "ss_training_comment": f"trained by {TOOL} (trial {src.trial}, step {src.step})",
         "modelspec.title": name,
         f"{TOOL}.trial": src.trial, f"{TOOL}.step": src.step, f"{TOOL}.config_hash": src.config_hash,
@@ -183,9 +183,10 @@ def metadata(src: Source, name: str, configs: dict) -> dict[str, str]:
     return {k: str(v) for k, v in meta.items()}
 
 
-def licence(base: str) -> tuple[str | None, str]:
+def licence(base: str, known: tuple[str, str] | None = None) -> tuple[str | None, str]:
     """(licence id, the card's line): from the base model's own model card (README.md front matter), local or in the
-    Hugging Face cache."""
+    Hugging Face cache, else `known` (its family's (licence, link) for a base it knows by name: a gated model's card
+    may not be in the cache)."""
     card = None
     try:
         folder = Path(base)
@@ -203,6 +204,9 @@ def licence(base: str) -> tuple[str | None, str]:
             link = front.get("license_link")
             return str(lic), (f"This LoRA is derived from {code(base)} and is under its licence: **{text(lic)}**"
                               + (f" ({text(link)})." if link else " (see the base model's card)."))
+    if known:
+        return known[0], (f"This LoRA is derived from {code(base)} and is under its licence: **{text(known[0])}** "
+                          f"({text(known[1])}).")
     return None, (f"This LoRA is derived from {code(base or 'its base model')}, whose licence applies; its model card "
                   "was not found here, so check the licence there before sharing.")
 
@@ -214,7 +218,7 @@ def model_card(src: Source, name: str, files: dict[str, str], meta: dict[str, st
     conf = src.conf
     family = family_of(src)
     phrase = trigger_phrase(conf)
-    lic, lic_line = licence(src.base)
+    lic, lic_line = licence(src.base, family.licence_of(src.base))
     strength = src.strength
     front = {"base_model": src.base if src.base and not src.base.startswith("/") and "(" not in src.base else None,
              "license": lic, "instance_prompt": conf.data.instance_prompt if conf else None,

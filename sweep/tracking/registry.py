@@ -78,13 +78,14 @@ def subject_of(conf: SweepConfig) -> Subject:
 
 
 def model_name(conf: SweepConfig, client, subject: Subject) -> str:
-    """The subject's registered model: tracking.registered_model when set; else sdxl-lora-<token>-<class>, unless
+    """The subject's registered model: tracking.registered_model when set; else <family>-lora-<token>-<class>
+    (sdxl-lora-sks-woman, flux-lora-sks-woman: a FLUX LoRA never competes for an SDXL champion's alias), unless
     that name holds another set of photos (same token and class, other photos' fingerprint): then
-    sdxl-lora-<token>-<class>-<first 8 hex digits of the fingerprint>, another subject's model. Never touches the
-    store."""
+    <family>-lora-<token>-<class>-<first 8 hex digits of the fingerprint>, another subject's model. Never touches
+    the store."""
     if conf.tracking.registered_model:
         return conf.tracking.registered_model
-    name = PREFIX + subject.slug
+    name = f"{conf.model.family}-lora-{subject.slug}"  # PREFIX + slug for SDXL, as before
     try:
         held = client.get_registered_model(name).tags.get(PHOTOS_TAG, "")
     except Exception:  # no such model yet
