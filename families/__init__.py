@@ -4,13 +4,14 @@ never branch on the family themselves.
 
 Adding a family: one module here with one `Family` subclass, one line in `FAMILIES`, one conf/model/*.yaml with
 `family: <name>` (docs/families.md). A family's module is imported on first use only: naming the known families
-(config validation, a misspelt key refused before anything loads) costs no torch or diffusers import."""
+(config validation, a misspelt key refused before anything loads) costs no diffusers import."""
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from common.errors import ConfigError, ModelSourceError
 

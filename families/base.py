@@ -164,7 +164,9 @@ class Family(ABC):
     def predict(self, base: Base, noisy: torch.Tensor, timesteps: torch.Tensor, image_cond: torch.Tensor,
                 text: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's output for the micro-batch, in `Noised.target`'s layout (the caller holds autocast).
-        image_cond: `image_conditioning` per sample (N x k); text: `encode_tokens`' tensors, per sample."""
+        image_cond: `image_conditioning` per sample (N x k, k may be 0); text: `encode_tokens`' tensors, per sample.
+        Constants of the base (e.g. the guidance a guidance-distilled DiT trains with) live on the Base that `load`
+        built from the model config: a pack's trials share one call."""
 
     @abstractmethod
     def loss_per_sample(self, base: Base, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
@@ -228,6 +230,11 @@ class Family(ABC):
         """The family's own kohya ss_* / modelspec.* keys (base model version, architecture, prediction type,
         network dim and alpha from `configs`); the exporter adds the trial's. base_config: as in `to_webui` (which
         base of the family it is may decide the architecture: FLUX.1-dev or schnell)."""
+
+    def problems(self, model: Any, lora: Any, train: Any) -> list[str]:
+        """Settings this family cannot honour (each naming the value and the fix), for trainer.config.validate to
+        report with every other bad value before anything loads; [] when all apply."""
+        return []
 
     def licence_of(self, base: str | None) -> tuple[str, str] | None:
         """(licence id, link) of a base the family knows by its hub id, for the model card when the base's own card

@@ -191,8 +191,22 @@ class Flux(Family):
 
     # ---- 1. the base
 
+    def problems(self, model: Any, lora: Any, train: Any) -> list[str]:
+        """model.options it does not know, and the epsilon-prediction tools flow matching has no use for."""
+        try:
+            settings(model)
+            found = []
+        except ConfigError as exc:
+            found = list(exc.problems)
+        if train.snr_gamma is not None:
+            found.append(f"train.snr_gamma={train.snr_gamma}: min-SNR weighting is for epsilon prediction; FLUX.1 "
+                         "trains by flow matching: remove it (model.options.weighting_scheme weights timesteps)")
+        if train.noise_offset:
+            found.append(f"train.noise_offset={train.noise_offset} does not apply to FLUX.1's flow matching: "
+                         "remove it")
+        return found
+
     def check_source(self, cfg: Any) -> str:
-        settings(cfg)  # its options are refused here, before anything loads
         return check_source(cfg)
 
     def build(self, cfg: Any, out: Path) -> None:

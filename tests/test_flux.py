@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,14 +14,22 @@ import torch
 import yaml
 from diffusers import FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from mlflow import MlflowClient
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import families
 from common.errors import ConfigError
+from common.lorafile import LORA_FILE
 from families.flux import DEV, SCHNELL, TARGET_MODULES, Flux, to_kohya
 from sweep import CONF_DIR
-from trainer import lora
+from trainer import TrialSpec, cache, lora, train
+from trainer.models import resolve_source
+
+from . import test_faults as faults
+from .conftest import typed
+from .test_packed import MOVE_FRACTION
 
 FLUX = Flux()
 PROMPT = "a photo of sks man"
@@ -28,7 +37,7 @@ PROMPT = "a photo of sks man"
 
 def _model_cfg(**changes) -> SimpleNamespace:
     raw = yaml.safe_load((CONF_DIR / "model" / "flux_tiny.yaml").read_text())
-    return SimpleNamespace(**{"options": {}, **raw, **changes})
+    return SimpleNamespace(**{**raw, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +118,9 @@ def test_a_training_step_is_the_diffusers_scripts_flow_matching_step(base):
 
 
 def _random_lora(rank: int, width: int, blocks: int, single_targets=("attn.to_q", "attn.to_k", "attn.to_v")):
-    """A LoRA on the script's 12 targets of `blocks` double and single blocks, at FLUX.1's sizes (width 3072, the
-    MLPs 4x), every weight random: {module: (A, B)}."""
+    """A LoRA on the script's 12 targets of `blocks` double blocks and the given targets of as many single blocks,
+    at FLUX.1's sizes (width 3072, the MLPs 4x; diffusers' converter splits linear1 at those sizes), every weight
+    random: {module: (A, B)}."""
     g = torch.Generator().manual_seed(rank)
     mlp = {"ff.net.0.proj": (width, 4 * width), "ff.net.2": (4 * width, width),
            "ff_context.net.0.proj": (width, 4 * width), "ff_context.net.2": (4 * width, width)}
@@ -136,16 +146,16 @@ def test_webui_file_reads_back_through_diffusers_kohya_flux_converter_to_the_sam
     recognises kohya's FLUX format and converts it (_convert_kohya_flux_lora_to_diffusers): every module's update
     (scale x B @ A) is the diffusers file's, at FLUX.1's real sizes; qkv and linear1 are fused as kohya fuses
     them, the alpha is the adapter's (alpha / rank = lora_alpha / r), and fused parts without a LoRA get none."""
-    mods = _random_lora(rank, 3072, 2, single)
+    mods = _random_lora(rank, 3072, 1, single)
     peft_state = {f"{m}.lora_{s}.weight": t for m, (a, b) in mods.items() for s, t in (("A", a), ("B", b))}
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGET_MODULES))
     lora.save_unet_lora(tmp_path / "ckpt", peft_state, config, FLUX)  # as a FLUX checkpoint is written
     tensors, configs = FLUX.to_webui(tmp_path / "ckpt" / "pytorch_lora_weights.safetensors", None, "fp32", None)
     assert configs["transformer"]["lora_alpha"] == alpha
     names = {k.split(".")[0] for k in tensors}
-    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_1_txt_attn_qkv",
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
             "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_mlp_2",
-            "lora_unet_single_blocks_1_linear1"} <= names
+            "lora_unet_single_blocks_0_linear1"} <= names
     assert not any("to_q" in n or "transformer_blocks" in n for n in names)  # kohya's names only
     qkv = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
     assert qkv.shape == (3 * rank, 3072)  # three LoRAs stacked: one fused module
@@ -157,7 +167,7 @@ def test_webui_file_reads_back_through_diffusers_kohya_flux_converter_to_the_sam
         want = (alpha / rank) * b @ a
         got = back[f"transformer.{module}.lora_B.weight"] @ back[f"transformer.{module}.lora_A.weight"]
         worst = max(worst, float((got - want).abs().max()))
-    assert worst < 1e-5, worst
+    assert worst < 1e-5, worst  # fp32 rounding of the converter's alpha scaling
     extra = {k.rsplit(".lora_", 1)[0] for k in back} - {f"transformer.{m}" for m in mods}
     for module in extra:  # the fused parts that had no LoRA (proj_mlp, or k): no update
         assert not (back[f"{module}.lora_B.weight"] @ back[f"{module}.lora_A.weight"]).any(), module
@@ -182,12 +192,18 @@ def test_web_ui_metadata_and_licence_follow_dev_or_schnell(tiny):
     assert FLUX.eval_defaults.num_inference_steps == 28 and FLUX.eval_defaults.guidance_scale == 3.5
 
 
-def test_unknown_flux_options_are_refused_with_the_known_ones():
+def test_settings_flux_cannot_honour_are_refused_before_anything_loads():
+    """model.options it does not know, an unknown weighting scheme, SDXL's min-SNR weighting and noise offset: all
+    named at once with their fixes, by the config's validation."""
     with pytest.raises(ConfigError) as err:
-        FLUX.check_source(_model_cfg(options={"weighting_scheme": "uniform", "guidance": 3.5}))
+        typed("model=flux_tiny", "model.options.weighting_scheme=uniform", "+model.options.guidance=3.5",
+              "train.snr_gamma=5", "train.noise_offset=0.05")
     text = str(err.value)
     assert "model.options.guidance is not a FLUX.1 setting" in text and "guidance_scale" in text
     assert "weighting_scheme='uniform'" in text and "logit_normal" in text
+    assert "train.snr_gamma=5.0: min-SNR weighting is for epsilon prediction" in text
+    assert "train.noise_offset=0.05 does not apply" in text
+    typed("model=flux_tiny", "model.options.weighting_scheme=logit_normal")  # a known one is fine
 
 
 def test_the_kohya_map_refuses_modules_it_has_no_name_for():
@@ -197,3 +213,117 @@ def test_the_kohya_map_refuses_modules_it_has_no_name_for():
         to_kohya({"norm_out.linear": (torch.zeros(1, 2), torch.zeros(2, 1))}, 1.0, torch.float32)
     assert math.isclose(float(to_kohya({"x_embedder": (torch.ones(2, 3), torch.ones(4, 2))}, 0.5,
                                        torch.float32)["lora_unet_img_in.alpha"]), 1.0)
+
+
+# ---- wired in: the trainer, a sweep, a kill -------------------------------------------------------------------------
+
+PACK_TRIALS = [("a", 1e-4, 2, None, 0), ("b", 5e-4, 4, 8.0, 1), ("c", 2e-3, 8, None, 2)]  # as tests/test_packed.py
+
+
+def test_a_pack_of_flux_trials_ends_with_the_weights_of_lone_trials(tmp_path, cache_dir):
+    """The packed trainer wraps FLUX's 12 target Linears of the transformer: each trial of a pack of three (LRs,
+    ranks, alphas and seeds differ) ends with the weights it gets alone through peft, within tests/test_packed.py's
+    tolerance (1% of the most AdamW can move a weight: lr x steps). The prompt is encoded once (T5 and CLIP), for
+    the pack; the lone trials read the cache."""
+    demo = typed("model=flux_tiny", "steps=6", "train.checkpoint_every=3", "data.resolution=64", root=tmp_path)
+
+    def specs(root):
+        return [TrialSpec(n, replace(demo.lora, rank=r, alpha=a), replace(demo.train, lr=lr, seed=seed, device="cpu"),
+                          root / n) for n, lr, r, a, seed in PACK_TRIALS]
+
+    before = cache.STATS["embeddings"]
+    packed = train(specs(tmp_path / "pack"), demo.model, demo.data, cache_dir, progress=False)
+    assert cache.STATS["embeddings"] - before <= 1  # 1, or 0 when an earlier test filled the on-disk cache
+    cache.clear_memory_cache()
+    alone = [train([s], demo.model, demo.data, cache_dir, progress=False, pack=False)[0]
+             for s in specs(tmp_path / "alone")]
+    assert cache.STATS["embeddings"] - before <= 1  # the lone trials read it from disk
+    assert [r.pack_size for r in packed] == [3, 3, 3] and [r.pack_size for r in alone] == [0, 0, 0]
+    assert [r.status for r in packed + alone] == ["finished"] * 6
+    for p, a, (_, lr, *_) in zip(packed, alone, PACK_TRIALS):
+        wp, wa = (load_file(r.checkpoints[-1] / LORA_FILE) for r in (p, a))
+        assert wp.keys() == wa.keys()
+        targets = {k.removeprefix("transformer.").split(".", 2)[2].rsplit(".lora", 1)[0] for k in wp}
+        assert targets == set(TARGET_MODULES)  # the script's 12 (attn.to_q ... ff_context.net.2)
+        worst = max(float((wp[k] - wa[k]).abs().max()) for k in wp) / (lr * 6)
+        assert worst < MOVE_FRACTION, worst
+        assert p.final_loss == pytest.approx(a.final_loss, rel=1e-4)
+        assert any(v.abs().max() > 0 for k, v in wp.items() if ".up." in k)  # trained, not left at its zero init
+
+
+ARGS = ["-m", "model=flux_tiny", "lr=1e-4,5e-4", "steps=4", "train.checkpoint_every=2", "data.resolution=64",
+        "progress=false", "tracking.system_metrics=false"]
+
+
+@pytest.fixture(scope="module")
+def flux_sweep(tmp_path_factory) -> tuple[Path, str, dict]:
+    """`python -m sweep -m model=flux_tiny lr=1e-4,5e-4` at demo scale, uninterrupted: (folder, output, outcome)."""
+    cwd = tmp_path_factory.mktemp("flux-sweep")
+    p = faults.sweep(*ARGS, cwd=cwd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    faults.assert_complete_in_mlflow(cwd)
+    return cwd, p.stdout + p.stderr, faults.outcome(cwd)
+
+
+@pytest.mark.slow
+def test_a_flux_sweep_trains_as_a_pack_scores_races_selects_registers_and_exports(flux_sweep):
+    cwd, output, _ = flux_sweep
+    [folder] = cwd.glob("outputs/sweeps/*")
+    results = [json.loads(r.read_text()) for r in sorted(folder.glob("*/result.json"))]
+    assert [(r["name"], r["status"], r["pack_size"]) for r in results] == [("lr=0.0001", "finished", 2),
+                                                                           ("lr=0.0005", "finished", 2)]
+    assert len(list(cwd.glob(".cache/sdxl-lora-sweep/embeddings/*.safetensors"))) == 1  # the prompt, encoded once
+    selection = json.loads((folder / "report" / "selection.json").read_text())
+    assert selection["champion"]["trial"] in ("lr=0.0001", "lr=0.0005")
+    assert (folder / "report" / "race.json").is_file()
+    version = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}").get_model_version_by_alias(
+        "flux-lora-sks-woman", "champion")  # its own registered model: never an SDXL champion's alias
+    assert version.tags["trial"] == selection["champion"]["trial"]
+    record = json.loads((folder / "champion" / "export.json").read_text())
+    webui = folder / "champion" / record["webui_file"]
+    with safe_open(str(webui), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.alpha" in keys
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    card = (folder / "champion" / "README.md").read_text()
+    assert "FLUX.1 DreamBooth LoRA" in card and "- flux" in card
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_flux_sweep_killed_mid_pack_resumes_to_the_same_outcome(flux_sweep, tmp_path):
+    """SIGKILL at the pack's third step (no handler runs), then the same command with resume=true: the same
+    checkpoints, weights (within 1% of an AdamW step), scores and champion as the uninterrupted sweep, and one
+    FINISHED run per trial in MLflow with every step once."""
+    p = faults.sweep(*ARGS, cwd=tmp_path, faults="train_step:*:3=kill")
+    assert p.returncode == -9, p.stdout[-3000:] + p.stderr[-3000:]
+    p = faults.sweep(*ARGS, "resume=true", cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    faults.assert_same(flux_sweep[2], faults.outcome(tmp_path))
+    faults.assert_complete_in_mlflow(tmp_path)
+
+
+def test_the_24gb_preset_and_schnell_train(tmp_path, cache_dir):
+    """preset=flux_24gb sets what it says (gradient checkpointing, one trial per pass, 8-bit AdamW, one image per
+    pipeline call); its gradient checkpointing recomputes the same numbers. A schnell-architecture model (no
+    guidance embedding) trains too, and its web-UI metadata says schnell."""
+    small = ("model=flux_tiny", "steps=2", "train.checkpoint_every=2", "data.resolution=64")
+    preset = typed(*small, "preset=flux_24gb", root=tmp_path)
+    assert (preset.train.gradient_checkpointing, preset.train.max_pack, preset.train.optimizer,
+            preset.eval.batch_size) == (True, 1, "adamw8bit", 1)
+    losses = []
+    for name, t in (("ckpt", replace(preset.train, optimizer="adamw")), ("plain", typed(*small).train)):
+        spec = TrialSpec(name, preset.lora, replace(t, device="cpu"), tmp_path / name)
+        [r] = train([spec], preset.model, preset.data, cache_dir, progress=False)
+        losses.append(r.final_loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    schnell = typed(*small, "model.name=flux_tiny_schnell", "model.architecture.transformer.guidance_embeds=false",
+                    root=tmp_path)
+    [r] = train([TrialSpec("s", schnell.lora, replace(schnell.train, device="cpu"), tmp_path / "s")], schnell.model,
+                schnell.data, cache_dir, progress=False)
+    assert r.status == "finished"
+    config = json.loads((Path(resolve_source(schnell.model, cache_dir)) / "transformer" / "config.json").read_text())
+    assert not config["guidance_embeds"]
+    assert FLUX.webui_metadata({}, 64, config)["modelspec.architecture"] == "flux-1-schnell/lora"

@@ -231,7 +231,7 @@ def test_scoring_a_trial_merges_its_adapter_and_puts_the_base_back_bit_for_bit()
     unet.to(torch.bfloat16)
     before = unet.to_q.weight.detach().clone()
     settings = [SimpleNamespace(rank=r, lora_alpha=a, target_modules=["to_q"]) for r, a in ((2, 4.0), (4, 4.0))]
-    pack = Pack(SimpleNamespace(unet=unet), settings)
+    pack = Pack(SimpleNamespace(denoiser=unet), settings)  # the base as the families interface shows it
     layer = unet.to_q
     with torch.no_grad():
         layer.lora_A.normal_()

@@ -66,11 +66,15 @@ COMMANDS = {
     "search demo": r"^python -m sweep -m search=demo$",
     "search your photos": r"^python -m sweep -m experiment=sdxl search=rank_lr data\.instance_dir=\$HOME/photos/me$",
     "search space": r"^python -m sweep -m hydra/sweeper=optuna 'lr=tag\(log, interval\(",
+    "flux demo": r"^python -m sweep -m model=flux_tiny lr=\S+$",
+    "flux your photos": r"^python -m sweep -m experiment=flux data\.instance_dir=\$HOME/photos/me lr=\S+$",
 }
 SKIPPED = {
     "tests": "it is .ci/run's own command (test_setup_commands_are_what_ci_runs checks that)",
     "search your photos": "20 trials of 500 steps on SDXL's weights: needs the download and a GPU "
                           "(the same search runs on the tiny model as `search demo`)",
+    "flux your photos": "FLUX.1-dev is gated and 34 GB, trained on a GPU (the same sweep runs on the tiny FLUX.1 "
+                        "model as `flux demo`, and on its architecture in tests/test_flux.py)",
 }
 
 
@@ -507,3 +511,17 @@ def test_search_space_on_the_command_line(tmp_path):
     trials = [json.loads(f.read_text()) for f in folder.glob("*/result.json")]
     assert len(trials) == 2 and all(1e-5 <= t["params"]["lr"] <= 5e-4 for t in trials)
     assert all(t["params"]["rank"] in (4, 8, 16, 32) for t in trials)
+
+
+def test_flux_demo_trains_a_pack_on_the_tiny_flux_model_and_registers_a_flux_champion(tmp_path):
+    """The "Other models" demo: two FLUX.1 trials as one pack, scored, a champion registered under its own name and
+    exported with kohya's FLUX names (tests/test_flux.py checks the rest of that sweep, and a kill and resume)."""
+    u = User(tmp_path)
+    p = u.run(command("flux demo"), *DEMO_SCALE)
+    assert p.returncode == 0, p.output[-4000:]
+    [folder] = u.sweep_folders()
+    results = [json.loads(f.read_text()) for f in sorted(folder.glob("*/result.json"))]
+    assert [(r["status"], r["pack_size"]) for r in results] == [("finished", 2)] * 2
+    assert u.mlflow().get_model_version_by_alias("flux-lora-sks-woman", "champion")
+    assert list((folder / "champion").glob("sks_woman_*.safetensors"))
+    assert "Traceback" not in p.output

@@ -1,4 +1,5 @@
-"""DreamBooth-LoRA training of SDXL (diffusers + peft + accelerate). Knows nothing of Hydra or MLflow."""
+"""DreamBooth-LoRA training (diffusers + peft + accelerate) of any model family (families/: SDXL, ...). Knows nothing of
+Hydra or MLflow."""
 from common.errors import (ConfigError, DataError, DeviceError, DiskFullError, ModelSourceError, NonFiniteLossError,
                            UserError)
 

@@ -1,7 +1,7 @@
 """Checkpoints: a diffusers LoRA file any SDXL pipeline loads, its JSON record, and the state to resume from.
 
     checkpoints/step-000100/
-        pytorch_lora_weights.safetensors   diffusers format (StableDiffusionXLPipeline.load_lora_weights)
+        pytorch_lora_weights.safetensors   diffusers format (the family's pipeline: pipe.load_lora_weights)
         checkpoint.json                    step, loss, config hash, sha256 of the LoRA file
         training_state/                    optimizer, LR schedule and RNG state (safetensors + JSON, no pickle)
 

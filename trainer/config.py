@@ -188,6 +188,7 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
         need(data.prior_loss_weight >= 0, f"data.prior_loss_weight={data.prior_loss_weight} must be >= 0")
     if known:
         fam = families.get(model.family)
+        errors += fam.problems(model, lora, train)
         need(data.resolution > 0 and data.resolution % fam.resolution_multiple == 0,
              f"data.resolution={data.resolution} must be a positive multiple of {fam.resolution_multiple} "
              f"({fam.display_name}: {fam.eval_defaults.resolution})")
