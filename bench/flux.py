@@ -68,30 +68,6 @@ PARTS = ("ours", "reference", "packs", "low_memory", "generation", "compiled")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM data sheets (no sparsity)
 STOP_ENV = "REFERENCE_TIMER_STOP_AFTER"  # bench/reference_timer.py: exit once the timed steps are done
 
-# FLUX.1-dev's published configs (black-forest-labs/FLUX.1-dev: transformer, vae, text_encoder (CLIP-L),
-# text_encoder_2 (T5-XXL's encoder), scheduler), for families/flux.py's build; the tokenizers are its offline ones
-FLUX_DEV = {
-    "seed": 0,
-    "max_sequence_length": 512,
-    "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-                    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]},
-    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.3611,
-            "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True},
-    "text_encoder": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                     "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                     "projection_dim": 768},
-    "text_encoder_2": {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
-                       "num_heads": 64, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
-                       "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
-                       "tie_word_embeddings": False},
-    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-}
-
-
 @dataclass(frozen=True)
 class Scale:
     """What a mode measures: the GPU's FLUX.1-dev at 1024 px, or the tiny model on a CPU."""
@@ -110,17 +86,22 @@ class Scale:
     estimates_s: dict[str, float] = field(default_factory=dict)  # a part starts only with this much time left
 
 
+def model_config(name: str) -> ModelConfig:
+    """conf/model/<name>.yaml as the trainer's ModelConfig (Hydra's defaults list, the LoRA group, left out)."""
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+    raw.pop("defaults", None)
+    return ModelConfig(**raw)
+
+
 def gpu_scale(budget_s: float) -> Scale:
-    model = ModelConfig(name="flux_dev_random", family="flux", pretrained=None, architecture=FLUX_DEV,
-                        build_dtype="bfloat16")
-    return Scale(model, "cuda", "bf16", 1024, 512, 13, 15, (2, 3), 4, (2, 8), budget_s,
+    """model=flux_dev_random: FLUX.1-dev's published configs with random weights (families/flux.py builds it on the
+    GPU in bf16, offline tokenizers, T5 padded to 512 tokens)."""
+    return Scale(model_config("flux_dev_random"), "cuda", "bf16", 1024, 512, 13, 15, (2, 3), 4, (2, 8), budget_s,
                  {"ours": 60, "reference": 120, "packs": 60, "low_memory": 45, "generation": 45, "compiled": 90})
 
 
 def tiny_scale() -> Scale:
-    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "flux_tiny.yaml"))
-    raw.pop("defaults", None)  # Hydra's defaults list (the LoRA group), not a ModelConfig field
-    return Scale(ModelConfig(**raw), "cpu", "no", 64, 32, 4, 5, (2, 3), 4, (1, 3), None)
+    return Scale(model_config("flux_tiny"), "cpu", "no", 64, 32, 4, 5, (2, 3), 4, (1, 3), None)
 
 
 # ---- the run: its settings, the report it writes as it goes --------------------------------------------------------
@@ -233,24 +214,6 @@ def random_photos(folder: Path, size: int, n: int = 5) -> Path:
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=95)
     return folder
-
-
-@contextlib.contextmanager
-def built_on(device: str):
-    """Random weights made where they will run: FLUX.1-dev's 12B and T5-XXL's 4.7B parameters initialise in seconds
-    on a GPU in bf16, against minutes and ~70 GB of host memory on the CPU in fp32 (families/flux.py's build makes
-    whatever modules it is given; this only sets where and in what dtype)."""
-    if device != "cuda":
-        yield
-        return
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
-        torch.cuda.empty_cache()
 
 
 def free(base_too: bool) -> None:
@@ -538,12 +501,11 @@ def header(b: Bench) -> dict:
 
 
 def prepare(b: Bench) -> None:
-    """The model folder (built once, with random weights, where it will run) and the photos."""
+    """The model folder (built once, with random weights) and the photos."""
     s = b.scale
     b.photos = random_photos(b.work / "photos", s.resolution)
     tic = time.perf_counter()
-    with built_on(s.device):
-        b.model_dir = resolve_source(s.model, b.cache)
+    b.model_dir = resolve_source(s.model, b.cache)  # built once into the cache (on the GPU where there is one)
     b.report["model"] = {"folder": b.model_dir, "build_or_reuse_s": time.perf_counter() - tic}
     if b.on_cuda:
         b.report["measured_bf16_gemm_tflops"] = gemm_tflops()
