@@ -101,7 +101,7 @@ LONGEST_FIRST = ("test_faults", "test_tracking", "test_registry", "test_ray", "t
                  "test_flux", "test_search_cli", "test_cli", "test_shared_server", "test_untrusted_folder",
                  "test_security", "test_serving", "test_redaction", "test_cluster", "test_packed", "test_families",
                  "test_train", "test_bad_inputs", "test_search", "test_layers", "test_face", "test_evaluate",
-                 "test_config", "test_export", "test_checks")
+                 "test_config", "test_export", "test_checks", "test_bench_flux")
 
 
 def pytest_collection_modifyitems(config, items):
