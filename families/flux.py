@@ -420,10 +420,12 @@ class Flux(Family):
         return compiling.compile_blocks(denoiser, BLOCKS)
 
     @contextlib.contextmanager
-    def compiled_for_generation(self, denoiser: nn.Module, on: bool):
+    def compiled_for_generation(self, denoiser: nn.Module, on: bool, warm_key: str | None = None):
         mine = compiling.compile_blocks(denoiser, BLOCKS) if on else []
         try:
             yield
+            if on:
+                compiling.mark_warm(warm_key)
         finally:
             compiling.uncompile(mine)
 
