@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import inspect
 import math
 import re
 import sys
@@ -184,12 +185,15 @@ def _synthesise(out: dict[str, dict[str, float]], who: tuple | None, base_arm: b
 
 def _remember_folder(original):
     """evaluate()'s `_generate_and_score`, remembering (for this thread, during the call) the folder it scores for:
-    `<trial>/eval`, whose trial's config says its learning rate."""
+    `<trial>/eval`, whose trial's config says its learning rate. Every other argument is passed on as given: a
+    parameter evaluate() adds later (it added `weights`) cannot break the wrapper."""
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def wrapper(pipe, refiner, cfg, scorer, writer, out_dir, applied, entries, todo, stored, earlier):
-        _STATE.out_dir, _STATE.name = out_dir, None
+    def wrapper(*args, **kwargs):
+        _STATE.out_dir, _STATE.name = signature.bind(*args, **kwargs).arguments["out_dir"], None
         try:
-            return original(pipe, refiner, cfg, scorer, writer, out_dir, applied, entries, todo, stored, earlier)
+            return original(*args, **kwargs)
         finally:
             _STATE.out_dir = _STATE.name = None
 
@@ -198,21 +202,26 @@ def _remember_folder(original):
 
 def _remember_entry(original):
     """`_generate`, remembering the entry whose images it makes ("baseline", "step-000100"): the next cells scored
-    in this thread are that entry's."""
+    in this thread are that entry's (other arguments passed on as given)."""
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def wrapper(pipe, refiner, cfg, name, prior_prompt, prior_seeds):
-        _STATE.name = name
-        return original(pipe, refiner, cfg, name, prior_prompt, prior_seeds)
+    def wrapper(*args, **kwargs):
+        _STATE.name = signature.bind(*args, **kwargs).arguments["name"]
+        return original(*args, **kwargs)
 
     return wrapper
 
 
 def _synthetic_cells(original):
     """`_Scorer.cells`, scoring for real (its time is spent) and then handing back synthetic values."""
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def wrapper(self, images, prior, cfg, prior_seeds):
-        out = original(self, images, prior, cfg, prior_seeds)
-        _synthesise(out, current_entry(getattr(cfg, "lora_scale", 1.0)), bool(images.get("base")))
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        given = signature.bind(*args, **kwargs).arguments
+        _synthesise(out, current_entry(getattr(given["cfg"], "lora_scale", 1.0)), bool(given["images"].get("base")))
         return out
 
     wrapper.synthetic_scores = True  # the mark install() checks: patched once, however often it is called
