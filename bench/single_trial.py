@@ -91,12 +91,13 @@ def eval_speed(model_dir: str, batch: int, compiled: bool, lora: str = "", setti
     from evaluation import EvalConfig
     from evaluation import generate as gen
     from common import lorafile as lora_mod
+    from trainer.lora import unet_config  # where the trainer's LoRA settings become peft's (it moved from common)
     from common.compiling import compiled_for_generation
 
     device = torch.device(setting["device"])
     pipe, _ = gen.load_pipeline(model_dir, device)
     if lora:
-        pipe.unet.add_adapter(lora_mod.unet_config(LoraSettings(rank=4)), adapter_name="bench")
+        pipe.unet.add_adapter(unet_config(LoraSettings(rank=4)), adapter_name="bench")
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.01)
@@ -128,10 +129,11 @@ def reference(script: Path, model_dir: str, photos: Path, work: Path, steps: int
     out_json = work / "reference.json"
     cmd = [sys.executable, str(ROOT / "bench" / "reference_timer.py"), str(out_json), str(script),
            f"--pretrained_model_name_or_path={model_dir}", f"--instance_data_dir={photos}",
-           f"--instance_prompt={PROMPT}", f"--output_dir={work / 'reference_out'}", f"--resolution={setting['resolution']}",
-           "--train_batch_size=1", "--gradient_accumulation_steps=1", "--learning_rate=1e-4",
-           "--lr_scheduler=constant", "--lr_warmup_steps=0", f"--max_train_steps={steps}",
-           f"--mixed_precision={'bf16' if setting['device'] == 'cuda' else 'no'}", "--rank=4", "--seed=0", "--report_to=all", f"--checkpointing_steps={steps * 10}"]
+           f"--instance_prompt={PROMPT}", f"--output_dir={work / 'reference_out'}",
+           f"--resolution={setting['resolution']}", "--train_batch_size=1", "--gradient_accumulation_steps=1",
+           "--learning_rate=1e-4", "--lr_scheduler=constant", "--lr_warmup_steps=0", f"--max_train_steps={steps}",
+           f"--mixed_precision={'bf16' if setting['device'] == 'cuda' else 'no'}", "--rank=4", "--seed=0",
+           "--report_to=all", f"--checkpointing_steps={steps * 10}"]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     rec = json.loads(out_json.read_text())
     ms = 1000 * statistics.median(rec["step_seconds"][2:])

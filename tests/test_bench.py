@@ -4,6 +4,7 @@ wrote: its rows and counts, the device it names and the commit it measured."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from sweep import PROJECT_DIR
 
 BENCH = PROJECT_DIR / "bench"
 HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True).stdout.strip()
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# one thread per process: on a shared CPU torch's thread pool only spins against other processes' (tests/conftest.py)
+ENV = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def bench(script: str, tmp: Path, cache: Path, *args: str, tiny: bool = True) -> subprocess.CompletedProcess:
@@ -165,7 +167,7 @@ def test_racing_bench_race_and_full_protocol(tmp_path, cache_dir):
 
     record = [json.loads(m.read_text()) for m in Path(race["sweep"]).glob("*/eval/metrics.json")]
     [baseline] = [r["cells"]["baseline"] for r in record if "baseline" in r["cells"]]  # the first trial scored it
-    prompts = {k: v for k, v in baseline.items() if k.startswith("p")}
+    prompts = {k: v for k, v in baseline.items() if re.fullmatch(r"p\d+_s\d+", k)}
     assert len(prompts) == 5 * 2  # the study's prompts x 2 seeds
     for key, cell in prompts.items():
         p, s = (int(n) for n in key[1:].split("_s"))

@@ -54,8 +54,8 @@ def test_multirun_over_learning_rates_loads_the_base_once(tmp_path):
     assert "time: " in log and ", overhead " in log and f"training {phases['training_s']:.1f} s" in log, log[-3000:]
     assert "## Where the time went" in (jobs[0].parent / "report" / "report.md").read_text()
     [parent] = [r for r in _runs(tmp_path) if r.data.tags.get("kind") == "sweep"]
-    assert {k: parent.data.metrics[f"time_{k}_s"] for k in ("training", "generating", "scoring", "waiting", "overhead")} \
-        == {k: phases[f"{k}_s"] for k in ("training", "generating", "scoring", "waiting", "overhead")}
+    named = ("training", "generating", "scoring", "waiting", "overhead")
+    assert {k: parent.data.metrics[f"time_{k}_s"] for k in named} == {k: phases[f"{k}_s"] for k in named}
 
 
 def test_single_run_and_resume_in_the_same_folder(tmp_path):
