@@ -214,7 +214,7 @@ def main() -> None:
         report["rows"] = {k: {**v, "measured": v.get("measured", old["date"])} for k, v in old["rows"].items()}
         report["profiles"] = old.get("profiles", {})
         report["failed"] = old.get("failed", {})
-        report.update({k: v for k, v in old.items() if k not in report | record.HEAD})
+        report.update({k: v for k, v in old.items() if k not in report and k not in record.HEAD})
 
     def write():
         record.write(args.out, "profile_step", gpu, report)
