@@ -9,6 +9,8 @@ compiled transformer blocks. A torch.profiler pass sorts the kernels of a step i
 convolution, normalisation, elementwise, ...). Writes bench/results/profile_step_<gpu>.json.
 
     python bench/profile_step.py --packs 8 --eval-batch 40
+    python bench/profile_step.py --tiny --out /tmp/bench   # a check of the script on the CPU (tests/test_bench.py):
+        # the tiny model in float32, eager rows only (no CUDA graphs, no Inductor), the CPU profiler's families
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch._inductor.config  # noqa: F401 - patched per row
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import record  # noqa: E402
 from bench.single_trial import model_preset  # noqa: E402
 from common import compiling  # noqa: E402
 from trainer import LoraSettings, packed  # noqa: E402
@@ -59,7 +62,13 @@ def sdpa(backend: str):
 
 
 def timed(fn, iters: int, graph: bool) -> float:
-    """ms per call of `fn` (a CUDA graph replay when `graph`)."""
+    """ms per call of `fn` (a CUDA graph replay when `graph`); on a CPU (no CUDA), plain calls after a warm-up."""
+    if not torch.cuda.is_available():
+        fn()
+        tic = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return 1000 * (time.perf_counter() - tic) / iters
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -85,12 +94,15 @@ def kernel_table(fn, top: int = 25) -> dict:
     """One call of `fn` under torch.profiler: GPU ms per kernel family and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()  # else the CPU's operators (a check of the script: tests/test_bench.py)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / 1000, e.count) for e in prof.key_averages() if e.device_time_total > 0]
+        sync()
+    took = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    rows = [(e.key, took(e) / 1000, e.count) for e in prof.key_averages() if took(e) > 0]
     rows = [r for r in rows if not r[0].startswith(("cudaLaunch", "cudaStream", "cudaGraph"))]
     fams: dict[str, float] = {}
     for name, ms, _ in rows:
@@ -101,12 +113,13 @@ def kernel_table(fn, top: int = 25) -> dict:
             "top": [{"kernel": n[:160], "ms": ms, "calls": c, "family": family(n)} for n, ms, c in rows[:top]]}
 
 
-def conditioning(base, n: int, device):
+def conditioning(base, n: int, device, size: int | None = None):
+    """A step's UNet inputs for `n` samples of `size` latents (default: the model's own resolution)."""
     g = torch.Generator(device=device).manual_seed(0)
     dt_ = base.weight_dtype
     cross = base.unet.config.cross_attention_dim
     pooled_dim = base.unet.config.projection_class_embeddings_input_dim - 6 * base.unet.config.addition_time_embed_dim
-    size = base.unet.config.sample_size
+    size = size or base.unet.config.sample_size
     return {
         "x": torch.randn(n, 4, size, size, generator=g, device=device, dtype=dt_),
         "t": torch.randint(0, 1000, (n,), generator=g, device=device),
@@ -146,10 +159,10 @@ def flops_by_family(fn) -> dict:
     return {"tflop_by_family": fams, "tflop_total": sum(fams.values())}
 
 
-def gemm_peak(n: int = 8192, iters: int = 20) -> dict:
+def gemm_peak(n: int = 8192, iters: int = 20, device: str = "cuda") -> dict:
     """The chip's bf16 dense GEMM rate as cuBLAS reaches it on a large square product (the ceiling the
     UNet's GEMMs are measured against)."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     ms = timed(lambda: a @ b, iters, graph=False)
     return {"n": n, "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
 
@@ -168,41 +181,52 @@ def adapters_out(pack):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--packs", type=int, nargs="*", default=[8])
-    ap.add_argument("--eval-batch", type=int, default=40, help="UNet samples per evaluation step (images x 2, CFG)")
-    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--packs", type=int, nargs="*", default=None, help="trials per packed step (default 8; --tiny 2)")
+    ap.add_argument("--eval-batch", type=int, default=None,
+                    help="UNet samples per evaluation step (images x 2, CFG; default 40, --tiny 2)")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per row (default 8; --tiny 2)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-bench")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--only", nargs="*", help="run only these rows (a name ending in * : every row it begins)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other rows and profiles of this GPU's existing JSON (remeasure some with --only)")
+    record.add_options(ap)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/profile_step.py needs a CUDA GPU")
-    dev = torch.device("cuda")
-    cache = args.work / "cache"
-    model = model_preset("sdxl_base_random")
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("bench/profile_step.py needs a CUDA GPU (--tiny: a check of the script on the CPU)")
+    args.packs = args.packs if args.packs is not None else ([2] if args.tiny else [8])
+    args.eval_batch = args.eval_batch or (2 if args.tiny else 40)
+    args.iters = args.iters or (2 if args.tiny else 8)
+    args.out = record.out_folder(args, "profile_step")
+    dev = torch.device("cpu" if args.tiny else "cuda")
+    cuda = dev.type == "cuda"
+    cache = args.cache or args.work / "cache"
+    model = model_preset("tiny" if args.tiny else "sdxl_base_random")
     resolve_source(model, cache)
-    base = load_base_model(model, dev, torch.bfloat16, cache)
+    base = load_base_model(model, dev, torch.bfloat16 if cuda else torch.float32, cache)
     base.encoders_to("cpu")
-    gpu = torch.cuda.get_device_name()
-    report = {"benchmark": "profile_step", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "cudnn": torch.backends.cudnn.version(), "rows": {}, "profiles": {}, "failed": {}}
+    gpu = record.device_name(dev)
+    latent = 8 if args.tiny else None  # the tiny check at 64 px, as the other benches' (the model's own: 512 px)
+    report = {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+              "tiny": args.tiny, "rows": {}, "profiles": {}, "failed": {}}
     path = args.out / f"profile_step_{gpu.replace(' ', '_')}.json"
     if args.merge and path.is_file():  # earlier rows keep the date they were measured
         old = json.loads(path.read_text())
         report["rows"] = {k: {**v, "measured": v.get("measured", old["date"])} for k, v in old["rows"].items()}
         report["profiles"] = old.get("profiles", {})
         report["failed"] = old.get("failed", {})
-        report.update({k: v for k, v in old.items() if k not in report})
+        report.update({k: v for k, v in old.items() if k not in report and k not in record.HEAD})
 
     def write():
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        record.write(args.out, "profile_step", gpu, report)
+
+    # a CPU check runs the eager rows: CUDA graphs, Inductor and FP8 are what the others measure
+    tiny_rows = {"gemm_peak_bf16", "eval_default", "eval_flops", "eval_vae_decode",
+                 *(f"train_{k}_{v}" for k in args.packs for v in ("bmm", "dense", "no_lora"))}
 
     def row(name, fn):
         if args.only and not any(name == o or (o.endswith("*") and name.startswith(o[:-1])) for o in args.only):
+            return
+        if args.tiny and name not in tiny_rows:
             return
         print(f"measuring {name}", flush=True)
         try:
@@ -215,18 +239,19 @@ def main() -> None:
             report["profiles"].pop(name, None)
             report["failed"][name] = f"{type(exc).__name__}: {exc}"[:1500]
             print(f"  FAILED {report['failed'][name][:300]}", flush=True)
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         write()
 
-    row("gemm_peak_bf16", gemm_peak)
+    row("gemm_peak_bf16", (lambda: gemm_peak(256, 2, "cpu")) if args.tiny else gemm_peak)
 
     # ---- evaluation: the UNet forward at the scoring batch, no grad
-    ce = conditioning(base, args.eval_batch, dev)
+    ce = conditioning(base, args.eval_batch, dev, latent)
     base.unet.eval()
 
     def eval_row(backend: str, compiled: tuple[str, ...] = (), channels_last: bool = False, batch: int = 0,
                  profile: str | None = None, fuse_qkv: bool = False, inductor: dict | None = None):
-        c = conditioning(base, batch, dev) if batch else ce
+        c = conditioning(base, batch, dev, latent) if batch else ce
         n = batch or args.eval_batch
         fwd = lambda: unet_call(base, c)
         if channels_last:
@@ -239,7 +264,7 @@ def main() -> None:
             with sdpa(backend), torch.no_grad(), torch._inductor.config.patch(inductor or {}):
                 tic = time.perf_counter()
                 fwd()
-                torch.cuda.synchronize()
+                record.sync(dev)
                 first = time.perf_counter() - tic
                 ms = timed(fwd, args.iters, graph=False)
                 flops = 6.76e12 * n  # UNet forward at 1024 px (FlopCounterMode, anchors)
@@ -307,15 +332,16 @@ def main() -> None:
         pipe = base.pipeline()
         if channels_last:
             pipe.vae.to(memory_format=torch.channels_last)
-        lat = torch.randn(4, 4, 128, 128, device=dev, dtype=torch.bfloat16)
+        size = latent or base.unet.config.sample_size  # latents of the model's own resolution (1024 px: 128)
+        lat = torch.randn(4, 4, size, size, device=dev, dtype=base.weight_dtype)
         tic = time.perf_counter()
         decode(pipe, lat)
-        torch.cuda.synchronize()
+        record.sync(dev)
         first = time.perf_counter() - tic
         tic = time.perf_counter()
         for _ in range(2):
             decode(pipe, lat)
-        torch.cuda.synchronize()
+        record.sync(dev)
         s = (time.perf_counter() - tic) / 8
         pipe.vae.to(memory_format=torch.contiguous_format)
         base.encoders_to("cpu")
@@ -327,13 +353,13 @@ def main() -> None:
 
     # ---- training: K trials packed, forward + backward captured as a CUDA graph
     for k in args.packs:
-        ct = conditioning(base, k, dev)
+        ct = conditioning(base, k, dev, latent)
         pack = packed.Pack(base, [LoraSettings(rank=4) for _ in range(k)])
         params = pack.params()
         for p in params:
             torch.nn.init.normal_(p, std=0.01)
         base.unet.train()
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # noqa: E731
+        autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False)  # noqa: E731
 
         def step(x_grad: bool = False):
             x = ct["x"].detach().requires_grad_() if x_grad else ct["x"]
@@ -353,11 +379,11 @@ def main() -> None:
             try:
                 tic = time.perf_counter()
                 fn()
-                torch.cuda.synchronize()
+                record.sync(dev)
                 first = time.perf_counter() - tic
                 for p in params:
                     p.grad = None
-                ms = timed(fn, args.iters, graph=True)
+                ms = timed(fn, args.iters, graph=cuda)
                 if profile:
                     report["profiles"][profile] = kernel_table(fn)
                 return {"trials": k, "ms_per_step_fwd_bwd": ms, "tflops": 13.5e12 * k / ms / 1e9,

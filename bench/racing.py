@@ -27,13 +27,11 @@ on an H200 the two phases together take longer than one 10-minute GPU call.
 
     python bench/racing.py --phase race           # then, on the same machine:
     python bench/racing.py --phase full
-    HF_HUB_OFFLINE=1 python bench/racing.py --model tiny --resolution 64 --steps 4 --every 2 --images 2 \\
-        --work /tmp/racing-tiny --out /tmp/racing-tiny/out eval.num_inference_steps=4   # a check of the script, CPU
+    HF_HUB_OFFLINE=1 python bench/racing.py --tiny --out /tmp/bench   # a check of the script on the CPU
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import shutil
@@ -48,8 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import record
 from bench.single_trial import model_preset
-from bench.study_grid import CLIP_L
+from bench.study_grid import clip_architecture
 from sweep.offline_models import build_clip
 from trainer.models import resolve_source
 
@@ -71,43 +70,45 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--images", type=int, default=4, help="images per prompt and checkpoint (the eval seeds)")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sdxl-racing")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--model", default="sdxl_base_random", help="model preset (tiny: a quick check of the script)")
+    ap.add_argument("--work", type=Path, default=None, help="default: <tmp>/sdxl-racing (--tiny: a new temporary one)")
+    ap.add_argument("--model", default="sdxl_base_random", help="model preset")
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--phase", choices=("race", "full", "both"), default="both")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (the race's command line)")
-    return ap.parse_args()
-
-
-def clip_architecture(model: str) -> dict:
-    """CLIP-L's sizes (the default eval.clip_model) with random weights; for the tiny check the offline demo's tiny
-    CLIP (conf/eval/demo.yaml), which scores in milliseconds on a CPU instead of seconds."""
-    if model != "tiny":
-        return CLIP_L
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "eval" / "demo.yaml").clip_architecture)
+    record.add_options(ap)
+    args = ap.parse_args()
+    if args.tiny:  # 3 trials x 2 steps, one checkpoint each, 2 seeds, 2 denoising steps at 64 px
+        args.model, args.resolution, args.steps, args.every, args.images = "tiny", 64, 2, 2, 2
+        args.overrides = ["eval.num_inference_steps=2", "train.device=cpu", *args.overrides]
+    args.out = record.out_folder(args, "racing")
+    if args.work is None:
+        args.work = Path(tempfile.mkdtemp(prefix="racing-")) if args.tiny else \
+            Path(tempfile.gettempdir()) / "sdxl-racing"
+    return args
 
 
 def race_command(args: argparse.Namespace, clip: str) -> list[str]:
     """study_grid.py's command line, through the synthetic-scores runner, with racing asked for explicitly."""
+    cache = args.cache.resolve() if args.cache else ".cache"
     seeds = "[" + ",".join(str(i) for i in range(args.images)) + "]"
     return [sys.executable, "-m", "bench.synthetic_scores", "-m", "experiment=none", f"model={args.model}",
             "data=photos", "eval=default", f"data.resolution={args.resolution}",
             f"data.instance_dir={ROOT / 'assets' / 'demo_subject'}", "data.allow_upscale=true", "data.min_images=3",
             "lr=1e-4,1e-5,5e-4", f"steps={args.steps}", f"train.checkpoint_every={args.every}",
             f"eval.seeds={seeds}", "eval.budget=race", f"eval.clip_model={clip}", "tracking.enabled=false",
-            f"paths.root={args.work}", "paths.cache_dir=.cache", "progress=false", *args.overrides]
+            f"paths.root={args.work}", f"paths.cache_dir={cache}", "progress=false", *args.overrides]
 
 
 def eval_split(sweep: Path) -> dict:
-    """Images generated and generation / scoring seconds over every evaluate call of the sweep (each trial's
-    eval/metrics.json; the baseline's are in the first trial's)."""
-    files = sweep.glob("*/eval/metrics.json")
-    spent = [e for p in files for e in json.loads(p.read_text()).get("seconds", {}).values()]
-    out = {k: sum(e.get(k, 0) for e in spent) for k in ("images", "generate_s", "score_s")}
-    out["eval_s"] = out["generate_s"] + out["score_s"]
+    """Images generated and generation / scoring seconds over every evaluate call of the sweep, as the sweep's own
+    records hold them (sweep/phases.py: each trial's eval/metrics.json; the baseline's are in the first trial's)."""
+    from sweep.phases import evaluation_seconds
+    from sweep.results import trial_dirs
+
+    spent = [evaluation_seconds(d) for d in trial_dirs(sweep)]
+    out = {k: sum(e[name] for e in spent) for k, name in
+           (("images", "images"), ("generate_s", "generating_s"), ("score_s", "scoring_s"), ("wait_s", "waiting_s"))}
+    out["eval_s"] = out["generate_s"] + out["score_s"] + out["wait_s"]
     out["s_per_image_generated"] = out["generate_s"] / max(out["images"], 1)
     return out
 
@@ -136,7 +137,10 @@ def selection_of(sweep: Path) -> dict:
 
 
 def phase_race(args: argparse.Namespace, clip: str) -> tuple[dict, Path]:
-    """The raced sweep, timed from the command's start to its exit; its record (also kept in the sweep folder)."""
+    """The raced sweep, timed from the command's start to its exit; its record (also kept in the sweep folder),
+    with where its time went as the sweep itself reports it (report/phases.json)."""
+    from sweep.phases import read_phases
+
     cmd = race_command(args, clip)
     tic = time.perf_counter()
     log = args.work / "race.log"
@@ -154,8 +158,7 @@ def phase_race(args: argparse.Namespace, clip: str) -> tuple[dict, Path]:
     champ = written.get("champion") or {}
     part = {"command": " ".join(cmd[1:]), "sweep": str(sweep), "wall_s": wall, "wall_min": wall / 60,
             "trials": len(trials), "checkpoints": sum(len(t.get("checkpoints", [])) for t in trials),
-            **eval_split(sweep),
-            "training_s": max((t.get("ms_per_step") or 0) * t.get("steps", 0) / 1000 for t in trials),
+            **eval_split(sweep), "phases": read_phases(sweep),
             "race": json.loads(race_file.read_text()) if race_file.is_file() else None,
             **selection_of(sweep),
             "selection_json": {"champion": f"{champ['trial']}@{champ['step']}" if champ else None,
@@ -273,19 +276,15 @@ def write_report(args: argparse.Namespace, race: dict, full: dict | None) -> Pat
     """racing_<device>.json in --out: the machine, the commands, the comparison, both phases' records."""
     import diffusers
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    report = {"benchmark": "racing", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "device": gpu, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    report = {"diffusers": diffusers.__version__, "tiny": args.tiny,
               "grid": {"lrs": [1e-4, 1e-5, 5e-4], "steps": args.steps, "checkpoint_every": args.every,
                        "seeds": args.images, "model": args.model, "resolution": args.resolution},
               "commands": {"race": race["command"],
                            "full": None if full is None else "in-process (bench/racing.py phase_full): "
                                    "evaluation.evaluate.evaluate per checkpoint of a fresh copy of " + race["sweep"]},
               **summary(race, full), "target_min": TARGET_MIN, "race": race, "full": full, "scores": SCORES_NOTE}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"racing_{gpu.replace(' ', '_')}.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    return path
+    return record.write(args.out, "racing", record.device_name("cuda" if torch.cuda.is_available() else "cpu"),
+                        report)
 
 
 def show(race: dict, full: dict | None, path: Path) -> None:
@@ -308,11 +307,11 @@ def show(race: dict, full: dict | None, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available() and args.model != "tiny":
-        sys.exit("bench/racing.py needs a CUDA GPU (or --model tiny for a quick check)")
+        sys.exit("bench/racing.py needs a CUDA GPU (or --tiny for a check of the script on the CPU)")
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.phase in ("race", "both"):
-        cache = args.work / ".cache"
+        cache = args.cache or args.work / ".cache"
         resolve_source(model_preset(args.model), cache)  # built (not timed) where the sweep will look
         clip = build_clip(clip_architecture(args.model), cache)  # likewise: loaded from its folder, as the hub's
         race, sweep = phase_race(args, clip)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import inspect
 import math
 import re
 import sys
@@ -186,12 +187,16 @@ def _remember_entry(original):
     """evaluate()'s `_score_entry(made, cfg, scorer, writer, out_dir, name, ...)`, remembering (for the thread that
     scores, during the call) the folder and the entry it scores: `<trial>/eval`, whose trial's config says its
     learning rate, and "baseline" or "step-000100". Scoring may run on evaluation's worker thread
-    (evaluation/overlap.py), so the thread that generated does not know."""
+    (evaluation/overlap.py), so the thread that generated does not know. Every argument is passed on as given: a
+    parameter evaluate() adds later cannot break the wrapper (one that did once: `weights`)."""
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def wrapper(made, cfg, scorer, writer, out_dir, name, *args, **kwargs):
-        _STATE.out_dir, _STATE.name = out_dir, name
+    def wrapper(*args, **kwargs):
+        given = signature.bind(*args, **kwargs).arguments
+        _STATE.out_dir, _STATE.name = given["out_dir"], given["name"]
         try:
-            return original(made, cfg, scorer, writer, out_dir, name, *args, **kwargs)
+            return original(*args, **kwargs)
         finally:
             _STATE.out_dir = _STATE.name = None
 
@@ -200,10 +205,13 @@ def _remember_entry(original):
 
 def _synthetic_cells(original):
     """`_Scorer.cells`, scoring for real (its time is spent) and then handing back synthetic values."""
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def wrapper(self, images, prior, cfg, prior_seeds):
-        out = original(self, images, prior, cfg, prior_seeds)
-        _synthesise(out, current_entry(getattr(cfg, "lora_scale", 1.0)), bool(images.get("base")))
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        given = signature.bind(*args, **kwargs).arguments
+        _synthesise(out, current_entry(getattr(given["cfg"], "lora_scale", 1.0)), bool(given["images"].get("base")))
         return out
 
     wrapper.synthetic_scores = True  # the mark install() checks: patched once, however often it is called

@@ -19,6 +19,7 @@ from .config import resolve_path, typed_job
 from .finalize import finalize_folder
 from .launchers import check_launcher
 from .launchers.resume import claim_new_folder, export_folder
+from .phases import process_started
 from .redaction import redact_logs
 from .results import HYDRA_FILES, hide_secrets_in, read_sweep, stored_configs
 from .search import SearchSettings
@@ -118,7 +119,8 @@ class SweepCallback(Callback):
             return
         try:
             # this command's tracking settings: the stored configs hold the URI with its password hidden
-            sel, failed = finalize_folder(sweep_dir, tracking=typed_job(config).tracking)
+            sel, failed = finalize_folder(sweep_dir, tracking=typed_job(config).tracking,
+                                          start=process_started())
         except Exception as exc:
             if not isinstance(exc, UserError):  # a bug: its traceback, for the issue a user may file
                 log.error("the sweep's end failed", exc_info=True)
@@ -153,5 +155,5 @@ class SweepCallback(Callback):
         if out is None:
             log.error("no run folder in the config Hydra passed: nothing to report")
             return
-        finalize_folder(Path(out), tracking=typed_job(config).tracking)
+        finalize_folder(Path(out), tracking=typed_job(config).tracking, start=process_started())
 

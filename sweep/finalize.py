@@ -24,6 +24,7 @@ from .config import TrackingConfig, evaluation_settings, resolve_path
 from .export import export, from_checkpoint
 from .markdown import code, plain, text
 from .metrics import fmt
+from .phases import Phases, record_phases
 from .redaction import redact, redact_text
 from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
                       lost_before_start, lost_trials, read_json, read_promotion, read_promotions, read_scores,
@@ -67,7 +68,7 @@ def opened_store(sweep_dir: Path, given: str | None = None) -> str | None:
 
 
 def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | None = None,
-                    tracking: TrackingConfig | None = None) -> tuple[Selection | None, int]:
+                    tracking: TrackingConfig | None = None, start: float | None = None) -> tuple[Selection | None, int]:
     """Select, register, report. Returns the selection and how many trials failed (diverged and lost included).
     `tracking_uri`: the store to write to (a command opening the folder: opened_store); None, the store the sweep
     recorded (its own end, or its folder's default).
@@ -75,7 +76,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
     Run again on a sweep whose parent run has ended (`python -m sweep.report`, `sync` after the journal was sent),
     it rewrites the report, its artifacts, tags and description, and logs no metric twice nor ends the run again
     (its end time stays). `tracking`: the launching command's own settings (the sweep's end, in the process that
-    ran it): its tracking URI holds the credentials the stored config has hidden."""
+    ran it): its tracking URI holds the credentials the stored config has hidden; `start`: when it began (phases.py)."""
     sweep_dir = Path(sweep_dir).resolve()
     unstarted = lost_before_start(sweep_dir)
     for job, why in unstarted.items():
@@ -97,6 +98,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
     statuses.update({job: "failed" for job in unstarted})
     candidates, race = run_race(sweep_dir, conf, candidates, baseline)
     stop.check()  # Ctrl-C while racing: nothing selected, registered or reported yet; resume=true does it all
+    phases = record_phases(sweep_dir, start)  # the scoring is done: what follows is bookkeeping
     sel = select(candidates, baseline, conf.selection)
     sel.confidence = assess(sel, candidates, baseline, conf.selection)
     sel.race = race
@@ -119,7 +121,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
         registration = registry_step(tracker, conf, sweep_dir, pid, sel, baseline, exported, register)
     faults.hit("finalize_registered")  # the registry done and journaled; selection.json and the report not yet
     files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported,
-                         registration, notes)
+                         registration, notes, phases)
     faults.hit("finalize_reported")  # the records written; the MLflow runs not told yet
     if pid:
         tracker.reopen(pid)  # a resumed sweep's parent: steps it holds are not logged again
@@ -139,10 +141,11 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
         tracker.set_tags(pid, tags)
         log_final_bests(tracker, sweep, candidates, sel, statuses, conf.selection)
         if not ended:
+            tracker.log_metrics(pid, phases.metrics())
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     faults.hit("finalize_done")
     page = run_page(redact("uri", tracker.uri), sweep) if pid else None
-    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page, registration, notes)
+    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page, registration, notes, phases)
     return sel, failed
 
 
@@ -371,7 +374,7 @@ def run_page(uri: str, sweep: dict) -> str:
 
 
 def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None, registration: dict | None = None,
-           notes: list[str] = ()) -> None:
+           notes: list[str] = (), phases: Phases | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -398,6 +401,8 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
         compare += f"\n  then open {page}"
     if report.registry_text(registration):
         print(redact_text(plain(report.registry_text(registration))))
+    if phases is not None:
+        print(phases.text())
     print(redact_text(f"report: {sweep_dir / 'report'}\n{compare}"), flush=True)
     for line in report.meaningless_lines(notes)[:1]:  # the last word: the demo's numbers mean nothing
         print(line.replace("**", ""), flush=True)

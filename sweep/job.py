@@ -32,6 +32,7 @@ from .launchers.packing import BATCH_ENV, train
 from .launchers.process import GPU_ENV
 from .launchers.resume import note_run_dir
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
+from .phases import trial_phases
 from .plan import make_plan, trial_key
 from .results import (BASELINE, RESULT, candidate, candidates, finished_objective, read_result, read_sweep,
                       write_result)
@@ -163,6 +164,7 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
     payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": job.cfg_hash,
                "gpu": os.environ.get(GPU_ENV), "device": tags["device"], "started_at": started_at,
                "ended_at": time.time()}
+    payload["phases"] = trial_phases(payload, out)  # where its job's time went (sweep/phases.py adds them up)
     cands = candidates(metrics, out, name, result.status, params)
     baseline = metrics.get("baseline", {})
     objective, best = trial_best(cands, baseline, conf.selection)

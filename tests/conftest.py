@@ -97,7 +97,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # The test files in the order xdist hands them out (`--dist loadfile --no-loadscope-reorder`): longest first, so no
 # long file starts last (from `--durations=0` on a 2-core machine, one thread per worker; test_faults.py takes ~15 min).
 # A file not listed goes after these, in collection order.
-LONGEST_FIRST = ("test_faults", "test_tracking", "test_registry", "test_ray", "test_readme", "test_stop",
+LONGEST_FIRST = ("test_faults", "test_bench", "test_tracking", "test_registry", "test_ray", "test_readme", "test_stop",
                  "test_flux", "test_search_cli", "test_cli", "test_shared_server", "test_untrusted_folder",
                  "test_security", "test_serving", "test_redaction", "test_cluster", "test_packed", "test_families",
                  "test_train", "test_bad_inputs", "test_search", "test_layers", "test_face", "test_evaluate",

@@ -48,6 +48,14 @@ def test_multirun_over_learning_rates_loads_the_base_once(tmp_path):
     assert (jobs[0].parent / "baseline_metrics.json").is_file()
     assert (jobs[0] / "eval" / "grids" / "baseline_base.png").is_file()
     assert not (jobs[1] / "eval" / "grids" / "baseline_base.png").exists()
+    # where the time went, said at the end, in report.md and on the parent run (sweep/phases.py)
+    phases = json.loads((jobs[0].parent / "report" / "phases.json").read_text())
+    assert phases["trials"] == 2 and all(phases[k] > 0 for k in ("training_s", "generating_s", "scoring_s", "wall_s"))
+    assert "time: " in log and ", overhead " in log and f"training {phases['training_s']:.1f} s" in log, log[-3000:]
+    assert "## Where the time went" in (jobs[0].parent / "report" / "report.md").read_text()
+    [parent] = [r for r in _runs(tmp_path) if r.data.tags.get("kind") == "sweep"]
+    named = ("training", "generating", "scoring", "waiting", "overhead")
+    assert {k: parent.data.metrics[f"time_{k}_s"] for k in named} == {k: phases[f"{k}_s"] for k in named}
 
 
 def test_single_run_and_resume_in_the_same_folder(tmp_path):

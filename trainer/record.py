@@ -30,6 +30,7 @@ class TrialResult:
     peak_memory_gib: float | None = None  # CUDA allocator peak during the trial (of the whole pack when packed)
     pack_size: int = 1  # trainings that shared a pass of the base with this one's (0: alone through peft)
     setup_seconds: float = 0.0  # first step's extra cost: CUDA graph capture and, with train.compile, compiling
+    train_seconds: float = 0.0  # wall time of its optimizer steps (the pack's, when packed): the sweep's training phase
     training: str | None = None  # where one training served several trials (trainer/planner.py): the trial it
     # trained (this one's own name for that one); None: it trained for itself alone
 
@@ -113,7 +114,8 @@ class TrialRecord:
         at `stopped_at`, or at `max_steps` if it trained any step."""
         last = stopped_at or (max_steps if self.losses else self.start)
         timing = {"seconds": time.perf_counter() - clock.started, "ms_per_step": clock.ms_per_step(),
-                  "peak_memory_gib": clock.peak_memory_gib(), "setup_seconds": clock.setup_seconds()}
+                  "peak_memory_gib": clock.peak_memory_gib(), "setup_seconds": clock.setup_seconds(),
+                  "train_seconds": sum(clock.times)}
         return self._result(status, last, self.losses.get(last), error, self.pack_size, self.start or None, timing)
 
     def untimed(self, status: str, steps: int, final_loss: float | None, error: str,

@@ -16,6 +16,7 @@ from common.metrics import FACE_SIMILARITY, REPORTED
 
 from ..markdown import code, text
 from ..metrics import fmt
+from ..phases import PHASES_FILE, Phases
 from ..results import lora_file, write_json, write_text
 from ..selection import Candidate, Selection
 
@@ -193,10 +194,11 @@ def mlflow_note(sel: Selection, rule_text: str, run_id: str, images: list[str], 
 
 def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses: dict[str, str],
           ui: str, rule_text: str = "", exported: Path | None = None, registry: dict | None = None,
-          notes: list[str] = ()) -> list[Path]:
+          notes: list[str] = (), phases: Phases | None = None) -> list[Path]:
     """report.md (champion, rule, table, images inline), report.csv, selection.json (strict JSON), the plots; each
     written atomically. `registry`: the sweep's registration as recorded (finalize.py's registry.json), `notes`:
-    evaluation's notes on its own numbers (random weights: the scores carry no meaning)."""
+    evaluation's notes on its own numbers (random weights: the scores carry no meaning); `phases`: where the
+    sweep's time went (report/phases.json, written by the sweep's end)."""
     out = Path(sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics_vs_step.png", "champion_vs_baseline.png"):  # a rebuilt report shows what it made
@@ -222,6 +224,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         lines += ["", f"{len(sel.rejected)} checkpoint(s) could not win:", ""]
         lines += [f"- {code(k)}: {text(v)}" for k, v in sel.rejected.items()]
     lines += race_lines(sel.race)
+    lines += phases.markdown() if phases is not None else []
     lines += ["", "## Images", "", f"![{IMAGES[plots.name]}]({plots.name})"]
     if grid:
         lines += ["", f"![{IMAGES[grid.name]}]({grid.name})"]
@@ -239,6 +242,7 @@ def write(sweep_dir: Path, candidates: list[Candidate], sel: Selection, statuses
         "registry": registry or None, "scores_meaningless": list(notes)})
     write_text(out / "report.md", "\n".join(lines) + "\n")  # last: it claims only what is recorded
     files = [out / "report.md", out / "report.csv", out / "selection.json", plots, *optuna[1]]
+    files += [out / PHASES_FILE] if (out / PHASES_FILE).is_file() else []
     return files + ([grid] if grid else [])
 
 
