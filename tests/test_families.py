@@ -62,11 +62,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+PATH_DEPENDENT = ("modelspec.date", "sdxl_lora_sweep.config_hash")
+
+
 def webui_digest(path: Path) -> str:
-    """The web-UI file's sha256 with its metadata's export time dropped (the same tensors, the same other
-    metadata, written in the project's canonical header order)."""
+    """The web-UI file's sha256 with its metadata's export time and config hash dropped (the same tensors, the same
+    other metadata, written in the project's canonical header order). The config hash covers data.instance_dir, an
+    absolute path into the checkout, so it differs in every other clone; the checkpoints' bytes do not hold it."""
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "modelspec.date"}
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k not in PATH_DEPENDENT}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
     return sha256(safetensors_bytes(tensors, meta))
 
