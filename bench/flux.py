@@ -237,6 +237,9 @@ def ours(b: Bench, pack: int = 1, resolution: int | None = None, **train_kw) -> 
     res = resolution or s.resolution
     data = DataConfig(instance_dir=str(b.photos), instance_prompt=PROMPT, resolution=res, min_images=1)
     train_kw.setdefault("compile", False)  # each row says what it measures; "auto" would depend on the step count
+    train_kw.setdefault("cuda_graphs", os.environ.get("FLUX_BENCH_CUDA_GRAPHS", "1") == "1")
+    if os.environ.get("FLUX_BENCH_CUDNN_SDP") == "0":  # cuDNN's fused attention failed FLUX's backward on torch 2.11
+        torch.backends.cuda.enable_cudnn_sdp(False)
     specs = [TrialSpec(f"bench{k}", LoraSettings(rank=RANK, target_modules=list(TARGET_MODULES)),
                        TrainConfig(lr=1e-4 * (k + 1), max_steps=s.steps, checkpoint_every=s.steps,
                                    mixed_precision=s.precision, device=s.device, resume=False, seed=k, **train_kw),

@@ -50,5 +50,7 @@ def _stamp(*_) -> None:
 
 
 register_optimizer_step_post_hook(_stamp)
+if os.environ.get("FLUX_BENCH_CUDNN_SDP") == "0":  # cuDNN's fused attention failed FLUX's backward on torch 2.11
+    torch.backends.cuda.enable_cudnn_sdp(False)
 sys.argv = [script, *args]
 runpy.run_path(script, run_name="__main__")
