@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import time
 from dataclasses import dataclass
@@ -141,6 +142,27 @@ def existing(client, sweep: dict) -> dict[str, str]:
             return found
 
 
+_DECIMAL = re.compile(r"(?<![\w.])\d*\.\d+(?:e-?\d+)?")
+
+
+def model_name(key: str) -> str:
+    """A candidate key as a LoggedModel's name, which may not hold . : / % or quotes: decimals in scientific form
+    with a whole mantissa (lr=0.0001@400 -> lr=1e-4@400, 0.00015 -> 15e-5), a strength with a decimal comma
+    (x0.7 -> x0,7). The exact key is the tag checkpoint.key."""
+    head, at, tail = key.rpartition("@")
+    head = _DECIMAL.sub(lambda m: _scientific(float(m.group())), head if at else key)
+    tail = tail.replace(".", ",") if at else ""
+    return re.sub(r"[:/%\"'.]", "_", head + at + tail)
+
+
+def _scientific(v: float) -> str:
+    for exp in range(0, 16):
+        mant = v * 10 ** exp
+        if abs(mant - round(mant)) < 1e-9 * max(1.0, abs(mant)):
+            return f"{round(mant)}e-{exp}" if exp else str(round(mant))
+    return f"{v:.3e}".replace(".", "_")
+
+
 def _weights(c: Candidate) -> dict[str, str]:
     lora = Path(c.checkpoint) / "pytorch_lora_weights.safetensors"
     return {"weights.path": str(lora), "weights.sha256": c.weights}
@@ -159,7 +181,7 @@ def _create(client, sweep: dict, run_id: str, c: Candidate, tags: dict, metrics:
     params = {"trial": c.trial, "step": str(c.step), "strength": f"{c.scale:g}",
               **{k: str(v) for k, v in c.params.items()}}
     model = client.create_logged_model(
-        sweep["experiment_id"], name=c.key, source_run_id=run_id, model_type="lora", params=params,
+        sweep["experiment_id"], name=model_name(c.key), source_run_id=run_id, model_type="lora", params=params,
         tags={**tags, KEY_TAG: c.key, PARENT_TAG: sweep["parent_run_id"], "checkpoint": c.checkpoint})
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, c.step, model_id=model.model_id,
