@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,14 +61,14 @@ def roles(sel: Selection, race: dict | None) -> dict[str, tuple[str, str]]:
     """{candidate key: (role, why)}: what the rule made of each scored checkpoint."""
     out = {}
     for i, (c, obj) in enumerate(sel.ranked):
-        out[c.key] = ("eligible", f"ranked {i + 1} of {len(sel.ranked)} under {sel.rule} ({sel.objective} "
-                                  f"{obj:.4f})")
+        out[c.key] = ("eligible", (f"ranked {i + 1} of {len(sel.ranked)} under {sel.rule} ({sel.objective} "
+                                  f"{obj:.4f})"))
     if sel.champion:
         out[sel.champion.key] = ("champion", sel.explain())
     if sel.runner_up:
         c, obj = sel.ranked[1]
-        out[c.key] = ("runner-up", f"second under {sel.rule} ({sel.objective} {obj:.4f}), {sel.margin:.4f} behind "
-                                   f"the champion")
+        out[c.key] = ("runner-up", (f"second under {sel.rule} ({sel.objective} {obj:.4f}), {sel.margin:.4f} behind "
+                                   f"the champion"))
     for key, why in sel.rejected.items():
         out[key] = ("not eligible", why)
     for d in (race or {}).get("dropped", []):
@@ -156,7 +157,7 @@ def model_name(key: str) -> str:
 
 
 def _scientific(v: float) -> str:
-    for exp in range(0, 16):
+    for exp in range(16):
         mant = v * 10 ** exp
         if abs(mant - round(mant)) < 1e-9 * max(1.0, abs(mant)):
             return f"{round(mant)}e-{exp}" if exp else str(round(mant))
@@ -176,7 +177,7 @@ def _log_dataset(client, run_id: str, dataset: EvalDataset) -> None:
 
 def _create(client, sweep: dict, run_id: str, c: Candidate, tags: dict, metrics: dict, dataset: EvalDataset,
             copy_weights: bool) -> str:
-    from mlflow.entities import LoggedModelStatus, Metric
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
     params = {"trial": c.trial, "step": str(c.step), "strength": f"{c.scale:g}",
               **{k: str(v) for k, v in c.params.items()}}
@@ -186,7 +187,8 @@ def _create(client, sweep: dict, run_id: str, c: Candidate, tags: dict, metrics:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, c.step, model_id=model.model_id,
                                              dataset_name=dataset.name, dataset_digest=dataset.digest)
-                                      for k, v in metrics.items() if v == v])  # NaN: not scored (no face)
+                                      for k, v in metrics.items() if not math.isnan(v)])  # NaN: not scored (no face)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=c.step)])  # the run page lists its models
     if copy_weights:
         client.log_model_artifact(model.model_id, str(Path(c.checkpoint) / "pytorch_lora_weights.safetensors"))
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)

@@ -10,9 +10,7 @@ idempotent: a LoRA (its sha256 and strength) already registered under the model 
 version is created with all its tags at once, before any alias moves to it."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
@@ -277,8 +275,8 @@ def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, ch
         for f in ("pytorch_lora_weights.safetensors", "checkpoint.json"):
             shutil.copy2(ckpt / f, Path(tmp) / f)
         gen = generation_settings(conf, champion, base)  # served and `sweep.generate` defaults (issue 18)
-        flavour = dict(adapter_path=tmp, base_model=base, adapter_type="lora", signature=serving_signature(gen),
-                       metadata={"generation": gen})
+        flavour = {"adapter_path": tmp, "base_model": base, "adapter_type": "lora",
+                   "signature": serving_signature(gen), "metadata": {"generation": gen}}
         if model_id:  # no active run: the checkpoint's metrics stay its own (log_model copies a run's into it)
             info = mlflow.diffusers.log_model(**flavour, model_id=model_id)
         else:
@@ -289,8 +287,9 @@ def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, ch
             "checkpoint": str(ckpt), "trial": champion.trial, "step": champion.step, "lora_scale": champion.scale,
             "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics), BASELINE_TAG: metrics_json(baseline),
             SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos, **webui}
-    with contextlib.redirect_stderr(io.StringIO()):  # its "already exists. Creating a new version": the model is
-        mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})  # made first
+    # the version's run is the sweep's (where its registration is recorded), its model the checkpoint's
+    mv = client.create_model_version(name, info.model_uri, run_id=parent_run_id, model_id=info.model_id,
+                                     tags={k: str(v) for k, v in tags.items()})
     return str(mv.version)
 
 
