@@ -345,6 +345,11 @@ def printed_links(output: str) -> dict[str, str]:
 MLRUNS_BEFORE_MODELS = 9_461_273  # bytes of mlruns/ after the demo before checkpoints were LoggedModels (issue 35)
 
 
+def parent_run(c: MlflowClient, exp):
+    [parent] = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "sweep"]
+    return parent
+
+
 def test_every_scored_checkpoint_is_a_logged_model_with_the_reports_numbers(user):
     """search_logged_models: one model per scored checkpoint of the sweep, named by its key, with the report's final
     metrics and interval; roles from the rule; the registered champion's model_id is the champion checkpoint's; its
@@ -382,8 +387,12 @@ def test_every_scored_checkpoint_is_a_logged_model_with_the_reports_numbers(user
                   f"{selection['runner_up']['trial']}@{selection['runner_up']['step']}"].tags["role"] == "runner-up"
     assert {m.source_run_id for m in models} == {r.info.run_id for r in c.search_runs([exp.experiment_id])
                                                  if r.data.tags.get("kind") != "sweep"}
-    assert user.champion().model_id == by_key[key].model_id
-    [parent] = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "sweep"]
+    version = user.champion()  # its LoggedModel: the source models:/<id> (MLflow's SQL store keeps no model_id)
+    assert version.source == f"models:/{by_key[key].model_id}" and version.run_id == parent_run(c, exp).info.run_id
+    assert json.loads(c.get_logged_model(by_key[key].model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "sdxl-lora-sks-woman", "version": version.version}]
+    assert (version.model_id or by_key[key].model_id) == by_key[key].model_id
+    parent = parent_run(c, exp)
     assert parent.info.run_name == f"sks woman · {key}" and parent.data.tags["sweep.started"] == folder.name
     size = sum(f.stat().st_size for f in (user.cwd / "mlruns").rglob("*") if f.is_file())
     assert abs(size - MLRUNS_BEFORE_MODELS) <= 0.1 * MLRUNS_BEFORE_MODELS, size

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ALIAS, CHALLENGER = "champion", "challenger"
 SUBJECT_TAG, PHOTOS_TAG = "subject", "subject.photos_sha256"  # on the registered model and on each version
 PREFIX = "sdxl-lora-"
+MODEL_VERSIONS = "mlflow.modelVersions"  # on a LoggedModel: the registered versions made from it
 
 
 # Bumped whenever an objective's definition changes, so that champions scored under the old one count as another
@@ -287,9 +288,14 @@ def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, ch
             "checkpoint": str(ckpt), "trial": champion.trial, "step": champion.step, "lora_scale": champion.scale,
             "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics), BASELINE_TAG: metrics_json(baseline),
             SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos, **webui}
-    # the version's run is the sweep's (where its registration is recorded), its model the checkpoint's
+    # the version's run is the sweep's (where its registration is recorded), its model the checkpoint's: its source
+    # is models:/<model id> (MLflow's SQL store keeps no model_id column on versions), and the model's tag
+    # mlflow.modelVersions names the version (the Models tab's "Registered models"), as mlflow.register_model does
     mv = client.create_model_version(name, info.model_uri, run_id=parent_run_id, model_id=info.model_id,
                                      tags={k: str(v) for k, v in tags.items()})
+    held = json.loads(client.get_logged_model(info.model_id).tags.get(MODEL_VERSIONS, "[]"))
+    client.set_logged_model_tags(info.model_id, {MODEL_VERSIONS: json.dumps(
+        [*held, {"name": name, "version": str(mv.version)}])})
     return str(mv.version)
 
 
