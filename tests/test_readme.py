@@ -374,10 +374,10 @@ def test_every_scored_checkpoint_is_a_logged_model_with_the_reports_numbers(user
         m = by_key[f"{row['trial']}@{row['best_step']}"]
         metrics = {x.key: x.value for x in m.metrics}
         for name in ("clip_t", "clip_i", "face_detection_rate"):
-            assert metrics[name] == pytest.approx(float(row[name]), rel=1e-9), (name, row)
-        assert metrics[objective] == pytest.approx(float(row[f"best {objective}"]), rel=1e-9)
-        assert metrics[f"{objective}_low"] == pytest.approx(float(row["95% low"]), rel=1e-9)
-        assert metrics[f"{objective}_high"] == pytest.approx(float(row["95% high"]), rel=1e-9)
+            assert metrics[f"final_{name}"] == pytest.approx(float(row[name]), rel=1e-9), (name, row)
+        assert metrics[f"final_{objective}"] == pytest.approx(float(row[f"best {objective}"]), rel=1e-9)
+        assert metrics[f"final_{objective}_low"] == pytest.approx(float(row["95% low"]), rel=1e-9)
+        assert metrics[f"final_{objective}_high"] == pytest.approx(float(row["95% high"]), rel=1e-9)
         assert {x.dataset_name for x in m.metrics} == {"sks woman photos x 2 prompts"}
         assert m.params["trial"] == row["trial"] and m.params["step"] == row["best_step"] and m.params["lr"] == row["lr"]
         lora = Path(m.tags["weights.path"])
@@ -428,7 +428,7 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
                 assert shown[0] == next(m.name for m in models if m.tags["checkpoint.key"] == key)
                 assert sorted(shown) == sorted(m.name for m in models)
                 body = page.inner_text("body")
-                assert selection["objective"] in body and "clip_t" in body
+                assert f"final_{selection['objective']}" in body and "final_clip_t" in body
                 page.screenshot(path=str(tmp_path / "models_tab.png"), full_page=True)
                 page.goto(url + links["the trials by the rule's objective"])
                 page.get_by_text(f"best_{selection['objective']}").first.wait_for(timeout=120_000)

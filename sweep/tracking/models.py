@@ -29,6 +29,7 @@ from ..selection import Candidate, Selection
 log = logging.getLogger(__name__)
 KEY_TAG, PARENT_TAG = "checkpoint.key", "parent_run_id"
 ROLE, WHY = "role", "role.why"
+FINAL = "final_"  # a model's metrics: the checkpoint's scores after racing
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,10 @@ def order(candidates: list[Candidate], sel: Selection) -> list[Candidate]:
 
 
 def model_metrics(c: Candidate, sel: Selection, cfg, intervals: dict) -> dict[str, float]:
-    """Its final metrics, the rule's objective and that objective's 95% interval (`<objective>_low/_high`), under
-    the names its trial's run logs them by (at a strength other than full: `clip_t_x0.7`), so that logging them for
-    the model adds no new series to the run."""
+    """Its final metrics (after racing), the rule's objective and that objective's 95% interval, each named
+    `final_<name>` (`final_<objective>_low`, `_high`; at a strength other than full ending in it: `final_clip_t_x0.7`).
+    They are logged on its trial's run at its step, beside the run's own per-step series (racing's first round for a
+    raced checkpoint), which they must not add points to."""
     from ..selection import checkpoint_score
 
     out = {k: v for k, v in c.metrics.items() if isinstance(v, (int, float))}
@@ -96,7 +98,7 @@ def model_metrics(c: Candidate, sel: Selection, cfg, intervals: dict) -> dict[st
     ival = intervals.get(c.key, {}).get(sel.objective)
     if ival is not None:
         out[f"{sel.objective}_low"], out[f"{sel.objective}_high"] = ival.low, ival.high
-    return {k + strength_suffix(c.scale): v for k, v in out.items()}
+    return {f"{FINAL}{k}{strength_suffix(c.scale)}": v for k, v in out.items()}
 
 
 def log_checkpoint_models(tracker, sweep: dict, candidates: list[Candidate], sel: Selection, cfg,
