@@ -345,6 +345,15 @@ def _log_grids(tracker, run_id, out: Path, entry: str) -> None:
             tracker.log_image(run_id, png, f"p{slot}" + ("" if arm == "base" else f"_{arm}") + suffix, step)
 
 
+def _log_baseline_images(tracker, run_id, out: Path) -> None:
+    """The base model's images (no LoRA) at step 0 under the same keys: where each image panel opens (the UI's
+    image cards start at step 0), before the first checkpoint. Generated once per sweep, by whichever trial
+    scored first: read from that trial's folder."""
+    made = sorted(out.parent.glob(f"*/eval/images/{BASELINE_KEY}"))
+    for slot, png in (prompt_rows(made[0].parent.parent, BASELINE_KEY, "base") if made else {}).items():
+        tracker.log_image(run_id, png, f"p{slot}", 0)
+
+
 def prompt_rows(eval_dir: Path, entry: str, arm: str) -> dict[int, Path]:
     """{prompt slot: a PNG of the seeds generated for it at `entry`}, written once beside the grids
     (eval/prompt_rows/, which the run does not log as files: the images are its step-indexed ones)."""
@@ -391,6 +400,7 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
     tracker.log_metrics(run_id, rows)
     faults.hit("mlflow_log", out.name)  # between two MLflow requests (tests/test_faults.py)
     tracker.log_artifacts(run_id, out / "eval" / "grids", "grids")
+    _log_baseline_images(tracker, run_id, out)
     for ck in fresh:
         _log_grids(tracker, run_id, out, ck)
     tracker.log_artifacts(run_id, out / RESULT)

@@ -419,7 +419,7 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 2400, "height": 1200})
+                page = browser.new_page(viewport={"width": 2400, "height": 1000})
                 page.goto(url + links["every checkpoint, the champion first"])
                 names = page.locator("[role=row] a", has_text="@")
                 names.first.wait_for(timeout=180_000)
@@ -427,8 +427,10 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
                 models = c.search_logged_models([exp.experiment_id])
                 assert shown[0] == next(m.name for m in models if m.tags["checkpoint.key"] == key)
                 assert sorted(shown) == sorted(m.name for m in models)
+                page.get_by_text("final_clip_t").first.wait_for(timeout=60_000)  # its metrics, beside each model
                 body = page.inner_text("body")
-                assert f"final_{selection['objective']}" in body and "final_clip_t" in body
+                for m in models:
+                    assert str(next(x.value for x in m.metrics if x.key == "final_clip_t")) in body, m.name
                 page.screenshot(path=str(tmp_path / "models_tab.png"), full_page=True)
                 page.goto(url + links["the trials by the rule's objective"])
                 page.get_by_text(f"best_{selection['objective']}").first.wait_for(timeout=120_000)
@@ -437,6 +439,7 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
                 page.screenshot(path=str(tmp_path / "runs_view.png"), full_page=True)
                 page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/model-metrics"
                           "?workflowType=machine_learning")
+                page.get_by_placeholder("Search metric charts").fill("p0")  # the image cards, by prompt slot
                 page.wait_for_function("() => [...document.images].some(i => /p0%2Bstep%2B|p0\\+step\\+/.test("
                                        "i.src) && i.naturalWidth > 0)", timeout=120_000)
                 page.screenshot(path=str(tmp_path / "child_images.png"), full_page=True)

@@ -295,7 +295,7 @@ def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, ch
                                      tags={k: str(v) for k, v in tags.items()})
     held = json.loads(client.get_logged_model(info.model_id).tags.get(MODEL_VERSIONS, "[]"))
     client.set_logged_model_tags(info.model_id, {MODEL_VERSIONS: json.dumps(
-        [*held, {"name": name, "version": str(mv.version)}])})
+        [*held, {"name": name, "version": mv.version}])})
     return str(mv.version)
 
 
