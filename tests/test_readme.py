@@ -395,7 +395,7 @@ def test_every_scored_checkpoint_is_a_logged_model_with_the_reports_numbers(user
     parent = parent_run(c, exp)
     assert parent.info.run_name == f"sks woman · {key}" and parent.data.tags["sweep.started"] == folder.name
     size = sum(f.stat().st_size for f in (user.cwd / "mlruns").rglob("*") if f.is_file())
-    assert abs(size - MLRUNS_BEFORE_MODELS) <= 0.1 * MLRUNS_BEFORE_MODELS, size
+    assert size <= 1.1 * MLRUNS_BEFORE_MODELS, size  # 8.3 MB: the per-prompt images are smaller than the grids were
 
 
 def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
@@ -433,9 +433,9 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
                     assert str(next(x.value for x in m.metrics if x.key == "final_clip_t")) in body, m.name
                 page.screenshot(path=str(tmp_path / "models_tab.png"), full_page=True)
                 page.goto(url + links["the trials by the rule's objective"])
-                page.get_by_text(f"best_{selection['objective']}").first.wait_for(timeout=120_000)
-                body = page.inner_text("body")
-                assert "best_clip_t" in body and "best_step" in body and f"sks woman · {key}" in body
+                for column in (f"best_{selection['objective']}", "best_clip_t", "best_step"):  # the deciding columns
+                    page.get_by_role("columnheader").filter(has_text=column).first.wait_for(timeout=120_000)
+                page.get_by_text(f"sks woman · {key}").first.wait_for(timeout=60_000)
                 page.screenshot(path=str(tmp_path / "runs_view.png"), full_page=True)
                 page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/model-metrics"
                           "?workflowType=machine_learning")
