@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 import families
 from common import compiling, faults, stop
@@ -505,7 +505,10 @@ def _load(path: Path) -> Image.Image | None:
 
 
 def _blank() -> Image.Image:
-    return Image.new("RGB", (64, 64), "lightgray")
+    """A cell whose image was never generated (a seed racing did not score for this prompt): said, not left grey."""
+    im = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(im).multiline_text((8, 48), "not generated\n(racing did not\nscore this seed)", fill="gray")
+    return im
 
 
 NOISE_NOTE = "the base model has random weights: its images are noise, with no face in them (face similarity NaN)"

@@ -26,6 +26,7 @@ class TrackingConfig:
     experiment: str = "sdxl-lora-sweep"
     registered_model: str | None = None  # None: one model per subject, sdxl-lora-<token>-<class> (tracking/registry.py)
     system_metrics: bool = True
+    copy_weights: bool = False  # each checkpoint's LoggedModel holds a copy of its LoRA (else its path and sha256)
 
 
 @dataclass

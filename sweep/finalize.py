@@ -26,11 +26,29 @@ from .markdown import code, plain, text
 from .metrics import fmt
 from .phases import Phases, record_phases
 from .redaction import redact, redact_text
-from .results import (CHAMPION_DIR, EVAL_DIR, EVAL_FILE, PROMOTION_FILE, REGISTRY_FILE, collect, load_config,
-                      lost_before_start, lost_trials, read_json, read_promotion, read_promotions, read_scores,
-                      read_sweep, score_notes, trial_dirs, write_json, write_result)
+from .results import (
+    CHAMPION_DIR,
+    EVAL_DIR,
+    EVAL_FILE,
+    PROMOTION_FILE,
+    REGISTRY_FILE,
+    collect,
+    load_config,
+    lost_before_start,
+    lost_trials,
+    read_json,
+    read_promotion,
+    read_promotions,
+    read_scores,
+    read_sweep,
+    score_notes,
+    trial_dirs,
+    write_json,
+    write_result,
+)
 from .selection import Candidate, Selection, best_rows, checkpoint_score, describe_rule, objective_name, select
 from .tracking import caller_store, folder_store, make_tracker, recorded_store, ui_command
+from .tracking.models import EvalDataset, log_checkpoint_models, share_runs_view
 from .tracking.registry import CHALLENGER, model_name, register_champion, subject_of
 
 log = logging.getLogger(__name__)
@@ -117,8 +135,10 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
     pid = sweep["parent_run_id"] if sweep and sweep["parent_run_id"] else ""
     ended = bool(pid) and tracker.run_status(pid) not in (None, "RUNNING")  # a rebuild: nothing twice, no new end
     registration = read_json(sweep_dir / REGISTRY_FILE)
+    models = checkpoint_models(tracker, conf, sweep, candidates, sel) if pid and not tracker.waiting() else {}
     if pid and sel.chosen and conf.tracking.enabled:
-        registration = registry_step(tracker, conf, sweep_dir, pid, sel, baseline, exported, register)
+        registration = registry_step(tracker, conf, sweep_dir, pid, sel, baseline, exported, register,
+                                     models.get(sel.chosen.key))
     faults.hit("finalize_registered")  # the registry done and journaled; selection.json and the report not yet
     files = report.write(sweep_dir, candidates, sel, statuses, ui_command(tracker.uri), rule_text, exported,
                          registration, notes, phases)
@@ -134,6 +154,7 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
                     sweep_dir / "report", report.table(candidates, sel, statuses), exported,
                     registration, notes)[:7900]}
         tags.update(_champion_record(tracker, pid, sel, ended))
+        tags.update(run_name(conf, sweep_dir, sel))
         if registration and registration.get("state") == "done":
             tags.update(registration.get("tags", {}))
             if registration.get("switch"):
@@ -144,13 +165,34 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
             tracker.log_metrics(pid, phases.metrics())
             tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
     faults.hit("finalize_done")
-    page = run_page(redact("uri", tracker.uri), sweep) if pid else None
-    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, page, registration, notes, phases)
+    pages = links(tracker, redact("uri", tracker.uri), sweep, sel) if pid else {}
+    _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, pages, registration, notes, phases)
     return sel, failed
 
 
+def checkpoint_models(tracker, conf, sweep: dict, candidates: list[Candidate], sel: Selection) -> dict[str, str]:
+    """Every scored checkpoint as a LoggedModel of its trial's run (tracking/models.py): {candidate key: model id}.
+    A failure here costs the Models tab, never the sweep's selection, registration or report."""
+    subject = subject_of(conf)
+    dataset = EvalDataset(subject.phrase, subject.photos, tuple(conf.eval.prompts), str(conf.data.instance_dir))
+    try:
+        return log_checkpoint_models(tracker, sweep, candidates, sel, conf.selection, dataset,
+                                     conf.tracking.copy_weights)
+    except Exception as exc:
+        log.warning("the checkpoints were not logged as MLflow models (%s: %s); python -m sweep.report %s tries "
+                    "again", type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "", sweep)
+        return {}
+
+
+def run_name(conf, sweep_dir: Path, sel: Selection) -> dict:
+    """The parent run named for what it found, `<subject> · <champion>` (its folder's timestamp kept as the tag
+    sweep.started)."""
+    chosen = sel.chosen.key if sel.chosen else "no champion"
+    return {"mlflow.runName": f"{subject_of(conf).phrase or 'subject'} · {chosen}", "sweep.started": sweep_dir.name}
+
+
 def registry_step(tracker, conf, sweep_dir: Path, pid: str, sel: Selection, baseline: dict, exported: Path | None,
-                  register: bool) -> dict | None:
+                  register: bool, model_id: str | None = None) -> dict | None:
     """The champion's registration, journaled in <sweep>/registry.json: what is to be registered (intent), then
     what the registry holds (done). Done for this pick already (a resumed finished sweep, a rebuilt report): nothing
     is registered and no alias moves. Interrupted (intent): done again, idempotently (the registry finds the
@@ -171,7 +213,8 @@ def registry_step(tracker, conf, sweep_dir: Path, pid: str, sel: Selection, base
               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     write_json(path, intent)
     faults.hit("registry_intent")  # the intent journaled; the registry not touched yet
-    tags = register_champion(tracker, conf, pid, c, baseline, exported, sel.review if fresh else None, name)
+    tags = register_champion(tracker, conf, pid, c, baseline, exported, sel.review if fresh else None, name,
+                             model_id)
     done = {**intent, "state": "done", "alias": tags["registry.alias"], "version": tags.get("registry.version", ""),
             "champion_version": tags.get("registry.champion_version", ""), "decision": tags["registry.decision"],
             "lora_sha256": c.weights, "tags": tags}
@@ -365,16 +408,36 @@ def _review_tags(sel: Selection) -> dict:
             "review.rule_agreement": f"{agreed} of {reviewed} reviewed sweep(s) kept the rule's pick"}
 
 
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_page(uri: str, sweep: dict) -> str:
     """The sweep's run page in the MLflow UI: the tracking server's own, or `mlflow ui`'s default address. MLflow 3's
     UI opens in its GenAI view (traces, an agent overview), whatever the experiment's kind; `workflowType` in the
     link opens its "Model training" view (runs, metrics, the model registry)."""
-    host = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{host}/#/experiments/{sweep['experiment_id']}/runs/{sweep['parent_run_id']}?workflowType=machine_learning"
+    return f"{_host(uri)}/#/experiments/{sweep['experiment_id']}/runs/{sweep['parent_run_id']}?{TRAINING_VIEW}"
 
 
-def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = None, registration: dict | None = None,
-           notes: list[str] = (), phases: Phases | None = None) -> None:
+def _host(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def links(tracker, uri: str, sweep: dict, sel: Selection) -> dict[str, str]:
+    """The MLflow UI's pages that answer the sweep's questions: {what: link}. The Models tab (every scored checkpoint,
+    the champion first), the runs list sorted by the rule's objective with the deciding columns (a shared view the
+    sweep stores), the sweep's run page (the champion and why)."""
+    exp = f"{_host(uri)}/#/experiments/{sweep['experiment_id']}"
+    out = {"checkpoints": f"{exp}/models?{TRAINING_VIEW}"}
+    try:
+        out["trials"] = f"{exp}/runs?viewStateShareKey={share_runs_view(tracker.client, sweep['experiment_id'], sel.objective)}&{TRAINING_VIEW}"
+    except Exception as exc:  # a store that does not answer: the other links stand
+        log.warning("the runs list's view was not stored (%s)", exc)
+    out["sweep"] = run_page(uri, sweep)
+    return out
+
+
+def _print(sweep_dir, sel, candidates, statuses, ui, failed, pages: dict | None = None,
+           registration: dict | None = None, notes: list[str] = (), phases: Phases | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -397,8 +460,10 @@ def _print(sweep_dir, sel, candidates, statuses, ui, failed, page: str | None = 
         print(f"promoted by {r['by']}: {r['key']} ({how}); "
               f"across reviewed sweeps the rule's pick was kept {r['agreement'][0]} of {r['agreement'][1]} time(s)")
     compare = "MLflow tracking is off (tracking.enabled=false)" if ui.endswith("disabled") else f"compare the runs: {ui}"
-    if page and not ui.endswith("disabled"):
-        compare += f"\n  then open {page}"
+    if pages and not ui.endswith("disabled"):
+        said = {"checkpoints": "every checkpoint, the champion first", "trials": "the trials by the rule's objective",
+                "sweep": "the champion and why"}
+        compare += "".join(f"\n  then open {link}   ({said[what]})" for what, link in pages.items())
     if report.registry_text(registration):
         print(redact_text(plain(report.registry_text(registration))))
     if phases is not None:

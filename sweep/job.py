@@ -14,11 +14,12 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from common import compiling, faults, lorafile, stop
 from common.compiling import COMPILE_IMAGES, want_compile
 from common.device import resolve_device
-from evaluation import EvalConfig, EvalInputError, evaluate, preflight
+from evaluation import EvalConfig, EvalInputError, evaluate, grid, preflight
 from evaluation.config import entry_name, is_entry, parse_entry, strength_suffix
 from evaluation.evaluate import BASELINE as BASELINE_KEY
 from evaluation.evaluate import earlier_results
@@ -365,14 +366,43 @@ def _entry_rows(entry: str, metrics: dict, baseline: dict, selection) -> list[tu
 
 
 def _log_grids(tracker, run_id, out: Path, entry: str) -> None:
-    """A scored entry's prompts x seeds grids as images at its step: key `grid` (the base arm), `grid_<arm>`, at a
-    strength other than full with it after: `grid_x0.7`."""
+    """A scored entry's images at its step, one image per prompt slot (key `p0`, `p1`, ...; the refined arm's
+    `p0_refined`; at a strength other than full with it after: `p0_x0.7`), so that the run's and the compare view's
+    image panels line them up by step. Each holds the seeds generated for that prompt, labelled; seeds racing never
+    scored are left out, never grey."""
     _, step, scale = parse_entry(entry)
     suffix = strength_suffix(scale)
     for arm in ("base", "refined"):
-        png = out / "eval" / "grids" / f"{entry}_{arm}.png"
-        if png.is_file():
-            tracker.log_image(run_id, png, ("grid" if arm == "base" else f"grid_{arm}") + suffix, step)
+        for slot, png in prompt_rows(out / "eval", entry, arm).items():
+            tracker.log_image(run_id, png, f"p{slot}" + ("" if arm == "base" else f"_{arm}") + suffix, step)
+
+
+def _log_baseline_images(tracker, run_id, out: Path) -> None:
+    """The base model's images (no LoRA) at step 0 under the same keys: where each image panel opens (the UI's
+    image cards start at step 0), before the first checkpoint. Generated once per sweep, by whichever trial
+    scored first: read from that trial's folder."""
+    made = sorted(out.parent.glob(f"*/eval/images/{BASELINE_KEY}"))
+    for slot, png in (prompt_rows(made[0].parent.parent, BASELINE_KEY, "base") if made else {}).items():
+        tracker.log_image(run_id, png, f"p{slot}", 0)
+
+
+def prompt_rows(eval_dir: Path, entry: str, arm: str) -> dict[int, Path]:
+    """{prompt slot: a PNG of the seeds generated for it at `entry`}, written once beside the grids
+    (eval/prompt_rows/, which the run does not log as files: the images are its step-indexed ones)."""
+    found: dict[int, dict[int, Path]] = {}
+    for f in (eval_dir / "images" / entry).glob(f"{arm}_p*_s*.png"):
+        p, _, s = f.stem[len(arm) + 2:].partition("_s")
+        if p.isdigit() and s.isdigit():
+            found.setdefault(int(p), {})[int(s)] = f
+    out = {}
+    for slot, by_seed in sorted(found.items()):
+        png = eval_dir / "prompt_rows" / f"{entry}_{arm}_p{slot}_s{'-'.join(map(str, sorted(by_seed)))}.png"
+        if not png.is_file():
+            ims = [Image.open(by_seed[s]).convert("RGB") for s in sorted(by_seed)]
+            label = f"prompt {slot}, seed{'s' * (len(ims) > 1)} {', '.join(map(str, sorted(by_seed)))}"
+            grid.save(grid.grid(ims, 1, len(ims), [label], cell=min(256, max(im.width for im in ims))), png)
+        out[slot] = png
+    return out
 
 
 def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None, objective: float,
@@ -402,6 +432,7 @@ def _record(tracker, run_id, out, result: dict, metrics, best: Candidate | None,
     tracker.log_metrics(run_id, rows)
     faults.hit("mlflow_log", out.name)  # between two MLflow requests (tests/test_faults.py)
     tracker.log_artifacts(run_id, out / "eval" / "grids", "grids")
+    _log_baseline_images(tracker, run_id, out)
     for ck in fresh:
         _log_grids(tracker, run_id, out, ck)
     tracker.log_artifacts(run_id, out / RESULT)

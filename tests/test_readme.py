@@ -341,6 +341,118 @@ def test_export_for_comfyui_a1111_forge_loads_from_the_registry_too(user):
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-3, rtol=2e-3)  # fp16 export of an fp32 LoRA
 
 
+def printed_links(output: str) -> dict[str, str]:
+    """{what it shows: the link's path} for each `then open <link>   (<what>)` line the sweep printed last."""
+    return {what: link for link, what in re.findall(r"then open http://127\.0\.0\.1:5000(\S+)\s+\(([^)]+)\)", output)}
+
+
+MLRUNS_BEFORE_MODELS = 9_461_273  # bytes of mlruns/ after the demo before checkpoints were LoggedModels (issue 35)
+
+
+def parent_run(c: MlflowClient, exp):
+    [parent] = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "sweep"]
+    return parent
+
+
+def test_every_scored_checkpoint_is_a_logged_model_with_the_reports_numbers(user):
+    """search_logged_models: one model per scored checkpoint of the sweep, named by its key, with the report's final
+    metrics and interval; roles from the rule; the registered champion's model_id is the champion checkpoint's; its
+    LoRA referenced by path and sha256, so mlruns/ is no bigger than before (within 10%)."""
+    c = user.mlflow()
+    exp = c.get_experiment_by_name("sdxl-lora-sweep")
+    [folder] = user.sweep_folders()
+    selection = json.loads((folder / "report" / "selection.json").read_text())
+    models = c.search_logged_models([exp.experiment_id])
+    race = json.loads((folder / "report" / "race.json").read_text())
+    assert len(models) == race["checkpoints"] == 6
+    assert len({m.name for m in models}) == 6 and all(str(m.status) == "READY" for m in models)
+    by_key = {m.tags["checkpoint.key"]: m for m in models}
+    champ = selection["champion"]
+    key = f"{champ['trial']}@{champ['step']}"
+    assert models[0].tags["checkpoint.key"] == key and models[0].tags["role"] == "champion"  # newest first
+    objective = selection["objective"]
+    with open(folder / "report" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    for row in rows:
+        m = by_key[f"{row['trial']}@{row['best_step']}"]
+        metrics = {x.key: x.value for x in m.metrics}
+        for name in ("clip_t", "clip_i", "face_detection_rate"):
+            assert metrics[f"final_{name}"] == pytest.approx(float(row[name]), rel=1e-9), (name, row)
+        assert metrics[f"final_{objective}"] == pytest.approx(float(row[f"best {objective}"]), rel=1e-9)
+        assert metrics[f"final_{objective}_low"] == pytest.approx(float(row["95% low"]), rel=1e-9)
+        assert metrics[f"final_{objective}_high"] == pytest.approx(float(row["95% high"]), rel=1e-9)
+        assert {x.dataset_name for x in m.metrics} == {"sks woman photos x 2 prompts"}
+        assert m.params["trial"] == row["trial"] and m.params["step"] == row["best_step"] and m.params["lr"] == row["lr"]
+        lora = Path(m.tags["weights.path"])
+        assert lora.is_file() and m.tags["weights.sha256"] == json.loads((lora.parent / "checkpoint.json").read_text())[
+            "lora_sha256"]
+    assert by_key[selection["runner_up"]["key"] if "key" in selection["runner_up"] else
+                  f"{selection['runner_up']['trial']}@{selection['runner_up']['step']}"].tags["role"] == "runner-up"
+    assert {m.source_run_id for m in models} == {r.info.run_id for r in c.search_runs([exp.experiment_id])
+                                                 if r.data.tags.get("kind") != "sweep"}
+    version = user.champion()  # its LoggedModel: the source models:/<id> (MLflow's SQL store keeps no model_id)
+    assert version.source == f"models:/{by_key[key].model_id}" and version.run_id == parent_run(c, exp).info.run_id
+    assert json.loads(c.get_logged_model(by_key[key].model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "sdxl-lora-sks-woman", "version": version.version}]
+    assert (version.model_id or by_key[key].model_id) == by_key[key].model_id
+    parent = parent_run(c, exp)
+    assert parent.info.run_name == f"sks woman · {key}" and parent.data.tags["sweep.started"] == folder.name
+    size = sum(f.stat().st_size for f in (user.cwd / "mlruns").rglob("*") if f.is_file())
+    assert size <= 1.1 * MLRUNS_BEFORE_MODELS, size  # 8.3 MB: the per-prompt images are smaller than the grids were
+
+
+def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
+    """The printed links in headless Chromium: the Models tab lists every scored checkpoint with its metrics, the
+    champion first; the runs list opens sorted by the rule's objective with the deciding columns; a trial's run shows
+    its images by prompt slot and step. Screenshots in this test's temp folder."""
+    sync_playwright = _playwright()
+    c = user.mlflow()
+    exp = c.get_experiment_by_name("sdxl-lora-sweep")
+    [folder] = user.sweep_folders()
+    selection = json.loads((folder / "report" / "selection.json").read_text())
+    champ = selection["champion"]
+    key = f"{champ['trial']}@{champ['step']}"
+    [child] = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("trial") == champ["trial"]]
+    links = printed_links(user.demo_output)
+    port = free_port()
+    proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health",
+                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 2400, "height": 1000})
+                page.goto(url + links["every checkpoint, the champion first"])
+                names = page.locator("[role=row] a", has_text="@")
+                names.first.wait_for(timeout=180_000)
+                shown = [n.strip() for n in names.all_inner_texts()]
+                models = c.search_logged_models([exp.experiment_id])
+                assert shown[0] == next(m.name for m in models if m.tags["checkpoint.key"] == key)
+                assert sorted(shown) == sorted(m.name for m in models)
+                page.get_by_text("final_clip_t").first.wait_for(timeout=60_000)  # its metrics, beside each model
+                body = page.inner_text("body")
+                for m in models:
+                    assert str(next(x.value for x in m.metrics if x.key == "final_clip_t")) in body, m.name
+                page.screenshot(path=str(tmp_path / "models_tab.png"), full_page=True)
+                page.goto(url + links["the trials by the rule's objective"])
+                for column in (f"best_{selection['objective']}", "best_clip_t", "best_step"):  # the deciding columns
+                    page.get_by_role("columnheader").filter(has_text=column).first.wait_for(timeout=120_000)
+                page.get_by_text(f"sks woman · {key}").first.wait_for(timeout=60_000)
+                page.screenshot(path=str(tmp_path / "runs_view.png"), full_page=True)
+                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/model-metrics"
+                          "?workflowType=machine_learning")
+                page.get_by_placeholder("Search metric charts").fill("p0")  # the image cards, by prompt slot
+                page.wait_for_function("() => [...document.images].some(i => /p0%2Bstep%2B|p0\\+step\\+/.test("
+                                       "i.src) && i.naturalWidth > 0)", timeout=120_000)
+                page.screenshot(path=str(tmp_path / "child_images.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        stop(proc)
+
+
 def _playwright():
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to open the MLflow UI")
@@ -363,7 +475,7 @@ def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
     champ = json.loads((Path(parent.data.tags["sweep_dir"]) / "report" / "selection.json").read_text())["champion"]
     [child] = [r for r in every if r.data.tags.get("trial") == champ["trial"]]
     image = next(a.path for a in c.list_artifacts(child.info.run_id, "images")
-                 if Path(a.path).name.startswith(f"grid+step+{champ['step']}+") and a.path.endswith(".png"))
+                 if Path(a.path).name.startswith(f"p0+step+{champ['step']}+") and a.path.endswith(".png"))
     port = free_port()
     proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health",
                       MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job workers: CPU for the rest
@@ -374,7 +486,7 @@ def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1800})
                 # the link the sweep printed, on this test's port: the sweep's run in the "Model training" view
-                [printed] = re.findall(r"then open http://127\.0\.0\.1:5000(\S+)", user.demo_output)
+                printed = printed_links(user.demo_output)["the champion and why"]
                 assert printed == f"/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
                                   "?workflowType=machine_learning"
                 page.goto(url + printed)

@@ -110,7 +110,7 @@ def _assert_strict_json(path: Path) -> dict:
 
 def _assert_shown_without_clicks(c: MlflowClient, parent, children) -> None:
     """What the MLflow UI shows without clicks: each trial's best checkpoint as best_* summary metrics beside the
-    per-step series, its grids as step-indexed images, the parent's description naming the champion and why;
+    per-step series, its images by prompt slot at each step, the parent's description naming the champion and why;
     subject_token recorded as given; result.json and selection.json strict JSON; report.md with its images."""
     sweep_dir = Path(parent.data.tags["sweep_dir"])
     selection = _assert_strict_json(sweep_dir / "report" / "selection.json")
@@ -136,8 +136,9 @@ def _assert_shown_without_clicks(c: MlflowClient, parent, children) -> None:
         assert m["round1_best_clip_t"] == pytest.approx(round1["clip_t"])
         assert {s.step for s in c.get_metric_history(r.info.run_id, objective)} == {2, 4}  # its series by step
         images = [Path(a.path).name for a in c.list_artifacts(r.info.run_id, "images")]
-        for step in (2, 4):
-            assert any(n.startswith(f"grid+step+{step}+") and n.endswith(".png") for n in images), images
+        for step in (2, 4):  # one image per prompt slot at each checkpoint's step
+            for slot in ("p0", "p1"):
+                assert any(n.startswith(f"{slot}+step+{step}+") and n.endswith(".png") for n in images), images
         assert r.data.params["data.subject_token"] == "sks"  # a prompt word, not a secret
         assert r.info.run_name == r.data.tags["trial"]  # the demo's values are short already
     champ = selection["champion"]

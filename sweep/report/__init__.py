@@ -83,7 +83,7 @@ def _metrics_text(m: dict, sel: Selection | None = None, key: str = "") -> str:
     shown = []
     for k, v in m.items():
         ival = interval(sel, key, k) if sel is not None else None
-        shown.append(f"{text(k)} {ival.text() if ival else fmt(v)}")
+        shown.append(f"{text(k)} {text(ival.text()) if ival else fmt(v)}")  # [a, b]: text, not a link
     return ", ".join(shown)
 
 
@@ -106,7 +106,7 @@ def champion_lines(sel: Selection, rule_text: str = "", exported: Path | None = 
         c, obj = sel.ranked[0]
         ival = interval(sel, c.key, sel.objective)
         at = f"step {c.step}" + (f", LoRA strength {c.scale:g}" if c.scale != 1.0 else "")
-        lines += [f"**Champion: {code(c.trial)} at {at}** ({sel.objective} {ival.text() if ival else fmt(obj)})",
+        lines += [f"**Champion: {code(c.trial)} at {at}** ({sel.objective} {text(ival.text()) if ival else fmt(obj)})",
                   "", f"- checkpoint folder: {code(c.checkpoint)}", f"- LoRA file (diffusers): {code(lora_file(c))}",
                   *export_lines(exported), f"- metrics: {_metrics_text(c.metrics, sel, c.key)}"]
         if c.params:

@@ -10,9 +10,7 @@ idempotent: a LoRA (its sha256 and strength) already registered under the model 
 version is created with all its tags at once, before any alias moves to it."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
@@ -41,6 +39,7 @@ log = logging.getLogger(__name__)
 ALIAS, CHALLENGER = "champion", "challenger"
 SUBJECT_TAG, PHOTOS_TAG = "subject", "subject.photos_sha256"  # on the registered model and on each version
 PREFIX = "sdxl-lora-"
+MODEL_VERSIONS = "mlflow.modelVersions"  # on a LoggedModel: the registered versions made from it
 
 
 # Bumped whenever an objective's definition changes, so that champions scored under the old one count as another
@@ -181,7 +180,8 @@ def _ensure_model(client, name: str, subject: Subject) -> None:
 
 
 def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
-                      exported: Path | None = None, review: dict | None = None, name: str | None = None) -> dict:
+                      exported: Path | None = None, review: dict | None = None, name: str | None = None,
+                      model_id: str | None = None) -> dict:
     """Register the sweep's best under its subject's model and move an alias to it as the rules in the module's
     docstring say; returns the tags for the sweep's parent run, with what was done: registry.model,
     registry.alias (champion, challenger or ""), registry.version, registry.decision, registry.champion_version.
@@ -189,16 +189,18 @@ def register_champion(tracker, conf: SweepConfig, parent_run_id: str, champion: 
     `review`: a person's pick being applied now (sweep.promote: {"by", "reason", ...}), which takes `champion`
     whatever the rule says; its version carries who and why (tags review.*). Safe to repeat: the same LoRA is the
     same version, an alias already there is not moved again. A user the server does not let change the model gets
-    AccessDenied, naming the permission to ask for."""
+    AccessDenied, naming the permission to ask for. `model_id`: the champion checkpoint's LoggedModel
+    (tracking/models.py), which a new version is registered from; None: a LoggedModel of its own on the parent run."""
     subject = subject_of(conf)
     name = name or model_name(conf, tracker.client, subject)
     with permitted(tracker.uri, f"register versions of model {name} nor move its aliases ({ALIAS}, {CHALLENGER})",
                    f"EDIT on registered model {name}"):
-        return _register(tracker.client, conf, parent_run_id, champion, baseline, exported, review, name, subject)
+        return _register(tracker.client, conf, parent_run_id, champion, baseline, exported, review, name, subject,
+                         model_id)
 
 
 def _register(client, conf: SweepConfig, parent_run_id: str, champion: Candidate, baseline: dict,
-              exported: Path | None, review: dict | None, name: str, subject: Subject) -> dict:
+              exported: Path | None, review: dict | None, name: str, subject: Subject, model_id: str | None) -> dict:
     proto = protocol(conf, subject.photos)
     _ensure_model(client, name, subject)
     current = alias_version(client, name, ALIAS)
@@ -229,7 +231,7 @@ def _register(client, conf: SweepConfig, parent_run_id: str, champion: Candidate
                 "registry.champion_version": str(current.version) if current else ""}
     version = existing.version if existing is not None else _create_version(
         client, conf, name, parent_run_id, champion, baseline, exported, lora_sha, proto, subject,
-        decision.tags["challenger_objective"])
+        decision.tags["challenger_objective"], model_id)
     version = str(version)
     faults.hit("registry_version")  # the version exists with its tags; no alias on it yet (tests/test_promote.py)
     if review is not None:
@@ -252,9 +254,12 @@ class _NoVersion:
 
 
 def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, champion: Candidate, baseline: dict,
-                    exported: Path | None, lora_sha: str, proto: str, subject: Subject, objective: float) -> str:
-    """Log the LoRA (and its export) as a diffusers model on the sweep's parent run and register it as a new version
-    of `name`, every tag set in the same request that creates it (no version without its tags)."""
+                    exported: Path | None, lora_sha: str, proto: str, subject: Subject, objective: float,
+                    model_id: str | None = None) -> str:
+    """Log the LoRA (and its export) as a diffusers model and register it as a new version of `name`, every tag set
+    in the same request that creates it (no version without its tags). With `model_id` (the champion checkpoint's
+    LoggedModel), the flavour's files go into that model, so that the version's model_id is the checkpoint's; else
+    into a new LoggedModel of the sweep's parent run."""
     import mlflow
 
     ckpt = Path(champion.checkpoint)
@@ -271,18 +276,27 @@ def _create_version(client, conf: SweepConfig, name: str, parent_run_id: str, ch
                 webui = {"webui_file": record["webui_file"], "webui_sha256": record["files"][record["webui_file"]]}
         for f in ("pytorch_lora_weights.safetensors", "checkpoint.json"):
             shutil.copy2(ckpt / f, Path(tmp) / f)
-        with mlflow.start_run(run_id=parent_run_id):
-            gen = generation_settings(conf, champion, base)  # served and `sweep.generate` defaults (issue 18)
-            info = mlflow.diffusers.log_model(adapter_path=tmp, base_model=base, adapter_type="lora",
-                                              name="champion_lora", signature=serving_signature(gen),
-                                              metadata={"generation": gen})
+        gen = generation_settings(conf, champion, base)  # served and `sweep.generate` defaults (issue 18)
+        flavour = {"adapter_path": tmp, "base_model": base, "adapter_type": "lora",
+                   "signature": serving_signature(gen), "metadata": {"generation": gen}}
+        if model_id:  # no active run: the checkpoint's metrics stay its own (log_model copies a run's into it)
+            info = mlflow.diffusers.log_model(**flavour, model_id=model_id)
+        else:
+            with mlflow.start_run(run_id=parent_run_id):
+                info = mlflow.diffusers.log_model(**flavour, name="champion_lora")
     tags = {GENERATION_TAG: json.dumps(gen, sort_keys=True), "objective": objective,
             "objective_name": objective_name(conf.selection), "protocol": proto, "protocol_version": PROTOCOL_VERSION,
             "checkpoint": str(ckpt), "trial": champion.trial, "step": champion.step, "lora_scale": champion.scale,
             "lora_sha256": lora_sha, METRICS_TAG: metrics_json(champion.metrics), BASELINE_TAG: metrics_json(baseline),
             SUBJECT_TAG: subject.phrase, PHOTOS_TAG: subject.photos, **webui}
-    with contextlib.redirect_stderr(io.StringIO()):  # its "already exists. Creating a new version": the model is
-        mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})  # made first
+    # the version's run is the sweep's (where its registration is recorded), its model the checkpoint's: its source
+    # is models:/<model id> (MLflow's SQL store keeps no model_id column on versions), and the model's tag
+    # mlflow.modelVersions names the version (the Models tab's "Registered models"), as mlflow.register_model does
+    mv = client.create_model_version(name, info.model_uri, run_id=parent_run_id, model_id=info.model_id,
+                                     tags={k: str(v) for k, v in tags.items()})
+    held = json.loads(client.get_logged_model(info.model_id).tags.get(MODEL_VERSIONS, "[]"))
+    client.set_logged_model_tags(info.model_id, {MODEL_VERSIONS: json.dumps(
+        [*held, {"name": name, "version": mv.version}])})
     return str(mv.version)
 
 
