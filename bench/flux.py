@@ -171,12 +171,13 @@ def text_tokens(scale: Scale) -> int:
 
 
 def count_flops(transformer_cfg: dict, resolution: int, n_text: int) -> dict:
-    from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
+    from families.flux import transformer_from_config
+
     with torch.device("meta"):
-        tr = FluxTransformer2DModel(**transformer_cfg).to(torch.bfloat16)
+        tr = transformer_from_config(transformer_cfg).to(torch.bfloat16)
     tr.requires_grad_(False)
     tr.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(TARGET_MODULES)))
     n_img = (resolution // 16) ** 2

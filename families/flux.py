@@ -430,6 +430,13 @@ class Flux(Family):
             compiling.uncompile(mine)
 
 
+
+def transformer_from_config(config: dict) -> nn.Module:
+    """FLUX.1's transformer built from its config (on whatever device and dtype are current: bench/flux.py counts
+    its FLOPs on the meta device), so that only families/ names diffusers' model classes."""
+    return FluxTransformer2DModel(**config)
+
+
 BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # regions torch.compile takes one at a time
 
 

@@ -144,31 +144,39 @@ def finalize_folder(sweep_dir: Path, register: bool = True, tracking_uri: str | 
                          registration, notes, phases)
     faults.hit("finalize_reported")  # the records written; the MLflow runs not told yet
     if pid:
-        tracker.reopen(pid)  # a resumed sweep's parent: steps it holds are not logged again
-        for f in files:
-            tracker.log_artifacts(pid, f, "report")
-        tags = {"selection.rule": sel.rule, "selection.objective": sel.objective,
-                "selection.explanation": sel.explain()[:4000], "trials.total": len(statuses), "trials.failed": failed,
-                "mlflow.note.content": report.mlflow_note(
-                    sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
-                    sweep_dir / "report", report.table(candidates, sel, statuses), exported,
-                    registration, notes)[:7900]}
-        tags.update(_champion_record(tracker, pid, sel, ended))
-        tags.update(run_name(conf, sweep_dir, sel))
-        if registration and registration.get("state") == "done":
-            tags.update(registration.get("tags", {}))
-            if registration.get("switch"):
-                tags["registry.switch"] = registration["switch"]
-        tracker.set_tags(pid, tags)
-        log_final_bests(tracker, sweep, candidates, sel, statuses, conf.selection)
-        if not ended:
-            tracker.log_metrics(pid, phases.metrics())
-            tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
+        _tell_parent(tracker, pid, conf, sweep_dir, sweep, sel, candidates, statuses, files, rule_text, exported,
+                     registration, notes, phases, failed, ended)
     faults.hit("finalize_done")
     pages = links(tracker, redact("uri", tracker.uri), sweep, sel) if pid else {}
     _print(sweep_dir, sel, candidates, statuses, ui_command(tracker.uri), failed, pages, registration, notes, phases)
     return sel, failed
 
+
+
+def _tell_parent(tracker, pid: str, conf, sweep_dir: Path, sweep: dict, sel: Selection, candidates, statuses, files,
+                 rule_text: str, exported, registration, notes, phases, failed: int, ended: bool) -> None:
+    """The sweep's parent run told the outcome: the report's files, the selection's tags and description, the
+    trials' final bests, the phases; ended unless it had ended before (a rebuild logs nothing twice)."""
+    tracker.reopen(pid)  # a resumed sweep's parent: steps it holds are not logged again
+    for f in files:
+        tracker.log_artifacts(pid, f, "report")
+    tags = {"selection.rule": sel.rule, "selection.objective": sel.objective,
+            "selection.explanation": sel.explain()[:4000], "trials.total": len(statuses), "trials.failed": failed,
+            "mlflow.note.content": report.mlflow_note(
+                sel, rule_text, pid, [f.name for f in files if f.suffix == ".png"], failed, len(statuses),
+                sweep_dir / "report", report.table(candidates, sel, statuses), exported,
+                registration, notes)[:7900]}
+    tags.update(_champion_record(tracker, pid, sel, ended))
+    tags.update(run_name(conf, sweep_dir, sel))
+    if registration and registration.get("state") == "done":
+        tags.update(registration.get("tags", {}))
+        if registration.get("switch"):
+            tags["registry.switch"] = registration["switch"]
+    tracker.set_tags(pid, tags)
+    log_final_bests(tracker, sweep, candidates, sel, statuses, conf.selection)
+    if not ended:
+        tracker.log_metrics(pid, phases.metrics())
+        tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
 
 def checkpoint_models(tracker, conf, sweep: dict, candidates: list[Candidate], sel: Selection) -> dict[str, str]:
     """Every scored checkpoint as a LoggedModel of its trial's run (tracking/models.py): {candidate key: model id}.

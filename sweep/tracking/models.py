@@ -24,7 +24,7 @@ from pathlib import Path
 from evaluation.config import strength_suffix
 
 from .. import confidence
-from ..selection import Candidate, Selection
+from ..selection import Candidate, Selection, checkpoint_score
 
 log = logging.getLogger(__name__)
 KEY_TAG, PARENT_TAG = "checkpoint.key", "parent_run_id"
@@ -91,8 +91,6 @@ def model_metrics(c: Candidate, sel: Selection, cfg, intervals: dict) -> dict[st
     `final_<name>` (`final_<objective>_low`, `_high`; at a strength other than full ending in it: `final_clip_t_x0.7`).
     They are logged on its trial's run at its step, beside the run's own per-step series (racing's first round for a
     raced checkpoint), which they must not add points to."""
-    from ..selection import checkpoint_score
-
     out = {k: v for k, v in c.metrics.items() if isinstance(v, (int, float))}
     out.setdefault(sel.objective, checkpoint_score(c, sel.baseline, cfg))
     ival = intervals.get(c.key, {}).get(sel.objective)
