@@ -178,6 +178,7 @@ def _tell_parent(tracker, pid: str, conf, sweep_dir: Path, sweep: dict, sel: Sel
         tracker.log_metrics(pid, phases.metrics())
         tracker.end_sweep(pid, "FINISHED" if failed == 0 else "FAILED")
 
+
 def checkpoint_models(tracker, conf, sweep: dict, candidates: list[Candidate], sel: Selection) -> dict[str, str]:
     """Every scored checkpoint as a LoggedModel of its trial's run (tracking/models.py): {candidate key: model id}.
     A failure here costs the Models tab, never the sweep's selection, registration or report."""
