@@ -324,6 +324,33 @@ def test_a_pack_too_big_for_memory_is_split_and_every_trial_trains(demo, tmp_pat
         _assert_same(_weights(r), _weights(alone), s.train.lr)
 
 
+def test_out_of_memory_while_an_adapter_is_half_added_leaves_the_base_plain_for_the_halves(demo, tmp_path, cache_dir,
+                                                                                          monkeypatch, caplog):
+    """Out of memory inside peft's injection of a pack's second trial (as on an H100 after a FLUX pack of 2 did not
+    fit: diffusers' flag says an adapter is loaded, its peft_config never came): the base goes back plain, the pack
+    is split and every trial finishes (an AttributeError 'peft_config' failed them before)."""
+    from trainer import lora
+
+    real, calls = lora.add_lora, []
+
+    def half_added(base, cfg):
+        calls.append(1)
+        if len(calls) == 2:  # the pack's second trial: the flag set, nothing injected, then out of memory
+            base.denoiser._hf_peft_config_loaded = True
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated inside peft's injection)")
+        return real(base, cfg)
+
+    monkeypatch.setattr(lora, "add_lora", half_added)
+    results = train(_specs(demo, tmp_path / "pack")[:2], demo.model, demo.data, cache_dir, progress=False)
+    assert [r.status for r in results] == ["finished"] * 2 and [r.pack_size for r in results] == [1, 1]
+    assert "does not fit in GPU memory" in caplog.text
+    from common.device import resolve_device
+    from trainer.models import load_base_model
+
+    denoiser = load_base_model(demo.model, resolve_device("cpu"), torch.float32, cache_dir).denoiser  # the loaded one
+    assert not getattr(denoiser, "_hf_peft_config_loaded", False) and not hasattr(denoiser, "peft_config")
+
+
 def test_a_trial_whose_gradient_overflows_leaves_the_pack_and_its_mates_train_on_as_alone(demo, tmp_path, cache_dir,
                                                                                          monkeypatch):
     """A finite loss with a non-finite gradient (injected into trial b's gradients at step 2) also ends a trial:

@@ -100,17 +100,19 @@ def _train_fitting(base, samples, group: list[list[TrialSpec]], model, data, pre
     try:
         return _train_packed(base, samples, group, model, data, precision, progress)
     except torch.OutOfMemoryError as exc:
-        if len(group) == 1:
-            reset_process_state()
-            return [_failed(s, f"out of GPU memory even alone ({exc}). Lower lora.rank or data.resolution, "
-                               "or use preset=low_memory; finished checkpoints are kept", pack_size=1)
-                    for s in group[0]]
-        half = (len(group) + 1) // 2
-        log.warning("a pack of %d trials does not fit in GPU memory: packs of %d and %d instead "
-                    "(train.max_pack=%d avoids trying)", len(group), half, len(group) - half, half)
-        reset_process_state()
-        return (_train_fitting(base, samples, group[:half], model, data, precision, progress)
-                + _train_fitting(base, samples, group[half:], model, data, precision, progress))
+        why = str(exc)
+    # outside the handler: the exception's frames held the failed pack's tensors (its activations, optimizer state)
+    # until here; trying the halves inside it ran them out of memory again on a GPU
+    reset_process_state()
+    if len(group) == 1:
+        return [_failed(s, f"out of GPU memory even alone ({why}). Lower lora.rank or data.resolution, "
+                           "or use preset=low_memory; finished checkpoints are kept", pack_size=1)
+                for s in group[0]]
+    half = (len(group) + 1) // 2
+    log.warning("a pack of %d trials does not fit in GPU memory: packs of %d and %d instead "
+                "(train.max_pack=%d avoids trying)", len(group), half, len(group) - half, half)
+    return (_train_fitting(base, samples, group[:half], model, data, precision, progress)
+            + _train_fitting(base, samples, group[half:], model, data, precision, progress))
 
 
 def _train_packed(base: BaseModel, samples: Samples, trainings: list[list[TrialSpec]], model: ModelConfig,

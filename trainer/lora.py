@@ -50,8 +50,15 @@ def add_lora(base: BaseModel, cfg: LoraSettings) -> dict[str, list[torch.nn.Para
 
 
 def remove_lora(base: BaseModel) -> None:
-    """Restore the plain base modules (the next trial starts from the untouched base)."""
-    base.denoiser.unload_lora() if getattr(base.denoiser, "_hf_peft_config_loaded", False) else None
+    """Restore the plain base modules (the next trial starts from the untouched base), also after an adapter was
+    half added (out of memory inside peft's injection: diffusers' flag says loaded, no peft_config yet)."""
+    denoiser = base.denoiser
+    if getattr(denoiser, "_hf_peft_config_loaded", False):
+        if hasattr(denoiser, "peft_config"):
+            denoiser.unload_lora()
+        else:
+            recurse_remove_peft_layers(denoiser)
+            denoiser._hf_peft_config_loaded = None
     for enc in base.text_encoders().values():
         if hasattr(enc, "peft_config"):
             recurse_remove_peft_layers(enc)

@@ -186,13 +186,14 @@ class PackedRecipe:
     def _initial_weights(self, trial: PackedTrial) -> dict[str, torch.Tensor]:
         """The weights the trial would start from alone: peft's init under its seed, or its checkpoint's."""
         torch.manual_seed(trial.spec.train.seed)
-        lora.add_lora(self.base, trial.spec.lora)
-        if trial.found:
-            lora.load_lora_into(self.base, trial.found[0], False)
-        state = {k: v.detach().clone() for k, v in
-                 get_peft_model_state_dict(self.base.denoiser, adapter_name=lora.ADAPTER).items()}
-        lora.remove_lora(self.base)
-        return state
+        try:
+            lora.add_lora(self.base, trial.spec.lora)
+            if trial.found:
+                lora.load_lora_into(self.base, trial.found[0], False)
+            return {k: v.detach().clone() for k, v in
+                    get_peft_model_state_dict(self.base.denoiser, adapter_name=lora.ADAPTER).items()}
+        finally:  # also when out of memory: the base goes back plain for the halves the pack is split into
+            lora.remove_lora(self.base)
 
     def _prepare_unet(self) -> None:
         """Train mode, gradient checkpointing and memory format as asked; compiled when that pays."""
