@@ -9,6 +9,8 @@ metrics.json grows, is what scoring in line computes. The worker's error is rais
 as it was. Off (`on=False`), `submit` runs the work at once in the caller's thread: the same code, in turn."""
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import queue
 import threading
@@ -44,7 +46,8 @@ class Overlap:
                 fn()
             return
         tic = time.perf_counter()
-        self._queue.put(fn)  # waits while `depth` pieces are queued: memory stays bounded
+        # run in a copy of the caller's context: its context variables (the trial a log line names) go along
+        self._queue.put(functools.partial(contextvars.copy_context().run, fn))  # waits while `depth` pieces queue
         self._waited(time.perf_counter() - tic)
 
     def busy(self) -> bool:
