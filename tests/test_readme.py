@@ -15,6 +15,7 @@ then be the best checkpoint of both sweeps)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -406,7 +407,6 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
     """The printed links in headless Chromium: the Models tab lists every scored checkpoint with its metrics, the
     champion first; the runs list opens sorted by the rule's objective with the deciding columns; a trial's run shows
     its images by prompt slot and step. Screenshots in this test's temp folder."""
-    sync_playwright = _playwright()
     c = user.mlflow()
     exp = c.get_experiment_by_name("sdxl-lora-sweep")
     [folder] = user.sweep_folders()
@@ -415,38 +415,45 @@ def test_mlflow_ui_models_tab_runs_view_and_images_by_step(user, tmp_path):
     key = f"{champ['trial']}@{champ['step']}"
     [child] = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("trial") == champ["trial"]]
     links = printed_links(user.demo_output)
+    with mlflow_ui_page(user, 2400, 1000) as (url, page):
+        page.goto(url + links["every checkpoint, the champion first"])
+        names = page.locator("[role=row] a", has_text="@")
+        names.first.wait_for(timeout=180_000)
+        shown = [n.strip() for n in names.all_inner_texts()]
+        models = c.search_logged_models([exp.experiment_id])
+        assert shown[0] == next(m.name for m in models if m.tags["checkpoint.key"] == key)
+        assert sorted(shown) == sorted(m.name for m in models)
+        page.get_by_text("final_clip_t").first.wait_for(timeout=60_000)  # its metrics, beside each model
+        body = page.inner_text("body")
+        for m in models:
+            assert str(next(x.value for x in m.metrics if x.key == "final_clip_t")) in body, m.name
+        page.screenshot(path=str(tmp_path / "models_tab.png"), full_page=True)
+        page.goto(url + links["the trials by the rule's objective"])
+        for column in (f"best_{selection['objective']}", "best_clip_t", "best_step"):  # the deciding columns
+            page.get_by_role("columnheader").filter(has_text=column).first.wait_for(timeout=120_000)
+        page.get_by_text(f"sks woman · {key}").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "runs_view.png"), full_page=True)
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/model-metrics"
+                  "?workflowType=machine_learning")
+        page.get_by_placeholder("Search metric charts").fill("p0")  # the image cards, by prompt slot
+        page.wait_for_function("() => [...document.images].some(i => /p0%2Bstep%2B|p0\\+step\\+/.test("
+                               "i.src) && i.naturalWidth > 0)", timeout=120_000)
+        page.screenshot(path=str(tmp_path / "child_images.png"), full_page=True)
+
+
+@contextlib.contextmanager
+def mlflow_ui_page(user: User, width: int, height: int):
+    """`mlflow ui` started as the README says (no GenAI job workers: CPU for the rest) and a headless Chromium page
+    of `width` x `height` on it: yields (the UI's address, the page); the browser and the server stop after."""
+    sync_playwright = _playwright()
     port = free_port()
     proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health",
                       MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    url = f"http://127.0.0.1:{port}"
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 2400, "height": 1000})
-                page.goto(url + links["every checkpoint, the champion first"])
-                names = page.locator("[role=row] a", has_text="@")
-                names.first.wait_for(timeout=180_000)
-                shown = [n.strip() for n in names.all_inner_texts()]
-                models = c.search_logged_models([exp.experiment_id])
-                assert shown[0] == next(m.name for m in models if m.tags["checkpoint.key"] == key)
-                assert sorted(shown) == sorted(m.name for m in models)
-                page.get_by_text("final_clip_t").first.wait_for(timeout=60_000)  # its metrics, beside each model
-                body = page.inner_text("body")
-                for m in models:
-                    assert str(next(x.value for x in m.metrics if x.key == "final_clip_t")) in body, m.name
-                page.screenshot(path=str(tmp_path / "models_tab.png"), full_page=True)
-                page.goto(url + links["the trials by the rule's objective"])
-                for column in (f"best_{selection['objective']}", "best_clip_t", "best_step"):  # the deciding columns
-                    page.get_by_role("columnheader").filter(has_text=column).first.wait_for(timeout=120_000)
-                page.get_by_text(f"sks woman · {key}").first.wait_for(timeout=60_000)
-                page.screenshot(path=str(tmp_path / "runs_view.png"), full_page=True)
-                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/model-metrics"
-                          "?workflowType=machine_learning")
-                page.get_by_placeholder("Search metric charts").fill("p0")  # the image cards, by prompt slot
-                page.wait_for_function("() => [...document.images].some(i => /p0%2Bstep%2B|p0\\+step\\+/.test("
-                                       "i.src) && i.naturalWidth > 0)", timeout=120_000)
-                page.screenshot(path=str(tmp_path / "child_images.png"), full_page=True)
+                yield f"http://127.0.0.1:{port}", browser.new_page(viewport={"width": width, "height": height})
             finally:
                 browser.close()
     finally:
@@ -467,7 +474,6 @@ def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
     """The UI started as the README says, run pages opened from their URLs in headless Chromium (Debian's, driven by
     Playwright): the sweep's description names the champion, with the report's images; a trial's best metrics and
     its grid at a step. Screenshots: /tmp/mlflow_ui_*.png."""
-    sync_playwright = _playwright()
     c = user.mlflow()
     exp = c.get_experiment_by_name("sdxl-lora-sweep")
     every = c.search_runs([exp.experiment_id])
@@ -476,42 +482,30 @@ def test_mlflow_ui_shows_the_champion_and_checkpoint_images_without_menus(user):
     [child] = [r for r in every if r.data.tags.get("trial") == champ["trial"]]
     image = next(a.path for a in c.list_artifacts(child.info.run_id, "images")
                  if Path(a.path).name.startswith(f"p0+step+{champ['step']}+") and a.path.endswith(".png"))
-    port = free_port()
-    proc = user.start(f"{command('mlflow ui')} --host 127.0.0.1 --port {port}", port, "/health",
-                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job workers: CPU for the rest
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1800})
-                # the link the sweep printed, on this test's port: the sweep's run in the "Model training" view
-                printed = printed_links(user.demo_output)["the champion and why"]
-                assert printed == f"/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
-                                  "?workflowType=machine_learning"
-                page.goto(url + printed)
-                page.get_by_text("Champion:").first.wait_for(timeout=180_000)
-                assert page.get_by_role("link", name="Model registry").count() == 1  # not the GenAI view
-                description = page.get_by_text("Champion:").first.locator("xpath=ancestor::*[self::div][1]")
-                assert champ["trial"] in description.inner_text()
-                page.wait_for_function(LOADED, arg="get-artifact?path=report/metrics_vs_step.png", timeout=60_000)
-                page.wait_for_function(LOADED, arg="get-artifact?path=report/champion_vs_baseline.png", timeout=60_000)
-                page.screenshot(path="/tmp/mlflow_ui_parent.png", full_page=True)
-                assert "champion_clip_t" in page.inner_text("body")
-                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
-                page.get_by_text("best_step").first.wait_for(timeout=120_000)
-                page.screenshot(path="/tmp/mlflow_ui_child.png", full_page=True)
-                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts/{image}")
-                page.wait_for_function("alt => [...document.images].some(i => i.alt === alt && i.naturalWidth > 0)",
-                                       arg=image, timeout=120_000)
-                page.screenshot(path="/tmp/mlflow_ui_child_image.png", full_page=True)
-            finally:
-                browser.close()
+    with mlflow_ui_page(user, 1400, 1800) as (url, page):
+        # the link the sweep printed, on this test's port: the sweep's run in the "Model training" view
+        printed = printed_links(user.demo_output)["the champion and why"]
+        assert printed == f"/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
+                          "?workflowType=machine_learning"
+        page.goto(url + printed)
+        page.get_by_text("Champion:").first.wait_for(timeout=180_000)
+        assert page.get_by_role("link", name="Model registry").count() == 1  # not the GenAI view
+        description = page.get_by_text("Champion:").first.locator("xpath=ancestor::*[self::div][1]")
+        assert champ["trial"] in description.inner_text()
+        page.wait_for_function(LOADED, arg="get-artifact?path=report/metrics_vs_step.png", timeout=60_000)
+        page.wait_for_function(LOADED, arg="get-artifact?path=report/champion_vs_baseline.png", timeout=60_000)
+        page.screenshot(path="/tmp/mlflow_ui_parent.png", full_page=True)
+        assert "champion_clip_t" in page.inner_text("body")
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
+        page.get_by_text("best_step").first.wait_for(timeout=120_000)
+        page.screenshot(path="/tmp/mlflow_ui_child.png", full_page=True)
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts/{image}")
+        page.wait_for_function("alt => [...document.images].some(i => i.alt === alt && i.naturalWidth > 0)",
+                               arg=image, timeout=120_000)
+        page.screenshot(path="/tmp/mlflow_ui_child_image.png", full_page=True)
         # the API lists the sweep's parent run and its three trials
         api = f"{url}/api/2.0/mlflow/runs/search"
         assert len(requests.post(api, json={"experiment_ids": [exp.experiment_id]}).json()["runs"]) == 4
-    finally:
-        stop(proc)
 
 
 def test_search_demo_after_the_grid_keeps_the_best_of_both_as_champion(user):
