@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,8 @@ def out_folder(args: argparse.Namespace, benchmark: str) -> Path:
 
 def commit() -> dict:
     """The commit this checkout is at and whether tracked files differ from it (what was measured is then not
-    exactly that commit); "unknown" outside a git checkout."""
+    exactly that commit); outside a git checkout (a copy on a GPU machine) $BENCH_COMMIT as the copier names it,
+    else "unknown"."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout
 
@@ -54,7 +56,7 @@ def commit() -> dict:
         return {"commit": git("rev-parse", "HEAD").strip(),
                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        return {"commit": os.environ.get("BENCH_COMMIT", "unknown"), "dirty": None}
 
 
 def device_name(device: torch.device | str) -> str:

@@ -40,10 +40,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _SCORERS: dict[tuple, ClipScorer] = {}
 _BACKENDS: dict[str, FaceBackend] = {}
 _IDENTITIES: dict[tuple, Identity] = {}
-_NOTED: set[str] = set()
+_NOTED: set = set()  # notes and log lines said once a process
 # seconds this process spent generating, scoring, and waiting for scoring that overlap did not hide (the
 # generating thread held up by the scoring worker); scoring overlapped with generating is not waiting
 TIMES: Counter = Counter()
+WAITED = "waited_s"  # metrics.json: seconds callers waited for scoring, over every call (`_add_waited`)
 _PENDING: list[Later] = []  # calls whose scoring goes on after they returned (`later`)
 
 
@@ -122,7 +123,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
                              out_dir))
 
     work.submit(finish)
-    pending = Later(work, out, frozenset(weights.values()))
+    pending = Later(work, out, frozenset(weights.values()), functools.partial(_add_waited, out_dir, cfg))
     if later and work.on:
         _PENDING.append(pending)
         return pending
@@ -177,7 +178,12 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer,
     the compile cache is warm for it."""
     planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
     key = compiling.generation_key(source, cfg.resolution, pipe.device) if source else None
-    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES, compiling.is_warm(key))
+    warm = compiling.is_warm(key)
+    fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES, warm)
+    if fast and (key, warm) not in _NOTED:  # once a process: whether the sweep pays for compiling or loads it
+        _NOTED.add((key, warm))
+        log.info("eval.compile: generating with compiled regions (compile cache %s: %s)",
+                 "warm" if warm else "cold", compiling.cache_folder())
     family = families.of_pipeline(pipe)
     with family.compiled_for_generation(families.denoiser_of(pipe), fast, key):
         for ckpt, group in itertools.groupby(entries, key=lambda e: e[1]):  # a checkpoint loaded once, all strengths
@@ -185,9 +191,19 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer,
                 for name, _, scale in group:
                     stop.check()  # a stop asked for: the entries scored so far are in metrics.json
                     with rescaled(scale):
-                        made = _generate_entry(pipe, refiner, cfg, writer, out_dir, name, ckpt, todo[name])
+                        made = _generate_entry(pipe, refiner, _compiled_batches(cfg) if fast else cfg, writer,
+                                               out_dir, name, ckpt, todo[name])
                     work.submit(functools.partial(_score_and_store, made, cfg, scorer, writer, out_dir, stored,
                                                   earlier, weights, results))
+
+
+def _compiled_batches(cfg: EvalConfig) -> EvalConfig:
+    """Compiled generation has one graph per batch shape (static shapes), each compiled once, so every call of a
+    sweep generates in batches of one size: one seed's images (its prompts and the prior-drift prompt), where that
+    fits eval.batch_size. A race's calls (a round: one seed; the champion's missing seeds; the baseline's four)
+    then share one graph instead of compiling one for 6, 8 and 9 images."""
+    per_seed = len(cfg.prompts) + bool(cfg.prior_prompt)
+    return replace(cfg, batch_size=per_seed) if per_seed <= cfg.batch_size else cfg
 
 
 @dataclass(frozen=True)
@@ -263,7 +279,17 @@ def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cell
     _write_json(out_dir / "metrics.json", {"metrics": _ordered({**old.get("metrics", {}), **results}), "notes": notes,
                                            "config": _settings(cfg), "seconds": before,
                                            "cells": {**old.get("cells", {}), **cells},
-                                           **{k: v for k, v in extra.items() if v}})
+                                           **{k: v for k, v in extra.items() if v},
+                                           **({WAITED: old[WAITED]} if WAITED in old else {})})
+
+
+def _add_waited(out_dir: Path, cfg: EvalConfig, seconds: float) -> None:
+    """metrics.json's `waited_s`: the seconds the calls' callers (the generating thread, or training between
+    checkpoints) were held up by scoring the overlap did not hide, added up over calls (sweep/phases.py reads it as
+    the sweep's waiting). Called once a call's scoring ended, so nothing else writes the file meanwhile."""
+    rec = _earlier(out_dir, cfg)
+    if rec and seconds > 0:
+        _write_json(Path(out_dir) / "metrics.json", {**rec, WAITED: rec.get(WAITED, 0.0) + seconds})
 
 
 def _borrow(out_dir: Path, cfg: EvalConfig, weights: dict[str, str], rec: dict) -> dict:

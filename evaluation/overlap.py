@@ -111,16 +111,16 @@ class Later:
     its error if it failed, and returns what it made. `keys`: what other calls may wait for with `settle()` (the
     LoRA files' sha256 it scores)."""
 
-    def __init__(self, work: Overlap, out: list, keys: frozenset = frozenset()):
-        self.work, self._out, self.keys = work, out, keys
+    def __init__(self, work: Overlap, out: list, keys: frozenset = frozenset(),
+                 waited: Callable[[float], None] | None = None):
+        self.work, self._out, self.keys, self._waited = work, out, keys, waited
 
     def result(self) -> Any:
         self.work.wait()
+        if self._waited is not None:  # once: how long this call's callers were held up by its scoring
+            waited, self._waited = self._waited, None
+            waited(self.work.waited_s)
         return self._out[0]
-
-    def busy(self) -> bool:
-        """Whether pieces handed over have not run yet."""
-        return self._thread is not None and self._queue.unfinished_tasks > 0
 
     def settle(self) -> None:
         self.work.settle()

@@ -19,6 +19,7 @@ from .results import EVAL_DIR, EVAL_FILE, RESULT, read_json, trial_dirs, write_j
 
 PHASES_FILE = "phases.json"  # in the sweep's report/ folder
 EVAL_KEYS = {"generate_s": "generating_s", "score_s": "scoring_s", "wait_s": "waiting_s"}
+WAITED = "waited_s"  # metrics.json: the seconds callers waited for scoring, over all calls
 
 
 def process_started() -> float:
@@ -32,8 +33,10 @@ def evaluation_seconds(trial_dir: Path) -> dict[str, float]:
     """A trial's evaluation seconds over every evaluate call of its folder: generating_s, scoring_s, waiting_s, and
     the images generated."""
     path = Path(trial_dir) / EVAL_DIR / EVAL_FILE
-    spent = json.loads(path.read_text()).get("seconds", {}).values() if path.is_file() else []
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    spent = rec.get("seconds", {}).values()
     out = {name: sum(e.get(key, 0.0) for e in spent) for key, name in EVAL_KEYS.items()}
+    out["waiting_s"] += float(rec.get(WAITED, 0.0))  # the calls' own record of it (evaluation/evaluate.py)
     out["images"] = sum(e.get("images", 0) for e in spent)
     return out
 

@@ -33,6 +33,9 @@ from common.metrics import CLIP_T, FACE_DETECTION_RATE, PRIOR_FACE_SIMILARITY
 from .selection import Candidate, SelectionConfig, checkpoint_score, select, weighted_score
 
 ALPHA = 0.05
+# the share of the full protocol's checkpoint images a race usually makes: 173 of 360 (48%) on the study's grid
+# (docs/speed.md, bench/racing.py); what eval.compile=auto expects a raced sweep to generate (sweep/job.py)
+IMAGE_SHARE = 0.5
 
 
 @dataclass

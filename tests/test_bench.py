@@ -151,10 +151,14 @@ def test_multi_gpu_bench_on_cpu_processes(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_racing_bench_race_and_full_protocol(tmp_path, cache_dir):
-    """Both phases: the raced sweep through bench/synthetic_scores.py (its wrapper of evaluate()'s internals once
-    broke on an added argument), then the full protocol on the same checkpoints in process."""
-    report = written("racing", bench("racing", tmp_path, cache_dir), tmp_path)
+    """Every phase: the raced sweep through bench/synthetic_scores.py (its wrapper of evaluate()'s internals once
+    broke on an added argument) twice (cold, then warm where generation compiled: the CPU never compiles, so both
+    are cold here), then the full protocol on the same checkpoints in process."""
+    report = written("racing", bench("racing", tmp_path, cache_dir, "--phase", "all"), tmp_path)
     race, full = report["race"], report["full"]
+    assert [r["compile_cache"] for r in report["races"]] == ["cold", "cold"] and report["races_decide_alike"]
+    assert [r["target_min"] for r in report["races"]] == [6.0, 6.0] and not race["generation_compiled"]
+    assert report["races"][-1]["sweep"] == Path(race["sweep"]).name and len(report["all_races"]) == 2
     assert race["trials"] == 3 and race["checkpoints"] == 3
     assert race["race"]["checkpoints"] == 3 and race["race"]["full_protocol_images"] == 3 * (5 + 1) * 2
     assert 0 < race["images"] <= full["images"] and full["evaluate_calls"] == 1 + 3

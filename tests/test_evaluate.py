@@ -354,6 +354,30 @@ def test_prior_prompt_rides_in_equal_batches_with_the_prompts(tiny, tmp_path, mo
     assert "prior_face_similarity" in m["step-000002"]
 
 
+def test_compiled_generation_goes_one_seed_per_batch_so_every_call_shares_one_graph(tiny, tmp_path, monkeypatch):
+    """Compiled (static shapes), each batch size is a graph compiled once: a race's calls (the baseline's seeds, a
+    round's one seed, the champion's missing seeds) all generate one seed's images per batch, the prompts and
+    the prior-drift prompt together; eager generation keeps the fewest equal batches."""
+    import contextlib
+
+    from common import compiling
+
+    batches = []
+    embed = gen.prompt_embeddings
+    monkeypatch.setattr(gen, "prompt_embeddings", lambda pipe, prompts, *a: batches.append(len(prompts)) or
+                        embed(pipe, prompts, *a))
+    # the CPU has no compiler to spare: the regions stay eager, the batching is what is under test
+    monkeypatch.setattr(compiling, "compiled_for_generation", lambda *a, **k: contextlib.nullcontext())
+    cfg = replace(tiny["cfg"], batch_size=10)
+    per_seed = len(cfg.prompts) + 1
+    for compiled, seeds, want in ((False, [0, 1], [2 * per_seed]), (True, [0, 1], [per_seed] * 2),
+                                  (True, [1], [per_seed])):
+        batches.clear()
+        evaluate([tiny["checkpoints"][0]], replace(cfg, compile=compiled), instance_dir=DEMO_DIR, seeds=seeds,
+                 out_dir=tmp_path / f"{compiled}{seeds}", pretrained=tiny["pretrained"], baseline=False)
+        assert batches == want, (compiled, seeds)
+
+
 def test_images_leave_the_decoder_as_diffusers_postprocess_makes_them(tiny):
     """to_pil (arithmetic on the decoder's device, uint8 copied out) gives diffusers' PIL images pixel for pixel,
     values outside [-1, 1] and halfway roundings included."""
@@ -503,18 +527,30 @@ def test_scoring_overlapped_with_generating_gives_todays_results_in_todays_order
 
     ev = importlib.import_module("evaluation.evaluate")  # the module, not the package's function
 
+    import time
+
+    from sweep.phases import evaluation_seconds
+
     threads = []
     real = ev._Scorer.cells
-    monkeypatch.setattr(ev._Scorer, "cells", lambda self, *a: threads.append(threading.current_thread().name)
-                        or real(self, *a))
+
+    def slow(self, *a):  # scoring slower than the tiny model's generating: the caller must wait for the last one
+        threads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return real(self, *a)
+
+    monkeypatch.setattr(ev._Scorer, "cells", slow)
     runs = {}
     for on in (False, True):
         waited = ev.TIMES["wait_s"]
         m = evaluate(tiny["checkpoints"], replace(tiny["cfg"], overlap=on), instance_dir=DEMO_DIR,
-                     out_dir=tmp_path / str(on), pretrained=tiny["pretrained"])
-        saved = json.loads((tmp_path / str(on) / "metrics.json").read_text())
+                     out_dir=tmp_path / str(on) / "eval", pretrained=tiny["pretrained"])
+        saved = json.loads((tmp_path / str(on) / "eval" / "metrics.json").read_text())
         runs[on] = (json.dumps(m), json.dumps(saved["metrics"]), json.dumps(saved["cells"]))
-        assert ev.TIMES["wait_s"] >= waited
+        # the waiting is recorded where the sweep's phases read it: the process's counter and metrics.json agree
+        assert math.isclose(saved.get("waited_s", 0.0), ev.TIMES["wait_s"] - waited, abs_tol=1e-9)
+        assert (saved.get("waited_s", 0.0) >= 0.3) is on  # at least the last entry's scoring; none without overlap
+        assert evaluation_seconds(tmp_path / str(on))["waiting_s"] == saved.get("waited_s", 0.0)
     assert runs[True] == runs[False]
     assert list(json.loads(runs[True][0])) == [BASELINE, "step-000002", "step-000004"]
     assert threads == ["MainThread"] * 3 + ["scoring"] * 3
