@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -145,8 +146,12 @@ def selection_of(sweep: Path) -> dict:
 
 def compile_cache(args: argparse.Namespace) -> str:
     """'warm' when the sweep's compile cache holds generation's compiled code from an earlier sweep (the marker
-    common.compiling.mark_warm leaves), else 'cold'."""
-    folder = (args.cache.resolve() if args.cache else args.work / ".cache") / "compile" / "warm"
+    common.compiling.mark_warm leaves), else 'cold'. The cache is <cache>/compile, or TORCHINDUCTOR_CACHE_DIR where
+    that is set (as on some GPU machines: the sweep keeps a user's setting, common.compiling.use_cache)."""
+    from common.compiling import CACHE_ENV
+
+    own = os.environ.get(CACHE_ENV)
+    folder = (Path(own) if own else (args.cache.resolve() if args.cache else args.work / ".cache") / "compile") / "warm"
     return "warm" if folder.is_dir() and any(folder.glob("*.json")) else "cold"
 
 

@@ -47,16 +47,18 @@ def out_folder(args: argparse.Namespace, benchmark: str) -> Path:
 
 def commit() -> dict:
     """The commit this checkout is at and whether tracked files differ from it (what was measured is then not
-    exactly that commit); outside a git checkout (a copy on a GPU machine) $BENCH_COMMIT as the copier names it,
-    else "unknown"."""
+    exactly that commit); $BENCH_COMMIT where the copier names it (a copy on a GPU machine, whose .git may be
+    older than its files), else "unknown" outside a git checkout."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout
 
+    if os.environ.get("BENCH_COMMIT"):
+        return {"commit": os.environ["BENCH_COMMIT"], "dirty": None}
     try:
         return {"commit": git("rev-parse", "HEAD").strip(),
                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": os.environ.get("BENCH_COMMIT", "unknown"), "dirty": None}
+        return {"commit": "unknown", "dirty": None}
 
 
 def device_name(device: torch.device | str) -> str:

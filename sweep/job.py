@@ -29,7 +29,7 @@ from trainer.models import resolve_source, shared_pipeline
 
 from . import racing
 from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_typed
-from .launchers.packing import BATCH_ENV, batch_jobs, train
+from .launchers.packing import BATCH_ENV, train
 from .launchers.process import GPU_ENV
 from .launchers.resume import note_run_dir
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
@@ -338,18 +338,18 @@ def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[
 
 def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False,
                      source: str | None = None) -> EvalConfig:
-    """eval.compile=auto decided for the whole scoring of the trials that share this process's compiled code (the
-    jobs of a batch: baseline and every checkpoint), not per call: each call scores one checkpoint, too few images
-    to repay compiling on its own; together they do, and fewer do when this machine's compile cache is warm for
-    the base model `source` (common/compiling.py). A raced trial counts racing's usual share of the full protocol
-    (racing.IMAGE_SHARE): the study's three raced trials make ~200 images, so a cold race compiles, and warms the
-    cache for the next sweep."""
+    """eval.compile=auto decided for the trial's whole scoring (baseline and every checkpoint), not per call: each
+    call scores one checkpoint, too few images to repay compiling on its own; together they do, and fewer do when
+    this machine's compile cache is warm for the base model `source` (common/compiling.py). A raced trial counts
+    racing's usual share of the full protocol (racing.IMAGE_SHARE): too few to repay a cold compile, enough once the
+    cache is warm. (On an H100 a cold race that compiled took 10.4 minutes, ~2.8 of them compiling generation's two
+    batch shapes: bench/results/racing_NVIDIA_H100_80GB_HBM3.json.)"""
     if settings.compile is not None:
         return settings
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     per_checkpoint = settings.images_per_checkpoint() * (racing.IMAGE_SHARE if race else 1)
     per_checkpoint *= len(settings.lora_scales)
-    images = checkpoints * per_checkpoint * batch_jobs() + settings.images_per_checkpoint()
+    images = checkpoints * per_checkpoint + settings.images_per_checkpoint()
     device = resolve_device(settings.device, "eval.device")
     warm = device.type == "cuda" and bool(source) and compiling.is_warm(compiling.generation_key(source, settings.resolution, device))
     return replace(settings, compile=want_compile(None, device, images, COMPILE_IMAGES, warm))

@@ -44,7 +44,6 @@ class Rendezvous:
     """Where the jobs of one batch meet to train together."""
 
     def __init__(self, jobs: int):
-        self.jobs = jobs  # the batch's jobs: they share this process (and its compiled code)
         self.waiting = jobs  # jobs that may still arrive
         self.entries: list[dict] = []
         self.done = threading.Condition(_TURN)
@@ -94,12 +93,6 @@ class Rendezvous:
         finally:
             self.trained = True
             self.done.notify_all()
-
-
-def batch_jobs() -> int:
-    """How many jobs run in this job's batch, side by side in this process (1 outside the packing launcher)."""
-    rv: Rendezvous | None = getattr(_LOCAL, "batch", None)
-    return rv.jobs if rv is not None else 1
 
 
 def train(trials, model, data, cache_dir, progress: bool = True):
@@ -233,7 +226,7 @@ def _job(hydra_context, config, task_function, rv: Rendezvous, idx: int, overrid
     from hydra.core.utils import run_job
     from omegaconf import open_dict
 
-    _LOCAL.rendezvous, _LOCAL.arrived, _LOCAL.batch = rv, False, rv
+    _LOCAL.rendezvous, _LOCAL.arrived = rv, False
     try:
         with _TURN:  # as Hydra's basic launcher does it, one job at a time
             cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
