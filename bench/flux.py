@@ -11,8 +11,8 @@ device's time limit) keeps every part it finished, and a part that fails is reco
               step), 15 steps, no validation, no checkpoint; the folder it trains on is the one ours loads
   packs       the largest pack that fits at 1024 px (2, then 3) and a pack at 512 px (1024 image tokens) against one
               trial at 512 px
-  low_memory  conf/preset/flux_24gb.yaml's training settings (gradient checkpointing, one trial per pass, 8-bit
-              AdamW where bitsandbytes is installed): peak GiB
+  low_memory  conf/preset/flux_24gb.yaml's settings (the transformer's weights in float8: model.quantize, gradient
+              checkpointing, one trial per pass, 8-bit AdamW where bitsandbytes is installed): peak GiB
   generation  s/image through the family's FluxPipeline (the trainer's loaded base, as a sweep scores): timed at 2
               and 8 steps, extrapolated to the model card's 28
   compiled    one trial with train.compile=true (its compiling reported as setup_s)
@@ -46,7 +46,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -232,8 +232,10 @@ def free(base_too: bool) -> None:
 # ---- parts -----------------------------------------------------------------------------------------------------------
 
 
-def ours(b: Bench, pack: int = 1, resolution: int | None = None, **train_kw) -> dict:
-    """This trainer on `pack` trials (different LRs and seeds) in one pass of the base per step."""
+def ours(b: Bench, pack: int = 1, resolution: int | None = None, model: ModelConfig | None = None,
+         **train_kw) -> dict:
+    """This trainer on `pack` trials (different LRs and seeds) in one pass of the base per step (on the scale's
+    model, or `model`)."""
     s = b.scale
     res = resolution or s.resolution
     data = DataConfig(instance_dir=str(b.photos), instance_prompt=PROMPT, resolution=res, min_images=1)
@@ -247,7 +249,7 @@ def ours(b: Bench, pack: int = 1, resolution: int | None = None, **train_kw) -> 
                        Path(tempfile.mkdtemp(dir=b.work)))
              for k in range(pack)]
     tic = time.perf_counter()
-    results = train(specs, s.model, data, b.cache, progress=False)
+    results = train(specs, model or s.model, data, b.cache, progress=False)
     bad = [f"{r.name}: {r.status} {r.error or ''}" for r in results if r.status != "finished"]
     if bad:
         raise RuntimeError("; ".join(bad))
@@ -304,17 +306,19 @@ def part_packs(b: Bench) -> dict:
 
 
 def part_low_memory(b: Bench) -> dict:
-    """preset=flux_24gb's train settings, as the sweep would apply them; 8-bit AdamW only where bitsandbytes is
-    installed and on CUDA (the preset's own rule: without it the sweep stops and says so), else AdamW, noted."""
+    """preset=flux_24gb's model and train settings (the quantised transformer: model.quantize), as the sweep would
+    apply them; 8-bit AdamW only where bitsandbytes is installed and on CUDA (the preset's own rule: without it the
+    sweep stops and says so), else AdamW, noted."""
     preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "preset" / "flux_24gb.yaml"))
     known = {f.name for f in fields(TrainConfig)}
     applied = {k: v for k, v in (preset.get("train") or {}).items() if k in known}
+    model = {k: v for k, v in (preset.get("model") or {}).items() if k in {f.name for f in fields(ModelConfig)}}
     note = None
     if applied.get("optimizer") == "adamw8bit" and not (b.on_cuda and importlib.util.find_spec("bitsandbytes")):
         applied["optimizer"] = "adamw"
         note = "bitsandbytes is not installed here (or no CUDA): AdamW instead of the preset's 8-bit AdamW"
-    row = ours(b, **applied)
-    return {**row, "preset": "flux_24gb", "applied": applied, "note": note}
+    row = ours(b, model=replace(b.scale.model, **model), **applied)
+    return {**row, "preset": "flux_24gb", "applied": applied, "model": model, "note": note}
 
 
 def part_generation(b: Bench) -> dict:

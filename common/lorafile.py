@@ -92,17 +92,43 @@ def recorded_sha256(path: Path) -> str | None:
     return None
 
 
-# (parent module, attribute, adapter wrapper, its base Linear, the wrapper's weight update W' - W in fp32)
-MergeSite = tuple[nn.Module, str, nn.Module, nn.Linear, Callable[[], torch.Tensor]]
+# (parent module, attribute, adapter wrapper, its base Linear, the wrapper's weight update W' - W as fp32 factors
+# (B', A): update = B' @ A, B' scaled)
+MergeSite = tuple[nn.Module, str, nn.Module, nn.Linear, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
+
+
+class BesideBase(nn.Module):
+    """A base Linear whose weight is stored in 8 bits (a quantised frozen base, families/quantize.py) with an update
+    applied beside it instead of merged: y = base(x) + x A^T B'^T. Rounding W + B'A to 8 bits would drop most of
+    the update (fp8 keeps 3 mantissa bits, a LoRA moves a weight by ~0.1%), so the low-rank path stays, computed as
+    training computes it; `factor` is the strength (`rescaled`)."""
+
+    def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor):
+        super().__init__()
+        self.base, self.factor = base, 1.0
+        self.register_buffer("b", b, persistent=False)
+        self.register_buffer("a", a, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        h = nn.functional.linear(x.to(out.dtype), self.a.to(out.dtype))
+        return out + nn.functional.linear(h, (self.b * self.factor).to(out.dtype))
+
+
+def holds_update(weight: torch.Tensor) -> bool:
+    """Whether W + update, rounded to W's dtype, keeps the update: not for 8-bit storage (float8)."""
+    return weight.element_size() > 1
 
 
 @contextlib.contextmanager
 def merged_into_base(sites: list[MergeSite]):
     """Inside: each adapter wrapper is replaced, in its parent, by its own base Linear carrying W + update (summed
     in fp32, rounded once to W's dtype, as diffusers' fuse_lora does). Generating then costs what the plain base
-    costs (peft's adapter layers add ~15% per image, docs/speed.md) and runs the very modules, so the very compiled code, that the base runs. On exit the wrappers are back and every base
-    weight is restored bit for bit from a copy (subtracting the update again would not give bf16 weights back
-    exactly); the copy waits in CPU memory when the GPU has no room for it. Merging does not nest."""
+    costs (peft's adapter layers add ~15% per image, docs/speed.md) and runs the very modules, so the very compiled
+    code, that the base runs. On exit the wrappers are back and every base weight is restored bit for bit from a
+    copy (subtracting the update again would not give bf16 weights back exactly); the copy waits in CPU memory when
+    the GPU has no room for it. A base stored in 8 bits gets the update beside it (`BesideBase`), not merged.
+    Merging does not nest."""
     if len({id(base) for *_, base, _ in sites}) < len(sites):
         raise ValueError("merged_into_base: a base Linear is listed twice (its restore would not be exact)")
     if any(getattr(parent, attr) is not wrapper for parent, attr, wrapper, *_ in sites):
@@ -115,14 +141,19 @@ def merged_into_base(sites: list[MergeSite]):
     need = sum(w.numel() * w.element_size() for w in weights)
     if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 2 * need:
         device = torch.device("cpu")
-    done: list[tuple[MergeSite, torch.Tensor]] = []
+    done: list[tuple[MergeSite, torch.Tensor | BesideBase]] = []
     try:
         with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):  # the update in fp32, always
             for site in sites:
                 parent, attr, _, base, update = site
-                done.append((site, base.weight.to(device, copy=True)))
-                base.weight.copy_(base.weight.float() + update())
-                setattr(parent, attr, base)
+                if holds_update(base.weight):
+                    done.append((site, base.weight.to(device, copy=True)))
+                    b, a = update()
+                    base.weight.copy_(base.weight.float() + b @ a)
+                    setattr(parent, attr, base)
+                else:
+                    done.append((site, BesideBase(base, *update())))
+                    setattr(parent, attr, done[-1][1])
         _MERGES.append(done)
         yield
     finally:
@@ -130,7 +161,8 @@ def merged_into_base(sites: list[MergeSite]):
             _MERGES.pop()
         with torch.no_grad():
             for (parent, attr, wrapper, base, _), orig in reversed(done):
-                base.weight.copy_(orig)
+                if not isinstance(orig, BesideBase):
+                    base.weight.copy_(orig)
                 setattr(parent, attr, wrapper)
 
 
@@ -152,8 +184,12 @@ def rescaled(scale: float):
     def put(factor: float) -> None:
         with torch.no_grad():
             for (_, _, _, base, update), orig in done:
+                if isinstance(orig, BesideBase):
+                    orig.factor = factor
+                    continue
                 with torch.autocast(base.weight.device.type, enabled=False):
-                    base.weight.copy_(orig.to(base.weight.device).float() + factor * update())
+                    b, a = update()
+                    base.weight.copy_(orig.to(base.weight.device).float() + factor * (b @ a))
 
     try:
         put(scale)
@@ -176,9 +212,10 @@ def peft_sites(module: nn.Module) -> list[MergeSite]:
                        for a in active)):
             continue
 
-        def update(layer=layer, active=active) -> torch.Tensor:
-            d = sum((layer.lora_B[a].weight.float() * layer.scaling[a]) @ layer.lora_A[a].weight.float() for a in active)
-            return d.T if layer.fan_in_fan_out else d
+        def update(layer=layer, active=active) -> tuple[torch.Tensor, torch.Tensor]:
+            b = torch.cat([layer.lora_B[a].weight.float() * layer.scaling[a] for a in active], dim=1)
+            a = torch.cat([layer.lora_A[a].weight.float() for a in active])
+            return (a.T, b.T) if layer.fan_in_fan_out else (b, a)
 
         parent_name, _, attr = name.rpartition(".")
         sites.append((module.get_submodule(parent_name), attr, layer, layer.base_layer, update))
@@ -230,8 +267,8 @@ def file_sites(module: nn.Module, path: Path, scale: float = 1.0) -> list[MergeS
         factor = scale * float(conf["lora_alpha"]) / a.shape[0]  # peft's scaling, alpha / r
         a, b = (t.to(layer.weight.device, torch.float32) for t in (a, b))
 
-        def update(a=a, b=b, factor=factor) -> torch.Tensor:
-            return (b * factor) @ a  # as peft_sites computes it
+        def update(a=a, b=b, factor=factor) -> tuple[torch.Tensor, torch.Tensor]:
+            return b * factor, a  # as peft_sites gives it
 
         parent_name, _, attr = name.rpartition(".")
         sites.append((module.get_submodule(parent_name), attr, layer, layer, update))

@@ -109,6 +109,7 @@ class Family(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]  # diffusers pipeline class names that are this family's
     card_tags: ClassVar[tuple[str, ...]]  # the model card's Hugging Face tags ("stable-diffusion-xl", ...)
     low_memory: ClassVar[str]  # what preset=low_memory relies on for this family, in words (docs, the preset's note)
+    quantizable: ClassVar[bool] = False  # whether `load` honours model.quantize (families/quantize.py)
 
     # ---- 1. the base ---------------------------------------------------------------------------------------------
 
@@ -127,7 +128,9 @@ class Family(ABC):
     @abstractmethod
     def load(self, cfg: Any, source: str, device: torch.device, weight_dtype: torch.dtype, fingerprint: str) -> Base:
         """The frozen base from `source` (a folder or hub id): every module requires_grad False, eval mode, on
-        `device`, the denoiser and text encoders in `weight_dtype` (the VAE in what the family needs)."""
+        `device`, the denoiser and text encoders in `weight_dtype` (the VAE in what the family needs); a family that is
+        `quantizable` stores the denoiser's Linear weights in 8 bits when cfg.quantize says so (families/quantize.py),
+        before it moves to `device`."""
 
     # ---- 2. caches -----------------------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from common.errors import ConfigError
 
 from .base import Base, EvalDefaults, Family, Noised
 from .kohya import DTYPES, WebUIExportError, adapter_config, kohya_alpha
+from .quantize import is_quantized, quantize
 from .sdxl import check_source
 from .tiny import byte_level_tokenizers, clip_kwargs
 
@@ -185,9 +186,10 @@ class Flux(Family):
     eval_defaults = EvalDefaults(DEV.resolution, DEV.steps, DEV.guidance)
     pipeline_classes = ("FluxPipeline",)
     card_tags = ("flux", "flux-diffusers", "template:sd-lora")
-    low_memory = ("gradient checkpointing of the transformer's blocks, one trial per pass, the text encoders (T5-XXL: "
-                  "~9.5 GB) and the VAE in CPU memory once their outputs are cached, 8-bit AdamW when bitsandbytes "
-                  "is installed")
+    low_memory = ("the transformer's Linear weights stored in float8 (model.quantize=float8: 14.1 GiB instead of 22.2), "
+                  "gradient checkpointing of its blocks, one trial per pass, the text encoders (T5-XXL: ~9.5 GB) and "
+                  "the VAE in CPU memory once their outputs are cached, 8-bit AdamW when bitsandbytes is installed")
+    quantizable = True
 
     # ---- 1. the base
 
@@ -237,7 +239,8 @@ class Flux(Family):
     def load(self, cfg: Any, source: str, device: torch.device, weight_dtype: torch.dtype,
              fingerprint: str) -> FluxBase:
         """Every component from a diffusers FLUX.1 folder or hub id. The VAE in `weight_dtype` too: FLUX's is
-        shipped and used in bf16 (SDXL's overflows in fp16 and stays fp32)."""
+        shipped and used in bf16 (SDXL's overflows in fp16 and stays fp32). With model.quantize the transformer's
+        Linear weights are stored in 8 bits while still in CPU memory (families/quantize.py)."""
         kw = {"revision": cfg.revision}
         w = {"variant": cfg.variant, **kw}
         log.info("loading FLUX.1 base model from %s", source)
@@ -251,6 +254,9 @@ class Flux(Family):
             AutoencoderKL.from_pretrained(vae_src[0], torch_dtype=weight_dtype, **vae_src[1]),
             FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=weight_dtype, **w),
             FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw), settings(cfg))
+        if getattr(cfg, "quantize", None):
+            quantize(base.transformer, cfg.quantize, weight_dtype)
+            log.info("FLUX.1 transformer: Linear weights stored as %s, computed in %s", cfg.quantize, weight_dtype)
         for m in (base.text_encoder, base.text_encoder_2, base.vae, base.transformer):
             m.requires_grad_(False)
             m.eval()
@@ -417,10 +423,12 @@ class Flux(Family):
         return (v.licence, v.licence_link) if v else None
 
     def compile_for_training(self, denoiser: nn.Module) -> list:
-        return compiling.compile_blocks(denoiser, BLOCKS)
+        """The blocks compiled; a quantised transformer stays eager (families/quantize.is_quantized)."""
+        return [] if is_quantized(denoiser) else compiling.compile_blocks(denoiser, BLOCKS)
 
     @contextlib.contextmanager
     def compiled_for_generation(self, denoiser: nn.Module, on: bool, warm_key: str | None = None):
+        on = on and not is_quantized(denoiser)  # a quantised transformer generates eagerly, as it trains
         mine = compiling.compile_blocks(denoiser, BLOCKS) if on else []
         try:
             yield

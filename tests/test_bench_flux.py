@@ -58,6 +58,7 @@ def test_training_rows_measure_time_and_arithmetic(report):
     assert packs["pack_4_32px_samples_per_s_vs_one_trial"] > 0
     low = rows["low_memory"]
     assert low["preset"] == "flux_24gb" and low["applied"]["gradient_checkpointing"] is True
+    assert low["model"] == {"quantize": "float8"}  # the preset's float8 transformer
     assert low["applied"]["optimizer"] == "adamw" and "bitsandbytes" in low["note"]  # 8-bit AdamW: CUDA only
     assert low["ms_per_step"] > 0
 

@@ -143,13 +143,14 @@ def test_every_model_config_names_a_known_family():
 def test_hashes_of_the_default_family_are_those_written_before_model_family_existed(demo):
     """Checkpoints and caches written before `family` joined ModelConfig still resume and hit."""
     m, d, lo, t = demo.model, demo.data, demo.lora, demo.train
-    old = {k: v for k, v in asdict(m).items() if k not in ("family", "options")}  # both newer than the hashes
+    old = {k: v for k, v in asdict(m).items() if k not in ("family", "options", "quantize")}  # newer than the hashes
     tr = {k: v for k, v in asdict(t).items() if k not in ("max_steps", "checkpoint_every", "resume", "device",
                                                            *SPEED_ONLY)}
     assert training_config_hash(m, d, lo, t) == stable_hash({"model": old, "data": asdict(d), "lora": asdict(lo),
                                                               "train": tr})
     assert m.identity() == old
     assert training_config_hash(replace(m, family="other"), d, lo, t) != training_config_hash(m, d, lo, t)
+    assert training_config_hash(replace(m, quantize="float8"), d, lo, t) != training_config_hash(m, d, lo, t)
 
 
 def test_the_family_is_found_from_a_pipeline_a_saved_pipeline_and_a_lora_file(cache_dir):

@@ -14,6 +14,7 @@ import families
 DEFAULT_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 OPTIMIZERS = ("adamw", "adamw8bit")
+QUANTIZE = ("float8",)  # model.quantize besides null (families/quantize.py)
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEVICES = ("auto", "cpu", "cuda")
@@ -38,12 +39,15 @@ class ModelConfig:
     build_dtype: str = "float32"  # dtype the built pipeline is saved in ("float16" for SDXL-size)
     # the family's own training settings (FLUX.1: guidance_scale, weighting_scheme; families/flux.py), checked by it
     options: Dict[str, Any] = field(default_factory=dict)
+    # the frozen denoiser's Linear weights stored in 8 bits while it trains and generates (null: the weight dtype);
+    # float8: diffusers' layerwise casting, half of bf16's bytes (families/quantize.py; preset=flux_24gb sets it)
+    quantize: Optional[str] = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two bases the same (cache keys, config hashes): every field, `family` only when it is not the
-        default and `options` only when set, so that hashes written before either existed still match."""
+        default, `options` and `quantize` only when set, so that hashes written before they existed still match."""
         return {k: v for k, v in self.__dict__.items()
-                if not (k == "family" and v == families.DEFAULT) and not (k == "options" and not v)}
+                if not (k == "family" and v == families.DEFAULT) and not (k in ("options", "quantize") and not v)}
 
 
 @dataclass
@@ -189,6 +193,9 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
     if known:
         fam = families.get(model.family)
         errors += fam.problems(model, lora, train)
+        need(model.quantize is None or model.quantize not in QUANTIZE or fam.quantizable,
+             f"model.quantize={model.quantize} is not available for {fam.display_name} (its denoiser fits a 24 GB "
+             "card in bf16): set model.quantize=null")
         need(data.resolution > 0 and data.resolution % fam.resolution_multiple == 0,
              f"data.resolution={data.resolution} must be a positive multiple of {fam.resolution_multiple} "
              f"({fam.display_name}: {fam.eval_defaults.resolution})")
@@ -220,4 +227,20 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
     need(train.noise_offset >= 0, f"train.noise_offset={train.noise_offset} must be >= 0")
     need(train.max_pack >= 1, f"train.max_pack={train.max_pack} must be >= 1 (1 trains every trial on its own)")
     need(train.max_grad_norm > 0, f"train.max_grad_norm={train.max_grad_norm} must be > 0")
+    errors += _quantize_problems(model, train)
     return errors
+
+
+def _quantize_problems(model: ModelConfig, train: TrainConfig) -> list[str]:
+    """model.quantize: a known storage, and gradient checkpointing on (without it backward keeps every layer's
+    upcast weight: more memory than the unquantised base, families/quantize.py)."""
+    if model.quantize is None:
+        return []
+    if model.quantize not in QUANTIZE:
+        return [(f"model.quantize={model.quantize!r} is not one of null, {', '.join(QUANTIZE)} (float8: the frozen "
+                 "denoiser's weights stored in 8 bits); e.g. model.quantize=float8")]
+    if not train.gradient_checkpointing:
+        return [(f"model.quantize={model.quantize} needs train.gradient_checkpointing=true: without it backward keeps "
+                 "an upcast copy of every layer's weight, more memory than no quantisation; set "
+                 "train.gradient_checkpointing=true (preset=flux_24gb sets both)")]
+    return []

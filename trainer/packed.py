@@ -138,7 +138,7 @@ class Pack:
         r = self.ranks[k]
         return lorafile.merged_into_base([
             (parent, attr, m, m.base,
-             lambda m=m: (m.lora_B[k, :, :r].float() * m.scale[k].float()) @ m.lora_A[k, :r].float())
+             lambda m=m: (m.lora_B[k, :, :r].float() * m.scale[k].float(), m.lora_A[k, :r].float()))
             for _, parent, attr, m in self.layers])
 
     def save(self, k: int, folder: Path) -> None:
