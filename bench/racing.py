@@ -108,15 +108,16 @@ def race_command(args: argparse.Namespace, clip: str) -> list[str]:
 
 
 def eval_split(sweep: Path) -> dict:
-    """Images generated and generation / scoring seconds over every evaluate call of the sweep, as the sweep's own
-    records hold them (sweep/phases.py: each trial's eval/metrics.json; the baseline's are in the first trial's)."""
+    """Images generated and generation / scoring / waiting seconds over every evaluate call of the sweep, as the
+    sweep's own records hold them (sweep/phases.py: each trial's eval/metrics.json; the baseline's are in the first
+    trial's); eval_s: the evaluation's time on the clock, generating and waiting for scoring."""
     from sweep.phases import evaluation_seconds
     from sweep.results import trial_dirs
 
     spent = [evaluation_seconds(d) for d in trial_dirs(sweep)]
     out = {k: sum(e[name] for e in spent) for k, name in
            (("images", "images"), ("generate_s", "generating_s"), ("score_s", "scoring_s"), ("wait_s", "waiting_s"))}
-    out["eval_s"] = out["generate_s"] + out["score_s"] + out["wait_s"]
+    out["eval_s"] = out["generate_s"] + out["wait_s"]  # on the clock: scoring runs beside, what held it up is waiting
     out["s_per_image_generated"] = out["generate_s"] / max(out["images"], 1)
     return out
 
@@ -283,10 +284,10 @@ def full_estimate(race: dict, full: dict) -> dict:
     measured generation and scoring seconds."""
     wall = race["wall_s"] - race["eval_s"] + full["eval_s"]
     how = ("full-protocol wall estimate = race wall_s (the raced sweep's command, end to end) - the race's "
-           "generation+scoring seconds (eval_s, from every eval/metrics.json) + the full protocol's generation+scoring "
-           "seconds (eval_s, measured scoring every checkpoint of the same trained sweep again from scratch, all seeds "
-           "and prior-drift images, one evaluate() call per checkpoint with the full sweep's compile setting, plus the "
-           "baseline); training, model loading, selection and report are the race's measured ones")
+           "generating + waiting-for-scoring seconds (eval_s, from every eval/metrics.json) + the full protocol's "
+           "generating + waiting seconds (eval_s, measured scoring every checkpoint of the same trained sweep again "
+           "from scratch, all seeds and prior-drift images, one evaluate() call per checkpoint with the full sweep's "
+           "compile setting, plus the baseline); training, model loading, selection and report are the race's measured ones")
     return {"wall_s": wall, "wall_min": wall / 60, "how": how}
 
 

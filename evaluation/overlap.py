@@ -27,7 +27,7 @@ _ONE_AT_A_TIME = threading.Lock()  # pieces of every worker of the process, one 
 class Overlap:
     """`submit(fn)` hands `fn` to the worker (blocking while `depth` pieces wait); `wait()` returns once all of
     it ran. `waited_s` (and `times["wait_s"]`, when given): how long the caller was held up by scoring (blocked
-    in `submit` or `wait`), the time the overlap did not hide. As a context manager, leaving it waits for the
+    in `submit` or `wait`), the time the overlap did not hide; without the overlap (`on=False`) all of it. As a context manager, leaving it waits for the
     work handed over (also when the caller fails or is stopped, so the checkpoints generated so far keep their
     scores)."""
 
@@ -41,9 +41,13 @@ class Overlap:
 
     def submit(self, fn: Callable[[], None]) -> None:
         self._raise()
-        if not self.on:
-            with _ONE_AT_A_TIME:
-                fn()
+        if not self.on:  # scored here and now: the caller waits for all of it
+            tic = time.perf_counter()
+            try:
+                with _ONE_AT_A_TIME:
+                    fn()
+            finally:
+                self._waited(time.perf_counter() - tic)
             return
         tic = time.perf_counter()
         # run in a copy of the caller's context: its context variables (the trial a log line names) go along

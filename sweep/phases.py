@@ -4,8 +4,10 @@ The trainer times its optimizer steps (result.json `train_seconds`) and evaluati
 scoring (eval/metrics.json `seconds`, added up over every call: live scoring, the race's later rounds). The sweep's
 end adds them up and sets them against the command's wall clock (from its process's start to the end of racing);
 what no phase covers is overhead: start-up and imports, loading models, caching latents, writing checkpoints,
-MLflow, selection. Waiting is the time generation was held up by scoring it did not overlap (`wait_s`, where
-evaluation records it). Trials that ran side by side (several GPUs or processes) add their seconds up, so the
+MLflow, selection. Scoring runs on a worker thread beside generating and training (eval.overlap), so the clock
+counts only waiting: the time generation or training was held up by scoring (eval/metrics.json `waited_s`; all of
+the scoring without the overlap). Training, generating, waiting and overhead make up the wall clock; scoring is
+reported beside them. Trials that ran side by side (several GPUs or processes) add their seconds up, so the
 phases may then exceed the wall clock and overhead is floored at 0. A resumed sweep's phases include the work of
 the commands before it; its wall clock is this command's."""
 from __future__ import annotations
@@ -70,7 +72,9 @@ class Phases:
 
     @property
     def overhead_s(self) -> float | None:
-        busy = self.training_s + self.generating_s + self.scoring_s + self.waiting_s
+        """The wall clock's rest. Scoring runs beside generating and training (eval.overlap): only the part that
+        held them up (waiting; all of it without the overlap) is on the clock."""
+        busy = self.training_s + self.generating_s + self.waiting_s
         return None if self.wall_s is None else max(0.0, self.wall_s - busy)
 
     def named(self) -> dict[str, float | None]:
@@ -84,25 +88,26 @@ class Phases:
         return rows + ([("time_wall_s", self.wall_s, 0)] if self.wall_s is not None else [])
 
     def text(self) -> str:
-        """One line for the console: the wall clock, then each phase with its share of it."""
+        """One line for the console: the wall clock, each phase on it with its share, then scoring beside them."""
         def part(name: str, s: float | None) -> str:
             share = f" ({s / self.wall_s:.0%})" if self.wall_s and s is not None else ""
             return f"{name} {s:.1f} s{share}" if s is not None else f"{name} unknown"
 
         head = f"time: {self.wall_s / 60:.2f} min" if self.wall_s is not None else "time (wall clock not recorded)"
-        return head + ": " + ", ".join(part(k, v) for k, v in self.named().items())
+        return (head + ": " + ", ".join(part(k, v) for k, v in self.named().items() if k != "scoring") +
+                f"; scoring {self.scoring_s:.1f} s beside generating and training")
 
     def markdown(self) -> list[str]:
         """report.md's section."""
         wall = f"{self.wall_s:.1f} s ({self.wall_s / 60:.2f} min)" if self.wall_s is not None else "not recorded"
         lines = ["", "## Where the time went", "",
                  f"Wall clock {wall}, {self.trials} trial(s), {self.images} image(s) generated. Training is the "
-                 "optimizer steps, generating and scoring every evaluation (the race's rounds included), waiting "
-                 "the time generation waited for scoring; overhead is the rest (start-up, loading, caching, "
-                 "checkpoints, MLflow, selection). Trials that ran side by side add up.", "",
-                 "| phase | seconds | share |", "|---|---|---|"]
+                 "optimizer steps, generating every evaluation's images (the race's rounds included), waiting the "
+                 "time generation or training was held up by scoring, which runs beside them; overhead is the rest "
+                 "(start-up, loading, caching, checkpoints, MLflow, selection). Trials that ran side by side add up.",
+                 "", "| phase | seconds | share |", "|---|---|---|"]
         for name, s in self.named().items():
-            share = f"{s / self.wall_s:.0%}" if self.wall_s and s is not None else ""
+            share = "beside" if name == "scoring" else f"{s / self.wall_s:.0%}" if self.wall_s and s is not None else ""
             lines.append(f"| {name} | {'' if s is None else f'{s:.1f}'} | {share} |")
         return lines
 

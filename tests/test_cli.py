@@ -52,6 +52,7 @@ def test_multirun_over_learning_rates_loads_the_base_once(tmp_path):
     phases = json.loads((jobs[0].parent / "report" / "phases.json").read_text())
     assert phases["trials"] == 2 and all(phases[k] > 0 for k in ("training_s", "generating_s", "scoring_s", "wall_s"))
     assert "time: " in log and ", overhead " in log and f"training {phases['training_s']:.1f} s" in log, log[-3000:]
+    assert f"; scoring {phases['scoring_s']:.1f} s beside generating and training" in log  # not on the clock
     assert "## Where the time went" in (jobs[0].parent / "report" / "report.md").read_text()
     [parent] = [r for r in _runs(tmp_path) if r.data.tags.get("kind") == "sweep"]
     named = ("training", "generating", "scoring", "waiting", "overhead")
