@@ -196,8 +196,9 @@ def compiled_generation(log: Path) -> bool:
 
 
 def races(work: Path) -> list[dict]:
-    """Every completed race under `work`, oldest first."""
-    return [json.loads(p.read_text()) for p in sorted((work / "outputs" / "sweeps").glob(f"*/{RACE_PART}"))]
+    """Every completed race under `work`, oldest first (a race recorded before races said so was cold)."""
+    return [{"compile_cache": "cold", **json.loads(p.read_text())}
+            for p in sorted((work / "outputs" / "sweeps").glob(f"*/{RACE_PART}"))]
 
 
 def latest_race(work: Path) -> Path:
@@ -287,16 +288,17 @@ def full_estimate(race: dict, full: dict) -> dict:
            "generating + waiting-for-scoring seconds (eval_s, from every eval/metrics.json) + the full protocol's "
            "generating + waiting seconds (eval_s, measured scoring every checkpoint of the same trained sweep again "
            "from scratch, all seeds and prior-drift images, one evaluate() call per checkpoint with the full sweep's "
-           "compile setting, plus the baseline); training, model loading, selection and report are the race's measured ones")
+           "compile setting, plus the baseline); training, model loading, selection and report are the race's "
+           "measured ones")
     return {"wall_s": wall, "wall_min": wall / 60, "how": how}
 
 
 def targets(all_races: list[dict]) -> dict:
     """Each race against its target (cold or warm compile cache), and whether the races decided alike: the same
     champion, the same images, the same checkpoints dropped."""
-    rows = [{"sweep": Path(r["sweep"]).name, "compile_cache": r.get("compile_cache", "cold"),
-             "wall_min": r["wall_min"], "target_min": TARGET_MIN[r.get("compile_cache", "cold")],
-             "meets_target": r["wall_min"] <= TARGET_MIN[r.get("compile_cache", "cold")]} for r in all_races]
+    rows = [{"sweep": Path(r["sweep"]).name, "compile_cache": r["compile_cache"], "wall_min": r["wall_min"],
+             "target_min": (goal := TARGET_MIN[r["compile_cache"]]), "meets_target": r["wall_min"] <= goal}
+            for r in all_races]
 
     def decided(r: dict) -> tuple:
         return (r["champion"], r["images"], sorted(d["key"] for d in (r.get("race") or {}).get("dropped", [])))
@@ -316,12 +318,11 @@ def summary(race: dict, full: dict | None) -> dict:
             "wall_fraction": race["wall_s"] / full["wall_s"]}
 
 
-def write_report(args: argparse.Namespace, race: dict, full: dict | None) -> Path:
+def write_report(args: argparse.Namespace, race: dict, full: dict | None, all_races: list[dict]) -> Path:
     """racing_<device>.json in --out: the machine, the commands, the comparison, every race's record and the full
     protocol's; `race` is the race the full protocol re-scored (the latest)."""
     import diffusers
 
-    all_races = races(args.work)
     report = {"diffusers": diffusers.__version__, "tiny": args.tiny, **targets(all_races),
               "grid": {"lrs": [1e-4, 1e-5, 5e-4], "steps": args.steps, "checkpoint_every": args.every,
                        "seeds": args.images, "model": args.model, "resolution": args.resolution},
@@ -341,8 +342,8 @@ def show(race: dict, full: dict | None, path: Path, all_races: list[dict]) -> No
                 f"{p['score_s']:.1f} s), champion {p['champion']} ({p['objective_name']} {p['objective']:.4f})")
 
     for r in all_races:
-        print(line(f"race ({r.get('compile_cache', 'cold')} compile cache)", r) +
-              f"; target {TARGET_MIN[r.get('compile_cache', 'cold')]:.1f} min")
+        cache = r["compile_cache"]
+        print(line(f"race ({cache} compile cache)", r) + f"; target {TARGET_MIN[cache]:.1f} min")
     rec = race.get("race") or {}
     print(f"  race.json: {len(rec.get('dropped', []))} of {rec.get('checkpoints')} checkpoint(s) dropped, "
           f"{rec.get('images')} of {rec.get('full_protocol_images')} checkpoint images; verdict: {race['verdict']}")
@@ -376,7 +377,8 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         full = phase_full(sweep, args.work)
         full.update(full_estimate(race, full))
-    show(race, full, write_report(args, race, full), races(args.work))
+    all_races = races(args.work)
+    show(race, full, write_report(args, race, full, all_races), all_races)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,8 @@ def _compiled_batches(cfg: EvalConfig) -> EvalConfig:
     """Compiled generation has one graph per batch shape (static shapes), each compiled once, so every call of a
     sweep generates in batches of one size: one seed's images (its prompts and the prior-drift prompt), where that
     fits eval.batch_size. A race's calls (a round: one seed; the champion's missing seeds; the baseline's four)
-    then share one graph instead of compiling one for 6, 8 and 9 images."""
+    then share graphs: one per kind of call (with or without the prior-drift prompt) instead of one for each of 6, 8
+    and 9 images."""
     per_seed = len(cfg.prompts) + bool(cfg.prior_prompt)
     return replace(cfg, batch_size=per_seed) if per_seed <= cfg.batch_size else cfg
 

@@ -27,9 +27,9 @@ _ONE_AT_A_TIME = threading.Lock()  # pieces of every worker of the process, one 
 class Overlap:
     """`submit(fn)` hands `fn` to the worker (blocking while `depth` pieces wait); `wait()` returns once all of
     it ran. `waited_s` (and `times["wait_s"]`, when given): how long the caller was held up by scoring (blocked
-    in `submit` or `wait`), the time the overlap did not hide; without the overlap (`on=False`) all of it. As a context manager, leaving it waits for the
-    work handed over (also when the caller fails or is stopped, so the checkpoints generated so far keep their
-    scores)."""
+    in `submit` or `wait`), the time the overlap did not hide; without the overlap (`on=False`) all of it. As a
+    context manager, leaving it waits for the work handed over (also when the caller fails or is stopped, so the
+    checkpoints generated so far keep their scores)."""
 
     def __init__(self, on: bool = True, depth: int = 1, name: str = "scoring", times: Counter | None = None):
         self.on, self.waited_s, self._times = on, 0.0, times
