@@ -16,6 +16,11 @@ device's time limit) keeps every part it finished, and a part that fails is reco
   generation  s/image through the family's FluxPipeline (the trainer's loaded base, as a sweep scores): timed at 2
               and 8 steps, extrapolated to the model card's 28
   compiled    one trial with train.compile=true (its compiling reported as setup_s)
+  eager       one trial with train.cuda_graphs=false (the "ours" row captures its step as a CUDA graph)
+  attention   each SDPA kernel (cuDNN, flash, memory-efficient) on one FLUX.1 attention at 1024 px (24 heads x
+              4608 tokens x 128, bf16), forward and backward, eager and replayed from a CUDA graph, each in a process
+              of its own (a kernel that faults must not take the bench down): ms, or the error. The trainer's
+              families.flux.TRAINING_ATTENTION leaves out a kernel that fails here
 
 On the device (the project's carried wheels first; BENCH_COMMIT names the commit where the copy has no .git):
     python -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl \\
@@ -64,7 +69,7 @@ from trainer.models import release_models, resolve_source
 
 PROMPT = "a photo of sks man"
 RANK = 16
-PARTS = ("ours", "reference", "packs", "low_memory", "generation", "compiled")
+PARTS = ("ours", "reference", "compiled", "low_memory", "attention", "eager", "packs", "generation")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM data sheets (no sparsity)
 STOP_ENV = "REFERENCE_TIMER_STOP_AFTER"  # bench/reference_timer.py: exit once the timed steps are done
 
@@ -97,7 +102,8 @@ def gpu_scale(budget_s: float) -> Scale:
     """model=flux_dev_random: FLUX.1-dev's published configs with random weights (families/flux.py builds it on the
     GPU in bf16, offline tokenizers, T5 padded to 512 tokens)."""
     return Scale(model_config("flux_dev_random"), "cuda", "bf16", 1024, 512, 13, 15, (2, 3), 4, (2, 8), budget_s,
-                 {"ours": 60, "reference": 120, "packs": 60, "low_memory": 45, "generation": 45, "compiled": 90})
+                 {"ours": 60, "reference": 120, "packs": 60, "low_memory": 45, "generation": 45, "compiled": 90,
+                  "eager": 45, "attention": 30})
 
 
 def tiny_scale() -> Scale:
@@ -146,6 +152,7 @@ class Bench:
 
     def write(self) -> Path:
         self.report["ratios"] = ratios(self.report.get("results", {}))
+        self.report["targets"] = targets(self.report.get("results", {}))
         self.report["elapsed_s"] = round(time.perf_counter() - self.started, 1)
         self.args.out.mkdir(parents=True, exist_ok=True)
         path = self.args.out / "flux_bench.json"
@@ -362,6 +369,75 @@ def part_compiled(b: Bench) -> dict:
     return ours(b, compile=True)
 
 
+def part_eager(b: Bench) -> dict:
+    return ours(b, cuda_graphs=False)
+
+
+ATTENTION_PROBE = """
+import json, sys, time, torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+backend, heads, tokens, dim = getattr(SDPBackend, sys.argv[1]), *map(int, sys.argv[2:5])
+q, k, v = (torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3))
+grad = torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
+def step():
+    with sdpa_kernel([backend]):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    q.grad = k.grad = v.grad = None
+    out.backward(grad)
+def timed(fn, n=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - tic) / n
+row = {"eager_ms_fwd_bwd": timed(step)}
+stream = torch.cuda.Stream()
+stream.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(stream):
+    for _ in range(3):
+        step()
+torch.cuda.current_stream().wait_stream(stream)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    step()
+row["graph_ms_fwd_bwd"] = timed(graph.replay)
+print("ROW " + json.dumps(row))
+"""
+
+
+def part_attention(b: Bench) -> dict:
+    """Each SDPA kernel on one FLUX.1 attention at the bench's resolution, in a process of its own."""
+    if not b.on_cuda:
+        raise Skip("the SDPA kernels probed here (cuDNN, flash, memory-efficient) are CUDA kernels")
+    cfg = b.scale.model.architecture["transformer"]
+    heads, dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    tokens = (b.scale.resolution // 16) ** 2 + text_tokens(b.scale)
+    out = {"shape": [1, heads, tokens, dim], "dtype": "bfloat16"}
+    flops = 4 * tokens * tokens * dim * heads * (1 + 2.5)  # forward 2 matmuls, backward 5
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            proc = subprocess.run([sys.executable, "-c", ATTENTION_PROBE, name, str(heads), str(tokens), str(dim)],
+                                  check=False, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            out[name] = {"error": "no answer in 120 s"}
+            continue
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if proc.returncode != 0 or line is None:
+            out[name] = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+            continue
+        row = json.loads(line[4:])
+        row["tflops_eager"] = flops / row["eager_ms_fwd_bwd"] / 1e9
+        out[name] = row
+        b.record("attention", out)
+    from families.flux import TRAINING_ATTENTION
+    out["training_uses"] = [k.name for k in TRAINING_ATTENTION]
+    return out
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -452,15 +528,38 @@ def ratios(results: dict) -> dict:
         out["ours_over_script_ms_per_step"] = mine["ms_per_step"] / ref["ms_per_step"]
         if ref.get("peak_memory_gib") and mine.get("peak_memory_gib"):
             out["ours_over_script_peak_memory"] = mine["peak_memory_gib"] / ref["peak_memory_gib"]
+    for name in ("compiled", "eager", "low_memory"):
+        if ref and results.get(name):
+            out[f"{name}_speedup_vs_script"] = ref["ms_per_step"] / results[name]["ms_per_step"]
     for name, row in (results.get("packs") or {}).items() if ref else ():
         if isinstance(row, dict) and row.get("resolution") == ref["resolution"]:  # packs at the script's resolution
             out[f"{name}_samples_per_s_vs_script"] = row["samples_per_s"] / ref["samples_per_s"]
     return out
 
 
+def targets(results: dict) -> dict:
+    """Issue 34's targets against the fastest single trial measured (ours, compiled, eager) and the preset's peak."""
+    out = {}
+    ref = results.get("reference")
+    trials = {k: results[k] for k in ("ours", "compiled", "eager") if results.get(k)}
+    if trials:
+        name, best = min(trials.items(), key=lambda kv: kv[1]["ms_per_step"])
+        if ref:
+            speed = ref["ms_per_step"] / best["ms_per_step"]
+            out["speed_vs_script"] = {"target": 1.5, "best": name, "value": speed, "met": speed >= 1.5}
+        if best.get("pct_of_peak_bf16") is not None:
+            pct = best["pct_of_peak_bf16"]
+            out["pct_of_bf16_peak"] = {"target": 55.0, "best": name, "value": pct, "met": pct >= 55.0}
+    low = results.get("low_memory")
+    if low and low.get("peak_memory_gib") is not None:
+        out["low_memory_peak_gib"] = {"target": 24.0, "value": low["peak_memory_gib"],
+                                      "met": low["peak_memory_gib"] <= 24.0}
+    return out
+
+
 PART_FUNCS: dict[str, Callable[[Bench], dict]] = {
     "ours": part_ours, "reference": part_reference, "packs": part_packs, "low_memory": part_low_memory,
-    "generation": part_generation, "compiled": part_compiled}
+    "generation": part_generation, "compiled": part_compiled, "eager": part_eager, "attention": part_attention}
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
     AutoTokenizer,
     CLIPTextConfig,
@@ -55,6 +56,10 @@ MAX_SEQUENCE_LENGTH = 512  # the script's --max_sequence_length (T5 tokens); sch
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 LOGIT_MEAN, LOGIT_STD, MODE_SCALE = 0.0, 1.0, 1.29
 LATENT_MULTIPLE = 16  # pixels per packed token side: the VAE's 8x, then 2x2 packing
+# The attention kernels a training step may use: torch's SDPA without cuDNN's fused attention, whose backward failed
+# at FLUX.1's shapes on an H100 with torch 2.11 ("mha_graph.execute ... is_good()", then an illegal memory access;
+# bench/flux.py's attention part probes each kernel). The forward picks the kernel; its backward follows it.
+TRAINING_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 @dataclass(frozen=True)
@@ -314,16 +319,17 @@ class Flux(Family):
                 text: dict[str, torch.Tensor]) -> torch.Tensor:
         """The transformer's velocity: latents packed 2x2 (FluxPipeline._pack_latents), image ids of their grid,
         timestep / 1000, the guidance embedding at model.options.guidance_scale when the model has one (dev);
-        unpacked back to the latents' layout."""
+        unpacked back to the latents' layout. Attention through TRAINING_ATTENTION's kernels."""
         n, ch, h, w = noisy.shape
         tr, dtype = base.transformer, base.weight_dtype
         guidance = torch.full((n,), base.settings.guidance_scale, device=noisy.device) if tr.config.guidance_embeds \
             else None
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, dtype)
-        out = tr(hidden_states=FluxPipeline._pack_latents(noisy.to(dtype), n, ch, h, w), timestep=timesteps / 1000,
-                 guidance=guidance, pooled_projections=text["pooled"].to(dtype),
-                 encoder_hidden_states=text["prompt_embeds"].to(dtype), txt_ids=text["text_ids"][0].to(dtype),
-                 img_ids=img_ids, return_dict=False)[0]
+        with sdpa_kernel(list(TRAINING_ATTENTION)):
+            out = tr(hidden_states=FluxPipeline._pack_latents(noisy.to(dtype), n, ch, h, w),
+                     timestep=timesteps / 1000, guidance=guidance, pooled_projections=text["pooled"].to(dtype),
+                     encoder_hidden_states=text["prompt_embeds"].to(dtype), txt_ids=text["text_ids"][0].to(dtype),
+                     img_ids=img_ids, return_dict=False)[0]
         return out.view(n, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, h, w)
 
     def loss_per_sample(self, base: FluxBase, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,

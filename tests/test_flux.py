@@ -117,6 +117,28 @@ def test_a_training_step_is_the_diffusers_scripts_flow_matching_step(base):
     assert mine.shape == (3,) and len(set(n.timesteps.tolist())) == 3  # one timestep per sample
 
 
+def test_a_training_step_never_asks_for_cudnns_fused_attention(base, monkeypatch):
+    """cuDNN's fused attention failed FLUX.1's backward on an H100 (families.flux.TRAINING_ATTENTION): every
+    attention call of a training step runs with it switched off, and the setting is restored afterwards."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        text = FLUX.encode_tokens(base, FLUX.tokenize(base, PROMPT))
+        noisy = torch.randn(1, base.transformer.config.in_channels // 4, 8, 8)
+        seen.clear()  # the text encoders' attention is not the training step's
+        FLUX.predict(base, noisy, torch.full((1,), 500.0), torch.zeros(1, 0), text)
+    n_layers = base.transformer.config.num_layers + base.transformer.config.num_single_layers
+    assert len(seen) == n_layers and set(seen) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def _random_lora(rank: int, width: int, blocks: int, single_targets=("attn.to_q", "attn.to_k", "attn.to_v")):
     """A LoRA on the script's 12 targets of `blocks` double blocks and the given targets of as many single blocks,
     at FLUX.1's sizes (width 3072, the MLPs 4x; diffusers' converter splits linear1 at those sizes), every weight
