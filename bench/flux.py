@@ -16,6 +16,9 @@ device's time limit) keeps every part it finished, and a part that fails is reco
   generation  s/image through the family's FluxPipeline (the trainer's loaded base, as a sweep scores): timed at 2
               and 8 steps, extrapolated to the model card's 28
   compiled    one trial with train.compile=true (its compiling reported as setup_s)
+  fp8         one trial on the float8 transformer (model.quantize=float8: float8 GEMMs forward) without gradient
+              checkpointing: what float8 buys in speed
+  fp8_compiled  the same, compiled
   eager       one trial with train.cuda_graphs=false (the "ours" row captures its step as a CUDA graph)
   attention   each SDPA kernel (cuDNN, flash, memory-efficient) on one FLUX.1 attention at 1024 px (24 heads x
               4608 tokens x 128, bf16), forward and backward, eager and replayed from a CUDA graph, each in a process
@@ -69,7 +72,8 @@ from trainer.models import release_models, resolve_source
 
 PROMPT = "a photo of sks man"
 RANK = 16
-PARTS = ("ours", "reference", "compiled", "low_memory", "attention", "eager", "packs", "generation")
+PARTS = ("ours", "reference", "compiled", "low_memory", "fp8", "fp8_compiled", "attention", "eager", "packs",
+         "generation")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM data sheets (no sparsity)
 STOP_ENV = "REFERENCE_TIMER_STOP_AFTER"  # bench/reference_timer.py: exit once the timed steps are done
 
@@ -103,7 +107,7 @@ def gpu_scale(budget_s: float) -> Scale:
     GPU in bf16, offline tokenizers, T5 padded to 512 tokens)."""
     return Scale(model_config("flux_dev_random"), "cuda", "bf16", 1024, 512, 13, 15, (2, 3), 4, (2, 8), budget_s,
                  {"ours": 60, "reference": 120, "packs": 60, "low_memory": 45, "generation": 45, "compiled": 90,
-                  "eager": 45, "attention": 30})
+                  "eager": 45, "attention": 30, "fp8": 45, "fp8_compiled": 90})
 
 
 def tiny_scale() -> Scale:
@@ -369,6 +373,12 @@ def part_compiled(b: Bench) -> dict:
     return ours(b, compile=True)
 
 
+def part_fp8(b: Bench, compile: bool = False) -> dict:
+    if compile and not b.on_cuda:
+        raise Skip("compiling on a CPU takes minutes and says nothing of the GPU: measured on CUDA only")
+    return {**ours(b, model=replace(b.scale.model, quantize="float8"), compile=compile), "model": {"quantize": "float8"}}
+
+
 def part_eager(b: Bench) -> dict:
     return ours(b, cuda_graphs=False)
 
@@ -528,7 +538,7 @@ def ratios(results: dict) -> dict:
         out["ours_over_script_ms_per_step"] = mine["ms_per_step"] / ref["ms_per_step"]
         if ref.get("peak_memory_gib") and mine.get("peak_memory_gib"):
             out["ours_over_script_peak_memory"] = mine["peak_memory_gib"] / ref["peak_memory_gib"]
-    for name in ("compiled", "eager", "low_memory"):
+    for name in ("compiled", "eager", "low_memory", "fp8", "fp8_compiled"):
         if ref and results.get(name):
             out[f"{name}_speedup_vs_script"] = ref["ms_per_step"] / results[name]["ms_per_step"]
     for name, row in (results.get("packs") or {}).items() if ref else ():
@@ -541,7 +551,7 @@ def targets(results: dict) -> dict:
     """Issue 34's targets against the fastest single trial measured (ours, compiled, eager) and the preset's peak."""
     out = {}
     ref = results.get("reference")
-    trials = {k: results[k] for k in ("ours", "compiled", "eager") if results.get(k)}
+    trials = {k: results[k] for k in ("ours", "compiled", "eager", "fp8", "fp8_compiled") if results.get(k)}
     if trials:
         name, best = min(trials.items(), key=lambda kv: kv[1]["ms_per_step"])
         if ref:
@@ -559,7 +569,8 @@ def targets(results: dict) -> dict:
 
 PART_FUNCS: dict[str, Callable[[Bench], dict]] = {
     "ours": part_ours, "reference": part_reference, "packs": part_packs, "low_memory": part_low_memory,
-    "generation": part_generation, "compiled": part_compiled, "eager": part_eager, "attention": part_attention}
+    "generation": part_generation, "compiled": part_compiled, "eager": part_eager, "attention": part_attention,
+    "fp8": part_fp8, "fp8_compiled": lambda b: part_fp8(b, compile=True)}
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------

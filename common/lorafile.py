@@ -233,8 +233,8 @@ def file_sites(module: nn.Module, path: Path, scale: float = 1.0) -> list[MergeS
     adapter layer per targeted Linear (~560 in SDXL's UNet, seconds per checkpoint; evaluation swaps a checkpoint in
     for every racing round). Each site is the Linear itself (merged in place, nothing to swap out). None for any
     other file (text-encoder layers, kohya names or alphas, no metadata, DoRA, rsLoRA, biases, rank or alpha
-    patterns, a module that is not a plain Linear of these sizes, a denoiser carrying adapter layers): peft loads
-    those."""
+    patterns, a module that is not a Linear (an 8-bit one counts) of these sizes, a denoiser carrying adapter
+    layers): peft loads those."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors import safe_open
 
@@ -261,7 +261,7 @@ def file_sites(module: nn.Module, path: Path, scale: float = 1.0) -> list[MergeS
             layer = module.get_submodule(name)
         except AttributeError:
             return None
-        if (a is None or b is None or type(layer) is not nn.Linear or a.shape[0] != b.shape[1]
+        if (a is None or b is None or not isinstance(layer, nn.Linear) or a.shape[0] != b.shape[1]
                 or (b.shape[0], a.shape[1]) != tuple(layer.weight.shape)):
             return None
         factor = scale * float(conf["lora_alpha"]) / a.shape[0]  # peft's scaling, alpha / r

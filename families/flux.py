@@ -40,7 +40,7 @@ from common.errors import ConfigError
 
 from .base import Base, EvalDefaults, Family, Noised
 from .kohya import DTYPES, WebUIExportError, adapter_config, kohya_alpha
-from .quantize import is_quantized, quantize
+from .quantize import quantize
 from .sdxl import check_source
 from .tiny import byte_level_tokenizers, clip_kwargs
 
@@ -429,12 +429,11 @@ class Flux(Family):
         return (v.licence, v.licence_link) if v else None
 
     def compile_for_training(self, denoiser: nn.Module) -> list:
-        """The blocks compiled; a quantised transformer stays eager (families/quantize.is_quantized)."""
-        return [] if is_quantized(denoiser) else compiling.compile_blocks(denoiser, BLOCKS)
+        """The blocks compiled (a quantised transformer's Float8Linears too: plain tensors, no hooks)."""
+        return compiling.compile_blocks(denoiser, BLOCKS)
 
     @contextlib.contextmanager
     def compiled_for_generation(self, denoiser: nn.Module, on: bool, warm_key: str | None = None):
-        on = on and not is_quantized(denoiser)  # a quantised transformer generates eagerly, as it trains
         mine = compiling.compile_blocks(denoiser, BLOCKS) if on else []
         try:
             yield

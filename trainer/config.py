@@ -40,7 +40,8 @@ class ModelConfig:
     # the family's own training settings (FLUX.1: guidance_scale, weighting_scheme; families/flux.py), checked by it
     options: Dict[str, Any] = field(default_factory=dict)
     # the frozen denoiser's Linear weights stored in 8 bits while it trains and generates (null: the weight dtype);
-    # float8: diffusers' layerwise casting, half of bf16's bytes (families/quantize.py; preset=flux_24gb sets it)
+    # float8: Linear weights in float8 with per-row scales, half of bf16's bytes, float8 GEMMs on GPUs that have
+    # them (families/quantize.py; preset=flux_24gb sets it)
     quantize: Optional[str] = None
 
     def identity(self) -> dict[str, Any]:
@@ -232,15 +233,10 @@ def validate(model: ModelConfig, data: DataConfig, lora: LoraSettings, train: Tr
 
 
 def _quantize_problems(model: ModelConfig, train: TrainConfig) -> list[str]:
-    """model.quantize: a known storage, and gradient checkpointing on (without it backward keeps every layer's
-    upcast weight: more memory than the unquantised base, families/quantize.py)."""
+    """model.quantize: a known storage."""
     if model.quantize is None:
         return []
     if model.quantize not in QUANTIZE:
         return [(f"model.quantize={model.quantize!r} is not one of null, {', '.join(QUANTIZE)} (float8: the frozen "
                  "denoiser's weights stored in 8 bits); e.g. model.quantize=float8")]
-    if not train.gradient_checkpointing:
-        return [(f"model.quantize={model.quantize} needs train.gradient_checkpointing=true: without it backward keeps "
-                 "an upcast copy of every layer's weight, more memory than no quantisation; set "
-                 "train.gradient_checkpointing=true (preset=flux_24gb sets both)")]
     return []

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from common import compiling, faults, stop
 from common.errors import NonFiniteLossError
-from families.quantize import is_quantized
 
 from . import checkpoint, lora, packed
 from .config import DataConfig, ModelConfig, training_config_hash
@@ -227,12 +226,9 @@ class PackedRecipe:
             log.info("trial %s: resumed from %s", trial.spec.name, trial.found[0])
 
     def _choose_step_form(self) -> None:
-        """A captured CUDA graph (one micro-batch per step, on CUDA, if train.cuda_graphs) or eager steps. Eager for
-        a quantised denoiser (model.quantize): its casting hooks swap each layer's weight tensor in Python, which a
-        replayed graph would not do."""
+        """A captured CUDA graph (one micro-batch per step, on CUDA, if train.cuda_graphs) or eager steps."""
         self.autocast = self.accelerator.autocast
-        self.use_graph = (self.t0.cuda_graphs and self.base.device.type == "cuda" and self.t0.gradient_accumulation == 1
-                          and not is_quantized(self.base.denoiser))
+        self.use_graph = (self.t0.cuda_graphs and self.base.device.type == "cuda" and self.t0.gradient_accumulation == 1)
         if self.use_graph:  # a captured graph must not keep autocast's cast cache alive
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
             self.autocast = functools.partial(torch.autocast, "cuda", dtype=dtype, enabled=self.precision == "bf16",
