@@ -466,3 +466,31 @@ def test_a_bad_quantize_setting_is_refused_before_anything_loads():
     assert typed("model=flux_tiny", "model.quantize=float8").model.quantize == "float8"
     with pytest.raises(ConfigError, match="model.quantize=float8 is not available for SDXL.*model.quantize=null"):
         typed("model=tiny", "preset=flux_24gb", "train.optimizer=adamw")
+
+
+def test_a_float8_linear_multiplies_in_float8_with_row_scales_and_backpropagates_through_its_dequantised_weight():
+    """families.quantize.Float8Linear in bf16 takes torch._scaled_mm's path (the one a GPU with float8 tensor cores
+    takes; a CPU runs it too): each weight row's largest magnitude is stored as e4m3's largest (448), the output is
+    within float8's rounding of the bf16 Linear's, the input's gradient is exactly the one through the dequantised
+    weight, and the weight gets none (frozen). In fp32 (no float8 GEMM) the forward is the dequantised weight's."""
+    from families.quantize import FP8_MAX, Float8Linear, scaled_mm_ok
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    q = Float8Linear(plain, torch.bfloat16)
+    assert q.weight.dtype == torch.float8_e4m3fn and not q.weight.requires_grad
+    assert torch.equal(q.weight.float().abs().amax(dim=1), torch.full((48,), FP8_MAX))
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert scaled_mm_ok(x, q.weight, torch.bfloat16)
+    out = q(x)
+    ref = torch.nn.functional.linear(x.detach().float(), plain.weight.float(), plain.bias.float())
+    assert out.shape == (3, 5, 48) and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.08 * ref.abs().max()  # two e4m3 roundings (x and W), 3 bits each
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, (grad.reshape(-1, 48) @ q.dequantised_weight()).view(3, 5, 64))
+    assert q.weight.grad is None
+    q32 = Float8Linear(plain.float(), torch.float32)
+    x32 = x.detach().float()
+    assert not scaled_mm_ok(x32, q32.weight, torch.float32)
+    torch.testing.assert_close(q32(x32), torch.nn.functional.linear(x32, q32.dequantised_weight(), q32.bias))
