@@ -280,3 +280,30 @@ def test_a_diverging_trial_in_a_captured_pack_leaves_its_mates_as_eager_steps_tr
     for i, lr in ((0, 1e-4), (2, 5e-4)):
         assert graphed[i].final_loss == pytest.approx(eager[i].final_loss, rel=0.02)
         _assert_same(_weights(graphed[i]), _weights(eager[i]), lr, demo.train.max_steps)
+
+
+def test_a_float8_linear_on_cuda_matches_its_dequantised_weight_eagerly_in_a_graph_and_compiled():
+    """families.quantize.Float8Linear on the GPU: torch._scaled_mm where the card has float8 tensor cores (8.9+),
+    else the dequantised weight; either way within float8's rounding of the bf16 Linear, and the same numbers when
+    replayed from a CUDA graph and when compiled."""
+    from families.quantize import Float8Linear, scaled_mm_ok
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(3072, 1024, device="cuda", dtype=torch.bfloat16)
+    q = Float8Linear(plain, torch.bfloat16)
+    x = torch.randn(2, 300, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert scaled_mm_ok(x, q.weight, torch.bfloat16) == (torch.cuda.get_device_capability() >= (8, 9))
+    out = q(x)
+    ref = torch.nn.functional.linear(x.detach().float(), plain.weight.float(), plain.bias.float())
+    assert (out.float() - ref).abs().max() < 0.08 * ref.abs().max()
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (torch.ones(600, 1024, device="cuda", dtype=torch.bfloat16)
+                                        @ q.dequantised_weight()).view(2, 300, 3072))
+    graph, static = torch.cuda.CUDAGraph(), x.detach().clone()
+    q(static)  # warm-up outside capture
+    with torch.cuda.graph(graph):
+        replayed = q(static)
+    graph.replay()
+    assert torch.equal(replayed, out.detach())
+    compiled = torch.compile(q)(x.detach())  # the input's scaling fused: the same within a rounding or two
+    assert (compiled.float() - out.detach().float()).abs().max() < 0.02 * ref.abs().max()
