@@ -1,12 +1,12 @@
 """A quantised frozen denoiser (model.quantize): its Linear weights stored in 8 bits, what a 24 GB card needs for
-FLUX.1-dev, whose transformer alone is 23.8 GB in bf16 (docs/speed.md), and, on GPUs with float8 tensor cores
-(compute capability 8.9 and up: L4, RTX 40x0, H100, H200), a faster forward.
+FLUX.1-dev, whose transformer alone is 23.8 GB in bf16 (docs/speed.md), and, on GPUs with rowwise-scaled float8
+GEMMs (compute capability 9.0 and up: H100, H200), a faster forward.
 
 "float8": each quantised Linear (`Float8Linear`) keeps its weight as float8_e4m3fn with one fp32 scale per output
 row (the row's largest magnitude maps to e4m3's largest, 448: no row under- or overflows, unlike a plain cast).
-Forward, where the GPU has float8 tensor cores and the compute dtype is bf16, the input is scaled per row to
-float8 as well and multiplied by `torch._scaled_mm` (rowwise scales, bf16 out); elsewhere the weight is
-dequantised for the call and `F.linear` runs in the compute dtype. Backward needs only the input's gradient (the
+Forward, on such a GPU and with bf16 compute, the input is scaled per row to float8 as well and multiplied by
+`torch._scaled_mm` (rowwise scales, bf16 out); elsewhere (an RTX 4090 included) the weight is dequantised for the
+call and `F.linear` runs in the compute dtype. Backward needs only the input's gradient (the
 weight is frozen): the weight dequantised for the call, in the gradient's dtype. Nothing per layer outlives its
 call, so autograd keeps no upcast weights and gradient checkpointing is a memory choice, not a need; no hooks swap
 parameters in Python, so CUDA graphs and torch.compile see plain tensors.
@@ -36,12 +36,13 @@ def _rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """Whether the float8 GEMM serves this call: bf16 compute, float8 tensor cores (CUDA 8.9+; a CPU runs it too,
+    """Whether the float8 GEMM serves this call: bf16 compute, rowwise-scaled float8 GEMMs (CUDA 9.0+: Ada's 8.9
+    cards have float8 tensor cores, but torch's rowwise scaling is documented for Hopper on; a CPU runs it too,
     which the tests use), and the inner and outer sizes multiples of 16 (cuBLASLt's rule)."""
     if compute_dtype != torch.bfloat16 or weight.shape[0] % 16 or weight.shape[1] % 16:
         return False
     if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 9)
+        return torch.cuda.get_device_capability(x.device) >= (9, 0)
     return x.device.type == "cpu"
 
 

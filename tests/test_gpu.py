@@ -283,7 +283,7 @@ def test_a_diverging_trial_in_a_captured_pack_leaves_its_mates_as_eager_steps_tr
 
 
 def test_a_float8_linear_on_cuda_matches_its_dequantised_weight_eagerly_in_a_graph_and_compiled():
-    """families.quantize.Float8Linear on the GPU: torch._scaled_mm where the card has float8 tensor cores (8.9+),
+    """families.quantize.Float8Linear on the GPU: torch._scaled_mm on Hopper and later (9.0+),
     else the dequantised weight; either way within float8's rounding of the bf16 Linear, and the same numbers when
     replayed from a CUDA graph and when compiled."""
     from families.quantize import Float8Linear, scaled_mm_ok
@@ -292,7 +292,7 @@ def test_a_float8_linear_on_cuda_matches_its_dequantised_weight_eagerly_in_a_gra
     plain = torch.nn.Linear(3072, 1024, device="cuda", dtype=torch.bfloat16)
     q = Float8Linear(plain, torch.bfloat16)
     x = torch.randn(2, 300, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert scaled_mm_ok(x, q.weight, torch.bfloat16) == (torch.cuda.get_device_capability() >= (8, 9))
+    assert scaled_mm_ok(x, q.weight, torch.bfloat16) == (torch.cuda.get_device_capability() >= (9, 0))
     out = q(x)
     ref = torch.nn.functional.linear(x.detach().float(), plain.weight.float(), plain.bias.float())
     assert (out.float() - ref).abs().max() < 0.08 * ref.abs().max()
