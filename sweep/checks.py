@@ -43,7 +43,7 @@ def check_sweep(config: DictConfig, loader: Any, optuna: bool) -> SweepConfig:
     for job in jobs:  # every rule, on the jobs the sweep will run
         typed = _check(lambda: typed_job(compose([o for o, _ in job])), _labels(job), problems, fixed)
         confs += [typed] if typed else []
-    problems.update({p: [] for p in _inputs(confs, _sweeps_data(config)) if p not in problems})
+    problems.update({p: [] for p in _inputs(confs, _sweeps_data(config)) + _machine(confs) if p not in problems})
     if problems:
         everywhere = frozenset.intersection(*map(_labels, jobs)) if jobs else frozenset()
         raise ConfigError([_named(p, [j - everywhere for j in found]) for p, found in problems.items()])
@@ -148,6 +148,32 @@ def _sweeps_data(config: DictConfig) -> bool:
     """Whether the sweep varies a `data.*` key (then the photos are checked for each value, not once)."""
     parsed = OverridesParser.create().parse_overrides([str(o) for o in config.hydra.overrides.task])
     return any(o.is_sweep_override() and o.key_or_group.lstrip("+~").startswith("data") for o in parsed)
+
+
+def _machine(confs: list[SweepConfig]) -> list[str]:
+    """What this machine cannot run, of every distinct device and optimizer the jobs ask for: a CUDA device where
+    torch sees none, 8-bit AdamW off CUDA or without bitsandbytes (preset=flux_24gb asks for it). Said before any
+    model loads; the trainer raises the same at the start of a trial."""
+    import importlib.util
+
+    from common.device import resolve_device
+
+    problems = []
+    for device, optimizer in dict.fromkeys((c.train.device, c.train.optimizer) for c in confs):
+        try:
+            resolved = resolve_device(device)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        if optimizer != "adamw8bit":
+            continue
+        if resolved.type != "cuda":
+            problems.append(f"train.optimizer=adamw8bit runs on CUDA only (bitsandbytes) and this sweep trains on "
+                            f"{resolved.type}: use train.optimizer=adamw")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("train.optimizer=adamw8bit needs bitsandbytes: pip install 'sdxl-lora-sweep[cuda]' "
+                            "(or train.optimizer=adamw)")
+    return problems
 
 
 def _inputs(confs: list[SweepConfig], sweeps_data: bool) -> list[str]:

@@ -55,6 +55,17 @@ def test_swept_photos_and_group_options_are_checked_each():
     assert [p.split(" does not exist")[0] for p in found] == ["data.instance_dir='/no/a'", "data.instance_dir='/no/b'"]
 
 
+def test_what_this_machine_cannot_run_is_said_before_anything_loads():
+    """8-bit AdamW (preset=flux_24gb asks for it) on a machine without CUDA, and train.device=cuda without a GPU:
+    refused in the sweep's check, each with its fix, not once a trial has loaded its model (this CPU has no CUDA)."""
+    found = problems("model=flux_tiny", "lr=1e-4,2e-4", "preset=flux_24gb")
+    assert found == ["train.optimizer=adamw8bit runs on CUDA only (bitsandbytes) and this sweep trains on cpu: use "
+                     "train.optimizer=adamw"], found
+    assert not problems("model=flux_tiny", "lr=1e-4,2e-4", "preset=flux_24gb", "train.optimizer=adamw")
+    found = problems("lr=1e-4", "train.device=cuda")
+    assert len(found) == 1 and found[0].startswith("train.device=cuda but no CUDA GPU is visible"), found
+
+
 def test_an_optuna_search_is_checked_at_its_choices_and_ends():
     found = problems("hydra/sweeper=optuna", "lr=tag(log, interval(1e-5, 1e-4))", "rank=choice(-4,8)",
                      "data.resolution=int(interval(60, 64))", optuna=True)
