@@ -59,8 +59,8 @@ def test_what_this_machine_cannot_run_is_said_before_anything_loads():
     """8-bit AdamW (preset=flux_24gb asks for it) on a machine without CUDA, and train.device=cuda without a GPU:
     refused in the sweep's check, each with its fix, not once a trial has loaded its model (this CPU has no CUDA)."""
     found = problems("model=flux_tiny", "lr=1e-4,2e-4", "preset=flux_24gb")
-    assert found == ["train.optimizer=adamw8bit runs on CUDA only (bitsandbytes) and this sweep trains on cpu: use "
-                     "train.optimizer=adamw"], found
+    assert found == [("train.optimizer=adamw8bit runs on CUDA only (bitsandbytes) and this sweep trains on cpu: use "
+                      "train.optimizer=adamw")], found
     assert not problems("model=flux_tiny", "lr=1e-4,2e-4", "preset=flux_24gb", "train.optimizer=adamw")
     found = problems("lr=1e-4", "train.device=cuda")
     assert len(found) == 1 and found[0].startswith("train.device=cuda but no CUDA GPU is visible"), found
