@@ -25,12 +25,16 @@ device's time limit) keeps every part it finished, and a part that fails is reco
               of its own (a kernel that faults must not take the bench down): ms, or the error. The trainer's
               families.flux.TRAINING_ATTENTION leaves out a kernel that fails here
 
-On the device (the project's carried wheels first; BENCH_COMMIT names the commit where the copy has no .git):
+On the device (the project's carried wheels first: diffusers, omegaconf, hydra-core and antlr4-python3-runtime 4.9.3,
+built with `pip wheel`, its only release being a source one; BENCH_COMMIT names the commit where the copy has no
+.git; the script is diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, unchanged since 0.39):
     python -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl \\
-      && python -m pip install -q --no-deps -e . \\
+      && python -m pip install -q --no-deps --no-build-isolation -e . \\
       && BENCH_COMMIT=<git rev-parse HEAD> PYTHONUNBUFFERED=1 \\
          python bench/flux.py --reference .cache/reference/train_dreambooth_lora_flux.py --out $OUT
-(~9 minutes on an H100: --budget-s, 540 by default, skips the parts that would start too late.)
+(--budget-s, 540 by default, skips the parts that would start too late; every part takes ~13 minutes on an H100,
+more than one 10-minute device call: start it in the background (setsid) and poll for OUT/flux_bench.json, or pick
+fewer with --parts.)
 
 Tiny, on the CPU (model=flux_tiny at 64 px, every part a CPU runs; tests/test_bench_flux.py):
     python bench/flux.py --tiny --out /tmp/flux-bench [--reference .cache/reference/train_dreambooth_lora_flux.py]
