@@ -10,6 +10,7 @@ combination up to MAX_JOBS, past that each value with the other keys at their fi
 trials are not known in advance: its choices and its ranges' ends stand for its values."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from common.device import resolve_device
 from common.errors import ConfigError, UserError
 from trainer import instance_photos
 from trainer.models import check_source
@@ -154,10 +156,6 @@ def _machine(confs: list[SweepConfig]) -> list[str]:
     """What this machine cannot run, of every distinct device and optimizer the jobs ask for: a CUDA device where
     torch sees none, 8-bit AdamW off CUDA or without bitsandbytes (preset=flux_24gb asks for it). Said before any
     model loads; the trainer raises the same at the start of a trial."""
-    import importlib.util
-
-    from common.device import resolve_device
-
     problems = []
     for device, optimizer in dict.fromkeys((c.train.device, c.train.optimizer) for c in confs):
         try:
