@@ -71,7 +71,8 @@ class _Float8Matmul(torch.autograd.Function):
 
 
 def dequantised(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (weight.to(dtype) * scale.to(dtype)) if weight.dtype == FP8 else weight.to(dtype)
+    """A float8 weight times its row scales, in `dtype`."""
+    return weight.to(dtype) * scale.to(dtype)
 
 
 class Float8Linear(nn.Linear):
