@@ -6,8 +6,10 @@ GEMMs (compute capability 9.0 and up: H100, H200), a faster forward.
 row (the row's largest magnitude maps to e4m3's largest, 448: no row under- or overflows, unlike a plain cast).
 Forward, on such a GPU and with bf16 compute, the input is scaled per row to float8 as well and multiplied by
 `torch._scaled_mm` (rowwise scales, bf16 out); elsewhere (an RTX 4090 included) the weight is dequantised for the
-call and `F.linear` runs in the compute dtype. Backward needs only the input's gradient (the
-weight is frozen): the weight dequantised for the call, in the gradient's dtype. Nothing per layer outlives its
+call and `F.linear` runs in the compute dtype. Backward needs only the input's gradient (the weight is frozen): where
+the forward multiplied in float8, so does the backward (the gradient times the weight's row scales, scaled per row
+to float8: the rowwise recipe of torchao's float8 training, e4m3 throughout); elsewhere through the weight
+dequantised for the call, in the gradient's dtype. Nothing per layer outlives its
 call, so autograd keeps no upcast weights and gradient checkpointing is a memory choice, not a need; no hooks swap
 parameters in Python, so CUDA graphs and torch.compile see plain tensors.
 
@@ -53,7 +55,8 @@ class _Float8Matmul(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if scaled_mm_ok(x, weight, compute_dtype):
+        ctx.float8 = scaled_mm_ok(x, weight, compute_dtype)
+        if ctx.float8:
             xq, xs = _rowwise(x2)
             out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, -1), out_dtype=compute_dtype)
         else:
@@ -66,7 +69,15 @@ class _Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        dx = g @ dequantised(weight, scale, g.dtype)
+        if ctx.float8 and g.dtype == torch.bfloat16:
+            # dx = g @ (scale * W8) = (g * scale^T) @ W8: the weight's row scales (along the contraction) fold into
+            # the gradient, which is scaled per row to float8; W8 goes in column-major (a transposed copy, 1 byte
+            # an element, for the call)
+            gq, gs = _rowwise(g * scale.view(1, -1))
+            ones = torch.ones(1, weight.shape[1], device=g.device, dtype=torch.float32)
+            dx = torch._scaled_mm(gq, weight.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=g.dtype)
+        else:
+            dx = g @ dequantised(weight, scale, g.dtype)
         return dx.view(*grad.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None, None
 
 

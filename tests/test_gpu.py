@@ -297,8 +297,8 @@ def test_a_float8_linear_on_cuda_matches_its_dequantised_weight_eagerly_in_a_gra
     ref = torch.nn.functional.linear(x.detach().float(), plain.weight.float(), plain.bias.float())
     assert (out.float() - ref).abs().max() < 0.08 * ref.abs().max()
     out.sum().backward()
-    torch.testing.assert_close(x.grad, (torch.ones(600, 1024, device="cuda", dtype=torch.bfloat16)
-                                        @ q.dequantised_weight()).view(2, 300, 3072))
+    exact = (torch.ones(600, 1024, device="cuda") @ q.dequantised_weight(torch.float32)).view(2, 300, 3072)
+    assert (x.grad.float() - exact).abs().max() < 0.06 * exact.abs().max()  # float8 backward on 9.0+
     graph, static = torch.cuda.CUDAGraph(), x.detach().clone()
     q(static)  # warm-up outside capture
     with torch.cuda.graph(graph):
