@@ -24,6 +24,9 @@ device's time limit) keeps every part it finished, and a part that fails is reco
               4608 tokens x 128, bf16), forward and backward, eager and replayed from a CUDA graph, each in a process
               of its own (a kernel that faults must not take the bench down): ms, or the error. The trainer's
               families.flux.TRAINING_ATTENTION leaves out a kernel that fails here
+  cudnn, cudnn_compiled  one trial (eager steps in a CUDA graph; compiled) with cuDNN's fused attention allowed
+              first, which TRAINING_ATTENTION leaves out: whether FLUX trains with it, and what it would buy
+Each training row says whether its step ran as a captured CUDA graph (cuda_graph: captured, off, or the failure).
 
 On the device (the project's carried wheels first: diffusers, omegaconf, hydra-core and antlr4-python3-runtime 4.9.3,
 built with `pip wheel`, its only release being a source one; BENCH_COMMIT names the commit where the copy has no
@@ -47,6 +50,7 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
+import logging
 import os
 import platform
 import re
@@ -65,6 +69,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch.nn.attention import SDPBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,7 +82,7 @@ from trainer.models import release_models, resolve_source
 PROMPT = "a photo of sks man"
 RANK = 16
 PARTS = ("ours", "reference", "compiled", "low_memory", "fp8", "fp8_compiled", "attention", "eager", "packs",
-         "generation")
+         "generation", "cudnn", "cudnn_compiled")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM data sheets (no sparsity)
 TRIAL_PARTS = ("ours", "compiled", "eager", "fp8", "fp8_compiled")  # one trial at full resolution, different means
 STOP_ENV = "REFERENCE_TIMER_STOP_AFTER"  # bench/reference_timer.py: exit once the timed steps are done
@@ -112,7 +117,7 @@ def gpu_scale(budget_s: float) -> Scale:
     GPU in bf16, offline tokenizers, T5 padded to 512 tokens)."""
     return Scale(model_config("flux_dev_random"), "cuda", "bf16", 1024, 512, 13, 15, (2, 3), 4, (2, 8), budget_s,
                  {"ours": 60, "reference": 120, "packs": 60, "low_memory": 45, "generation": 45, "compiled": 90,
-                  "eager": 45, "attention": 30, "fp8": 45, "fp8_compiled": 90})
+                  "eager": 45, "attention": 30, "fp8": 45, "fp8_compiled": 90, "cudnn": 45, "cudnn_compiled": 90})
 
 
 def tiny_scale() -> Scale:
@@ -248,6 +253,31 @@ def free(base_too: bool) -> None:
 # ---- parts -----------------------------------------------------------------------------------------------------------
 
 
+class GraphLog(logging.Handler):
+    """The trainer's word on its step's CUDA graph while a part trains (trainer/packed.py warns when a capture
+    fails and the pack trains eagerly): a row says which of the two it measured."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.failures: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "CUDA graph capture failed" in record.getMessage():
+            self.failures.append(record.getMessage()[:300])
+
+    def __enter__(self) -> GraphLog:
+        logging.getLogger("trainer").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("trainer").removeHandler(self)
+
+    def state(self, asked: bool) -> str:
+        if not asked:
+            return "off"
+        return f"capture failed, eager steps: {self.failures[0]}" if self.failures else "captured"
+
+
 def ours(b: Bench, pack: int = 1, resolution: int | None = None, model: ModelConfig | None = None,
          **train_kw) -> dict:
     """This trainer on `pack` trials (different LRs and seeds) in one pass of the base per step (on the scale's
@@ -265,19 +295,22 @@ def ours(b: Bench, pack: int = 1, resolution: int | None = None, model: ModelCon
                        Path(tempfile.mkdtemp(dir=b.work)))
              for k in range(pack)]
     tic = time.perf_counter()
-    results = train(specs, model or s.model, data, b.cache, progress=False)
+    with GraphLog() as graph:
+        results = train(specs, model or s.model, data, b.cache, progress=False)
     bad = [f"{r.name}: {r.status} {r.error or ''}" for r in results if r.status != "finished"]
     if bad:
         raise RuntimeError("; ".join(bad))
     r = results[0]
     flops = b.tflop_per_sample(res)
-    tflop_step = flops["tflop"] * pack
+    per_pass = r.pack_size  # a pack that did not fit was split: each step is one pass of pack_size trials
+    tflop_step = flops["tflop"] * per_pass
     row = {"trials": pack, "pack_size": r.pack_size, "resolution": res, "image_tokens": flops["image_tokens"],
            "text_tokens": flops["text_tokens"], "ms_per_step": r.ms_per_step,
-           "samples_per_s": pack * 1000 / r.ms_per_step, "peak_memory_gib": r.peak_memory_gib,
-           "peak_memory_gib_per_trial": r.peak_memory_gib / pack if r.peak_memory_gib else None,
+           "samples_per_s": per_pass * 1000 / r.ms_per_step, "peak_memory_gib": r.peak_memory_gib,
+           "peak_memory_gib_per_trial": r.peak_memory_gib / per_pass if r.peak_memory_gib else None,
+           "cuda_graph": graph.state(train_kw["cuda_graphs"] and b.on_cuda),
            "steps": s.steps, "setup_s": r.setup_seconds, "wall_s_incl_setup": time.perf_counter() - tic,
-           "tflop_per_step": tflop_step, "tflop_per_step_model": flops["tflop_model"] * pack,
+           "tflop_per_step": tflop_step, "tflop_per_step_model": flops["tflop_model"] * per_pass,
            "achieved_tflops": tflop_step / (r.ms_per_step / 1000),
            "settings": {"rank": RANK, "lr": [t.train.lr for t in specs], **{k: str(v) for k, v in train_kw.items()}}}
     peak = b.report.get("device_peak_bf16_tflops")
@@ -380,6 +413,23 @@ def cuda_to_compile(b: Bench) -> None:
 def part_compiled(b: Bench) -> dict:
     cuda_to_compile(b)
     return ours(b, compile=True)
+
+
+def part_cudnn(b: Bench, compile: bool = False) -> dict:
+    """One trial with cuDNN's fused attention allowed first (families.flux.TRAINING_ATTENTION leaves it out: it
+    failed FLUX's backward once on an H100): whether it trains, and what it would buy."""
+    from families import flux as fam
+
+    if not b.on_cuda:
+        raise Skip("cuDNN's attention is a CUDA kernel")
+    kept = fam.TRAINING_ATTENTION
+    fam.TRAINING_ATTENTION = (SDPBackend.CUDNN_ATTENTION, *kept)
+    torch._dynamo.reset()  # a compiled block traced under the other kernels must not be reused
+    try:
+        return {**ours(b, compile=compile), "attention": [k.name for k in fam.TRAINING_ATTENTION]}
+    finally:
+        fam.TRAINING_ATTENTION = kept
+        torch._dynamo.reset()
 
 
 def part_fp8(b: Bench, compile: bool = False) -> dict:
@@ -547,7 +597,7 @@ def ratios(results: dict) -> dict:
         out["ours_over_script_ms_per_step"] = mine["ms_per_step"] / ref["ms_per_step"]
         if ref.get("peak_memory_gib") and mine.get("peak_memory_gib"):
             out["ours_over_script_peak_memory"] = mine["peak_memory_gib"] / ref["peak_memory_gib"]
-    for name in (*TRIAL_PARTS[1:], "low_memory"):
+    for name in (*TRIAL_PARTS[1:], "low_memory", "cudnn", "cudnn_compiled"):
         if ref and results.get(name):
             out[f"{name}_speedup_vs_script"] = ref["ms_per_step"] / results[name]["ms_per_step"]
     for name, row in (results.get("packs") or {}).items() if ref else ():
@@ -579,7 +629,8 @@ def targets(results: dict) -> dict:
 PART_FUNCS: dict[str, Callable[[Bench], dict]] = {
     "ours": part_ours, "reference": part_reference, "packs": part_packs, "low_memory": part_low_memory,
     "generation": part_generation, "compiled": part_compiled, "eager": part_eager, "attention": part_attention,
-    "fp8": part_fp8, "fp8_compiled": lambda b: part_fp8(b, compile=True)}
+    "fp8": part_fp8, "fp8_compiled": lambda b: part_fp8(b, compile=True), "cudnn": part_cudnn,
+    "cudnn_compiled": lambda b: part_cudnn(b, compile=True)}
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -670,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                          "10-minute device call with the install before it)")
     ap.add_argument("--work", type=Path, help="model folder, photos, caches (default: a folder under /tmp)")
     args = ap.parse_args(argv)
+    if args.reference is not None:  # the script runs with the work folder as its current directory
+        args.reference = args.reference.resolve()
     if not args.tiny and not torch.cuda.is_available():
         print("bench/flux.py measures FLUX.1-dev on a CUDA GPU; --tiny runs the tiny model on the CPU",
               file=sys.stderr)

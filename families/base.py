@@ -244,6 +244,11 @@ class Family(ABC):
         is not at hand (a gated model's); None: the card must be found."""
         return None
 
+    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
+        """Gradient checkpointing on (train.gradient_checkpointing): diffusers' own, unless the family's step needs
+        its recomputation under a context of its own."""
+        denoiser.enable_gradient_checkpointing()
+
     @abstractmethod
     def compile_for_training(self, denoiser: nn.Module) -> list:
         """Regional torch.compile of the denoiser's repeated blocks for training; returns what `uncompile` undoes."""

@@ -11,12 +11,13 @@ states up to max_sequence_length, zero text ids), and the script's 12 default Lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import re
 import string
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from safetensors import safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoTokenizer,
     CLIPTextConfig,
@@ -136,6 +138,14 @@ class FluxBase(Base):
     transformer: nn.Module
     scheduler: Any  # FlowMatchEulerDiscreteScheduler: its sigma table is the training schedule
     settings: Settings
+    steady: dict = field(default_factory=dict, repr=False)  # `on_device`'s tensors
+
+    def on_device(self, key: tuple, make: Any) -> torch.Tensor:
+        """`make()` once per key (the scheduler's tables on the device, a latent size's image ids): a training step
+        copies nothing from the host, which a CUDA graph's capture refuses (a pageable tensor's copy)."""
+        if key not in self.steady:
+            self.steady[key] = make()
+        return self.steady[key]
 
     @property
     def denoiser(self) -> nn.Module:
@@ -311,8 +321,9 @@ class Flux(Family):
                                                   logit_mean=s.logit_mean, logit_std=s.logit_std,
                                                   mode_scale=s.mode_scale, device=x.device, generator=gen)
         idx = (u * sched.config.num_train_timesteps).long()
-        timesteps = sched.timesteps.to(x.device)[idx]
-        sigmas = sched.sigmas.to(x.device, x.dtype)[idx].view(-1, 1, 1, 1)
+        timesteps = base.on_device(("timesteps", x.device), lambda: sched.timesteps.to(x.device))[idx]
+        sigmas = base.on_device(("sigmas", x.device, x.dtype), lambda: sched.sigmas.to(x.device, x.dtype))[idx]
+        sigmas = sigmas.view(-1, 1, 1, 1)
         return Noised((1.0 - sigmas) * x + sigmas * noise, noise - x, timesteps)
 
     def predict(self, base: FluxBase, noisy: torch.Tensor, timesteps: torch.Tensor, image_cond: torch.Tensor,
@@ -324,7 +335,8 @@ class Flux(Family):
         tr, dtype = base.transformer, base.weight_dtype
         guidance = torch.full((n,), base.settings.guidance_scale, device=noisy.device) if tr.config.guidance_embeds \
             else None
-        img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, dtype)
+        img_ids = base.on_device(("img_ids", h, w, noisy.device, dtype),
+                                 lambda: FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, dtype))
         with sdpa_kernel(list(TRAINING_ATTENTION)):
             out = tr(hidden_states=FluxPipeline._pack_latents(noisy.to(dtype), n, ch, h, w),
                      timestep=timesteps / 1000, guidance=guidance, pooled_projections=text["pooled"].to(dtype),
@@ -427,6 +439,16 @@ class Flux(Family):
         in the cache (dev is gated)."""
         v = OFFICIAL.get(base or "")
         return (v.licence, v.licence_link) if v else None
+
+    def enable_gradient_checkpointing(self, denoiser: nn.Module) -> None:
+        """Each block's recomputation in the backward runs under TRAINING_ATTENTION too: outside `predict`'s
+        context SDPA would pick another kernel (cuDNN's on Hopper), whose saved tensors differ from the forward's
+        (torch.utils.checkpoint refuses them)."""
+        def attention():
+            return sdpa_kernel(list(TRAINING_ATTENTION))
+
+        run = functools.partial(checkpoint, use_reentrant=False, context_fn=lambda: (attention(), attention()))
+        denoiser.enable_gradient_checkpointing(lambda module, *args: run(module.__call__, *args))
 
     def compile_for_training(self, denoiser: nn.Module) -> list:
         """The blocks compiled (a quantised transformer's Float8Linears too: plain tensors, no hooks)."""

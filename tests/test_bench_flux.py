@@ -38,7 +38,8 @@ def test_header_names_device_versions_commit_and_settings(report):
     s = report["settings"]
     assert (s["resolution"], s["lora_rank"], s["text_tokens"]) == (64, 16, 96)
     assert len(s["lora_targets"]) == 12 and s["parts"] == ["ours", "reference", "compiled", "low_memory", "fp8",
-                                                          "fp8_compiled", "attention", "eager", "packs", "generation"]
+                                                          "fp8_compiled", "attention", "eager", "packs", "generation",
+                                                          "cudnn", "cudnn_compiled"]
     assert report["failed"] == {}
 
 
@@ -66,6 +67,7 @@ def test_training_rows_measure_time_and_arithmetic(report):
     fp8 = rows["fp8"]
     assert fp8["model"] == {"quantize": "float8"} and fp8["ms_per_step"] > 0
     assert one["settings"]["cuda_graphs"] == "True"  # the trainer's default (a CPU runs it eagerly all the same)
+    assert one["cuda_graph"] == eager["cuda_graph"] == "off"  # a row says whether its step was a captured graph
 
 
 def test_generation_is_timed_and_scaled_to_28_steps(report):
@@ -76,7 +78,8 @@ def test_generation_is_timed_and_scaled_to_28_steps(report):
 
 
 def test_parts_a_cpu_cannot_run_are_skipped_with_a_reason(report):
-    assert all("CUDA" in report["skipped"][k] for k in ("compiled", "fp8_compiled", "attention"))
+    assert all("CUDA" in report["skipped"][k] for k in ("compiled", "fp8_compiled", "attention", "cudnn",
+                                                          "cudnn_compiled"))
     if "reference" in report["skipped"]:
         assert report["skipped"]["reference"]  # the reason: no copy of the script, or its imports missing
 

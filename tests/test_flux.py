@@ -119,7 +119,9 @@ def test_a_training_step_is_the_diffusers_scripts_flow_matching_step(base):
 
 def test_a_training_step_never_asks_for_cudnns_fused_attention(base, monkeypatch):
     """cuDNN's fused attention failed FLUX.1's backward on an H100 (families.flux.TRAINING_ATTENTION): every
-    attention call of a training step runs with it switched off, and the setting is restored afterwards."""
+    attention call of a training step runs with it switched off, and the setting is restored afterwards; with
+    gradient checkpointing, the blocks' recomputation in the backward too (else its kernel differs from the
+    forward's and torch.utils.checkpoint refuses the step: the low-memory preset failed so on an H100)."""
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -137,6 +139,20 @@ def test_a_training_step_never_asks_for_cudnns_fused_attention(base, monkeypatch
     n_layers = base.transformer.config.num_layers + base.transformer.config.num_single_layers
     assert len(seen) == n_layers and set(seen) == {(False, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    # with gradient checkpointing each block runs again in the backward, outside predict's context: its own
+    tr = base.transformer
+    FLUX.enable_gradient_checkpointing(tr)
+    try:
+        seen.clear()
+        tr.train()
+        out = FLUX.predict(base, noisy.requires_grad_(), torch.full((1,), 500.0), torch.zeros(1, 0), text)
+        seen_forward = len(seen)
+        out.square().mean().backward()
+    finally:
+        tr.disable_gradient_checkpointing()
+        tr.eval()
+    assert seen_forward == n_layers and len(seen) == 2 * n_layers and set(seen) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before and noisy.grad.abs().sum() > 0
 
 
 def _random_lora(rank: int, width: int, blocks: int, single_targets=("attn.to_q", "attn.to_k", "attn.to_v")):

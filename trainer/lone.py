@@ -83,7 +83,7 @@ class LoneRecipe:
         for name in self.params:  # training mode, so that LoRA dropout is active
             getattr(base, name).train()
         if t.gradient_checkpointing:
-            base.denoiser.enable_gradient_checkpointing()
+            base.family.enable_gradient_checkpointing(base.denoiser)
         optimizer = make_optimizer(t, self.params, base.family.denoiser_part)
         scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                   num_training_steps=t.max_steps)

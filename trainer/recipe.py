@@ -200,7 +200,7 @@ class PackedRecipe:
         t0, n, denoiser = self.t0, len(self.trials), self.base.denoiser
         denoiser.train()
         if t0.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            self.base.family.enable_gradient_checkpointing(denoiser)
         if t0.channels_last:
             denoiser.to(memory_format=torch.channels_last)
         # auto: when the pack's remaining trial-steps repay a cold compile; never with gradient checkpointing
