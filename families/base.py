@@ -40,6 +40,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from common.compiling import COMPILE_TRIAL_STEPS
+
 
 class Noised(NamedTuple):
     """One micro-batch made ready for the denoiser: `noisy` its input, `target` what it is to predict, in the same
@@ -110,6 +112,7 @@ class Family(ABC):
     card_tags: ClassVar[tuple[str, ...]]  # the model card's Hugging Face tags ("stable-diffusion-xl", ...)
     low_memory: ClassVar[str]  # what preset=low_memory relies on for this family, in words (docs, the preset's note)
     quantizable: ClassVar[bool] = False  # whether `load` honours model.quantize (families/quantize.py)
+    compile_pays_at: ClassVar[int] = COMPILE_TRIAL_STEPS  # trial-steps of a pack that repay a cold training compile
 
     # ---- 1. the base ---------------------------------------------------------------------------------------------
 

@@ -198,6 +198,9 @@ class Flux(Family):
     default_text_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     resolution_multiple = LATENT_MULTIPLE
     prompt_tokens = 77  # CLIP's; T5 reads `t5_tokens`
+    # an H100 compiled the blocks in ~40 s and then stepped in 466 ms instead of 644 at 1024 px (bench/flux.py):
+    # ~220 steps repay it; one 1000-step trial of experiment=flux does, where SDXL's break-even would refuse it
+    compile_pays_at = 250
     eval_defaults = EvalDefaults(DEV.resolution, DEV.steps, DEV.guidance)
     pipeline_classes = ("FluxPipeline",)
     card_tags = ("flux", "flux-diffusers", "template:sd-lora")

@@ -258,11 +258,16 @@ def test_the_kohya_map_refuses_modules_it_has_no_name_for():
 PACK_TRIALS = [("a", 1e-4, 2, None, 0), ("b", 5e-4, 4, 8.0, 1), ("c", 2e-3, 8, None, 2)]  # as tests/test_packed.py
 
 
-def test_a_pack_of_flux_trials_ends_with_the_weights_of_lone_trials(tmp_path, cache_dir):
+def test_a_pack_of_flux_trials_ends_with_the_weights_of_lone_trials(tmp_path, cache_dir, monkeypatch):
     """The packed trainer wraps FLUX's 12 target Linears of the transformer: each trial of a pack of three (LRs,
     ranks, alphas and seeds differ) ends with the weights it gets alone through peft, within tests/test_packed.py's
     tolerance (1% of the most AdamW can move a weight: lr x steps). The prompt is encoded once (T5 and CLIP), for
-    the pack; the lone trials read the cache."""
+    the pack; the lone trials read the cache. train.compile=auto weighs the pack's trial-steps against FLUX's own
+    break-even (Family.compile_pays_at: a 1024-px step saves far more than SDXL's)."""
+    from common import compiling
+
+    asked, want = [], compiling.want_compile
+    monkeypatch.setattr(compiling, "want_compile", lambda *a, **k: asked.append(a) or want(*a, **k))
     demo = typed("model=flux_tiny", "steps=6", "train.checkpoint_every=3", "data.resolution=64", root=tmp_path)
 
     def specs(root):
@@ -272,6 +277,8 @@ def test_a_pack_of_flux_trials_ends_with_the_weights_of_lone_trials(tmp_path, ca
     before = cache.STATS["embeddings"]
     packed = train(specs(tmp_path / "pack"), demo.model, demo.data, cache_dir, progress=False)
     assert cache.STATS["embeddings"] - before <= 1  # 1, or 0 when an earlier test filled the on-disk cache
+    assert asked == [(None, torch.device("cpu"), 3 * 6, FLUX.compile_pays_at)]
+    assert FLUX.compile_pays_at < families.get("sdxl").compile_pays_at == compiling.COMPILE_TRIAL_STEPS
     cache.clear_memory_cache()
     alone = [train([s], demo.model, demo.data, cache_dir, progress=False, pack=False)[0]
              for s in specs(tmp_path / "alone")]

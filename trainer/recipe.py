@@ -205,7 +205,7 @@ class PackedRecipe:
             denoiser.to(memory_format=torch.channels_last)
         # auto: when the pack's remaining trial-steps repay a cold compile; never with gradient checkpointing
         work = 0 if t0.gradient_checkpointing else sum(t.spec.train.max_steps - self.start for t in self.trials)
-        if compiling.want_compile(t0.compile, self.base.device, work, compiling.COMPILE_TRIAL_STEPS):
+        if compiling.want_compile(t0.compile, self.base.device, work, self.base.family.compile_pays_at):
             log.info("compiling the UNet's transformer blocks for %d trial(s), %d trial-steps (train.compile=%s)", n,
                      work, "auto" if t0.compile is None else t0.compile)
             self.compiled = self.base.family.compile_for_training(denoiser)
