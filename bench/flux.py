@@ -29,15 +29,17 @@ device's time limit) keeps every part it finished, and a part that fails is reco
 Each training row says whether its step ran as a captured CUDA graph (cuda_graph: captured, off, or the failure).
 
 On the device (the project's carried wheels first: diffusers, omegaconf, hydra-core and antlr4-python3-runtime 4.9.3,
-built with `pip wheel`, its only release being a source one; BENCH_COMMIT names the commit where the copy has no
-.git; the script is diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, unchanged since 0.39):
+built with `pip wheel`, its only release being a source one; BENCH_COMMIT names the commit measured, as a device's
+copy of the tree may carry a stale .git; the script is diffusers' examples/dreambooth/train_dreambooth_lora_flux.py,
+unchanged since 0.39; FLUX_BENCH_CUDNN_SDP=0 turns cuDNN's fused attention off in both, which the script needs on
+an H100 with torch 2.11: with it, its first backward failed with CUBLAS_STATUS_EXECUTION_FAILED):
     python -m pip install -q --no-index --find-links .whl --no-deps .whl/*.whl \\
       && python -m pip install -q --no-deps --no-build-isolation -e . \\
-      && BENCH_COMMIT=<git rev-parse HEAD> PYTHONUNBUFFERED=1 \\
+      && BENCH_COMMIT=<git rev-parse HEAD> FLUX_BENCH_CUDNN_SDP=0 PYTHONUNBUFFERED=1 \\
          python bench/flux.py --reference .cache/reference/train_dreambooth_lora_flux.py --out $OUT
-(--budget-s, 540 by default, skips the parts that would start too late; every part takes ~13 minutes on an H100,
-more than one 10-minute device call: start it in the background (setsid) and poll for OUT/flux_bench.json, or pick
-fewer with --parts.)
+(--budget-s, 540 by default, skips the parts that would start too late; every part takes ~9 minutes on an H100
+with the model's build, about a 10-minute device call's limit: start it in the background (setsid) and poll for
+OUT/flux_bench.json, or pick fewer with --parts.)
 
 Tiny, on the CPU (model=flux_tiny at 64 px, every part a CPU runs; tests/test_bench_flux.py):
     python bench/flux.py --tiny --out /tmp/flux-bench [--reference .cache/reference/train_dreambooth_lora_flux.py]
@@ -637,14 +639,17 @@ PART_FUNCS: dict[str, Callable[[Bench], dict]] = {
 
 
 def commit() -> str:
-    """The commit measured: git's HEAD where the checkout has its .git, else $BENCH_COMMIT (a copy without it)."""
+    """The commit measured: $BENCH_COMMIT where set (a device's copy of the working tree can carry a stale .git),
+    else git's HEAD."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                    check=False, capture_output=True, text=True, timeout=10).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
-    return os.environ.get("BENCH_COMMIT", "unknown (no .git here and BENCH_COMMIT unset)")
+    return "unknown (no .git here and BENCH_COMMIT unset)"
 
 
 def header(b: Bench) -> dict:
@@ -663,6 +668,7 @@ def header(b: Bench) -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "commit": commit(),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLUX_BENCH_")},
         "settings": {"model": s.model.name, "architecture": s.model.architecture, "precision": s.precision,
                      "resolution": s.resolution, "small_resolution": s.small_resolution, "batch_per_trial": 1,
                      "lora_rank": RANK, "lora_targets": list(TARGET_MODULES), "text_tokens": text_tokens(s),

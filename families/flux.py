@@ -58,10 +58,21 @@ MAX_SEQUENCE_LENGTH = 512  # the script's --max_sequence_length (T5 tokens); sch
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 LOGIT_MEAN, LOGIT_STD, MODE_SCALE = 0.0, 1.0, 1.29
 LATENT_MULTIPLE = 16  # pixels per packed token side: the VAE's 8x, then 2x2 packing
-# The attention kernels a training step may use: torch's SDPA without cuDNN's fused attention, whose backward failed
-# at FLUX.1's shapes on an H100 with torch 2.11 ("mha_graph.execute ... is_good()", then an illegal memory access;
-# bench/flux.py's attention part probes each kernel). The forward picks the kernel; its backward follows it.
+# The attention kernels a training step may use, in this order: torch's SDPA without cuDNN's fused attention, whose
+# backward failed at FLUX.1's shapes on an H100 with torch 2.11 ("mha_graph.execute ... is_good()", then an illegal
+# memory access; diffusers' own script failed so too, its first backward ending in CUBLAS_STATUS_EXECUTION_FAILED,
+# while bench/flux.py's attention part, the kernel alone at the same shape, passed). The forward picks the kernel;
+# its backward follows it.
 TRAINING_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def training_attention():
+    """SDPA restricted to TRAINING_ATTENTION's kernels, tried in its order (read when called: bench/flux.py's cudnn
+    parts put cuDNN first; a torch without `set_priority` keeps its own order, flash first as here)."""
+    try:
+        return sdpa_kernel(list(TRAINING_ATTENTION), set_priority=True)
+    except TypeError:
+        return sdpa_kernel(list(TRAINING_ATTENTION))
 
 
 @dataclass(frozen=True)
@@ -198,8 +209,8 @@ class Flux(Family):
     default_text_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     resolution_multiple = LATENT_MULTIPLE
     prompt_tokens = 77  # CLIP's; T5 reads `t5_tokens`
-    # an H100 compiled the blocks in ~40 s and then stepped in 466 ms instead of 644 at 1024 px (bench/flux.py):
-    # ~220 steps repay it; one 1000-step trial of experiment=flux does, where SDXL's break-even would refuse it
+    # an H100 compiled the blocks in 31-40 s and then stepped in 444 ms instead of 603 at 1024 px (bench/flux.py):
+    # ~250 steps repay it; one 1000-step trial of experiment=flux does, where SDXL's break-even would refuse it
     compile_pays_at = 250
     eval_defaults = EvalDefaults(DEV.resolution, DEV.steps, DEV.guidance)
     pipeline_classes = ("FluxPipeline",)
@@ -340,7 +351,7 @@ class Flux(Family):
             else None
         img_ids = base.on_device(("img_ids", h, w, noisy.device, dtype),
                                  lambda: FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, dtype))
-        with sdpa_kernel(list(TRAINING_ATTENTION)):
+        with training_attention():
             out = tr(hidden_states=FluxPipeline._pack_latents(noisy.to(dtype), n, ch, h, w),
                      timestep=timesteps / 1000, guidance=guidance, pooled_projections=text["pooled"].to(dtype),
                      encoder_hidden_states=text["prompt_embeds"].to(dtype), txt_ids=text["text_ids"][0].to(dtype),
@@ -447,10 +458,8 @@ class Flux(Family):
         """Each block's recomputation in the backward runs under TRAINING_ATTENTION too: outside `predict`'s
         context SDPA would pick another kernel (cuDNN's on Hopper), whose saved tensors differ from the forward's
         (torch.utils.checkpoint refuses them)."""
-        def attention():
-            return sdpa_kernel(list(TRAINING_ATTENTION))
-
-        run = functools.partial(checkpoint, use_reentrant=False, context_fn=lambda: (attention(), attention()))
+        run = functools.partial(checkpoint, use_reentrant=False,
+                                context_fn=lambda: (training_attention(), training_attention()))
         denoiser.enable_gradient_checkpointing(lambda module, *args: run(module.__call__, *args))
 
     def compile_for_training(self, denoiser: nn.Module) -> list:
