@@ -307,3 +307,20 @@ def test_a_float8_linear_on_cuda_matches_its_dequantised_weight_eagerly_in_a_gra
     assert torch.equal(replayed, out.detach())
     compiled = torch.compile(q)(x.detach())  # the input's scaling fused: the same within a rounding or two
     assert (compiled.float() - out.detach().float()).abs().max() < 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("preset", [(), ("preset=flux_24gb", "train.optimizer=adamw")], ids=["plain", "flux_24gb"])
+def test_a_flux_step_is_captured_as_a_cuda_graph(tmp_path, cache_dir, caplog, preset):
+    """FLUX.1 on CUDA: the step is captured (no host-to-device copy inside it: the scheduler's tables and the image
+    ids live on the device), also on the float8 transformer with gradient checkpointing (whose recomputation runs
+    under the same attention kernels as the forward, else torch.utils.checkpoint refuses the step)."""
+    from .conftest import typed
+
+    c = typed("model=flux_tiny", "steps=4", "train.checkpoint_every=4", "data.resolution=64", *preset, root=tmp_path)
+    specs = [TrialSpec(n, c.lora, replace(c.train, device="cuda", lr=lr), tmp_path / n)
+             for n, lr in (("a", 1e-4), ("b", 5e-4))]
+    with caplog.at_level("WARNING", logger="trainer"):
+        results = train(specs, c.model, c.data, cache_dir, progress=False)
+    assert [r.status for r in results] == ["finished", "finished"]
+    assert not [r.getMessage() for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert all(torch.isfinite(torch.tensor(r.final_loss)) for r in results)
