@@ -10,7 +10,6 @@ combination up to MAX_JOBS, past that each value with the other keys at their fi
 trials are not known in advance: its choices and its ranges' ends stand for its values."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.device import resolve_device
 from common.errors import ConfigError, UserError
-from trainer import instance_photos
+from trainer import instance_photos, optimizer_problem
 from trainer.models import check_source
 
 from .config import SweepConfig, typed_job
@@ -159,18 +158,10 @@ def _machine(confs: list[SweepConfig]) -> list[str]:
     problems = []
     for device, optimizer in dict.fromkeys((c.train.device, c.train.optimizer) for c in confs):
         try:
-            resolved = resolve_device(device)
+            problem = optimizer_problem(optimizer, resolve_device(device))
         except UserError as exc:
-            problems.append(str(exc))
-            continue
-        if optimizer != "adamw8bit":
-            continue
-        if resolved.type != "cuda":
-            problems.append(f"train.optimizer=adamw8bit runs on CUDA only (bitsandbytes) and this sweep trains on "
-                            f"{resolved.type}: use train.optimizer=adamw")
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append("train.optimizer=adamw8bit needs bitsandbytes: pip install 'sdxl-lora-sweep[cuda]' "
-                            "(or train.optimizer=adamw)")
+            problem = str(exc)
+        problems += [problem] if problem else []
     return problems
 
 

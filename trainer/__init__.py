@@ -4,10 +4,12 @@ from common.errors import (ConfigError, DataError, DeviceError, DiskFullError, M
                            UserError)
 
 from .config import DataConfig, LoraSettings, ModelConfig, TrainConfig, training_config_hash, validate
+from .lone import optimizer_problem
 from .loop import TrialResult, TrialSpec, instance_photos, train
 
 __all__ = [
     "ConfigError", "DataConfig", "DataError", "DeviceError", "DiskFullError", "LoraSettings", "ModelConfig", "ModelSourceError",
-    "NonFiniteLossError", "TrainConfig", "TrialResult", "TrialSpec", "UserError", "instance_photos", "train",
+    "NonFiniteLossError", "TrainConfig", "TrialResult", "TrialSpec", "UserError", "instance_photos",
+    "optimizer_problem", "train",
     "training_config_hash", "validate",
 ]

@@ -5,6 +5,7 @@ The same shape as the packed recipe (recipe.py): `setup` / `step` / `checkpoint`
 non-finite loss raises NonFiniteLossError (train() reports the trial diverged)."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -25,6 +26,20 @@ from .record import StepClock, TrialRecord, TrialResult
 from .trial import TrialSpec, call_paused, reset_process_state, resumable, save_checkpoint, set_rng_state
 
 log = logging.getLogger("trainer.loop")  # the name these lines have always carried (see trial.py)
+
+
+def optimizer_problem(optimizer: str, device: torch.device) -> str | None:
+    """Why this machine cannot run `optimizer` on `device`, or None: 8-bit AdamW needs CUDA and bitsandbytes. The
+    sweep's check says it before anything loads; `train` raises it before the base loads."""
+    if optimizer != "adamw8bit":
+        return None
+    if device.type != "cuda":
+        return (f"train.optimizer=adamw8bit runs on CUDA only (bitsandbytes) and this sweep trains on {device.type}: "
+                "use train.optimizer=adamw")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("train.optimizer=adamw8bit needs bitsandbytes: pip install 'sdxl-lora-sweep[cuda]' "
+                "(or train.optimizer=adamw)")
+    return None
 
 
 def make_optimizer(t: TrainConfig, params: dict[str, list[torch.nn.Parameter]],

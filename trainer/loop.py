@@ -14,7 +14,7 @@ from common.errors import ConfigError, DeviceError, NonFiniteLossError, UserErro
 
 from . import packed, planner
 from .config import DataConfig, ModelConfig
-from .lone import LoneRecipe
+from .lone import LoneRecipe, optimizer_problem
 from .models import BaseModel, load_base_model, resolve_device, resolve_precision, weight_dtype_for
 from .objective import Sampler, Samples, instance_photos, prepare_samples
 from .recipe import PackedRecipe
@@ -41,9 +41,9 @@ def train(trials: list[TrialSpec], model: ModelConfig, data: DataConfig, cache_d
         raise ConfigError([f"trials of one list must share train.device and train.mixed_precision, got {sorted(devices)}"])
     device = resolve_device(trials[0].train.device)
     precision = resolve_precision(trials[0].train.mixed_precision, device)
-    if device.type != "cuda" and any(t.train.optimizer == "adamw8bit" for t in trials):
-        raise DeviceError("train.optimizer=adamw8bit runs on CUDA only (bitsandbytes); use train.optimizer=adamw "
-                          f"on {device.type}")
+    problems = sorted({p for t in trials if (p := optimizer_problem(t.train.optimizer, device))})
+    if problems:
+        raise DeviceError("; ".join(problems))
     photos = instance_photos(data)
     stop.check()  # asked while this call waited for its batch: nothing is loaded for it
     base = load_base_model(model, device, weight_dtype_for(precision), Path(cache_dir))
