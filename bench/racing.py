@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -149,10 +148,9 @@ def compile_cache(args: argparse.Namespace) -> str:
     """'warm' when the sweep's compile cache holds generation's compiled code from an earlier sweep (the marker
     common.compiling.mark_warm leaves), else 'cold'. The cache is <cache>/compile, or TORCHINDUCTOR_CACHE_DIR where
     that is set (as on some GPU machines: the sweep keeps a user's setting, common.compiling.use_cache)."""
-    from common.compiling import CACHE_ENV
+    from common.compiling import cache_folder_for
 
-    own = os.environ.get(CACHE_ENV)
-    folder = (Path(own) if own else (args.cache.resolve() if args.cache else args.work / ".cache") / "compile") / "warm"
+    folder = cache_folder_for(args.cache.resolve() if args.cache else args.work / ".cache") / "warm"
     return "warm" if folder.is_dir() and any(folder.glob("*.json")) else "cold"
 
 

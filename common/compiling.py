@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import timeline
+
 log = logging.getLogger(__name__)
 
 COMPILE_TRIAL_STEPS = 2000  # trial-steps whose saving outweighs a cold compile for training
@@ -121,8 +123,9 @@ def compile_works() -> bool:
     """torch.compile needs Triton and a C compiler on this machine: tried once on a one-line function, so that
     an "auto" setting falls back to eager with a warning instead of failing a trial."""
     try:
-        fn = torch.compile(lambda x: x * 2 + 1, dynamic=False)
-        return bool((fn(torch.ones(8, device="cuda")) == 3).all())
+        with timeline.span("checking torch.compile works"):
+            fn = torch.compile(lambda x: x * 2 + 1, dynamic=False)
+            return bool((fn(torch.ones(8, device="cuda")) == 3).all())
     except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
         log.warning("torch.compile does not work here (%s: %s); running without it (install a C compiler and "
                     "Triton, or set train.compile=false / eval.compile=false to silence this)",
@@ -144,17 +147,28 @@ def use_cache(cache_dir: Path | str) -> Path:
     """Inductor's FX-graph cache and AOTAutograd's cache (and Triton's kernels) on disk under the project's cache
     folder (`<paths.cache_dir>/compile`) instead of the temporary folder: a second sweep on a machine loads
     compiled code instead of compiling it (~45 s cold for generation). A TORCHINDUCTOR_CACHE_DIR the user set is
-    kept. Returns the folder in use."""
-    own = os.environ.get(CACHE_ENV)
-    if own is None or own in _SET_HERE:
-        own = str((Path(cache_dir) / "compile").resolve())
-        os.environ[CACHE_ENV] = own
-        _SET_HERE.append(own)
+    kept; torch's default, which importing diffusers writes there (Inductor's `cache_dir()` sets the variable
+    when it first runs), is not the user's. Returns the folder in use."""
+    own = cache_folder_for(cache_dir)
+    if os.environ.get(CACHE_ENV) != str(own):
+        os.environ[CACHE_ENV] = str(own)
+        _SET_HERE.append(str(own))
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True  # the defaults of torch >= 2.6, said here because the warm rule needs them
     functorch_config.enable_autograd_cache = True
+    return Path(own)
+
+
+def cache_folder_for(cache_dir: Path | str) -> Path:
+    """The folder `use_cache(cache_dir)` caches compiled code in: <cache_dir>/compile, unless the user set
+    TORCHINDUCTOR_CACHE_DIR (to anything but torch's default, which importing diffusers puts there)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    own = os.environ.get(CACHE_ENV)
+    if own is None or own in _SET_HERE or os.path.abspath(own) == os.path.abspath(default_cache_dir()):
+        return (Path(cache_dir) / "compile").resolve()
     return Path(own)
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 import families
-from common import compiling, faults, stop
+from common import compiling, faults, stop, timeline
 from common.lorafile import LORA_FILE, recorded_sha256, rescaled
 from common.device import resolve_device
 from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, PAIRWISE_CLIP_I,
@@ -49,15 +49,14 @@ _PENDING: list[Later] = []  # calls whose scoring goes on after they returned (`
 
 
 def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir: Path | str, out_dir: Path | str,
-             pretrained: str | None = None, pipeline=None, baseline: bool = True,
-             baseline_cache: Path | None = None, applied: bool = False,
-             seeds: Sequence[int] | None = None, prior: bool = True,
-             scales: Sequence[float] | None = None, later: bool = False) -> dict[str, dict[str, float]] | Later:
+             pretrained: str | None = None, pipeline=None, baseline: bool = True, baseline_cache: Path | None = None,
+             applied: bool = False, seeds: Sequence[int] | None = None, prior: bool = True, later: bool = False,
+             scales: Sequence[float] | None = None, compile_work: int = 0) -> dict[str, dict[str, float]] | Later:
     """Score every checkpoint (a folder with pytorch_lora_weights.safetensors) with the same prompts and seeds.
 
-    The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of
-    it. With `applied=True` the one checkpoint given is already on `pipeline`'s UNet (a trainer scoring its
-    adapter live) and is not loaded again. Each checkpoint is scored at every LoRA strength of cfg.lora_scales (or
+    The base pipeline is `pipeline` or loaded once from `pretrained`; checkpoints are swapped in and out of it.
+    With `applied=True` the one checkpoint given is already on `pipeline`'s UNet (a trainer scoring its adapter
+    live) and is not loaded again. Each checkpoint is scored at every LoRA strength of cfg.lora_scales (or
     `scales`, some of them): merged at that strength (`common.lorafile.rescaled`), each (checkpoint, strength) an
     entry of its own. Returns {entry name (`entry_name`: "step-000100", "step-000100_x0.7") or "baseline":
     {metric: value}}; metrics.json in `out_dir` gathers the results of every call, images and grids beside it. With
@@ -70,7 +69,8 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
     same settings are not generated again, so a call after an interruption only makes what is missing.
 
     With `later` (and eval.overlap) it returns once the images are generated: a `Later` whose `result()` is the
-    dict above, scored meanwhile on a worker thread (a trainer trains on); a call borrowing those scores waits."""
+    dict above, scored meanwhile on a worker thread (a trainer trains on); a call borrowing those scores waits.
+    eval.compile=auto weighs `compile_work` (the caller's images over all its calls) if more than this call's."""
     if pipeline is None and not pretrained:
         raise EvalInputError("evaluate() needs `pipeline` or `pretrained` (a hub id or local diffusers folder)")
     ckpts = [Path(c) for c in checkpoints]
@@ -108,7 +108,7 @@ def evaluate(checkpoints: Sequence[Path | str], cfg: EvalConfig, *, instance_dir
         try:
             _generate_and_score(pipe, refiner, cfg, scorer, writer, out_dir, applied,
                                 [e for e in entries if e[0] in todo], todo, stored, earlier, weights, work, fresh,
-                                pretrained)
+                                pretrained, compile_work)
         except BaseException as exc:
             work.__exit__(type(exc), exc, exc.__traceback__)  # what was generated is scored; this error is raised
             writer.__exit__(None, None, None)
@@ -170,13 +170,14 @@ def _missing(cells: dict, cfg: EvalConfig, seeds: list[int], prior: bool) -> tup
 def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer, out_dir: Path, applied: bool,
                         entries, todo: dict[str, tuple[list[int], list[int]]], stored: dict[str, dict],
                         earlier: dict[str, dict[str, float]], weights: dict[str, str], work: Overlap,
-                        results: dict[str, dict[str, float]], source: str | None = None) -> None:
+                        results: dict[str, dict[str, float]], source: str | None = None,
+                        compile_work: int = 0) -> None:
     """Each entry's missing cells generated (its LoRA merged in) and handed to `work` to be scored, its images and
     grids written, its metrics put in `results` and metrics.json (updated after each entry, so an interruption
     loses at most the entries in progress). With eval.overlap, an entry is scored on a worker thread while the
     next one generates (evaluation/overlap.py). `source`: the base model's hub id or folder, which says whether
-    the compile cache is warm for it."""
-    planned = sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values())
+    the compile cache is warm for it; `compile_work`: see evaluate."""
+    planned = max(compile_work, sum(len(a) * len(cfg.prompts) + len(b) for a, b in todo.values()))
     key = compiling.generation_key(source, cfg.resolution, pipe.device) if source else None
     warm = compiling.is_warm(key)
     fast = compiling.want_compile(cfg.compile, pipe.device, planned, compiling.COMPILE_IMAGES, warm)
@@ -195,6 +196,13 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer,
                                                out_dir, name, ckpt, todo[name])
                     work.submit(functools.partial(_score_and_store, made, cfg, scorer, writer, out_dir, stored,
                                                   earlier, weights, results))
+    if fast and ("cache", key) not in _NOTED:  # once: whether the compiled code came from the cache or was compiled
+        _NOTED.add(("cache", key))
+        from torch._dynamo.utils import counters
+
+        counts = counters["inductor"]
+        log.info("eval.compile: %d compiled graph(s) loaded from the cache, %d compiled now",
+                 counts["fxgraph_cache_hit"], counts["fxgraph_cache_miss"])
 
 
 def _compiled_batches(cfg: EvalConfig) -> EvalConfig:
@@ -205,6 +213,23 @@ def _compiled_batches(cfg: EvalConfig) -> EvalConfig:
     and 9 images."""
     per_seed = len(cfg.prompts) + bool(cfg.prior_prompt)
     return replace(cfg, batch_size=per_seed) if per_seed <= cfg.batch_size else cfg
+
+
+def compile_generation(pipe, cfg: EvalConfig, key: str | None) -> list[int]:
+    """The pipeline's generation regions compiled at the batch shapes compiled evaluate calls use
+    (`_compiled_batches`: one seed's prompts with the prior-drift prompt, when faces are scored, and without it),
+    each run for 2 denoising steps; `key` (common.compiling.generation_key) marked warm after. Returns the batch
+    sizes run. What sweep/precompile.py runs in a second process while a sweep trains."""
+    cfg = replace(_compiled_batches(cfg), num_inference_steps=2)
+    cfg = replace(cfg, seeds=cfg.seeds[:1])
+    drift = bool(cfg.prior_prompt) and cfg.face_backend != "none"
+    sizes = []
+    with families.of_pipeline(pipe).compiled_for_generation(families.denoiser_of(pipe), True, key):
+        for prior in ([True] if drift else []) + [False]:
+            sizes.append(len(cfg.prompts) + prior)
+            log.info("compiling generation: %d image(s) per batch", sizes[-1])
+            _generate(pipe, None, cfg, "precompile", cfg.prior_prompt, cfg.seeds if prior else [])
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -442,7 +467,8 @@ def _face_metric(cfg: EvalConfig, folder: Path, refs, names) -> FaceSimilarity |
            tuple((n, (folder / n).stat().st_mtime_ns, (folder / n).stat().st_size) for n in names))
     if key not in _IDENTITIES:
         try:
-            _IDENTITIES[key] = Identity(backend, refs, names)
+            with timeline.span("embedding the subject's faces"):
+                _IDENTITIES[key] = Identity(backend, refs, names)
         except ValueError as exc:
             raise EvalInputError(str(exc)) from None
     return FaceSimilarity(backend, _IDENTITIES[key])
@@ -452,7 +478,8 @@ def _scorer(name: str, device: torch.device) -> ClipScorer:
     key = (name, str(device))
     if key not in _SCORERS:
         _SCORERS.clear()
-        _SCORERS[key] = ClipScorer(name, device)
+        with timeline.span("loading CLIP"):
+            _SCORERS[key] = ClipScorer(name, device)
     return _SCORERS[key]
 
 

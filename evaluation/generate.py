@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import families
+from common import timeline
 from common.lorafile import LORA_FILE, file_sites, merged, merged_into_base, recorded_sha256, sha256_file
 
 from .config import EvalConfig, EvalInputError
@@ -98,6 +99,10 @@ class LoraSwap:
         self._undo = contextlib.ExitStack()
 
     def __enter__(self):
+        with timeline.span("merging LoRAs"):
+            return self._enter()
+
+    def _enter(self):
         denoiser = families.denoiser_of(self.pipe)
         with contextlib.ExitStack() as undo:  # unwound here if anything below fails, else kept for __exit__
             sites = None
@@ -126,7 +131,8 @@ class LoraSwap:
             dlogging.set_verbosity(level)
 
     def __exit__(self, *exc):
-        self._undo.close()
+        with timeline.span("merging LoRAs"):
+            self._undo.close()
 
 
 def _file_sites(denoiser, path: Path, scale: float):
@@ -203,7 +209,10 @@ def decode(pipe, latents: torch.Tensor, chunk: int = 4, size: tuple[int, int] | 
     height, width = size or (None, None)
     latents = families.of_pipeline(pipe).latents_for_decoder(pipe, latents, height, width)
     images = []
-    with torch.no_grad():
+    # the VAE's own decoder comes to the latents' device for the decode (a trainer keeps the VAE in CPU memory
+    # between checkpoints); a bf16 copy is there already
+    mine = decoder is vae.decoder and next(decoder.parameters()).device != latents.device
+    with offload_models(vae, device=latents.device, offload=mine), torch.no_grad():
         for part in latents.split(chunk):
             images += to_pil(decoder(post(part) if post is not None else part))
     return images

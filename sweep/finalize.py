@@ -10,13 +10,14 @@ import datetime as dt
 import json
 import logging
 import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from common import faults, stop
-from common.compiling import COMPILE_IMAGES, generation_key, is_warm, use_cache, want_compile
-from common.device import resolve_device
+from common.compiling import use_cache
 from evaluation import evaluate
+from evaluation.overlap import Later
 from trainer.models import resolve_source, shared_pipeline
 
 from . import confidence, racing, report
@@ -274,30 +275,42 @@ def run_race(sweep_dir: Path, conf, candidates: list[Candidate], baseline: dict)
     settings = evaluation_settings(conf)
     cache_dir = resolve_path(conf.paths, conf.paths.cache_dir)
     pretrained = resolve_source(conf.model, cache_dir)  # its notes (a random base paints no face) as in the trials'
-    # compiling for generation pays for the race as a whole (each call scores one seed of a few checkpoints), and
-    # for fewer images when the trials' scoring (or an earlier sweep) left the compiled code in the cache
+    # compiling for generation is weighed for the race as a whole (each call scores one seed of a few
+    # checkpoints), at each call against the compile cache's state then: a cache the trials' scoring, a background
+    # compile (sweep/precompile.py) or an earlier sweep left warm is used from the call that finds it so
     use_cache(cache_dir)
-    device = resolve_device(settings.device, "eval.device")
-    warm = device.type == "cuda" and is_warm(generation_key(pretrained, settings.resolution, device))
-    settings = replace(settings, compile=want_compile(settings.compile, device, len(candidates) * len(settings.prompts),
-                                                      COMPILE_IMAGES, warm))
+    work = len(candidates) * len(settings.prompts)
     pipe = []  # loaded on first use: a race that is over scores nothing
 
     def score(todo: list[Candidate], wanted: list[int], final: bool) -> list[Candidate]:
         if not pipe:
             pipe.append(shared_pipeline(conf.model, conf.train.device, conf.train.mixed_precision, cache_dir))
         prior = final or racing.uses_prior(conf.selection)
+        folders = sorted({Path(c.checkpoint).parent.parent for c in todo})
+        scoring = []  # each call's images are scored while the next call's generate; the round waits at its end
+        try:
+            for folder in folders:
+                mine = [c for c in todo if Path(c.checkpoint).parent.parent == folder]
+                log.info("racing: %s at seed%s %s%s", ", ".join(c.key for c in mine), "s" * (len(wanted) > 1),
+                         ", ".join(map(str, wanted)), " (full protocol)" * final)
+                for scale in sorted({c.scale for c in mine}):  # a (checkpoint, strength) still in the race
+                    scoring.append(evaluate(sorted({Path(c.checkpoint) for c in mine if c.scale == scale}), settings,
+                                            instance_dir=conf.data.instance_dir, out_dir=folder / EVAL_DIR,
+                                            pipeline=pipe[0], pretrained=pretrained, baseline=False, seeds=wanted,
+                                            prior=prior, scales=[scale], compile_work=work, later=True))
+        except BaseException:  # stopped or failed: what the earlier calls generated is still scored and kept
+            for got in scoring:
+                if isinstance(got, Later):
+                    got.work.__exit__(*sys.exc_info())
+            raise
+        for got in scoring:  # every call scored (its error raised) before the round is judged
+            if isinstance(got, Later):
+                got.result()
         out = []
-        for folder in sorted({Path(c.checkpoint).parent.parent for c in todo}):
-            mine = [c for c in todo if Path(c.checkpoint).parent.parent == folder]
-            log.info("racing: %s at seed%s %s%s", ", ".join(c.key for c in mine), "s" * (len(wanted) > 1),
-                     ", ".join(map(str, wanted)), " (full protocol)" * final)
-            for scale in sorted({c.scale for c in mine}):  # a (checkpoint, strength) still in the race
-                evaluate(sorted({Path(c.checkpoint) for c in mine if c.scale == scale}), settings,
-                         instance_dir=conf.data.instance_dir, out_dir=folder / EVAL_DIR, pipeline=pipe[0],
-                         pretrained=pretrained, baseline=False, seeds=wanted, prior=prior, scales=[scale])
+        for folder in folders:
             scored = read_scores(folder)
-            out += [replace(c, metrics=scored[c.entry][0], cells=scored[c.entry][1]) for c in mine]
+            out += [replace(c, metrics=scored[c.entry][0], cells=scored[c.entry][1])
+                    for c in todo if Path(c.checkpoint).parent.parent == folder]
         return out
 
     def complete(c: Candidate) -> set:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -16,8 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from common import compiling, faults, lorafile, stop
-from common.compiling import COMPILE_IMAGES, want_compile
+from common import compiling, faults, lorafile, stop, timeline
 from common.device import resolve_device
 from evaluation import EvalConfig, EvalInputError, evaluate, grid, preflight
 from evaluation.config import entry_name, is_entry, parse_entry, strength_suffix
@@ -27,13 +26,13 @@ from evaluation.overlap import Later
 from trainer import TrialResult, TrialSpec, UserError, instance_photos, training_config_hash
 from trainer.models import resolve_source, shared_pipeline
 
-from . import racing
+from . import precompile, racing
 from .config import SweepConfig, evaluation_settings, flatten, resolve_path, to_typed
 from .launchers.packing import BATCH_ENV, train
 from .launchers.process import GPU_ENV
 from .launchers.resume import note_run_dir
 from .logs import current_trial, for_trial, quiet_third_party, set_trial
-from .phases import trial_phases
+from .phases import process_started, trial_phases
 from .plan import make_plan, trial_key
 from .results import (BASELINE, RESULT, candidate, candidates, finished_objective, read_result, read_sweep,
                       write_result)
@@ -67,6 +66,7 @@ def run_job(cfg: DictConfig) -> float:
     the sweep goes on; a single run ends with exit status 2 on bad input. A job of an Optuna search reports
     every checkpoint's score to its study trial as it is scored and stops when the pruner says so."""
     quiet_third_party()  # also in a launcher's worker process
+    timeline.once("starting up", time.time() - process_started())  # imports, config, checks, plan: to the 1st job
     stop.check()  # a job whose turn comes after a stop was asked for starts nothing
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -262,15 +262,17 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
     resolve_device(conf.train.device)
     pretrained = resolve_source(conf.model, cache_dir)
     compiling.use_cache(cache_dir)  # compiled code from an earlier sweep on this machine is loaded, not compiled
-    settings = None
+    settings, work = None, 0
     if conf.eval.enabled:
-        settings = _compile_setting(evaluation_settings(conf), conf, race, pretrained)
+        settings = evaluation_settings(conf)
+        work = _compile_work(settings, conf, race)
         preflight(settings, conf.data.instance_dir)
+        _compile_in_background(settings, conf, out, pretrained, work)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
     if settings is None:
         [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
         return result, {}
-    kw = dict(instance_dir=conf.data.instance_dir, out_dir=out / "eval", pretrained=pretrained)
+    kw = dict(instance_dir=conf.data.instance_dir, out_dir=out / "eval", pretrained=pretrained, compile_work=work)
     first = dict(seeds=settings.seeds[:1], prior=racing.uses_prior(conf.selection)) if race else {}
     metrics: dict[str, dict[str, float]] = {}
     pipe = None
@@ -336,23 +338,27 @@ def _by_checkpoint(metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[
     return list(groups.values())
 
 
-def _compile_setting(settings: EvalConfig, conf: SweepConfig, race: bool = False,
-                     source: str | None = None) -> EvalConfig:
-    """eval.compile=auto decided for the trial's whole scoring (baseline and every checkpoint), not per call: each
-    call scores one checkpoint, too few images to repay compiling on its own; together they do, and fewer do when
-    this machine's compile cache is warm for the base model `source` (common/compiling.py). A raced trial counts
-    racing's usual share of the full protocol (racing.IMAGE_SHARE): too few to repay a cold compile, enough once the
-    cache is warm. (On an H100 a cold race that compiled took 10.4 minutes, ~2.8 of them compiling generation's two
-    batch shapes: bench/results/racing_NVIDIA_H100_80GB_HBM3.json.)"""
-    if settings.compile is not None:
-        return settings
+def _compile_work(settings: EvalConfig, conf: SweepConfig, race: bool = False) -> int:
+    """The images the trial's whole scoring generates (baseline and every checkpoint), which eval.compile=auto
+    weighs at each of its evaluate calls instead of the call's own few (`evaluate(compile_work=...)`), against the
+    compile cache's state at that call (common/compiling.py). A raced trial counts racing's usual share of the full
+    protocol (racing.IMAGE_SHARE): too few to repay a cold compile, enough once the cache is warm. (On an H100 a
+    cold race that compiled took 10.4 minutes, ~2.8 of them compiling generation's two batch shapes:
+    bench/results/racing_NVIDIA_H100_80GB_HBM3.json.)"""
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     per_checkpoint = settings.images_per_checkpoint() * (racing.IMAGE_SHARE if race else 1)
     per_checkpoint *= len(settings.lora_scales)
-    images = checkpoints * per_checkpoint + settings.images_per_checkpoint()
+    return int(checkpoints * per_checkpoint + settings.images_per_checkpoint())
+
+
+def _compile_in_background(settings: EvalConfig, conf: SweepConfig, out: Path, source: str, work: int) -> None:
+    """With a cold compile cache and too few images to repay compiling in this process (a race), generation's code
+    compiled by a second process meanwhile (sweep/precompile.py): this sweep's later calls and the next sweep's
+    find the cache warm."""
     device = resolve_device(settings.device, "eval.device")
-    warm = device.type == "cuda" and bool(source) and compiling.is_warm(compiling.generation_key(source, settings.resolution, device))
-    return replace(settings, compile=want_compile(None, device, images, COMPILE_IMAGES, warm))
+    key = compiling.generation_key(source, settings.resolution, device) if device.type == "cuda" else None
+    if precompile.wanted(settings.compile, device, work, key):
+        precompile.start(out / ".hydra" / "config.yaml", key)
 
 
 def _entry_rows(entry: str, metrics: dict, baseline: dict, selection) -> list[tuple[str, float, int]]:

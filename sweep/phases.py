@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import timeline
+
 from .results import EVAL_DIR, EVAL_FILE, RESULT, read_json, trial_dirs, write_json
 
 PHASES_FILE = "phases.json"  # in the sweep's report/ folder
@@ -69,6 +71,9 @@ class Phases:
     wall_s: float | None
     images: int
     trials: int
+    # what the overhead is made of, as this process timed it (common/timeline.py): {part: {"seconds", "count"}};
+    # the parts inside an evaluation (loading CLIP, merging LoRAs) overlap generating's clock where they ran in it
+    overhead_parts: dict | None = None
 
     @property
     def overhead_s(self) -> float | None:
@@ -94,8 +99,11 @@ class Phases:
             return f"{name} {s:.1f} s{share}" if s is not None else f"{name} unknown"
 
         head = f"time: {self.wall_s / 60:.2f} min" if self.wall_s is not None else "time (wall clock not recorded)"
+        parts = sorted((self.overhead_parts or {}).items(), key=lambda kv: -kv[1]["seconds"])[:3]
+        made_of = ("; overhead's largest parts: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in parts)
+                   if parts else "")
         return (head + ": " + ", ".join(part(k, v) for k, v in self.named().items() if k != "scoring") +
-                f"; scoring {self.scoring_s:.1f} s beside generating and training")
+                f"; scoring {self.scoring_s:.1f} s beside generating and training" + made_of)
 
     def markdown(self) -> list[str]:
         """report.md's section."""
@@ -109,6 +117,11 @@ class Phases:
         for name, s in self.named().items():
             share = "beside" if name == "scoring" else f"{s / self.wall_s:.0%}" if self.wall_s and s is not None else ""
             lines.append(f"| {name} | {'' if s is None else f'{s:.1f}'} | {share} |")
+        if self.overhead_parts:
+            lines += ["", "Parts of the overhead this process timed (loading CLIP and merging LoRAs happen inside "
+                      "evaluations, so they may overlap generating's clock):", "", "| part | seconds | times |",
+                      "|---|---|---|"]
+            lines += [f"| {k} | {v['seconds']:.1f} | {v['count']} |" for k, v in self.overhead_parts.items()]
         return lines
 
     def to_json(self) -> dict:
@@ -128,8 +141,13 @@ def sweep_phases(sweep_dir: Path, started_at: float | None) -> Phases:
         images += int(seconds.pop("images"))
         for k, v in seconds.items():
             spent[k] += v
-    wall = time.time() - started_at if started_at is not None else (read_phases(sweep_dir) or {}).get("wall_s")
-    return Phases(training, spent["generating_s"], spent["scoring_s"], spent["waiting_s"], wall, images, trials)
+    if started_at is not None:  # the live sweep's end: its process timed the parts of its overhead
+        wall, parts = time.time() - started_at, timeline.parts()
+    else:  # a report rebuilt later keeps what the sweep's end recorded
+        recorded = read_phases(sweep_dir) or {}
+        wall, parts = recorded.get("wall_s"), recorded.get("overhead_parts")
+    return Phases(training, spent["generating_s"], spent["scoring_s"], spent["waiting_s"], wall, images, trials,
+                  parts or None)
 
 
 def write_phases(sweep_dir: Path, phases: Phases) -> Path:

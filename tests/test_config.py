@@ -136,7 +136,7 @@ def test_a_trial_is_named_by_the_values_its_sweep_varies(tmp_path):
 
 def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
     """train.compile / eval.compile = null (auto): never on the CPU, off below the pay-back point, as given when
-    set; a sweep's trial decides for all the images it will score (baseline + every checkpoint), not per call."""
+    set; a sweep's trial weighs all the images it will score (baseline + every checkpoint), not one call's."""
     import torch
 
     import sweep.job
@@ -148,20 +148,17 @@ def test_compile_auto_is_on_only_on_cuda_where_it_repays_compiling(monkeypatch):
     assert not want_compile(None, cuda, COMPILE_TRIAL_STEPS - 1, COMPILE_TRIAL_STEPS)  # nothing compiled to find out
     conf = typed("steps=500", "train.checkpoint_every=100")
     assert conf.train.compile is None and conf.eval.compile is None
-    seen = []
-    monkeypatch.setattr(sweep.job, "want_compile", lambda s, d, images, at, warm: seen.append((images, at, warm)) or True)
-    settings = sweep.job._compile_setting(conf.eval.settings("clip"), conf)
     per_checkpoint = (len(conf.eval.prompts) + 1) * len(conf.eval.seeds)  # + the prior-drift prompt
-    assert settings.compile is True and seen == [(6 * per_checkpoint, COMPILE_IMAGES, False)]  # 5 checkpoints + baseline
+    work = sweep.job._compile_work(conf.eval.settings("clip"), conf)
+    assert work == 6 * per_checkpoint  # 5 checkpoints + baseline, not one call's images
     # a race expects racing's share of the checkpoints' images: the study's raced trial ~84, too few for a cold
     # compile (which cost a race on an H100 ~2.8 minutes), enough for a warm one
     study = typed("experiment=none", "eval=default", "steps=500", "train.checkpoint_every=100", "eval.seeds=[0,1,2,3]")
     assert study.eval.settings("clip").images_per_checkpoint() == 24  # 5 prompts + the prior-drift one, x 4 seeds
-    sweep.job._compile_setting(study.eval.settings("clip"), study, race=True)
-    assert seen[-1][0] == 5 * 24 // 2 + 24 and WARM_COMPILE_IMAGES <= seen[-1][0] < COMPILE_IMAGES
-    seen[:] = seen[:1]
-    set_off = typed("steps=500", "train.checkpoint_every=100", "eval.compile=false")
-    assert sweep.job._compile_setting(set_off.eval.settings("clip"), set_off).compile is False and len(seen) == 1
+    work = sweep.job._compile_work(study.eval.settings("clip"), study, race=True)
+    assert work == 5 * 24 // 2 + 24 and WARM_COMPILE_IMAGES <= work < COMPILE_IMAGES
+    monkeypatch.setattr("common.compiling.compile_works", lambda: True)
+    assert not want_compile(None, cuda, work, COMPILE_IMAGES) and want_compile(None, cuda, work, COMPILE_IMAGES, True)
 
 
 def test_compiled_code_is_cached_in_the_project_cache_folder_and_a_warm_cache_compiles_for_fewer_images(
@@ -195,6 +192,12 @@ def test_compiled_code_is_cached_in_the_project_cache_folder_and_a_warm_cache_co
     assert not compiling.want_compile(None, cuda, compiling.WARM_COMPILE_IMAGES - 1, compiling.COMPILE_IMAGES, True)
     assert not compiling.want_compile(None, cpu, images, compiling.COMPILE_IMAGES, warm=True)
     assert not compiling.want_compile(False, cuda, images, compiling.COMPILE_IMAGES, warm=True)
+    # importing diffusers sets the variable to torch's default (Inductor's cache_dir()): not the user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(compiling.CACHE_ENV, default_cache_dir())
+    assert compiling.use_cache(tmp_path / "cache") == (tmp_path / "cache" / "compile").resolve() == \
+        compiling.cache_folder_for(tmp_path / "cache") and compiling.is_warm(key)
     monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "mine"))
     assert compiling.use_cache(tmp_path / "cache") == tmp_path / "mine" and not compiling.is_warm(key)
 

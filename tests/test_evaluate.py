@@ -378,6 +378,49 @@ def test_compiled_generation_goes_one_seed_per_batch_so_every_call_shares_one_gr
         assert batches == want, (compiled, seeds)
 
 
+def test_auto_compile_weighs_the_callers_whole_scoring_against_the_cache_at_each_call(tiny, tmp_path, monkeypatch):
+    """eval.compile=auto at each evaluate call: the images the caller's whole scoring makes (`compile_work`, a raced
+    trial's ~84) when more than the call's own, and whether the compile cache is warm at that moment, so a sweep's
+    calls turn compiled once a background compile (sweep/precompile.py) has marked it warm."""
+    from common import compiling
+
+    asked = []
+    monkeypatch.setattr(compiling, "want_compile", lambda setting, device, work, at, warm: asked.append((work, warm)))
+    warm = {"now": False}
+    monkeypatch.setattr(compiling, "is_warm", lambda key: warm["now"])
+    cfg = replace(tiny["cfg"], seeds=[0])
+    kw = dict(instance_dir=DEMO_DIR, pretrained=tiny["pretrained"], baseline=False, seeds=[0], prior=False)
+    evaluate([tiny["checkpoints"][0]], cfg, out_dir=tmp_path / "a", **kw)
+    evaluate([tiny["checkpoints"][0]], cfg, out_dir=tmp_path / "b", compile_work=84, **kw)
+    warm["now"] = True
+    evaluate([tiny["checkpoints"][0]], cfg, out_dir=tmp_path / "c", compile_work=84, **kw)
+    assert asked == [(len(PROMPTS), False), (84, False), (84, True)]
+
+
+def test_generation_is_compiled_at_the_shapes_a_race_calls_with_and_marks_the_cache_warm(tiny, tmp_path, monkeypatch):
+    """compile_generation (what sweep/precompile.py runs beside a training sweep): one batch of one seed's prompts
+    with the prior-drift prompt and one without, as compiled evaluate calls batch them, then the key is warm; an
+    error leaves it cold."""
+    from common import compiling
+    from evaluation.evaluate import compile_generation
+
+    batches = []
+    embed = gen.prompt_embeddings
+    monkeypatch.setattr(gen, "prompt_embeddings", lambda pipe, prompts, *a: batches.append(len(prompts)) or
+                        embed(pipe, prompts, *a))
+    monkeypatch.setattr(compiling, "compile_blocks", lambda *a, **k: [])  # the CPU has no time to compile
+    monkeypatch.delenv(compiling.CACHE_ENV, raising=False)
+    compiling.use_cache(tmp_path / "cache")
+    pipe, _ = gen.load_pipeline(tiny["pretrained"], torch.device("cpu"))
+    key = compiling.generation_key(tiny["pretrained"], tiny["cfg"].resolution, torch.device("cpu"))
+    assert compile_generation(pipe, tiny["cfg"], key) == batches == [len(PROMPTS) + 1, len(PROMPTS)]
+    assert compiling.is_warm(key)
+    monkeypatch.setattr(gen, "prompt_embeddings", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        compile_generation(pipe, tiny["cfg"], "another")
+    assert not compiling.is_warm("another")
+
+
 def test_images_leave_the_decoder_as_diffusers_postprocess_makes_them(tiny):
     """to_pil (arithmetic on the decoder's device, uint8 copied out) gives diffusers' PIL images pixel for pixel,
     values outside [-1, 1] and halfway roundings included."""

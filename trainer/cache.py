@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import timeline
+
 from .config import stable_hash
 from .data import Photo, prepare
 from .models import BaseModel
@@ -66,7 +68,8 @@ def _cached(kind: str, key: str, cache_dir: Path, compute) -> dict[str, torch.Te
         tensors = None
     if tensors is None:
         STATS[kind] += 1
-        tensors = compute()
+        with timeline.span(f"caching {kind}"):
+            tensors = compute()
         _atomic_save(tensors, path)
     _MEMORY[mem_key] = tensors
     return tensors

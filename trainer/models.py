@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import families
+from common import timeline
 from common.device import resolve_device
 from common.errors import DeviceError
 from families import Base
@@ -93,7 +94,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
     _LOADED.clear()  # one base at a time: a different model replaces the old one instead of doubling memory
     log.info("loading base model from %s", source)
     fingerprint = stable_hash(cfg.identity())  # keys every cache derived from this model
-    base = families.get(cfg.family).load(cfg, source, device, weight_dtype, fingerprint)
+    with timeline.span("loading the base model"):
+        base = families.get(cfg.family).load(cfg, source, device, weight_dtype, fingerprint)
     _LOADED[key] = base
     return base
 

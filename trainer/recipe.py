@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from common import compiling, faults, stop
+from common import compiling, faults, stop, timeline
 from common.errors import NonFiniteLossError
 
 from . import checkpoint, lora, packed
@@ -146,7 +146,8 @@ class PackedRecipe:
 
     def run(self) -> list[TrialResult]:
         try:
-            self.setup()
+            with timeline.span("setting up packs"):
+                self.setup()
             for step in range(self.start + 1, self.max_steps + 1):
                 stop.check()  # a stop asked for (Ctrl-C, SIGTERM): the steps so far are done, checkpoints kept
                 self.step(step)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers.training_utils import free_memory, offload_models
+from diffusers.training_utils import free_memory
 
+from common import timeline
 from common.errors import ConfigError
 
 from . import checkpoint
@@ -74,12 +75,13 @@ def save_checkpoint(spec: TrialSpec, step: int, loss: float, cfg_hash: str, lr: 
     lone trial's layout, whether the trial trained alone or in a pack."""
     tensors, optim_meta = checkpoint.optimizer_state_to_flat(optim_state)
     tensors.update(rng_state(gen))
-    return checkpoint.write_checkpoint(
-        spec.output_dir, step, save_lora=save_lora,
-        record={"loss": loss, "config_hash": cfg_hash, "trial": spec.name, "lr": lr},
-        state_tensors=tensors,
-        state_json={"step": step, "optimizer": optim_meta, "scheduler": scheduler.state_dict()},
-    )
+    with timeline.span("writing checkpoints"):
+        return checkpoint.write_checkpoint(
+            spec.output_dir, step, save_lora=save_lora,
+            record={"loss": loss, "config_hash": cfg_hash, "trial": spec.name, "lr": lr},
+            state_tensors=tensors,
+            state_json={"step": step, "optimizer": optim_meta, "scheduler": scheduler.state_dict()},
+        )
 
 
 def call_paused(hook: Callable[[int, Path], bool], step: int, folder: Path, trained: Iterable[str],
@@ -93,11 +95,11 @@ def call_paused(hook: Callable[[int, Path], bool], step: int, folder: Path, trai
             m.eval()
         # the pipeline computes on its accelerator modules' device (diffusers >= 0.40); the text encoders come only
         # to encode prompts not seen before (evaluation.generate.prompt_embeddings), so a sweep's fixed prompts move
-        # them once, not per checkpoint
+        # them once, not per checkpoint; the VAE stays in CPU memory (evaluation decodes through a bf16 copy of its
+        # decoder on the GPU, or brings the VAE for the decode: evaluation.generate.decode)
         tic = time.perf_counter()
         try:
-            with offload_models(base.vae, device=base.device):  # the VAE waits in CPU memory while training
-                return bool(hook(step, folder))
+            return bool(hook(step, folder))
         finally:
             for m in modules:
                 m.train()
