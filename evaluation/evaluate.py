@@ -1,6 +1,7 @@
 """evaluate(checkpoints, config) -> metrics per checkpoint, plus the no-LoRA baseline and image grids."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -193,7 +194,7 @@ def _generate_and_score(pipe, refiner, cfg: EvalConfig, scorer: _Scorer, writer,
                     stop.check()  # a stop asked for: the entries scored so far are in metrics.json
                     with rescaled(scale):
                         made = _generate_entry(pipe, refiner, _compiled_batches(cfg) if fast else cfg, writer,
-                                               out_dir, name, ckpt, todo[name])
+                                               out_dir, name, ckpt, todo[name], _compiled_shapes(cfg) if fast else None)
                     work.submit(functools.partial(_score_and_store, made, cfg, scorer, writer, out_dir, stored,
                                                   earlier, weights, results))
     if fast and ("cache", key) not in _NOTED:  # once: whether the compiled code came from the cache or was compiled
@@ -213,6 +214,33 @@ def _compiled_batches(cfg: EvalConfig) -> EvalConfig:
     and 9 images."""
     per_seed = len(cfg.prompts) + bool(cfg.prior_prompt)
     return replace(cfg, batch_size=per_seed) if per_seed <= cfg.batch_size else cfg
+
+
+def _compiled_shapes(cfg: EvalConfig) -> frozenset[int] | None:
+    """The batch sizes compiled generation has graphs for (`compile_generation` makes them): one seed's prompts,
+    and with the prior-drift prompt when faces are scored; None (any) where one seed's images exceed
+    eval.batch_size (`_compiled_batches` leaves the batches as they are)."""
+    drift = bool(cfg.prior_prompt) and cfg.face_backend != "none"
+    if len(cfg.prompts) + bool(cfg.prior_prompt) > cfg.batch_size:
+        return None
+    return frozenset({len(cfg.prompts), len(cfg.prompts) + drift})
+
+
+def _batch_sizes(images: int, batch_size: int) -> set[int]:
+    """The sizes of the batches `generation.generate` splits `images` into (the fewest equal batches)."""
+    if images == 0:
+        return set()
+    size = math.ceil(images / math.ceil(images / batch_size))
+    return {size, images - size * (math.ceil(images / size) - 1)}
+
+
+def _shaped(shapes: frozenset[int] | None, images: int, batch_size: int):
+    """Inside: compiled regions run eagerly where a call would make a batch they have no graph for (`shapes`;
+    None: not compiled), e.g. a champion's prior-drift images alone: a graph for their batch of 4 cost ~60 s of
+    compiling on an H100, for 4 images."""
+    if shapes is None or _batch_sizes(images, batch_size) <= shapes:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def compile_generation(pipe, cfg: EvalConfig, key: str | None) -> list[int]:
@@ -243,12 +271,14 @@ class _Made:
     generate_s: float
 
 
-def _generate_entry(pipe, refiner, cfg: EvalConfig, writer, out_dir: Path, name: str, ckpt, todo) -> _Made:
-    """One entry's missing cells generated with what is on the UNet now, their PNGs handed to the writer."""
+def _generate_entry(pipe, refiner, cfg: EvalConfig, writer, out_dir: Path, name: str, ckpt, todo,
+                    shapes: frozenset[int] | None = None) -> _Made:
+    """One entry's missing cells generated with what is on the UNet now (compiled for batches of `shapes`), their
+    PNGs handed to the writer."""
     tic = time.perf_counter()
     prompt_seeds, prior_seeds = todo
     sub = replace(cfg, seeds=prompt_seeds)
-    images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds)
+    images, prior = _generate(pipe, refiner, sub, name, cfg.prior_prompt, prior_seeds, shapes)
     made = _Made(name, sub, images, prior, list(prior_seeds), time.perf_counter() - tic)
     TIMES["generate_s"] += made.generate_s
     if ckpt is not None:
@@ -371,19 +401,23 @@ def _copy_file(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | None, prior_seeds: list[int]):
+def _generate(pipe, refiner, cfg: EvalConfig, name: str, prior_prompt: str | None, prior_seeds: list[int],
+              shapes: frozenset[int] | None = None):
     """The prompts' images at cfg.seeds ({"base": [...]}, with a refiner also {"refined": [...]}) and the
     prior-drift prompt's at `prior_seeds` (a list, empty when none is asked for). Without a refiner, when both
     are asked for the same seeds, the prior prompt rides in the same batches as the others (a batch of its own ran
-    at two-thirds the speed)."""
+    at two-thirds the speed). Compiled for batches of `shapes` (None: eager), other batches run eagerly."""
     prior_seeds = list(prior_seeds) if prior_prompt else []
+    n, size = len(cfg.prompts) * len(cfg.seeds), cfg.batch_size
     if prior_seeds and prior_seeds == list(cfg.seeds) and refiner is None:
-        both = gen.generate(pipe, None, [*cfg.prompts, prior_prompt], cfg, desc=f"eval {name}")["base"]
-        n = len(cfg.prompts) * len(cfg.seeds)
+        with _shaped(shapes, n + len(prior_seeds), size):
+            both = gen.generate(pipe, None, [*cfg.prompts, prior_prompt], cfg, desc=f"eval {name}")["base"]
         return {"base": both[:n]}, both[n:]
-    images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}") if cfg.seeds else {"base": []}
-    prior = gen.generate(pipe, None, [prior_prompt], replace(cfg, seeds=prior_seeds),
-                         desc=f"prior {name}")["base"] if prior_seeds else []
+    with _shaped(shapes, n, size):
+        images = gen.generate(pipe, refiner, cfg.prompts, cfg, desc=f"eval {name}") if cfg.seeds else {"base": []}
+    with _shaped(shapes, len(prior_seeds), size):
+        prior = gen.generate(pipe, None, [prior_prompt], replace(cfg, seeds=prior_seeds),
+                             desc=f"prior {name}")["base"] if prior_seeds else []
     return images, prior
 
 

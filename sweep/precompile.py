@@ -11,8 +11,9 @@ kernels instead of compiling them, and so does every later sweep on the machine.
     python -m sweep.precompile <trial folder>/.hydra/config.yaml     # what `start` runs
 
 The second process loads the same base (its own copy: ~7 GB of GPU memory for SDXL, so only on GPUs with
-MIN_GPU_GIB or more), denoises 2 steps per shape, and is stopped if the sweep ends first (nothing is marked warm
-then)."""
+MIN_GPU_GIB or more) and denoises 2 steps per shape. A sweep that ends first leaves it to finish (an H100 compiled
+cold for longer than a whole 8-minute race, with the race's scoring on its CPUs) and says so: stopped, its work
+would be lost to the next sweep too. One runs per key and machine (a pid file beside its log)."""
 from __future__ import annotations
 
 import atexit
@@ -36,48 +37,54 @@ log = logging.getLogger(__name__)
 
 MIN_GPU_GIB = 60  # a second copy of the base and a batch's activations beside a training pack
 LOG_DIR = "precompile"  # under the compile cache folder: one log per generation key
-_STARTED: dict[str, subprocess.Popen] = {}
 
 
 def wanted(compile_setting: bool | None, device, work: int, key: str | None) -> bool:
     """Whether to compile generation in the background: eval.compile=auto on CUDA, a cache cold for this key,
     `work` (the images the trial's scoring generates) too few to repay a cold compile but enough for a warm one,
-    a GPU with room for a second copy of the base, and torch.compile working here."""
+    and a GPU with room for a second copy of the base. Whether torch.compile works here is the second process's
+    to find out (off this sweep's clock): where it does not, it says so in its log and marks nothing warm."""
     if compile_setting is not None or device.type != "cuda" or not key or compiling.is_warm(key):
         return False
-    cold = compiling.want_compile(None, device, work, compiling.COMPILE_IMAGES, warm=False)
-    warm = compiling.want_compile(None, device, work, compiling.COMPILE_IMAGES, warm=True)
-    if cold or not warm:
-        return False
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return total >= MIN_GPU_GIB and compiling.compile_works()
+    if work >= compiling.COMPILE_IMAGES or work < compiling.WARM_COMPILE_IMAGES:
+        return False  # a cold compile pays in this process (a full protocol), or a warm one would never be used
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 >= MIN_GPU_GIB
 
 
 def start(config_file: Path, key: str) -> subprocess.Popen | None:
-    """`python -m sweep.precompile config_file` started once per process and key (its log in the compile cache
-    folder), stopped when this process exits if it is still running. None if one runs already."""
-    if key in _STARTED and _STARTED[key].poll() is None:
-        return None
+    """`python -m sweep.precompile config_file` started (its log and pid file in the compile cache folder), unless
+    one runs for this key already, on this machine: then None."""
     folder = compiling.cache_folder() / LOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    pid_file = folder / f"{key}.pid"
+    if running(pid_file):
+        log.info("eval.compile: generation's code is being compiled in the background already (pid %s)",
+                 pid_file.read_text().strip())
+        return None
     out = open(folder / f"{key}.log", "w")  # noqa: SIM115 - the child writes it; closed when this process ends
     proc = subprocess.Popen([sys.executable, "-m", "sweep.precompile", str(config_file)], cwd=os.getcwd(),
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    _STARTED[key] = proc
-    atexit.register(_stop, proc)
+    pid_file.write_text(str(proc.pid))
+    atexit.register(_left_running, proc, out.name)
     log.info("eval.compile: compiling generation's code in the background (pid %d, log %s); images are generated "
              "eagerly until it is done, compiled after, and the next sweep on this machine starts compiled",
              proc.pid, out.name)
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def running(pid_file: Path) -> bool:
+    """Whether the process the pid file names is alive."""
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _left_running(proc: subprocess.Popen, log_name: str) -> None:
     if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        log.info("eval.compile: generation's code is still compiling in the background (pid %d, log %s): the next "
+                 "sweep on this machine finds it warm once that is done", proc.pid, log_name)
 
 
 def compile_generation(config_file: Path) -> bool:
@@ -100,7 +107,12 @@ def compile_generation(config_file: Path) -> bool:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     quiet_third_party()
-    compile_generation(Path(sys.argv[1]))
+    try:
+        compile_generation(Path(sys.argv[1]))
+    finally:  # the pid file its sweep wrote for it, if it is its own
+        for pid_file in (compiling.cache_folder() / LOG_DIR).glob("*.pid"):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -421,6 +421,32 @@ def test_generation_is_compiled_at_the_shapes_a_race_calls_with_and_marks_the_ca
     assert not compiling.is_warm("another")
 
 
+def test_compiled_generation_runs_a_batch_it_has_no_graph_for_eagerly(tiny, tmp_path, monkeypatch):
+    """A champion's full protocol after racing: every prompt seed scored in the rounds, the prior-drift images of all
+    seeds missing. Alone they make a batch (the study's: 4) that compiled generation has no graph for (compiling one
+    cost ~60 s on an H100, for 4 images), so that batch runs eagerly; one seed's prompts run compiled."""
+    import contextlib
+
+    import torch._dynamo.eval_frame as eval_frame
+
+    from common import compiling
+
+    seen = []
+    embed = gen.prompt_embeddings
+    monkeypatch.setattr(gen, "prompt_embeddings", lambda pipe, prompts, *a: seen.append(
+        (len(prompts), eval_frame._stance.stance)) or embed(pipe, prompts, *a))
+    monkeypatch.setattr(compiling, "compiled_for_generation", lambda *a, **k: contextlib.nullcontext())
+    prompts = [*PROMPTS, "a picture of sks woman swimming", "a picture of sks woman on a hill"]
+    cfg = replace(tiny["cfg"], prompts=prompts, seeds=[0, 1, 2], batch_size=10, compile=True)  # graphs: 4, 5 images
+    ckpt, kw = tiny["checkpoints"][0], dict(instance_dir=DEMO_DIR, pretrained=tiny["pretrained"], baseline=False)
+    for seed in cfg.seeds:  # the rounds: one seed's prompts each
+        evaluate([ckpt], cfg, out_dir=tmp_path / "e", seeds=[seed], prior=False, **kw)
+    assert seen == [(4, "default")] * 3
+    seen.clear()
+    evaluate([ckpt], cfg, out_dir=tmp_path / "e", **kw)  # the full protocol: only the prior-drift images are missing
+    assert seen == [(3, "force_eager")]
+
+
 def test_images_leave_the_decoder_as_diffusers_postprocess_makes_them(tiny):
     """to_pil (arithmetic on the decoder's device, uint8 copied out) gives diffusers' PIL images pixel for pixel,
     values outside [-1, 1] and halfway roundings included."""
