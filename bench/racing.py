@@ -28,8 +28,10 @@ them (lr=1e-5 underfits, 1e-4 balances, 5e-4 overfits and leaves the CLIP-T budg
 Writes bench/results/racing_<gpu>.json: `--phase race` its races; `--phase full` (or both, or all) the whole file,
 taking the races from their sweep folders. The work folder stays on /tmp so that `--phase full` can follow
 `--phase race` in a later call on the same machine (it takes the latest completed race under --work): on an H200
-the phases together take longer than one 10-minute GPU call. `--phase all`: a cold race, a warm one, the full
-protocol, in one process (for a machine where a command may run longer).
+the phases together take longer than one 10-minute GPU call. `--phase all`: a cold race, a warm one (started once
+the cold race's background compile, sweep/precompile.py, has ended, as a user's next sweep would find the cache;
+the wait is recorded), the full protocol, in one process; the report is written after each race, so a run cut short
+keeps the races that ended (each race's log: race-<n>-<cold|warm>.log under --work).
 
     python bench/racing.py --phase race           # cold; again on the same machine: warm; then:
     python bench/racing.py --phase full
@@ -154,15 +156,16 @@ def compile_cache(args: argparse.Namespace) -> str:
     return "warm" if folder.is_dir() and any(folder.glob("*.json")) else "cold"
 
 
-def phase_race(args: argparse.Namespace, clip: str) -> tuple[dict, Path]:
+def phase_race(args: argparse.Namespace, clip: str, waited: float = 0.0) -> tuple[dict, Path]:
     """The raced sweep, timed from the command's start to its exit; its record (also kept in the sweep folder),
     with where its time went as the sweep itself reports it (report/phases.json), and whether the compile cache
-    was cold or warm when it started."""
+    was cold or warm when it started; `waited`: the seconds before it waiting for the last race's background
+    compile to end (its record's `waited_for_background_compile_s`)."""
     from sweep.phases import read_phases
 
     cmd, cache = race_command(args, clip), compile_cache(args)
     tic = time.perf_counter()
-    log = args.work / f"race-{cache}.log"
+    log = args.work / f"race-{len(races(args.work)) + 1}-{cache}.log"  # the first race's log kept beside the second's
     with open(log, "w") as out:  # written as it runs: a run cut short still shows where its time went
         proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, check=False)
     wall = time.perf_counter() - tic
@@ -175,7 +178,8 @@ def phase_race(args: argparse.Namespace, clip: str) -> tuple[dict, Path]:
     race_file, sel_file = sweep / "report" / "race.json", sweep / "report" / "selection.json"
     written = json.loads(sel_file.read_text()) if sel_file.is_file() else {}
     champ = written.get("champion") or {}
-    part = {"command": " ".join(cmd[1:]), "compile_cache": cache, "generation_compiled": compiled_generation(log),
+    part = {"command": " ".join(cmd[1:]), "compile_cache": cache, "waited_for_background_compile_s": waited,
+            "generation_compiled": compiled_generation(log),
             "sweep": str(sweep), "wall_s": wall, "wall_min": wall / 60,
             "trials": len(trials), "checkpoints": sum(len(t.get("checkpoints", [])) for t in trials),
             **eval_split(sweep), "phases": read_phases(sweep),
@@ -191,6 +195,19 @@ def phase_race(args: argparse.Namespace, clip: str) -> tuple[dict, Path]:
 def compiled_generation(log: Path) -> bool:
     """Whether the sweep's evaluation generated with compiled regions (its log says so when it compiles)."""
     return "eval.compile: generating with compiled" in log.read_text()
+
+
+def background_compile_done(args: argparse.Namespace, limit_s: float = 900) -> float:
+    """Seconds waited for a background compile (sweep/precompile.py) the last race left running to end, as a user's
+    next sweep would find it: warm once it is done (at most `limit_s`)."""
+    from common.compiling import cache_folder_for
+    from sweep.precompile import LOG_DIR, running
+
+    folder = cache_folder_for(args.cache.resolve() if args.cache else args.work / ".cache") / LOG_DIR
+    tic = time.perf_counter()
+    while any(running(p) for p in folder.glob("*.pid")) and time.perf_counter() - tic < limit_s:
+        time.sleep(2)
+    return time.perf_counter() - tic
 
 
 def races(work: Path) -> list[dict]:
@@ -363,8 +380,10 @@ def main() -> None:
         resolve_source(model_preset(args.model), cache)  # built (not timed) where the sweep will look
         clip = build_clip(clip_architecture(args.model), cache)  # likewise: loaded from its folder, as the hub's
         race, sweep = phase_race(args, clip)
-        if args.phase == "all":  # the same sweep again: its compile cache is warm now (where it compiled)
-            race, sweep = phase_race(args, clip)
+        write_report(args, race, None, races(args.work))  # each race on record as it ends: a run cut short keeps it
+        if args.phase == "all":  # the same sweep again, once the first one's background compile is done: warm
+            race, sweep = phase_race(args, clip, waited=background_compile_done(args))
+            write_report(args, race, None, races(args.work))
     else:
         sweep = latest_race(args.work)
         race = json.loads((sweep / RACE_PART).read_text())

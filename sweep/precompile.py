@@ -61,7 +61,7 @@ def start(config_file: Path, key: str) -> subprocess.Popen | None:
         log.info("eval.compile: generation's code is being compiled in the background already (pid %s)",
                  pid_file.read_text().strip())
         return None
-    out = open(folder / f"{key}.log", "w")  # noqa: SIM115 - the child writes it; closed when this process ends
+    out = open(folder / f"{key}.log", "a")  # noqa: SIM115 - the child writes it; closed when this process ends
     proc = subprocess.Popen([sys.executable, "-m", "sweep.precompile", str(config_file)], cwd=os.getcwd(),
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     pid_file.write_text(str(proc.pid))
