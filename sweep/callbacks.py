@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from common import timeline
 from trainer import UserError
 
 from .checks import check_sweep
@@ -75,14 +76,16 @@ class SweepCallback(Callback):
         optuna = str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
         try:
             # every job's config, every value of every swept key, the photos and the base model: all at once
-            conf = check_sweep(config, GlobalHydra.instance().config_loader(), optuna)
+            with timeline.span("starting up: checking the sweep"):
+                conf = check_sweep(config, GlobalHydra.instance().config_loader(), optuna)
             check_launcher(config)
             if optuna:
                 prepare(SearchSettings.from_config(config.hydra.sweeper), config, list(config.hydra.overrides.task))
             if conf.plan_only:  # the launcher prints the plan; nothing is trained, tracked or held
                 return
-            tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
-            tracker.check()  # a tracking server that does not answer: refused now, not after hours of training
+            with timeline.span("starting up: MLflow"):
+                tracker = make_tracker(conf.tracking, resolve_path(conf.paths, "."))
+                tracker.check()  # a tracking server that does not answer: refused now, not after hours of training
         except UserError as exc:  # refuse the whole sweep before any trial starts (and before its MLflow run)
             log.error("%s\nthe sweep was refused before it started (nothing trained, no MLflow run): fix the above "
                       "and run the command again", exc)
@@ -96,8 +99,9 @@ class SweepCallback(Callback):
             hold_folder(sweep_dir)
         export_folder(sweep_dir.name)
         try:
-            tracker.start_sweep(sweep_dir, sweep_dir.name,
-                                {"overrides": " ".join(config.hydra.overrides.task)[:4000], "git_commit": git_commit()})
+            with timeline.span("starting up: MLflow"):
+                tracker.start_sweep(sweep_dir, sweep_dir.name, {"overrides": " ".join(config.hydra.overrides.task)[:4000],
+                                                                "git_commit": git_commit()})
         except UserError as exc:  # the server refused this user the experiment (AccessDenied): nothing trained yet
             log.error("%s\nthe sweep was refused before it started (nothing trained)", exc)
             raise SystemExit(2) from None

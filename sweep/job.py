@@ -162,8 +162,17 @@ def _train_and_record(job: Job, cfg: DictConfig) -> float:
             raise
         log.error("trial %s failed:\n%s", name, traceback.format_exc())
         return _fail(out, name, exc, job.multirun)
+    with timeline.span("recording trials"):
+        return _recorded(job, result, metrics, run_id, started_at, live)
+
+
+def _recorded(job: Job, result: TrialResult, metrics: dict, run_id: str, started_at: float,
+              live: LiveScores) -> float:
+    """The trained trial's result.json, its study trial's outcome and its MLflow run; returns its objective."""
+    conf, out, name, link, tracker = job.conf, job.out, job.name, job.link, job.tracker
+    params = {"lr": conf.train.lr, "rank": conf.lora.rank, "steps": conf.train.max_steps}
     payload = {**result.to_json(), "metrics": metrics, "params": params, "config_hash": job.cfg_hash,
-               "gpu": os.environ.get(GPU_ENV), "device": tags["device"], "started_at": started_at,
+               "gpu": os.environ.get(GPU_ENV), "device": job.tags["device"], "started_at": started_at,
                "ended_at": time.time()}
     payload["phases"] = trial_phases(payload, out)  # where its job's time went (sweep/phases.py adds them up)
     cands = candidates(metrics, out, name, result.status, params)

@@ -72,7 +72,7 @@ class Phases:
     images: int
     trials: int
     # what the overhead is made of, as this process timed it (common/timeline.py): {part: {"seconds", "count"}};
-    # the parts inside an evaluation (loading CLIP, merging LoRAs) overlap generating's clock where they ran in it
+    # "starting up" runs from the process's start to its first job and holds the "starting up: ..." parts
     overhead_parts: dict | None = None
 
     @property
@@ -118,9 +118,9 @@ class Phases:
             share = "beside" if name == "scoring" else f"{s / self.wall_s:.0%}" if self.wall_s and s is not None else ""
             lines.append(f"| {name} | {'' if s is None else f'{s:.1f}'} | {share} |")
         if self.overhead_parts:
-            lines += ["", "Parts of the overhead this process timed (loading CLIP and merging LoRAs happen inside "
-                      "evaluations, so they may overlap generating's clock):", "", "| part | seconds | times |",
-                      "|---|---|---|"]
+            lines += ["", "Parts of the overhead this process timed (\"starting up\" runs from the process's start to "
+                      "its first job and holds the \"starting up: ...\" parts; what no part names is the rest):", "",
+                      "| part | seconds | times |", "|---|---|---|"]
             lines += [f"| {k} | {v['seconds']:.1f} | {v['count']} |" for k, v in self.overhead_parts.items()]
         return lines
 

@@ -100,7 +100,13 @@ def test_sweep_phases_add_up_each_trials_records_and_leave_the_rest_to_overhead(
     rest, and never below 0 when trials ran side by side."""
     import time
 
+    from common import timeline
     from sweep.phases import read_phases, sweep_phases, write_phases
+
+    timeline.reset()
+    timeline.add("loading the base model", 2.5)
+    timeline.once("starting up", 7.0)
+    timeline.once("starting up", 99.0)  # once: the first job's start only
 
     seconds = [{"baseline": {"images": 6, "generate_s": 3.0, "score_s": 1.0},
                 "step-000002": {"images": 12, "generate_s": 6.0, "score_s": 2.0, "wait_s": 0.5}},
@@ -116,9 +122,16 @@ def test_sweep_phases_add_up_each_trials_records_and_leave_the_rest_to_overhead(
     assert math.isclose(phases.overhead_s, phases.wall_s - 24.5)  # scoring ran beside: only its waiting counts
     assert [name for name, _, _ in phases.metrics()] == ["time_training_s", "time_generating_s", "time_scoring_s",
                                                          "time_waiting_s", "time_overhead_s", "time_wall_s"]
+    # what the overhead is made of: the parts this process timed, largest first, on the console and in report.md
+    assert phases.overhead_parts == {"starting up": {"seconds": 7.0, "count": 1},
+                                     "loading the base model": {"seconds": 2.5, "count": 1}}
+    assert "overhead's largest parts: starting up 7.0 s, loading the base model 2.5 s" in phases.text()
+    assert "| loading the base model | 2.5 | 1 |" in phases.markdown()
     write_phases(tmp_path, phases)
+    timeline.reset()
     rebuilt = sweep_phases(tmp_path, None)  # a report rebuilt later keeps the wall clock the sweep's end measured
     assert rebuilt.wall_s == phases.wall_s and read_phases(tmp_path)["overhead_s"] == phases.overhead_s
+    assert rebuilt.overhead_parts == phases.overhead_parts  # and what its overhead was made of
     assert sweep_phases(tmp_path, time.time() - 10).overhead_s == 0.0  # side by side: more work than wall clock
 
 

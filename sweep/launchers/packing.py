@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from common import stop
+from common import stop, timeline
 from common.errors import UserError
 from trainer import train as _train_now
 from trainer import training_config_hash
@@ -129,7 +129,8 @@ class PackingLauncher:
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size)
+        with timeline.span("starting up: planning"):
+            plan = plan_jobs(self.hydra_context, self.config, jobs, self.pack_size)
         if plan is None:  # plan_only=true
             return []
         log.info("Launching %d jobs, up to %d trainings together", len(jobs), self.pack_size)
@@ -229,7 +230,8 @@ def _job(hydra_context, config, task_function, rv: Rendezvous, idx: int, overrid
     _LOCAL.rendezvous, _LOCAL.arrived = rv, False
     try:
         with _TURN:  # as Hydra's basic launcher does it, one job at a time
-            cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+            with timeline.span("composing each job's config"):
+                cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
             with open_dict(cfg):
                 cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
                 cfg.hydra.job.num = idx
