@@ -276,7 +276,7 @@ def run_trial(conf: SweepConfig, name: str, out: Path, baseline: Path,
         settings = evaluation_settings(conf)
         work = _compile_work(settings, conf, race)
         preflight(settings, conf.data.instance_dir)
-        _compile_in_background(settings, conf, out, pretrained, work)
+        _compile_in_background(settings, out, pretrained, work)
     spec = TrialSpec(name=name, lora=conf.lora, train=conf.train, output_dir=out)
     if settings is None:
         [result] = train([spec], conf.model, conf.data, cache_dir, progress=conf.progress)
@@ -353,14 +353,14 @@ def _compile_work(settings: EvalConfig, conf: SweepConfig, race: bool = False) -
     compile cache's state at that call (common/compiling.py). A raced trial counts racing's usual share of the full
     protocol (racing.IMAGE_SHARE): too few to repay a cold compile, enough once the cache is warm. (On an H100 a
     cold race that compiled took 10.4 minutes, ~2.8 of them compiling generation's two batch shapes:
-    bench/results/racing_NVIDIA_H100_80GB_HBM3.json.)"""
+    bench/results/racing_NVIDIA_H100_80GB_HBM3.json, earlier_run.)"""
     checkpoints = -(-conf.train.max_steps // conf.train.checkpoint_every)
     per_checkpoint = settings.images_per_checkpoint() * (racing.IMAGE_SHARE if race else 1)
     per_checkpoint *= len(settings.lora_scales)
     return int(checkpoints * per_checkpoint + settings.images_per_checkpoint())
 
 
-def _compile_in_background(settings: EvalConfig, conf: SweepConfig, out: Path, source: str, work: int) -> None:
+def _compile_in_background(settings: EvalConfig, out: Path, source: str, work: int) -> None:
     """With a cold compile cache and too few images to repay compiling in this process (a race), generation's code
     compiled by a second process meanwhile (sweep/precompile.py): this sweep's later calls and the next sweep's
     find the cache warm."""

@@ -2,8 +2,8 @@
 
 A raced sweep generates too few images to repay compiling generation in its own process (~45 s per batch shape on
 an H100 or H200, while its GPU waits), so with a cold compile cache it generates eagerly (common/compiling.py).
-Its GPU is busy training meanwhile and its CPUs are not: this module compiles generation's regions in a second
-process at the same time, at the shapes the sweep's calls use (one seed's prompts, with and without the
+Its GPU is busy training meanwhile, and compiling is mostly CPU work: this module compiles generation's regions in
+a second process at the same time, at the shapes the sweep's calls use (one seed's prompts, with and without the
 prior-drift prompt, sweep/racing.py), into the same persistent cache. When it is done it marks the cache warm
 (`compiling.mark_warm`); each later evaluate call of the sweep sees that and generates compiled, loading the
 kernels instead of compiling them, and so does every later sweep on the machine.
@@ -11,9 +11,10 @@ kernels instead of compiling them, and so does every later sweep on the machine.
     python -m sweep.precompile <trial folder>/.hydra/config.yaml     # what `start` runs
 
 The second process loads the same base (its own copy: ~7 GB of GPU memory for SDXL, so only on GPUs with
-MIN_GPU_GIB or more) and denoises 2 steps per shape. A sweep that ends first leaves it to finish (an H100 compiled
-cold for longer than a whole 8-minute race, with the race's scoring on its CPUs) and says so: stopped, its work
-would be lost to the next sweep too. One runs per key and machine (a pid file beside its log)."""
+MIN_GPU_GIB or more) and denoises 2 steps per shape. A sweep that ends first leaves it to finish and says so
+(on an H100 the first one, compiling from an empty cache beside the race's scoring, had not marked the cache warm
+when its 8-minute race ended, and stopping it lost the mark). One runs per key and machine (a pid file beside its
+log)."""
 from __future__ import annotations
 
 import atexit
