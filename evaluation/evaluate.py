@@ -216,21 +216,25 @@ def _compiled_batches(cfg: EvalConfig) -> EvalConfig:
     return replace(cfg, batch_size=per_seed) if per_seed <= cfg.batch_size else cfg
 
 
+def _drifts(cfg: EvalConfig) -> bool:
+    """Whether compiled calls generate the prior-drift prompt (faces are scored and it is set)."""
+    return bool(cfg.prior_prompt) and cfg.face_backend != "none"
+
+
 def _compiled_shapes(cfg: EvalConfig) -> frozenset[int] | None:
     """The batch sizes compiled generation has graphs for (`compile_generation` makes them): one seed's prompts,
     and with the prior-drift prompt when faces are scored; None (any) where one seed's images exceed
     eval.batch_size (`_compiled_batches` leaves the batches as they are)."""
-    drift = bool(cfg.prior_prompt) and cfg.face_backend != "none"
     if len(cfg.prompts) + bool(cfg.prior_prompt) > cfg.batch_size:
         return None
-    return frozenset({len(cfg.prompts), len(cfg.prompts) + drift})
+    return frozenset({len(cfg.prompts), len(cfg.prompts) + _drifts(cfg)})
 
 
-def _batch_sizes(images: int, batch_size: int) -> set[int]:
-    """The sizes of the batches `generation.generate` splits `images` into (the fewest equal batches)."""
+def _batch_sizes(images: int, at_most: int) -> set[int]:
+    """The sizes of the batches `generate.generate` splits `images` into: `generate.batch_size`, and the rest."""
     if images == 0:
         return set()
-    size = math.ceil(images / math.ceil(images / batch_size))
+    size = gen.batch_size(images, at_most)
     return {size, images - size * (math.ceil(images / size) - 1)}
 
 
@@ -250,10 +254,9 @@ def compile_generation(pipe, cfg: EvalConfig, key: str | None) -> list[int]:
     sizes run. What sweep/precompile.py runs in a second process while a sweep trains."""
     cfg = replace(_compiled_batches(cfg), num_inference_steps=2)
     cfg = replace(cfg, seeds=cfg.seeds[:1])
-    drift = bool(cfg.prior_prompt) and cfg.face_backend != "none"
     sizes = []
     with families.of_pipeline(pipe).compiled_for_generation(families.denoiser_of(pipe), True, key):
-        for prior in ([True] if drift else []) + [False]:
+        for prior in ([True] if _drifts(cfg) else []) + [False]:
             sizes.append(len(cfg.prompts) + prior)
             log.info("compiling generation: %d image(s) per batch", sizes[-1])
             _generate(pipe, None, cfg, "precompile", cfg.prior_prompt, cfg.seeds if prior else [])

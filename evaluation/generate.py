@@ -144,13 +144,18 @@ def _file_sites(denoiser, path: Path, scale: float):
         return None
 
 
+def batch_size(images: int, at_most: int) -> int:
+    """The size of `generate`'s batches for `images` images: equal, at most `at_most` (24 images at 10: 8+8+8,
+    not 10+10+4); the last one holds the rest."""
+    return math.ceil(images / math.ceil(images / at_most)) if images else 1
+
+
 @torch.no_grad()
 def generate(pipe, refiner, prompts: list[str], cfg: EvalConfig, desc: str) -> dict[str, list[Image.Image]]:
     """Every prompt x seed, in batches. Returns {"base": [...]} and, with a refiner, {"refined": [...]} too,
     ordered prompt-major (prompt 0 seed 0, prompt 0 seed 1, ...)."""
     jobs = [(p, s) for p in prompts for s in cfg.seeds]
-    # batches of equal size, at most cfg.batch_size (24 images at 10: 8+8+8, not 10+10+4)
-    size = math.ceil(len(jobs) / math.ceil(len(jobs) / cfg.batch_size)) if jobs else 1
+    size = batch_size(len(jobs), cfg.batch_size)
     out: dict[str, list[Image.Image]] = {"base": []}
     if refiner is not None:
         out["refined"] = []
