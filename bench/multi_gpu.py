@@ -11,6 +11,8 @@ Which GPU each trial ran on, and when, comes from its result.json. Writes bench/
     python bench/multi_gpu.py                 # GPUs [0] then [0,1], a process per trial
     python bench/multi_gpu.py --gpus 0 0,1,2,3
     python bench/multi_gpu.py --gpus 0 --pack-sizes 1 4   # one GPU: a process per trial, then one pack of 4
+    python bench/multi_gpu.py --gpus 0 0,1 --pack-sizes 3 --lrs 1e-4,2e-4,5e-4,1e-5,3e-4,5e-5 --steps 500 --every 100
+        # 6 trials in packs of 3: one GPU trains both packs in turn, two GPUs one pack each
     python bench/multi_gpu.py --tiny --out /tmp/bench   # a check of the script on the CPU (tests/test_bench.py):
         # 2 tiny trials, hydra/launcher=processes with one CPU process (--gpus cpu), one pack of 2
 """
@@ -84,8 +86,10 @@ def run(gpus: str, pack_size: int, args) -> dict:
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
     spans = sorted((t["started_at"] - tic, t["ended_at"] - tic, t["gpu"]) for t in trials if "started_at" in t)
     overlapped = any(b[0] < a[1] and a[2] != b[2] for a, b in zip(spans, spans[1:]))
+    n_gpus = 1 if gpus == "cpu" else len(gpus.split(","))
     return {"gpus": [] if gpus == "cpu" else [int(g) for g in gpus.split(",")], "pack_size": pack_size, "wall_s": wall, "exit_status": proc.returncode,
-            "command": " ".join(cmd[1:]),
+            "command": " ".join(cmd[1:]), "images": len(list(sweep.glob("*/eval/images/*/*.png"))),
+            "gpus_used": n_gpus,
             "nvidia_smi": per_gpu,
             "trials_on_two_gpus_at_once": overlapped,
             "per_trial": [{"name": t["name"], "gpu": t.get("gpu"), "status": t["status"], "error": t.get("error"),
@@ -99,6 +103,7 @@ def main() -> None:
     ap.add_argument("--gpus", nargs="+", default=["0", "0,1"], help="GPU lists to compare, in order")
     ap.add_argument("--pack-sizes", nargs="+", type=int, default=[1],
                     help="hydra.launcher.pack_size values to compare on each GPU list (1: a process per trial)")
+    ap.add_argument("--lrs", default=LRS, help="the swept learning rates, comma-separated: one trial each")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--model", default="sdxl_base_random")
@@ -109,7 +114,6 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     record.add_options(ap)
     args = ap.parse_args()
-    args.lrs = LRS
     if args.tiny:  # 2 trials x 2 steps in one CPU process, as one pack of 2, 2 denoising steps at 64 px
         args.model, args.resolution, args.steps, args.every, args.lrs = "tiny", 64, 2, 2, "1e-4,5e-4"
         args.gpus, args.pack_sizes = ["cpu"], [2]
@@ -138,10 +142,14 @@ def main() -> None:
     report = {"gpus_on_host": torch.cuda.device_count(), "tiny": args.tiny,
               "diffusers": diffusers.__version__, "trials": len(args.lrs.split(",")), "steps": args.steps,
               "checkpoint_every": args.every, "runs": runs,
-              "speedup": {f"{r['gpus']} pack_size={r['pack_size']}": runs[0]["wall_s"] / r["wall_s"] for r in runs}}
+              "speedup": {f"{r['gpus']} pack_size={r['pack_size']}": runs[0]["wall_s"] / r["wall_s"] for r in runs},
+              # against the first run, per GPU beyond its own: >= 0.9 is the scaling a multi-GPU box should give
+              "speedup_per_gpu": {f"{r['gpus']} pack_size={r['pack_size']}":
+                                  runs[0]["wall_s"] / r["wall_s"] * runs[0]["gpus_used"] / r["gpus_used"] for r in runs}}
     path = record.write(out, "multi_gpu", device, report)
     for r in runs:
         print(f"GPUs {r['gpus']} pack_size={r['pack_size']}: {r['wall_s']:.1f} s ({runs[0]['wall_s'] / r['wall_s']:.2f}x), "
+              f"{r['images']} images, "
               f"trials on GPUs {[t['gpu'] for t in r['per_trial']]}, side by side on two GPUs: "
               f"{r['trials_on_two_gpus_at_once']}")
     print(f"written {path}")

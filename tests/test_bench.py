@@ -160,6 +160,9 @@ def test_multi_gpu_bench_on_cpu_processes(tmp_path, cache_dir):
     assert run["gpus"] == [] and run["pack_size"] == 2 and run["exit_status"] == 0 and run["nvidia_smi"] == {}
     assert [(t["status"], t["pack_size_trained"]) for t in run["per_trial"]] == [("finished", 2)] * 2
     assert report["trials"] == 2 and report["speedup"] == {"[] pack_size=2": 1.0}
+    assert report["speedup_per_gpu"] == {"[] pack_size=2": 1.0} and run["gpus_used"] == 1
+    # the baseline's images and each trial's checkpoint's (5 prompts, eval.seeds=[0], one checkpoint per trial)
+    assert run["images"] == len(list(tmp_path.rglob("eval/images/*/*.png"))) > 5
 
 
 @pytest.mark.slow
