@@ -11,6 +11,7 @@ import time
 import math
 import os
 import shutil
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 import families
-from common import compiling, faults, stop, timeline
+from common import compiling, faults, files, stop, timeline
 from common.lorafile import LORA_FILE, recorded_sha256, rescaled
 from common.device import resolve_device
 from common.metrics import (CLIP_I, CLIP_T, FACE_DETECTION_RATE, FACE_SIMILARITY, PAIRWISE_CLIP_I,
@@ -46,6 +47,9 @@ _NOTED: set = set()  # notes and log lines said once a process
 # generating thread held up by the scoring worker); scoring overlapped with generating is not waiting
 TIMES: Counter = Counter()
 WAITED = "waited_s"  # metrics.json: seconds callers waited for scoring, over every call (`_add_waited`)
+# metrics.json is read, updated and rewritten by a call's scoring thread (`_store`) and by the caller once a call's
+# scoring ended (`_add_waited`); a racing round's calls of one trial overlap, so each update holds this
+_METRICS_JSON = threading.Lock()
 _PENDING: list[Later] = []  # calls whose scoring goes on after they returned (`later`)
 
 
@@ -328,6 +332,12 @@ def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cell
     """metrics.json: earlier entries (same settings only) updated with these; times add up over calls. `weights`:
     each entry's LoRA sha256 (what another trial scoring the same file borrows, `_borrow`); `borrowed`: the
     entries whose cells came from another trial's folder, and from where."""
+    with _METRICS_JSON:
+        _store_locked(out_dir, cfg, notes, results, cells, seconds, weights, borrowed)
+
+
+def _store_locked(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict,
+                  weights: dict | None, borrowed: dict | None) -> None:
     old = _earlier(out_dir, cfg)
     before = old.get("seconds", {})
     for name, s in seconds.items():
@@ -345,10 +355,12 @@ def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cell
 def _add_waited(out_dir: Path, cfg: EvalConfig, seconds: float) -> None:
     """metrics.json's `waited_s`: the seconds the calls' callers (the generating thread, or training between
     checkpoints) were held up by scoring the overlap did not hide, added up over calls (sweep/phases.py reads it as
-    the sweep's waiting). Called once a call's scoring ended, so nothing else writes the file meanwhile."""
-    rec = _earlier(out_dir, cfg)
-    if rec and seconds > 0:
-        _write_json(Path(out_dir) / "metrics.json", {**rec, WAITED: rec.get(WAITED, 0.0) + seconds})
+    the sweep's waiting). Called once a call's scoring ended; a racing round's next call of the same trial may be
+    storing its scores at that moment (on the scoring thread), hence the lock."""
+    with _METRICS_JSON:
+        rec = _earlier(out_dir, cfg)
+        if rec and seconds > 0:
+            _write_json(Path(out_dir) / "metrics.json", {**rec, WAITED: rec.get(WAITED, 0.0) + seconds})
 
 
 def _borrow(out_dir: Path, cfg: EvalConfig, weights: dict[str, str], rec: dict) -> dict:
@@ -636,6 +648,4 @@ def _read_json(path: Path) -> dict:
 def _write_json(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    files.write_atomic(path, json.dumps(payload, indent=2, default=str))

@@ -726,3 +726,33 @@ def test_a_call_scored_later_returns_once_generated_and_a_twin_waits_to_borrow_i
     assert json.dumps(pending.result()) == json.dumps(plain) == json.dumps(twin[0])
     assert json.loads((tmp_path / "twin" / "eval" / "metrics.json").read_text())["borrowed"] == \
         {src.name: f"own/{src.name}"}
+
+
+def test_metrics_json_updates_from_two_threads_all_land(tmp_path):
+    """A racing round's calls of one trial overlap: the scoring thread stores a checkpoint's scores while the caller
+    adds the previous call's waiting time to the same metrics.json (once a FileNotFoundError from a shared temporary
+    name ended a sweep; unlocked, one update overwrites the other)."""
+    import threading
+
+    ev = importlib.import_module("evaluation.evaluate")
+    cfg = EvalConfig()
+    ev._store(tmp_path, cfg, [], {"baseline": {"clip_t": 1.0}}, {}, {})
+    n = 40
+
+    def store():
+        for i in range(n):
+            ev._store(tmp_path, cfg, [], {f"step-{i:06d}": {"clip_t": float(i)}}, {f"step-{i:06d}": {}},
+                      {f"step-{i:06d}": {"images": 1, "generate_s": 0.5, "score_s": 0.25}})
+
+    def wait():
+        for _ in range(n):
+            ev._add_waited(tmp_path, cfg, 1.0)
+
+    threads = [threading.Thread(target=store), threading.Thread(target=wait)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rec = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(rec["metrics"]) == {"baseline", *(f"step-{i:06d}" for i in range(n))}
+    assert rec[ev.WAITED] == n and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
