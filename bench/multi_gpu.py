@@ -86,10 +86,10 @@ def run(gpus: str, pack_size: int, args) -> dict:
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
     spans = sorted((t["started_at"] - tic, t["ended_at"] - tic, t["gpu"]) for t in trials if "started_at" in t)
     overlapped = any(b[0] < a[1] and a[2] != b[2] for a, b in zip(spans, spans[1:]))
-    n_gpus = 1 if gpus == "cpu" else len(gpus.split(","))
-    return {"gpus": [] if gpus == "cpu" else [int(g) for g in gpus.split(",")], "pack_size": pack_size, "wall_s": wall, "exit_status": proc.returncode,
+    used = [] if gpus == "cpu" else [int(g) for g in gpus.split(",")]
+    return {"gpus": used, "pack_size": pack_size, "wall_s": wall, "exit_status": proc.returncode,
             "command": " ".join(cmd[1:]), "images": len(list(sweep.glob("*/eval/images/*/*.png"))),
-            "gpus_used": n_gpus,
+            "gpus_used": max(len(used), 1),
             "nvidia_smi": per_gpu,
             "trials_on_two_gpus_at_once": overlapped,
             "per_trial": [{"name": t["name"], "gpu": t.get("gpu"), "status": t["status"], "error": t.get("error"),
@@ -143,7 +143,7 @@ def main() -> None:
               "diffusers": diffusers.__version__, "trials": len(args.lrs.split(",")), "steps": args.steps,
               "checkpoint_every": args.every, "runs": runs,
               "speedup": {f"{r['gpus']} pack_size={r['pack_size']}": runs[0]["wall_s"] / r["wall_s"] for r in runs},
-              # against the first run, per GPU beyond its own: >= 0.9 is the scaling a multi-GPU box should give
+              # the speed-up against the first run divided by the ratio of their GPU counts (>= 0.9: good scaling)
               "speedup_per_gpu": {f"{r['gpus']} pack_size={r['pack_size']}":
                                   runs[0]["wall_s"] / r["wall_s"] * runs[0]["gpus_used"] / r["gpus_used"] for r in runs}}
     path = record.write(out, "multi_gpu", device, report)

@@ -332,24 +332,19 @@ def _store(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cell
     """metrics.json: earlier entries (same settings only) updated with these; times add up over calls. `weights`:
     each entry's LoRA sha256 (what another trial scoring the same file borrows, `_borrow`); `borrowed`: the
     entries whose cells came from another trial's folder, and from where."""
-    with _METRICS_JSON:
-        _store_locked(out_dir, cfg, notes, results, cells, seconds, weights, borrowed)
-
-
-def _store_locked(out_dir: Path, cfg: EvalConfig, notes: list[str], results: dict, cells: dict, seconds: dict,
-                  weights: dict | None, borrowed: dict | None) -> None:
-    old = _earlier(out_dir, cfg)
-    before = old.get("seconds", {})
-    for name, s in seconds.items():
-        if name in before:
-            s = {k: before[name].get(k, 0) + v for k, v in s.items()}
-        before[name] = s
-    extra = {k: {**old.get(k, {}), **(v or {})} for k, v in (("weights", weights), ("borrowed", borrowed))}
-    _write_json(out_dir / "metrics.json", {"metrics": _ordered({**old.get("metrics", {}), **results}), "notes": notes,
-                                           "config": _settings(cfg), "seconds": before,
-                                           "cells": {**old.get("cells", {}), **cells},
-                                           **{k: v for k, v in extra.items() if v},
-                                           **({WAITED: old[WAITED]} if WAITED in old else {})})
+    with _METRICS_JSON:  # read, updated and written whole: another thread may update the same file
+        old = _earlier(out_dir, cfg)
+        before = old.get("seconds", {})
+        for name, s in seconds.items():
+            if name in before:
+                s = {k: before[name].get(k, 0) + v for k, v in s.items()}
+            before[name] = s
+        extra = {k: {**old.get(k, {}), **(v or {})} for k, v in (("weights", weights), ("borrowed", borrowed))}
+        _write_json(out_dir / "metrics.json", {"metrics": _ordered({**old.get("metrics", {}), **results}),
+                                               "notes": notes, "config": _settings(cfg), "seconds": before,
+                                               "cells": {**old.get("cells", {}), **cells},
+                                               **{k: v for k, v in extra.items() if v},
+                                               **({WAITED: old[WAITED]} if WAITED in old else {})})
 
 
 def _add_waited(out_dir: Path, cfg: EvalConfig, seconds: float) -> None:
